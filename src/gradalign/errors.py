@@ -1,0 +1,16 @@
+"""One exception family for the whole package."""
+
+
+class GradAlignError(Exception):
+    """Base class of every error gradalign raises on purpose."""
+
+
+class UnsupportedModuleError(GradAlignError):
+    """A module whose per-sample gradients the engine cannot compute.
+
+    The message lists every offending module with its path, the reason, and the fix.
+    """
+
+
+class ConfigError(GradAlignError, ValueError):
+    """A bad experiment configuration or command-line option."""
