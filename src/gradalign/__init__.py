@@ -1,5 +1,19 @@
 """gradalign: per-sample gradient geometry for training and diagnosing networks."""
+from gradalign.engine import (
+    GradientStats,
+    PerSampleGradients,
+    Rule,
+    RuleRegistry,
+    check_model,
+    default_registry,
+    per_sample_gradients,
+    reference_statistics,
+)
 from gradalign.errors import ConfigError, GradAlignError, UnsupportedModuleError
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "GradAlignError", "UnsupportedModuleError"]
+__all__ = [
+    "ConfigError", "GradAlignError", "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry",
+    "UnsupportedModuleError", "check_model", "default_registry", "per_sample_gradients",
+    "reference_statistics",
+]

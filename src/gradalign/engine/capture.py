@@ -1,0 +1,211 @@
+"""PerSampleGradients: per-sample gradient statistics from one forward and one backward.
+
+The forward hooks record each hooked module's inputs and put a gradient hook on its output;
+one backward of sum_i losses[i] fills in every output gradient d (and gives the summed
+gradient of every parameter). The per-layer rules turn (inputs, d) into factored per-sample
+gradients; statistics and the (re-)weighted p.grad come from those, never from a (B, P) matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from gradalign.engine.persample import PerSampleGrad
+from gradalign.engine.rules import Rule, RuleRegistry, default_registry
+from gradalign.engine.stats import GradientStats
+from gradalign.errors import UnsupportedModuleError
+
+Weights = Tensor | Callable[[GradientStats], Tensor] | None
+
+
+@dataclass
+class _Call:
+    """One recorded call of a hooked module."""
+
+    path: str
+    args: tuple
+    grad_output: Tensor | None = None
+
+
+@dataclass
+class _Hooked:
+    module: nn.Module
+    rule: Rule
+    param_names: dict[str, str]  # local name -> name in model.named_parameters()
+    calls: list[_Call] = field(default_factory=list)
+
+
+class PerSampleGradients:
+    """Hooks every module of `model` that owns trainable parameters.
+
+    Example:
+        engine = PerSampleGradients(model)
+        losses = F.cross_entropy(model(x), y, reduction="none")   # (B,)
+        stats = engine.backward(losses)        # p.grad += mean gradient, as losses.mean().backward()
+        stats.norms, stats.cosines             # (B,) each
+
+    Args:
+        model: the network. Checked at once: every unsupported module is listed in one
+            UnsupportedModuleError (BatchNorm in training mode, tied parameters, ...).
+        registry: per-layer rules (default: `default_registry()`, with the torch.func fallback).
+        verify: after every backward, check that the per-sample gradients add up to
+            autograd's summed gradient (catches parameters used outside their module's
+            forward, which no hook can see). Costs one extra weighted sum per layer.
+    """
+
+    def __init__(self, model: nn.Module, *, registry: RuleRegistry | None = None, verify: bool = False):
+        self.model = model
+        self.registry = registry if registry is not None else default_registry()
+        self.verify = verify
+        self._capturing = True
+        self._hooked: dict[str, _Hooked] = {}
+        self._check_and_collect()
+        self._handles = [
+            h.module.register_forward_hook(self._make_hook(path, h), with_kwargs=True)
+            for path, h in self._hooked.items()
+        ]
+
+    def _check_and_collect(self) -> None:
+        problems = self.registry.problems(self.model)
+        full_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        owner: dict[int, str] = {}
+        for path, module in self.model.named_modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            for p in own.values():
+                if id(p) in owner:
+                    problems.append(
+                        f"{path} ({type(module).__name__}): parameter {full_names[id(p)]} is also used "
+                        f"by {owner[id(p)]}; tied parameters are not supported, untie or freeze them")
+                owner[id(p)] = path
+            rule = self.registry.rule_for(module)
+            if rule is not None:
+                names = {local: full_names[id(p)] for local, p in own.items()}
+                self._hooked[path] = _Hooked(module, rule, names)
+        if problems:
+            raise UnsupportedModuleError(
+                "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
+
+    def _make_hook(self, path: str, hooked: _Hooked):
+        def hook(module, args, kwargs, output):
+            if not self._capturing or not torch.is_grad_enabled():
+                return None
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return None
+            for check in (hooked.rule.reason(module),
+                          hooked.rule.check_call(module, args, kwargs, output) if hooked.rule.check_call else None):
+                if check:
+                    raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
+            call = _Call(path, args)
+
+            def store(grad: Tensor) -> None:  # registered before any in-place op on output
+                call.grad_output = grad if call.grad_output is None else call.grad_output + grad
+
+            output.register_hook(store)
+            hooked.calls.append(call)
+            return None
+
+        return hook
+
+    def backward(self, losses: Tensor, weights: Weights = None) -> GradientStats:
+        """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
+
+        Args:
+            losses: (B,) per-sample losses, e.g. F.cross_entropy(..., reduction="none").
+            weights: None, a (B,) tensor, or a callable GradientStats -> (B,) tensor such as
+                GASW(gamma); it sees the statistics of this batch before p.grad is written.
+        Returns:
+            GradientStats of the unweighted per-sample gradients, with `.weights` set.
+        """
+        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(
+                f"losses must be a 1-D tensor of shape (B,) with one loss per sample, got {shape}; "
+                "use reduction='none' in the loss function")
+        if not losses.requires_grad:
+            raise ValueError("losses does not require grad: compute it from the model's output "
+                             "with gradients enabled")
+        B = losses.shape[0]
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        summed = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+        summed = dict(zip(params, summed))
+        try:
+            per_sample = self._per_sample_grads(B)
+        finally:
+            for h in self._hooked.values():
+                h.calls.clear()
+        for name, g in summed.items():
+            if g is not None and name not in per_sample and bool(g.any()):
+                raise UnsupportedModuleError(
+                    f"parameter {name} has a gradient but its module's forward was not seen; a "
+                    "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
+        mean = {n: (g / B if g is not None else torch.zeros_like(params[n])) for n, g in summed.items()}
+        stats = GradientStats(per_sample, mean, B, device=losses.device)
+        if self.verify:
+            self._verify(stats, summed)
+        w = self._resolve_weights(weights, stats, losses)
+        stats.weights = w
+        update = mean if weights is None else {n: g / B for n, g in stats.weighted_sum(w).items()}
+        for name, p in params.items():
+            if summed[name] is None:  # not part of the loss: left untouched, as autograd does
+                continue
+            if p.grad is None:
+                p.grad = update[name].detach().clone()
+            else:
+                p.grad.add_(update[name])
+        return stats
+
+    def _per_sample_grads(self, B: int) -> dict[str, PerSampleGrad]:
+        out: dict[str, PerSampleGrad] = {}
+        self._capturing = False  # a rule may run the module again (torch.func fallback)
+        try:
+            for h in self._hooked.values():
+                for call in h.calls:
+                    if call.grad_output is None:  # this call did not contribute to the losses
+                        continue
+                    batch = call.args[0].shape[0] if call.args and isinstance(call.args[0], Tensor) else None
+                    if batch != B:
+                        raise ValueError(
+                            f"{call.path} saw a batch of {batch} samples but losses has {B} entries; "
+                            "the engine needs batch-first inputs and one loss per sample")
+                    for local, grads in h.rule.compute(h.module, call.args, call.grad_output).items():
+                        name = h.param_names[local]
+                        out[name] = grads if name not in out else out[name].merge(grads)
+        finally:
+            self._capturing = True
+        return out
+
+    @staticmethod
+    def _resolve_weights(weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
+        B = losses.shape[0]
+        if weights is None:
+            return torch.ones(B, device=losses.device, dtype=losses.dtype)
+        w = weights(stats) if callable(weights) else weights
+        if not isinstance(w, Tensor) or w.shape != (B,):
+            got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"weights must be a tensor of shape ({B},), got {got}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("weights contain NaN or infinite values")
+        return w.detach().to(device=losses.device, dtype=losses.dtype)
+
+    @staticmethod
+    def _verify(stats: GradientStats, summed: dict[str, Tensor | None]) -> None:
+        ones = torch.ones(stats.batch_size, device=stats._device)
+        for name, total in stats.weighted_sum(ones).items():
+            expected = summed[name] if summed[name] is not None else torch.zeros_like(total)
+            if not torch.allclose(total, expected, rtol=1e-4, atol=1e-5 * (1 + expected.abs().max().item())):
+                raise UnsupportedModuleError(
+                    f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
+                    "used outside its module's forward, or a module mixes samples")
+
+    def remove(self) -> None:
+        """Detach every hook; the model is exactly as before the engine was created."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for h in self._hooked.values():
+            h.calls.clear()

@@ -1,0 +1,183 @@
+"""Per-sample gradients of ONE parameter, kept in factored form.
+
+Each layer rule returns, per parameter, one of three representations of the B per-sample
+gradients g_i (i = 1..B). None of them stores a (B, P) matrix unless that is the cheapest
+route for that layer. Every representation answers the same five questions:
+
+    sq_norms()          (B,)   |g_i|^2
+    dots(R)             (B,)   <g_i, R> for a fixed tensor R of the parameter's shape
+    dots_with_mean()    (B,)   <g_i, gbar>, gbar = (1/B) sum_j g_j
+    weighted_sum(w)     shape  sum_i w_i g_i
+    sq_sum()            shape  sum_i g_i**2 (elementwise)
+
+and `merge(other)` combines two calls of the same module (shared weights in one forward):
+the per-sample gradient of a module applied twice is the sum of both contributions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Materialise per-sample gradients in chunks of at most this many numbers.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Factored:
+    """g_i = sum_t D[i, g, t]^T A[i, g, t], one (n_out, n_in) block per group g.
+
+    A: (B, G, T, n_in) layer inputs (unfolded for convolutions), D: (B, G, T, n_out)
+    output gradients. The parameter has shape `shape` with G * n_out * n_in numbers,
+    laid out group-major as (G * n_out, n_in) (nn.Linear: G = T = 1 or T = tokens;
+    nn.Conv: T = output positions, n_in = in_channels/groups * kernel size).
+    """
+
+    A: Tensor
+    D: Tensor
+    shape: torch.Size
+
+    @property
+    def _B(self) -> int:
+        return self.A.shape[0]
+
+    def _as_matrix(self, R: Tensor) -> Tensor:  # (G, n_out, n_in)
+        G, n_in, n_out = self.A.shape[1], self.A.shape[3], self.D.shape[3]
+        return R.reshape(G, n_out, n_in)
+
+    def _ghost_is_cheaper(self) -> bool:
+        """Ghost route costs ~T^2 (n_in + n_out) per sample, materialising ~T n_in n_out."""
+        T, n_in, n_out = self.A.shape[2], self.A.shape[3], self.D.shape[3]
+        return T * (n_in + n_out) <= n_in * n_out
+
+    def _materialised_chunks(self):
+        """Yield (start, (b, G, n_out, n_in)) chunks of the per-sample gradients."""
+        per_sample = self.A.shape[1] * self.A.shape[3] * self.D.shape[3]
+        step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+        for start in range(0, self._B, step):
+            a, d = self.A[start:start + step], self.D[start:start + step]
+            yield start, torch.einsum("bgto,bgti->bgoi", d, a)
+
+    def sq_norms(self) -> Tensor:
+        A, D = self.A, self.D
+        if A.shape[2] == 1:  # |d a^T|^2 = |a|^2 |d|^2
+            return (A.square().sum(-1) * D.square().sum(-1)).sum(dim=(1, 2))
+        if self._ghost_is_cheaper():  # <A A^T, D D^T> per sample and group
+            gram_a = A @ A.transpose(-1, -2)  # (B, G, T, T)
+            gram_d = D @ D.transpose(-1, -2)
+            return (gram_a * gram_d).sum(dim=(1, 2, 3))
+        out = A.new_empty(self._B)
+        for start, g in self._materialised_chunks():
+            out[start:start + g.shape[0]] = g.square().sum(dim=(1, 2, 3))
+        return out
+
+    def dots(self, R: Tensor) -> Tensor:
+        # <d a^T, R> = d^T R a, summed over positions and groups: (B, G, T, n_in) * A
+        DR = torch.einsum("bgto,goi->bgti", self.D, self._as_matrix(R))
+        return (DR * self.A).sum(dim=(1, 2, 3))
+
+    def dots_with_mean(self, mean: Tensor) -> Tensor:
+        """<g_i, gbar>: through the B x B Gram matrix when that is cheaper (T = 1 only).
+
+        <g_i, gbar> = (1/B) sum_j <g_i, g_j> = (1/B) sum_j (a_i.a_j)(d_i.d_j) costs
+        B^2 (n_in + n_out) against B n_in n_out for d_i^T gbar a_i.
+        """
+        B, G, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
+        if T == 1 and B * (n_in + n_out) < n_in * n_out:
+            a, d = self.A[:, :, 0].transpose(0, 1), self.D[:, :, 0].transpose(0, 1)  # (G, B, n)
+            gram = (a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))  # (G, B, B)
+            return gram.sum(dim=(0, 2)) / B
+        return self.dots(mean)
+
+    def weighted_sum(self, w: Tensor) -> Tensor:
+        D = self.D * w.view(-1, 1, 1, 1)
+        return torch.einsum("bgto,bgti->goi", D, self.A).reshape(self.shape)
+
+    def sq_sum(self) -> Tensor:
+        A, D = self.A, self.D
+        if A.shape[2] == 1:  # sum_i (d_i a_i^T)^2 = (d^2)^T (a^2)
+            return torch.einsum("bgo,bgi->goi", D[:, :, 0].square(), A[:, :, 0].square()).reshape(self.shape)
+        total = A.new_zeros(A.shape[1], D.shape[3], A.shape[3])
+        for _, g in self._materialised_chunks():
+            total += g.square().sum(0)
+        return total.reshape(self.shape)
+
+    def merge(self, other: "Factored") -> "Factored":
+        return Factored(torch.cat([self.A, other.A], dim=2), torch.cat([self.D, other.D], dim=2), self.shape)
+
+
+@dataclass
+class IndexedRows:
+    """g_i = sum_t onehot(index[i, t]) D[i, t]^T for a (num_rows, dim) table (nn.Embedding).
+
+    index: (B, T) long, D: (B, T, dim) output gradients.
+    """
+
+    index: Tensor
+    D: Tensor
+    num_rows: int
+
+    def _per_sample_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Distinct (sample, row) pairs with their summed gradient rows: (K,), (K,), (K, dim)."""
+        B, T = self.index.shape
+        key = torch.arange(B, device=self.index.device).unsqueeze(1) * self.num_rows + self.index
+        unique, inverse = torch.unique(key.reshape(-1), return_inverse=True)
+        rows = self.D.new_zeros(unique.numel(), self.D.shape[-1])
+        rows.index_add_(0, inverse, self.D.reshape(B * T, -1))
+        return unique // self.num_rows, unique % self.num_rows, rows
+
+    def sq_norms(self) -> Tensor:
+        # |g_i|^2 = sum_{t,s} [index_it == index_is] d_it . d_is
+        same = (self.index.unsqueeze(2) == self.index.unsqueeze(1)).to(self.D.dtype)
+        return (same * (self.D @ self.D.transpose(1, 2))).sum(dim=(1, 2))
+
+    def dots(self, R: Tensor) -> Tensor:
+        return (R[self.index] * self.D).sum(dim=(1, 2))
+
+    def dots_with_mean(self, mean: Tensor) -> Tensor:
+        return self.dots(mean)
+
+    def weighted_sum(self, w: Tensor) -> Tensor:
+        out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
+        out.index_add_(0, self.index.reshape(-1), (self.D * w.view(-1, 1, 1)).reshape(-1, self.D.shape[-1]))
+        return out
+
+    def sq_sum(self) -> Tensor:
+        _, row, grads = self._per_sample_rows()
+        out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
+        out.index_add_(0, row, grads.square())
+        return out
+
+    def merge(self, other: "IndexedRows") -> "IndexedRows":
+        return IndexedRows(torch.cat([self.index, other.index], 1), torch.cat([self.D, other.D], 1), self.num_rows)
+
+
+@dataclass
+class Dense:
+    """The per-sample gradients themselves, G: (B, *shape). For small parameters only
+    (biases, normalisation affines) or the torch.func fallback."""
+
+    G: Tensor
+
+    def sq_norms(self) -> Tensor:
+        return self.G.flatten(1).square().sum(1)
+
+    def dots(self, R: Tensor) -> Tensor:
+        return self.G.flatten(1) @ R.flatten()
+
+    def dots_with_mean(self, mean: Tensor) -> Tensor:
+        return self.dots(mean)
+
+    def weighted_sum(self, w: Tensor) -> Tensor:
+        return torch.tensordot(w, self.G, dims=1)
+
+    def sq_sum(self) -> Tensor:
+        return self.G.square().sum(0)
+
+    def merge(self, other: "Dense") -> "Dense":
+        return Dense(self.G + other.G)
+
+
+PerSampleGrad = Factored | IndexedRows | Dense

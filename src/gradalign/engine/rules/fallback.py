@@ -1,0 +1,30 @@
+"""Any other module with trainable parameters: torch.func for that module only.
+
+g_i = grad over the module's own parameters of <module(x_i), d_i>, vmapped over samples,
+from the captured input x and output gradient d. It materialises (B, P_module), so it
+suits small custom modules. The module must take one batched tensor and return one tensor.
+"""
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradalign.engine.persample import Dense
+
+
+def fallback_check_call(module: nn.Module, args: tuple, kwargs: dict, output) -> str | None:
+    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return ("no per-layer rule for this module type, and the torch.func fallback needs a "
+                "module called with one tensor and returning one tensor; register a rule for it "
+                "(gradalign.engine.default_registry().register) or freeze its parameters")
+    return None
+
+
+def fallback_rule(module: nn.Module, args: tuple, grad_output: Tensor) -> dict:
+    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+    def contribution(p: dict, x: Tensor, d: Tensor) -> Tensor:
+        return (functional_call(module, p, (x.unsqueeze(0),)) * d.unsqueeze(0)).sum()
+
+    with torch.enable_grad():
+        per_sample = vmap(grad(contribution), in_dims=(None, 0, 0))(params, args[0].detach(), grad_output)
+    return {name: Dense(g) for name, g in per_sample.items()}

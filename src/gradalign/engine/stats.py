@@ -1,0 +1,85 @@
+"""GradientStats: per-sample gradient statistics, each computed on first access.
+
+Shapes: B samples; g_i the gradient of losses[i] over all trainable parameters;
+gbar = (1/B) sum_i g_i. Every quantity over samples is a sum of per-parameter terms, and
+ratios (cosines) are formed here, in one place, from those sums.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from gradalign.engine.persample import PerSampleGrad
+
+
+class GradientStats:
+    """Statistics of the per-sample gradients of one `PerSampleGradients.backward` call.
+
+    Attributes (lazy):
+        batch_size: B.
+        mean_grad: {param name: gbar}, the unweighted mean gradient.
+        sq_norms, norms: (B,) |g_i|^2 and |g_i|.
+        dots_with_mean: (B,) <g_i, gbar>.
+        mean_grad_sq_norm: () |gbar|^2.
+        cosines: (B,) cos(g_i, gbar); 0 where |g_i| or |gbar| is 0.
+        grad_sq_sum: {param name: sum_i g_i**2}, elementwise.
+        weights: (B,) the weights p.grad was formed with (ones when none were given).
+    """
+
+    def __init__(self, per_sample: dict[str, PerSampleGrad], mean_grad: dict[str, Tensor], batch_size: int,
+                 device: torch.device | None = None):
+        self._per_sample = per_sample
+        self._device = device
+        self.mean_grad = mean_grad
+        self.batch_size = batch_size
+        self.weights: Tensor | None = None
+
+    def _sum_over_params(self, term) -> Tensor:
+        total = None
+        for name, grads in self._per_sample.items():
+            value = term(name, grads)
+            total = value if total is None else total + value
+        if total is None:  # no trainable parameter took part in the loss
+            return torch.zeros(self.batch_size, device=self._device)
+        return total
+
+    @cached_property
+    def sq_norms(self) -> Tensor:
+        return self._sum_over_params(lambda _, g: g.sq_norms())
+
+    @cached_property
+    def norms(self) -> Tensor:
+        return self.sq_norms.clamp_min(0).sqrt()
+
+    @cached_property
+    def dots_with_mean(self) -> Tensor:
+        return self._sum_over_params(lambda name, g: g.dots_with_mean(self.mean_grad[name]))
+
+    @cached_property
+    def mean_grad_sq_norm(self) -> Tensor:
+        return sum((m.double().square().sum() for m in self.mean_grad.values()),
+                   torch.zeros((), dtype=torch.float64, device=self._device)).float()
+
+    @cached_property
+    def cosines(self) -> Tensor:
+        denominator = self.norms * self.mean_grad_sq_norm.sqrt()
+        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        return torch.where(denominator > 0, self.dots_with_mean / safe, torch.zeros_like(denominator))
+
+    @cached_property
+    def grad_sq_sum(self) -> dict[str, Tensor]:
+        out = {name: torch.zeros_like(m) for name, m in self.mean_grad.items()}
+        out.update({name: g.sq_sum() for name, g in self._per_sample.items()})
+        return out
+
+    def dots(self, reference: dict[str, Tensor]) -> Tensor:
+        """(B,) <g_i, R> for a reference gradient R given as {param name: tensor}."""
+        return self._sum_over_params(lambda name, g: g.dots(reference[name]))
+
+    def weighted_sum(self, w: Tensor) -> dict[str, Tensor]:
+        """{param name: sum_i w_i g_i} for weights w of shape (B,)."""
+        out = {name: torch.zeros_like(m) for name, m in self.mean_grad.items()}
+        out.update({name: g.weighted_sum(w) for name, g in self._per_sample.items()})
+        return out

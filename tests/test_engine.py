@@ -1,0 +1,117 @@
+"""The engine against the torch.func reference, on several architectures and batch sizes."""
+import pytest
+import torch
+
+from engine_models import ARCHITECTURES, random_architecture
+from gradalign.engine import PerSampleGradients, per_sample_gradients, reference_statistics
+
+
+def close(actual, expected, rtol=2e-4):
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-6 + rtol * scale)
+
+
+def run_engine(model, x, y, loss_fn, weights=None):
+    for p in model.parameters():
+        p.grad = None
+    engine = PerSampleGradients(model)
+    stats = engine.backward(loss_fn(model(x), y), weights=weights)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    engine.remove()
+    return stats, grads
+
+
+def compare_all(model, make_batch, loss_fn, B, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = make_batch(B, gen)
+    weights = torch.rand(B, generator=gen) * 2
+    ref = reference_statistics(model, x, y, loss_fn, weights=weights)
+    stats, grads = run_engine(model, x, y, loss_fn)
+    close(stats.norms, ref["norms"])
+    close(stats.cosines, ref["cosines"], rtol=1e-3)
+    for name, expected in ref["grad_sq_sum"].items():
+        close(stats.grad_sq_sum[name], expected)
+        close(grads[name], ref["mean_grad"][name])
+        close(stats.mean_grad[name], ref["mean_grad"][name])
+    close(stats.weights, torch.ones(B))
+    _, weighted = run_engine(model, x, y, loss_fn, weights=weights)
+    for name, expected in ref["weighted_grad"].items():
+        close(weighted[name], expected)
+    return stats
+
+
+@pytest.mark.parametrize("B", [1, 7, 64])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_statistic_matches_torch_func(arch, B):
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ARCHITECTURES[arch]()
+    compare_all(model, make_batch, loss_fn, B)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_architectures(seed):
+    model, make_batch, loss_fn = random_architecture(seed)
+    compare_all(model, make_batch, loss_fn, B=5, seed=seed)
+
+
+def test_mean_gradient_matches_plain_backward_and_accumulates():
+    torch.manual_seed(1)
+    model, make_batch, loss_fn = ARCHITECTURES["conv1d"]()
+    x, y = make_batch(9, torch.Generator().manual_seed(1))
+    loss_fn(model(x), y).mean().backward()
+    loss_fn(model(x), y).mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    engine = PerSampleGradients(model)
+    engine.backward(loss_fn(model(x), y))
+    engine.backward(loss_fn(model(x), y))  # adds, as autograd does
+    for n, p in model.named_parameters():
+        close(p.grad, expected[n])
+
+
+def test_dots_with_arbitrary_reference_and_gram_route():
+    torch.manual_seed(2)
+    model, make_batch, loss_fn = ARCHITECTURES["seed_mlp"]()
+    x, y = make_batch(16, torch.Generator().manual_seed(2))  # B (n_in + n_out) < n_in n_out: Gram route
+    grads = per_sample_gradients(model, x, y, loss_fn)
+    stats, _ = run_engine(model, x, y, loss_fn)
+    reference = {n: torch.randn_like(g[0]) for n, g in grads.items()}
+    expected = sum((g.flatten(1) @ reference[n].flatten()) for n, g in grads.items())
+    close(stats.dots(reference), expected)
+    mean = {n: g.mean(0) for n, g in grads.items()}
+    close(stats.dots_with_mean, sum(g.flatten(1) @ mean[n].flatten() for n, g in grads.items()))
+
+
+@pytest.mark.parametrize("channels,length", [(1, 64), (16, 5)])
+def test_conv_ghost_and_materialised_routes_agree(channels, length):
+    # (1, 64): T (n_in + n_out) > n_in n_out -> materialised; (16, 5): ghost route
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv1d(channels, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * (length - 2), 3))
+    from engine_models import classification_batch, cross_entropy
+    compare_all(model, classification_batch(channels, length, classes=3), cross_entropy, B=6)
+
+
+def test_cosine_is_zero_for_a_sample_with_zero_gradient():
+    torch.manual_seed(4)
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    x[2] = 0.0
+    engine = PerSampleGradients(model)
+    out = model(x)
+    losses = (out * torch.tensor([[1.0, 0.0]])).sum(1) * torch.tensor([1.0, 1.0, 0.0, 1.0])
+    stats = engine.backward(losses)
+    assert stats.norms[2] == 0 and stats.cosines[2] == 0
+    assert torch.isfinite(stats.cosines).all()
+
+
+def test_evaluation_forwards_are_not_recorded():
+    model, make_batch, loss_fn = ARCHITECTURES["seed_mlp"]()
+    engine = PerSampleGradients(model)
+    x, y = make_batch(8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(torch.randn(3, 40))  # different batch size, must not disturb the next backward
+    model(torch.randn(5, 40))  # a forward whose output never reaches the losses
+    stats = engine.backward(loss_fn(model(x), y))
+    assert stats.norms.shape == (8,)

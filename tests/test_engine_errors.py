@@ -1,0 +1,161 @@
+"""The engine's error paths and hook hygiene."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradalign as ga
+from engine_models import ARCHITECTURES
+from gradalign.engine import PerSampleGradients
+from gradalign.engine.persample import Factored
+
+
+def test_batchnorm_in_training_mode_lists_every_offender():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ga.UnsupportedModuleError) as err:
+        PerSampleGradients(model)
+    message = str(err.value)
+    assert "1 (BatchNorm1d)" in message and "3 (BatchNorm1d)" in message
+    assert "GroupNorm" in message and "eval" in message
+
+
+def test_batchnorm_switched_back_to_training_is_refused_at_forward():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4).eval())
+    engine = PerSampleGradients(model)
+    model.train()
+    with pytest.raises(ga.UnsupportedModuleError, match="BatchNorm"):
+        model(torch.randn(3, 4))
+    engine.remove()
+
+
+def test_frozen_batchnorm_is_ignored():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4).requires_grad_(False), nn.Linear(4, 2))
+    model[1].eval()
+    stats = PerSampleGradients(model).backward(F.cross_entropy(model(torch.randn(5, 4)), torch.zeros(5, dtype=torch.long), reduction="none"))
+    assert stats.norms.shape == (5,)
+    assert all(n.startswith(("0.", "2.")) for n in stats.grad_sq_sum)
+
+
+def test_tied_parameters_are_refused():
+    embed = nn.Embedding(10, 4)
+    out = nn.Linear(4, 10, bias=False)
+    out.weight = embed.weight
+    with pytest.raises(ga.UnsupportedModuleError, match="tied"):
+        PerSampleGradients(nn.ModuleList([embed, out]))
+
+
+def test_parameter_used_outside_its_module_is_refused():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return F.linear(x, self.b.weight)  # b's forward never runs
+
+    model = Sneaky()
+    engine = PerSampleGradients(model)
+    losses = model(torch.randn(4, 3)).sum(1)
+    with pytest.raises(ga.UnsupportedModuleError, match="outside"):
+        engine.backward(losses)
+
+
+def test_verify_catches_partial_use_outside_the_module():
+    class HalfSneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(x) + F.linear(x, self.lin.weight)
+
+    model = HalfSneaky()
+    engine = PerSampleGradients(model, verify=True)
+    with pytest.raises(ga.UnsupportedModuleError, match="do not add up"):
+        engine.backward(model(torch.randn(4, 3)).sum(1))
+
+
+def test_fallback_refuses_a_module_called_with_two_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x, y):
+            return x * self.w + y
+
+    model = TwoInputs()
+    PerSampleGradients(model)
+    with pytest.raises(ga.UnsupportedModuleError, match="one tensor"):
+        model(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_registry_without_fallback_refuses_unknown_modules():
+    registry = ga.default_registry()
+    registry.fallback = None
+    model = nn.Sequential(nn.Linear(3, 3), nn.PReLU())
+    with pytest.raises(ga.UnsupportedModuleError, match=r"1 \(PReLU\): no rule"):
+        PerSampleGradients(model, registry=registry)
+
+
+def test_embedding_options_that_mix_samples_are_refused():
+    with pytest.raises(ga.UnsupportedModuleError, match="scale_grad_by_freq"):
+        PerSampleGradients(nn.Embedding(5, 2, scale_grad_by_freq=True))
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(()), torch.zeros(4, 1), torch.zeros(0)])
+def test_losses_must_be_one_dimensional(bad):
+    model = nn.Linear(3, 1)
+    engine = PerSampleGradients(model)
+    losses = bad + model.weight.sum() if bad.numel() else bad.requires_grad_()
+    with pytest.raises(ValueError, match=r"1-D tensor of shape \(B,\)"):
+        engine.backward(losses)
+
+
+def test_losses_must_have_one_entry_per_sample():
+    model = nn.Linear(3, 2)
+    engine = PerSampleGradients(model)
+    out = model(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="batch of 4 samples but losses has 8"):
+        engine.backward(out.reshape(-1))
+
+
+def test_losses_without_grad_are_refused():
+    engine = PerSampleGradients(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="does not require grad"):
+        engine.backward(torch.zeros(4))
+
+
+@pytest.mark.parametrize("weights,match", [(torch.ones(3), r"shape \(4,\)"),
+                                           (torch.tensor([1.0, float("nan"), 1.0, 1.0]), "NaN")])
+def test_bad_weights(weights, match):
+    model = nn.Linear(3, 2)
+    engine = PerSampleGradients(model)
+    losses = model(torch.randn(4, 3)).sum(1)
+    with pytest.raises(ValueError, match=match):
+        engine.backward(losses, weights=weights)
+
+
+def test_remove_leaves_the_model_as_it_was():
+    model, make_batch, loss_fn = ARCHITECTURES["shared_bn_fallback"]()
+    before = {n: (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs), dict(m.__dict__))
+              for n, m in model.named_modules()}
+    engine = PerSampleGradients(model)
+    x, y = make_batch(4, torch.Generator().manual_seed(0))
+    engine.backward(loss_fn(model(x), y))
+    engine.remove()
+    for n, m in model.named_modules():
+        hooks, with_kwargs, attributes = before[n]
+        assert dict(m._forward_hooks) == hooks and dict(m._forward_hooks_with_kwargs) == with_kwargs
+        assert set(m.__dict__) == set(attributes)
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_materialised_route_is_chunked(monkeypatch):
+    monkeypatch.setattr("gradalign.engine.persample._CHUNK_ELEMENTS", 7)
+    A, D = torch.randn(5, 1, 9, 2), torch.randn(5, 1, 9, 3)
+    grads = Factored(A, D, torch.Size([3, 2]))
+    full = torch.einsum("bgto,bgti->boi", D, A)
+    torch.testing.assert_close(grads.sq_norms(), full.flatten(1).square().sum(1))
+    torch.testing.assert_close(grads.sq_sum(), full.square().sum(0))
