@@ -113,5 +113,6 @@ def test_evaluation_forwards_are_not_recorded():
     with torch.no_grad():
         model(torch.randn(3, 40))  # different batch size, must not disturb the next backward
     model(torch.randn(5, 40))  # a forward whose output never reaches the losses
+    per_sample_gradients(model, x[:2], y[:2], loss_fn)  # torch.func calls on the hooked model
     stats = engine.backward(loss_fn(model(x), y))
     assert stats.norms.shape == (8,)

@@ -10,10 +10,11 @@ from gradalign.engine import (
     reference_statistics,
 )
 from gradalign.errors import ConfigError, GradAlignError, UnsupportedModuleError
+from gradalign.methods import GASW, GDSW, GSNRAccumulator
 
 __version__ = "0.1.0"
 __all__ = [
-    "ConfigError", "GradAlignError", "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry",
+    "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GradAlignError", "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry",
     "UnsupportedModuleError", "check_model", "default_registry", "per_sample_gradients",
     "reference_statistics",
 ]

@@ -38,6 +38,11 @@ class _Hooked:
     calls: list[_Call] = field(default_factory=list)
 
 
+def _inside_torch_func(t: Tensor) -> bool:
+    """True for a tensor inside a torch.func transform (vmap, grad): not a training forward."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 class PerSampleGradients:
     """Hooks every module of `model` that owns trainable parameters.
 
@@ -94,13 +99,13 @@ class PerSampleGradients:
         def hook(module, args, kwargs, output):
             if not self._capturing or not torch.is_grad_enabled():
                 return None
-            if not isinstance(output, Tensor) or not output.requires_grad:
+            if not isinstance(output, Tensor) or not output.requires_grad or _inside_torch_func(output):
                 return None
             for check in (hooked.rule.reason(module),
                           hooked.rule.check_call(module, args, kwargs, output) if hooked.rule.check_call else None):
                 if check:
                     raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
-            call = _Call(path, args)
+            call = _Call(path, tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
 
             def store(grad: Tensor) -> None:  # registered before any in-place op on output
                 call.grad_output = grad if call.grad_output is None else call.grad_output + grad
@@ -144,7 +149,7 @@ class PerSampleGradients:
                     f"parameter {name} has a gradient but its module's forward was not seen; a "
                     "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
         mean = {n: (g / B if g is not None else torch.zeros_like(params[n])) for n, g in summed.items()}
-        stats = GradientStats(per_sample, mean, B, device=losses.device)
+        stats = GradientStats(per_sample, mean, B, device=losses.device, parameters=params)
         if self.verify:
             self._verify(stats, summed)
         w = self._resolve_weights(weights, stats, losses)

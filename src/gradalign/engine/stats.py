@@ -26,11 +26,13 @@ class GradientStats:
         cosines: (B,) cos(g_i, gbar); 0 where |g_i| or |gbar| is 0.
         grad_sq_sum: {param name: sum_i g_i**2}, elementwise.
         weights: (B,) the weights p.grad was formed with (ones when none were given).
+        parameters: {param name: the trainable parameter}, for methods that set p.grad.
     """
 
     def __init__(self, per_sample: dict[str, PerSampleGrad], mean_grad: dict[str, Tensor], batch_size: int,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, parameters: dict | None = None):
         self._per_sample = per_sample
+        self.parameters = parameters or {}
         self._device = device
         self.mean_grad = mean_grad
         self.batch_size = batch_size

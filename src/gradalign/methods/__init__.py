@@ -1,0 +1,5 @@
+"""The training methods, each a small object on top of the engine."""
+from gradalign.methods.accumulation import GSNRAccumulator
+from gradalign.methods.weighting import GASW, GDSW, leave_one_out_cosines, normalised_entropy
+
+__all__ = ["GASW", "GDSW", "GSNRAccumulator", "leave_one_out_cosines", "normalised_entropy"]

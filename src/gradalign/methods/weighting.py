@@ -1,0 +1,115 @@
+"""GASW and GDSW: per-sample weights from each sample's gradient alignment with the batch.
+
+s_i = cos(g_i, gbar), gbar = (1/B) sum_j g_j   (seed: gasw_experiment.md; METHODS.md)
+GASW: w_i = max(0, s_i)^gamma      (weight the consensus)
+GDSW: w_i = (1 - s_i)^gamma        (weight the disagreement)
+then w <- B w / sum_j w_j, and the update direction is (1/B) sum_i w_i g_i.
+
+Use as `engine.backward(losses, weights=GASW(gamma=2.0))`: the engine forms the weighted
+gradient from the same backward, with no (B, P) matrix and no second backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from gradalign.engine.stats import GradientStats
+
+
+class _CosineWeighting:
+    """Shared mechanism: cosines -> raw weights (subclass) -> normalised weights, with guards.
+
+    Degenerate steps (|gbar| = 0, every raw weight 0, or anything non-finite) fall back to
+    uniform weights and are counted in `fallbacks`; they never produce NaN.
+    """
+
+    def __init__(self, gamma: float = 2.0, *, leave_one_out: bool = False):
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+        self.gamma = float(gamma)
+        self.leave_one_out = leave_one_out
+        self.steps = 0
+        self.fallbacks = 0
+        self.last_zero_fraction = 0.0
+        self.last_entropy = 1.0
+
+    def _raw(self, cosines: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, stats: GradientStats) -> Tensor:
+        """(B,) weights summing to B for the batch whose statistics are `stats`."""
+        B = stats.batch_size
+        self.steps += 1
+        cosines = leave_one_out_cosines(stats) if self.leave_one_out else stats.cosines
+        raw = self._raw(cosines.clamp(-1.0, 1.0))
+        total = raw.sum()
+        degenerate = (stats.mean_grad_sq_norm <= 0) | ~torch.isfinite(total) | (total <= 0)
+        if bool(degenerate) or not bool(torch.isfinite(raw).all()):
+            self.fallbacks += 1
+            weights = torch.ones_like(stats.norms)
+        else:
+            weights = raw * (B / total)
+        self.last_zero_fraction = float((weights == 0).float().mean())
+        self.last_entropy = normalised_entropy(weights)
+        return weights
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(gamma={self.gamma}, leave_one_out={self.leave_one_out})"
+
+
+class GASW(_CosineWeighting):
+    """Gradient-alignment sample weighting: w_i = max(0, s_i)^gamma, normalised to sum to B.
+
+    Args:
+        gamma: sharpness; 0 gives uniform weights (note 0^0 = 1). The seed tuned 2.09.
+        leave_one_out: use s_i = cos(g_i, gbar_-i) with gbar_-i = (B gbar - g_i)/(B - 1),
+            so that a sample with a large gradient does not align with itself through
+            gbar. Off by default (faithful to the seed).
+    Attributes:
+        steps, fallbacks (steps that fell back to uniform weights), last_zero_fraction,
+        last_entropy (entropy of w/B divided by log B, 1 for uniform weights).
+    """
+
+    def _raw(self, cosines: Tensor) -> Tensor:
+        return cosines.clamp_min(0).pow(self.gamma)
+
+
+class GDSW(_CosineWeighting):
+    """Gradient-diversity sample weighting: w_i = (1 - s_i)^gamma, normalised to sum to B.
+
+    Same arguments and attributes as GASW.
+    """
+
+    def _raw(self, cosines: Tensor) -> Tensor:
+        return (1 - cosines).pow(self.gamma)
+
+
+def leave_one_out_cosines(stats: GradientStats) -> Tensor:
+    """(B,) cos(g_i, gbar_-i), gbar_-i = (B gbar - g_i)/(B - 1), from norms and <g_i, gbar>.
+
+    <g_i, gbar_-i> = (B <g_i, gbar> - |g_i|^2) / (B - 1)
+    |gbar_-i|^2    = (B^2 |gbar|^2 - 2 B <g_i, gbar> + |g_i|^2) / (B - 1)^2
+    A batch of one has no reference: its cosine is 0.
+    """
+    B = stats.batch_size
+    if B < 2:
+        return torch.zeros_like(stats.norms)
+    dots = stats.dots_with_mean.double()
+    sq = stats.sq_norms.double()
+    dot_loo = (B * dots - sq) / (B - 1)
+    ref_sq = ((B * B * stats.mean_grad_sq_norm.double() - 2 * B * dots + sq) / (B - 1) ** 2).clamp_min(0)
+    denominator = (sq.clamp_min(0) * ref_sq).sqrt()
+    cos = torch.where(denominator > 0, dot_loo / denominator.clamp_min(1e-300), torch.zeros_like(dots))
+    return cos.to(stats.norms.dtype)
+
+
+def normalised_entropy(weights: Tensor) -> float:
+    """Entropy of p = w / sum(w) divided by log B: 1 for uniform weights, 0 for one sample."""
+    B = weights.numel()
+    if B < 2:
+        return 1.0
+    p = weights.double() / weights.double().sum()
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum()
+    return float(entropy / math.log(B))

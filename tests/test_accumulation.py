@@ -1,0 +1,91 @@
+"""GSNRAccumulator: the accumulated gradient, both SNR rules by an independent route, the cap."""
+import math
+
+import pytest
+import torch
+
+import gradalign as ga
+from engine_models import ARCHITECTURES
+
+
+def increments(n_increments, size, seed=0):
+    torch.manual_seed(seed)
+    model, make_batch, loss_fn = ARCHITECTURES["seed_mlp"]()
+    gen = torch.Generator().manual_seed(seed)
+    return model, loss_fn, [make_batch(size, gen) for _ in range(n_increments)]
+
+
+def reference_snr(model, loss_fn, batches, rule, eps=1e-12):
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    flat = torch.cat([g.flatten(1) for g in ga.per_sample_gradients(model, x, y, loss_fn).values()], 1).double()
+    n = flat.shape[0]
+    m, v = flat.mean(0), flat.var(0, unbiased=True)
+    if rule == "per_sample":
+        return (m.square() / (v + eps)).mean().item()
+    noise = v.sum().item() / n
+    return (m.square().sum().item() - noise) / noise
+
+
+@pytest.mark.parametrize("rule", ["mean_snr", "per_sample"])
+def test_snr_and_accumulated_gradient_match_reference(rule):
+    model, loss_fn, batches = increments(3, 8)
+    acc = ga.GSNRAccumulator(tau=float("inf"), increment=8, max_samples=64, rule=rule)
+    engine = ga.PerSampleGradients(model)
+    for k, (x, y) in enumerate(batches, start=1):
+        assert not acc.update(engine.backward(loss_fn(model(x), y)))
+        assert acc.last_snr == pytest.approx(reference_snr(model, loss_fn, batches[:k], rule), rel=1e-3)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    grads = ga.per_sample_gradients(model, x, y, loss_fn)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_steps_when_rule_passes_and_resets():
+    model, loss_fn, batches = increments(4, 8)
+    acc = ga.GSNRAccumulator(tau=-math.inf, increment=8, max_samples=64)  # passes after the first increment
+    engine = ga.PerSampleGradients(model)
+    for x, y in batches:
+        assert acc.update(engine.backward(loss_fn(model(x), y)))
+    assert acc.samples_per_step == [8, 8, 8, 8]
+    x, y = batches[-1]
+    expected = ga.per_sample_gradients(model, x, y, loss_fn)
+    for name, p in model.named_parameters():  # p.grad is the last increment alone, not a sum
+        torch.testing.assert_close(p.grad, expected[name].mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_cap_forces_a_step():
+    model, loss_fn, batches = increments(5, 8)
+    acc = ga.GSNRAccumulator(tau=math.inf, increment=8, max_samples=16)
+    engine = ga.PerSampleGradients(model)
+    ready = [acc.update(engine.backward(loss_fn(model(x), y))) for x, y in batches]
+    assert ready == [False, True, False, True, False]
+    assert acc.samples_per_step == [16, 16]
+
+
+def test_zero_variance_means_exact_signal():
+    model = torch.nn.Linear(2, 1, bias=False)
+    x = torch.ones(4, 2)
+    stats = ga.PerSampleGradients(model).backward(model(x).sum(1))  # identical per-sample gradients
+    acc = ga.GSNRAccumulator(tau=1e9, increment=4, max_samples=64)
+    assert acc.update(stats) and acc.last_snr == math.inf
+
+
+def test_per_sample_rule_falls_as_samples_accumulate():
+    """The pitfall of METHODS.md: the seed's per-sample GSNR shrinks towards r_j with n."""
+    model, loss_fn, batches = increments(8, 32, seed=3)
+    acc = ga.GSNRAccumulator(tau=math.inf, increment=32, max_samples=1024, rule="per_sample")
+    engine = ga.PerSampleGradients(model)
+    snrs = []
+    for x, y in batches:
+        acc.update(engine.backward(loss_fn(model(x), y)))
+        snrs.append(acc.last_snr)
+    assert snrs[-1] < snrs[0]
+
+
+@pytest.mark.parametrize("kwargs,match", [({"rule": "magic"}, "rule"), ({"increment": 0}, "increment"),
+                                          ({"max_samples": 4}, "max_samples"), ({"tau": float("nan")}, "tau")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ga.GSNRAccumulator(**kwargs)
