@@ -1,0 +1,254 @@
+"""GWA: gradient-weight alignment of each training sample with the classifier head.
+
+For a head logits = W z + b (W: (C, D)), sample i with embedding z_i, p_i = softmax(logits_i)
+and one-hot or soft label y_i (seeds: gwa_repository_readme.md, gwa_paper_abstract.md):
+
+    g_i = -(p_i - y_i) z_i^T                       the NEGATIVE gradient of CE_i wrt W
+    a_i = <g_i, W>_F / (|g_i|_F |W|_F)              in [-1, 1]; 0 where |g_i| |W| = 0
+    <g_i, W> = -(p_i - y_i) . (W z_i),   |g_i| = |z_i| |p_i - y_i|
+
+Epoch score over every a_i collected during the epoch's update steps:
+
+    GWA_T = mean(a) / (kurt(a) + 1.2),   kurt = m4 / m2^2 - 3   (biased excess kurtosis)
+
+W is read BEFORE the optimizer step (the authors' JAX code). Everything is computed under
+no_grad in float64; the head bias is excluded. Guards the authors' code lacks: kurt + 1.2
+<= 0 (bimodal scores) or undefined kurtosis (all a_i equal, e.g. a zero-initialised head)
+give GWA_T = nan, and such an epoch is never selected.
+
+Reference: Hoelzl, Rueckert, Kaissis, "Gradient-Weight Alignment as a Train-Time Proxy for
+Generalization in Classification Tasks", NeurIPS 2025 (arXiv:2510.25480).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradalign.errors import GradAlignError
+
+MODES = ("scratch", "finetune")
+
+
+@torch.no_grad()
+def gwa_alignment(head_weight: Tensor, embeddings: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-sample alignment a_i of the negative CE gradient wrt the head weight with W.
+
+    Args:
+        head_weight: (C, D) the head's weight W (bias excluded).
+        embeddings: (B, D) the head's inputs z_i.
+        logits: (B, C) the head's outputs.
+        targets: (B,) class indices, or (B, C) probabilities (soft labels, e.g. mixup).
+    Returns:
+        (B,) float64 scores in [-1, 1]; 0 where |z_i| |p_i - y_i| |W| = 0.
+    """
+    if head_weight.dim() != 2:
+        raise ValueError(f"head_weight must be (C, D), got shape {tuple(head_weight.shape)}")
+    C, D = head_weight.shape
+    B = embeddings.shape[0]
+    if embeddings.shape != (B, D) or logits.shape != (B, C):
+        raise ValueError(f"expected embeddings (B, {D}) and logits (B, {C}), got "
+                         f"{tuple(embeddings.shape)} and {tuple(logits.shape)}")
+    if targets.shape == (B,) and not targets.is_floating_point():
+        y = F.one_hot(targets.long(), C).double()
+    elif targets.shape == (B, C) and targets.is_floating_point():
+        y = targets.double()
+    else:
+        raise ValueError(f"targets must be (B,) = ({B},) class indices or ({B}, {C}) probabilities, "
+                         f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+    W, z = head_weight.double(), embeddings.double()
+    r = torch.softmax(logits.double(), dim=1) - y                  # (B, C) p_i - y_i
+    dot = -(r * (z @ W.T)).sum(dim=1)                              # (B,) <g_i, W>
+    denom = z.norm(dim=1) * r.norm(dim=1) * W.norm()               # (B,) |g_i| |W|
+    scores = torch.where(denom > 0, dot / denom, 0.0)
+    return scores.clamp(-1.0, 1.0)
+
+
+def _mean_and_kurtosis(scores: Tensor) -> tuple[float, float]:
+    """Mean and biased excess kurtosis m4/m2^2 - 3 in float64; kurtosis nan when m2 ~ 0.
+
+    "m2 ~ 0" uses scipy.stats.kurtosis's test, m2 <= (resolution * mean)^2, so that
+    scores equal up to rounding count as constant.
+    """
+    a = torch.as_tensor(scores).detach().double().flatten()
+    if a.numel() == 0:
+        raise ValueError("no scores: the epoch had no update() step")
+    mean = a.mean()
+    d = a - mean
+    m2, m4 = d.pow(2).mean(), d.pow(4).mean()
+    if m2 <= (1e-15 * mean) ** 2:
+        return float(mean), math.nan
+    return float(mean), float(m4 / m2 ** 2 - 3.0)
+
+
+def _score(mean: float, kurtosis: float) -> tuple[float, str | None]:
+    """GWA_T and, when it is nan, the reason the epoch cannot be selected."""
+    if not math.isfinite(kurtosis):
+        return math.nan, "kurtosis undefined (all scores equal, e.g. a zero head weight)"
+    if kurtosis + 1.2 <= 0:
+        return math.nan, f"denominator kurt + 1.2 = {kurtosis + 1.2:.4g} <= 0 (bimodal scores)"
+    if not math.isfinite(mean):
+        return math.nan, "non-finite scores"
+    return mean / (kurtosis + 1.2), None
+
+
+def gwa_score(scores: Tensor) -> float:
+    """GWA_T = mean(a) / (kurt(a) + 1.2) of 1-D scores, in float64.
+
+    kurt is the biased excess kurtosis (scipy.stats.kurtosis defaults). Returns nan when
+    the denominator is <= 0 or the kurtosis is undefined (all scores equal).
+    """
+    return _score(*_mean_and_kurtosis(scores))[0]
+
+
+class GWAMonitor:
+    """Per-sample GWA during training, the epoch score GWA_T, and early-stopping choices.
+
+    A forward hook on `head` records its input (detached) on every forward run with grad
+    enabled, so evaluation under torch.no_grad() leaves the record alone.
+
+    Example:
+        monitor = GWAMonitor(model.head)
+        for epoch in range(epochs):
+            for x, y, ids in batches:
+                logits = model(x)
+                F.cross_entropy(logits, y).backward()
+                monitor.update(logits, y, ids)        # BEFORE optimizer.step(): W pre-update
+                optimizer.step(); optimizer.zero_grad()
+            monitor.end_epoch()
+        best = monitor.best_epoch("scratch")
+        monitor.remove()
+
+    Attributes:
+        epoch_scores: GWA_T per epoch (nan: not selectable, see `unselectable`).
+        epoch_mean_alignment: mean a_i per epoch (the paper compares runs by its maximum).
+        epoch_kurtosis: biased excess kurtosis per epoch (nan when undefined).
+        unselectable: {epoch: reason} for every epoch whose GWA_T is nan.
+    """
+
+    def __init__(self, head: nn.Linear):
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"GWAMonitor needs the classifier head, an nn.Linear; got {type(head).__name__}")
+        self.head = head
+        self.epoch_scores: list[float] = []
+        self.epoch_mean_alignment: list[float] = []
+        self.epoch_kurtosis: list[float] = []
+        self.unselectable: dict[int, str] = {}
+        self._z: Tensor | None = None
+        self._pending: list[tuple[Tensor, Tensor]] = []        # (ids, float64 scores) this epoch
+        self._ids: list[np.ndarray] = []                        # per finished epoch, int64
+        self._scores: list[np.ndarray] = []                     # per finished epoch, float32
+        self._handle = head.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if torch.is_grad_enabled():
+            self._z = inputs[0].detach()
+
+    def update(self, logits: Tensor, targets: Tensor, sample_ids) -> Tensor:
+        """Score the batch of the latest training forward; call before optimizer.step().
+
+        Args:
+            logits: (B, C) the model's output for that forward.
+            targets: (B,) class indices or (B, C) soft labels.
+            sample_ids: (B,) integer ids (tensor or sequence), kept with each score.
+        Returns:
+            (B,) float64 alignment scores.
+        """
+        if self._z is None:
+            raise GradAlignError("update() found no recorded head input: call it after the training "
+                                 "forward (with grad enabled) and before the next one")
+        z, self._z = self._z, None
+        ids = torch.as_tensor(sample_ids, dtype=torch.long, device=z.device).flatten()
+        if ids.numel() != z.shape[0] or logits.shape[0] != z.shape[0]:
+            raise ValueError(f"batch sizes disagree: head input {z.shape[0]}, logits {logits.shape[0]}, "
+                             f"sample_ids {ids.numel()}")
+        scores = gwa_alignment(self.head.weight.detach(), z, logits.detach(), targets)
+        self._pending.append((ids, scores))
+        return scores
+
+    def end_epoch(self) -> float:
+        """Close the epoch: GWA_T over every score since the previous end_epoch()."""
+        if not self._pending:
+            raise GradAlignError("end_epoch() with no update() since the previous epoch")
+        ids = torch.cat([i for i, _ in self._pending]).cpu().numpy()
+        scores = torch.cat([s for _, s in self._pending])
+        self._pending = []
+        mean, kurtosis = _mean_and_kurtosis(scores)
+        score, reason = _score(mean, kurtosis)
+        epoch = len(self.epoch_scores)
+        if reason is not None:
+            self.unselectable[epoch] = reason
+            warnings.warn(f"GWA epoch {epoch} is not selectable: {reason}", RuntimeWarning, stacklevel=2)
+        self.epoch_scores.append(score)
+        self.epoch_mean_alignment.append(mean)
+        self.epoch_kurtosis.append(kurtosis)
+        self._ids.append(ids)
+        self._scores.append(scores.float().cpu().numpy())
+        return score
+
+    def sample_scores(self) -> dict[str, np.ndarray]:
+        """Every finished epoch's per-sample scores: {"sample_id", "epoch", "score"}, equal lengths."""
+        counts = [len(i) for i in self._ids]
+        return {
+            "sample_id": np.concatenate(self._ids) if counts else np.zeros(0, np.int64),
+            "epoch": np.repeat(np.arange(len(counts), dtype=np.int64), counts),
+            "score": np.concatenate(self._scores) if counts else np.zeros(0, np.float32),
+        }
+
+    def best_epoch(self, mode: str = "scratch", skip_fraction: float | None = None) -> int:
+        """The 0-based epoch the paper's early-stopping rule selects; nan epochs never count.
+
+        mode="scratch": skip the first `skip_fraction` (default 0.1) of epochs, i.e. the
+            floor(skip_fraction * E) epochs that end within that fraction of training (at
+            least one epoch stays), and take the argmax of GWA_T.
+        mode="finetune": skip the first `skip_fraction` (default 0) of epochs, find the first
+            local minimum j of GWA_T (the first epoch followed by a larger score, or the last
+            epoch if the scores never rise) and take the argmax over epochs >= j.
+        Ties go to the earliest epoch.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if skip_fraction is None:
+            skip_fraction = 0.1 if mode == "scratch" else 0.0
+        if not 0.0 <= skip_fraction < 1.0:
+            raise ValueError(f"skip_fraction must be in [0, 1), got {skip_fraction!r}")
+        n = len(self.epoch_scores)
+        if n == 0:
+            raise GradAlignError("best_epoch() before any end_epoch()")
+        skip = min(int(math.floor(skip_fraction * n + 1e-9)), n - 1)
+        epochs = [e for e in range(skip, n) if math.isfinite(self.epoch_scores[e])]
+        if not epochs:
+            raise GradAlignError(f"no selectable epoch after skipping {skip} of {n}: "
+                                 f"{self.unselectable or 'every GWA_T is nan'}")
+        values = [self.epoch_scores[e] for e in epochs]
+        start = 0
+        if mode == "finetune":
+            start = next((k for k in range(len(values) - 1) if values[k + 1] > values[k]), len(values) - 1)
+        best = max(range(start, len(values)), key=lambda k: (values[k], -k))
+        return epochs[best]
+
+    def should_stop(self, patience: int = 5, *, skip_epochs: int = 0) -> bool:
+        """Online rule: True when GWA_T has not improved on its best for `patience` epochs.
+
+        Epochs before `skip_epochs` are ignored (set it to about 10% of the planned epochs,
+        the paper's warm-up). Nan epochs count as epochs without improvement. False while
+        no selectable epoch exists yet, since there is no best to compare with.
+        """
+        if not (isinstance(patience, int) and patience >= 1):
+            raise ValueError(f"patience must be a positive integer, got {patience!r}")
+        if not (isinstance(skip_epochs, int) and skip_epochs >= 0):
+            raise ValueError(f"skip_epochs must be a non-negative integer, got {skip_epochs!r}")
+        finite = [e for e in range(skip_epochs, len(self.epoch_scores)) if math.isfinite(self.epoch_scores[e])]
+        if not finite:
+            return False
+        best = max(finite, key=lambda e: (self.epoch_scores[e], -e))
+        return len(self.epoch_scores) - 1 - best >= patience
+
+    def remove(self) -> None:
+        """Detach the hook and drop the recorded input; the head is as it was. Idempotent."""
+        self._handle.remove()
+        self._z = None
