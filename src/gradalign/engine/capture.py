@@ -23,10 +23,13 @@ Weights = Tensor | Callable[[GradientStats], Tensor] | None
 
 @dataclass
 class _Call:
-    """One recorded call of a hooked module."""
+    """One recorded call of a hooked module: its inputs, its output and, after the
+    backward, the gradient of the summed losses w.r.t. that output."""
 
     path: str
     args: tuple
+    output: Tensor
+    version: int  # output._version at capture: a later in-place op changes it
     grad_output: Tensor | None = None
 
 
@@ -105,7 +108,8 @@ class PerSampleGradients:
                           hooked.rule.check_call(module, args, kwargs, output) if hooked.rule.check_call else None):
                 if check:
                     raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
-            call = _Call(path, tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
+            args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            call = _Call(path, args, output, output._version)
 
             def store(grad: Tensor) -> None:  # registered before any in-place op on output
                 call.grad_output = grad if call.grad_output is None else call.grad_output + grad
@@ -136,33 +140,60 @@ class PerSampleGradients:
                              "with gradients enabled")
         B = losses.shape[0]
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        summed = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
-        summed = dict(zip(params, summed))
         try:
+            self._backward_to_outputs(losses, params, retain_graph=self.verify)
             per_sample = self._per_sample_grads(B)
         finally:
             for h in self._hooked.values():
                 h.calls.clear()
-        for name, g in summed.items():
-            if g is not None and name not in per_sample and bool(g.any()):
-                raise UnsupportedModuleError(
-                    f"parameter {name} has a gradient but its module's forward was not seen; a "
-                    "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
-        mean = {n: (g / B if g is not None else torch.zeros_like(params[n])) for n, g in summed.items()}
-        stats = GradientStats(per_sample, mean, B, device=losses.device, parameters=params)
+        stats = GradientStats(per_sample, B, device=losses.device, parameters=params)
         if self.verify:
-            self._verify(stats, summed)
+            self._verify(stats, losses)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
-        update = mean if weights is None else {n: g / B for n, g in stats.weighted_sum(w).items()}
-        for name, p in params.items():
-            if summed[name] is None:  # not part of the loss: left untouched, as autograd does
-                continue
+        update = stats.mean_grad if weights is None else {n: g / B for n, g in stats.weighted_sum(w).items()}
+        for name, g in update.items():  # parameters outside the losses keep their grad, as in autograd
+            p = params[name]
             if p.grad is None:
-                p.grad = update[name].detach().clone()
+                p.grad = g.detach().to(p.dtype)
             else:
-                p.grad.add_(update[name])
+                p.grad.add_(g)
         return stats
+
+    def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
+        """One backward of sum(losses) that fills every call's grad_output.
+
+        Autograd is asked for the gradients w.r.t. the recorded layer outputs, not the
+        parameters, so it skips every weight-gradient product (the engine forms p.grad from
+        the factors instead). An output modified in place since its forward can't be an
+        input to autograd.grad, so for that module its parameters are asked for instead;
+        the gradient hook on the output still records the gradient before the in-place op.
+        Parameters of modules that recorded no call are asked for too: a gradient there
+        means the parameter was used outside its module, which no hook can see.
+        """
+        inputs, unseen = [], []
+        for h in self._hooked.values():
+            if not h.calls:
+                unseen += [params[n] for n in h.param_names.values()]
+            for call in h.calls:
+                if call.output._version == call.version:
+                    inputs.append(call.output)
+                else:
+                    inputs += [params[n] for n in h.param_names.values()]
+        seen, unique = set(), []
+        for t in inputs + unseen:
+            if id(t) not in seen:
+                seen.add(id(t))
+                unique.append(t)
+        if not unique:
+            return
+        grads = torch.autograd.grad(losses.sum(), unique, allow_unused=True, retain_graph=retain_graph)
+        names, unseen_ids = {id(p): n for n, p in params.items()}, {id(p) for p in unseen}
+        for t, g in zip(unique, grads):
+            if id(t) in unseen_ids and g is not None and bool(g.any()):
+                raise UnsupportedModuleError(
+                    f"parameter {names[id(t)]} has a gradient but its module's forward was not seen; a "
+                    "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
 
     def _per_sample_grads(self, B: int) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
@@ -197,12 +228,14 @@ class PerSampleGradients:
             raise ValueError("weights contain NaN or infinite values")
         return w.detach().to(device=losses.device, dtype=losses.dtype)
 
-    @staticmethod
-    def _verify(stats: GradientStats, summed: dict[str, Tensor | None]) -> None:
-        ones = torch.ones(stats.batch_size, device=stats._device)
-        for name, total in stats.weighted_sum(ones).items():
-            expected = summed[name] if summed[name] is not None else torch.zeros_like(total)
-            if not torch.allclose(total, expected, rtol=1e-4, atol=1e-5 * (1 + expected.abs().max().item())):
+    def _verify(self, stats: GradientStats, losses: Tensor) -> None:
+        """Check the per-sample gradients against autograd's gradient of the mean loss."""
+        names = list(stats.mean_grad)
+        params = [stats.parameters[n] for n in names]
+        expected = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+        for name, mean, exp in zip(names, stats.mean_grad.values(), expected):
+            exp = torch.zeros_like(mean) if exp is None else exp
+            if not torch.allclose(mean, exp, rtol=1e-4, atol=1e-5 * (1 + exp.abs().max().item())):
                 raise UnsupportedModuleError(
                     f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
                     "used outside its module's forward, or a module mixes samples")

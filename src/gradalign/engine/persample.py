@@ -2,13 +2,16 @@
 
 Each layer rule returns, per parameter, one of three representations of the B per-sample
 gradients g_i (i = 1..B). None of them stores a (B, P) matrix unless that is the cheapest
-route for that layer. Every representation answers the same five questions:
+route for that layer. Every representation answers the same six questions:
 
-    sq_norms()          (B,)   |g_i|^2
-    dots(R)             (B,)   <g_i, R> for a fixed tensor R of the parameter's shape
-    dots_with_mean()    (B,)   <g_i, gbar>, gbar = (1/B) sum_j g_j
-    weighted_sum(w)     shape  sum_i w_i g_i
-    sq_sum()            shape  sum_i g_i**2 (elementwise)
+    sq_norms()            (B,)   |g_i|^2
+    dots(R)               (B,)   <g_i, R> for a fixed tensor R of the parameter's shape
+    dots_with_mean(mean)  (B,)   <g_i, gbar>, gbar = (1/B) sum_j g_j
+    mean_sq_norm(mean)    ()     |gbar|^2
+    weighted_sum(w)       shape  sum_i w_i g_i (w = None: all ones)
+    sq_sum()              shape  sum_i g_i**2 (elementwise)
+
+`mean` is a callable returning gbar, so a route that does not need gbar never forms it.
 
 and `merge(other)` combines two calls of the same module (shared weights in one forward):
 the per-sample gradient of a module applied twice is the sum of both contributions.
@@ -16,6 +19,8 @@ the per-sample gradient of a module applied twice is the sum of both contributio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,6 +37,7 @@ class Factored:
     output gradients. The parameter has shape `shape` with G * n_out * n_in numbers,
     laid out group-major as (G * n_out, n_in) (nn.Linear: G = T = 1 or T = tokens;
     nn.Conv: T = output positions, n_in = in_channels/groups * kernel size).
+    The common case G = T = 1 runs on 2-D views a (B, n_in), d (B, n_out).
     """
 
     A: Tensor
@@ -42,14 +48,33 @@ class Factored:
     def _B(self) -> int:
         return self.A.shape[0]
 
+    @property
+    def _flat(self) -> tuple[Tensor, Tensor] | None:
+        """(a, d) as (B, n_in), (B, n_out) when G = T = 1, else None."""
+        if self.A.shape[1] == 1 and self.A.shape[2] == 1:
+            return self.A[:, 0, 0], self.D[:, 0, 0]
+        return None
+
     def _as_matrix(self, R: Tensor) -> Tensor:  # (G, n_out, n_in)
-        G, n_in, n_out = self.A.shape[1], self.A.shape[3], self.D.shape[3]
-        return R.reshape(G, n_out, n_in)
+        return R.reshape(self.A.shape[1], self.D.shape[3], self.A.shape[3])
 
     def _ghost_is_cheaper(self) -> bool:
         """Ghost route costs ~T^2 (n_in + n_out) per sample, materialising ~T n_in n_out."""
         T, n_in, n_out = self.A.shape[2], self.A.shape[3], self.D.shape[3]
         return T * (n_in + n_out) <= n_in * n_out
+
+    def uses_gram(self) -> bool:
+        """Whether <g_i, gbar> and |gbar|^2 come from the B x B Gram matrix (T = 1 only):
+        it costs B^2 (n_in + n_out) against B n_in n_out for forming gbar and d_i^T gbar a_i."""
+        B, _, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
+        return T == 1 and B * (n_in + n_out) < n_in * n_out
+
+    @cached_property
+    def gram(self) -> Tensor:
+        """(B, B) K_ij = <g_i, g_j> = sum_g (a_i.a_j)(d_i.d_j), for T = 1."""
+        a, d = self.A[:, :, 0].transpose(0, 1), self.D[:, :, 0].transpose(0, 1)  # (G, B, n)
+        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum(0)
 
     def _materialised_chunks(self):
         """Yield (start, (b, G, n_out, n_in)) chunks of the per-sample gradients."""
@@ -61,6 +86,8 @@ class Factored:
 
     def sq_norms(self) -> Tensor:
         A, D = self.A, self.D
+        if "gram" in self.__dict__:
+            return self.gram.diagonal()
         if A.shape[2] == 1:  # |d a^T|^2 = |a|^2 |d|^2
             return (A.square().sum(-1) * D.square().sum(-1)).sum(dim=(1, 2))
         if self._ghost_is_cheaper():  # <A A^T, D D^T> per sample and group
@@ -73,26 +100,32 @@ class Factored:
         return out
 
     def dots(self, R: Tensor) -> Tensor:
-        # <d a^T, R> = d^T R a, summed over positions and groups: (B, G, T, n_in) * A
+        flat = self._flat
+        if flat is not None:
+            a, d = flat
+            return ((d @ R.reshape(d.shape[1], a.shape[1])) * a).sum(1)
+        # <d a^T, R> = d^T R a, summed over positions and groups
         DR = torch.einsum("bgto,goi->bgti", self.D, self._as_matrix(R))
         return (DR * self.A).sum(dim=(1, 2, 3))
 
-    def dots_with_mean(self, mean: Tensor) -> Tensor:
-        """<g_i, gbar>: through the B x B Gram matrix when that is cheaper (T = 1 only).
+    def dots_with_mean(self, mean: Callable[[], Tensor]) -> Tensor:
+        """<g_i, gbar> = (1/B) sum_j K_ij on the Gram route, else d_i^T gbar a_i."""
+        return self.gram.sum(1) / self._B if self.uses_gram() else self.dots(mean())
 
-        <g_i, gbar> = (1/B) sum_j <g_i, g_j> = (1/B) sum_j (a_i.a_j)(d_i.d_j) costs
-        B^2 (n_in + n_out) against B n_in n_out for d_i^T gbar a_i.
-        """
-        B, G, T, n_in = self.A.shape
-        n_out = self.D.shape[3]
-        if T == 1 and B * (n_in + n_out) < n_in * n_out:
-            a, d = self.A[:, :, 0].transpose(0, 1), self.D[:, :, 0].transpose(0, 1)  # (G, B, n)
-            gram = (a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))  # (G, B, B)
-            return gram.sum(dim=(0, 2)) / B
-        return self.dots(mean)
+    def mean_sq_norm(self, mean: Callable[[], Tensor]) -> Tensor:
+        """|gbar|^2 = (1/B^2) sum_ij K_ij on the Gram route, else from gbar itself."""
+        return self.gram.sum() / self._B ** 2 if self.uses_gram() else mean().square().sum()
 
-    def weighted_sum(self, w: Tensor) -> Tensor:
-        D = self.D * w.view(-1, 1, 1, 1)
+    def weighted_sum(self, w: Tensor | None) -> Tensor:
+        flat = self._flat
+        if flat is not None:
+            a, d = flat
+            if w is None:
+                return d.T.mm(a).reshape(self.shape)
+            if d.shape[1] <= a.shape[1]:  # scale the narrower factor
+                return (d * w.unsqueeze(1)).T.mm(a).reshape(self.shape)
+            return d.T.mm(a * w.unsqueeze(1)).reshape(self.shape)
+        D = self.D if w is None else self.D * w.view(-1, 1, 1, 1)
         return torch.einsum("bgto,bgti->goi", D, self.A).reshape(self.shape)
 
     def sq_sum(self) -> Tensor:
@@ -136,12 +169,16 @@ class IndexedRows:
     def dots(self, R: Tensor) -> Tensor:
         return (R[self.index] * self.D).sum(dim=(1, 2))
 
-    def dots_with_mean(self, mean: Tensor) -> Tensor:
-        return self.dots(mean)
+    def dots_with_mean(self, mean: Callable[[], Tensor]) -> Tensor:
+        return self.dots(mean())
 
-    def weighted_sum(self, w: Tensor) -> Tensor:
+    def mean_sq_norm(self, mean: Callable[[], Tensor]) -> Tensor:
+        return mean().square().sum()
+
+    def weighted_sum(self, w: Tensor | None) -> Tensor:
+        D = self.D if w is None else self.D * w.view(-1, 1, 1)
         out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
-        out.index_add_(0, self.index.reshape(-1), (self.D * w.view(-1, 1, 1)).reshape(-1, self.D.shape[-1]))
+        out.index_add_(0, self.index.reshape(-1), D.reshape(-1, self.D.shape[-1]))
         return out
 
     def sq_sum(self) -> Tensor:
@@ -167,11 +204,14 @@ class Dense:
     def dots(self, R: Tensor) -> Tensor:
         return self.G.flatten(1) @ R.flatten()
 
-    def dots_with_mean(self, mean: Tensor) -> Tensor:
-        return self.dots(mean)
+    def dots_with_mean(self, mean: Callable[[], Tensor]) -> Tensor:
+        return self.dots(mean())
 
-    def weighted_sum(self, w: Tensor) -> Tensor:
-        return torch.tensordot(w, self.G, dims=1)
+    def mean_sq_norm(self, mean: Callable[[], Tensor]) -> Tensor:
+        return mean().square().sum()
+
+    def weighted_sum(self, w: Tensor | None) -> Tensor:
+        return self.G.sum(0) if w is None else torch.tensordot(w, self.G, dims=1)
 
     def sq_sum(self) -> Tensor:
         return self.G.square().sum(0)

@@ -19,7 +19,8 @@ class GradientStats:
 
     Attributes (lazy):
         batch_size: B.
-        mean_grad: {param name: gbar}, the unweighted mean gradient.
+        mean_grad: {param name: gbar}, the unweighted mean gradient of every parameter
+            that took part in the losses.
         sq_norms, norms: (B,) |g_i|^2 and |g_i|.
         dots_with_mean: (B,) <g_i, gbar>.
         mean_grad_sq_norm: () |gbar|^2.
@@ -29,12 +30,11 @@ class GradientStats:
         parameters: {param name: the trainable parameter}, for methods that set p.grad.
     """
 
-    def __init__(self, per_sample: dict[str, PerSampleGrad], mean_grad: dict[str, Tensor], batch_size: int,
+    def __init__(self, per_sample: dict[str, PerSampleGrad], batch_size: int, *,
                  device: torch.device | None = None, parameters: dict | None = None):
         self._per_sample = per_sample
-        self.parameters = parameters or {}
         self._device = device
-        self.mean_grad = mean_grad
+        self.parameters = parameters or {}
         self.batch_size = batch_size
         self.weights: Tensor | None = None
 
@@ -56,12 +56,19 @@ class GradientStats:
         return self.sq_norms.clamp_min(0).sqrt()
 
     @cached_property
+    def mean_grad(self) -> dict[str, Tensor]:
+        return {name: g.weighted_sum(None) / self.batch_size for name, g in self._per_sample.items()}
+
+    def _mean_of(self, name: str):
+        return lambda: self.mean_grad[name]
+
+    @cached_property
     def dots_with_mean(self) -> Tensor:
-        return self._sum_over_params(lambda name, g: g.dots_with_mean(self.mean_grad[name]))
+        return self._sum_over_params(lambda name, g: g.dots_with_mean(self._mean_of(name)))
 
     @cached_property
     def mean_grad_sq_norm(self) -> Tensor:
-        return sum((m.double().square().sum() for m in self.mean_grad.values()),
+        return sum((g.mean_sq_norm(self._mean_of(name)).double() for name, g in self._per_sample.items()),
                    torch.zeros((), dtype=torch.float64, device=self._device)).float()
 
     @cached_property
@@ -72,16 +79,12 @@ class GradientStats:
 
     @cached_property
     def grad_sq_sum(self) -> dict[str, Tensor]:
-        out = {name: torch.zeros_like(m) for name, m in self.mean_grad.items()}
-        out.update({name: g.sq_sum() for name, g in self._per_sample.items()})
-        return out
+        return {name: g.sq_sum() for name, g in self._per_sample.items()}
 
     def dots(self, reference: dict[str, Tensor]) -> Tensor:
         """(B,) <g_i, R> for a reference gradient R given as {param name: tensor}."""
         return self._sum_over_params(lambda name, g: g.dots(reference[name]))
 
-    def weighted_sum(self, w: Tensor) -> dict[str, Tensor]:
-        """{param name: sum_i w_i g_i} for weights w of shape (B,)."""
-        out = {name: torch.zeros_like(m) for name, m in self.mean_grad.items()}
-        out.update({name: g.weighted_sum(w) for name, g in self._per_sample.items()})
-        return out
+    def weighted_sum(self, w: Tensor | None) -> dict[str, Tensor]:
+        """{param name: sum_i w_i g_i} for weights w of shape (B,) (None: all ones)."""
+        return {name: g.weighted_sum(w) for name, g in self._per_sample.items()}

@@ -15,5 +15,5 @@ def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
     if module.weight.requires_grad:
         grads["weight"] = Factored(a.reshape(B, 1, -1, module.in_features), d, module.weight.shape)
     if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = Dense(d.sum(dim=(1, 2)))
+        grads["bias"] = Dense(d.reshape(B, -1) if d.shape[2] == 1 else d.sum(dim=(1, 2)))
     return grads
