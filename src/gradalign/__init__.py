@@ -10,11 +10,12 @@ from gradalign.engine import (
     reference_statistics,
 )
 from gradalign.errors import ConfigError, GradAlignError, UnsupportedModuleError
-from gradalign.methods import GASW, GDSW, GSNRAccumulator
+from gradalign.methods import GASW, GDSW, GVR, GSNRAccumulator, GWAMonitor, gwa_alignment, gwa_score
 
 __version__ = "0.1.0"
 __all__ = [
-    "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GradAlignError", "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry",
-    "UnsupportedModuleError", "check_model", "default_registry", "per_sample_gradients",
+    "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError",
+    "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "UnsupportedModuleError",
+    "check_model", "default_registry", "gwa_alignment", "gwa_score", "per_sample_gradients",
     "reference_statistics",
 ]
