@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test install-compare demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
+
+# Optional: the per-sample gradient libraries benchmarks/engine.py compares against.
+# The constraint keeps the torch already installed; BackPACK without its torchvision pin.
+install-compare: install
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt opacus
+	$(BIN)/pip install -q --no-deps backpack-for-pytorch einops unfoldNd
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

@@ -1,0 +1,169 @@
+"""Engine cost against a plain forward+backward of the mean loss, and against materialising routes.
+
+    python benchmarks/engine.py                 # full table (several minutes on 2 CPU cores)
+    python benchmarks/engine.py --quick         # fewer rounds, no memory column
+
+Variants, each on its own copy of the model (same weights, same batch):
+  plain        forward, mean cross-entropy, backward
+  norms        engine.backward(losses); stats.norms
+  gasw         engine.backward(losses, weights=GASW(2)): norms, cosines, weighted p.grad
+  gaga         engine.backward(losses); stats.grad_sq_sum
+  vmap gasw    torch.func vmap(grad) per-sample gradients, then the GASW statistics and p.grad
+  opacus gasw  Opacus GradSampleModule grad_sample, then the same (when opacus is installed)
+  backpack gasw BackPACK BatchGrad, then the same (when backpack is installed)
+Memory: extra peak memory of one step in a fresh process (CPU: peak RSS growth; CUDA:
+max_memory_allocated), as a ratio to the plain step.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import memory_in_subprocess, peak_memory_mb, print_table, time_variants  # noqa: E402
+
+import gradalign as ga  # noqa: E402
+from gradalign.experiments.models import build_model  # noqa: E402
+
+MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (experiments.models)"}
+BATCHES = (32, 128, 512)
+
+
+def gasw_from_materialised(grads: dict, params: dict, gamma: float = 2.0) -> None:
+    """GASW statistics and p.grad from materialised per-sample gradients {name: (B, ...)}."""
+    B = next(iter(grads.values())).shape[0]
+    mean = {n: g.mean(0) for n, g in grads.items()}
+    sq_norms = sum(g.flatten(1).square().sum(1) for g in grads.values())
+    dots = sum(g.flatten(1) @ mean[n].flatten() for n, g in grads.items())
+    cos = dots / (sq_norms.sqrt() * sum(m.square().sum() for m in mean.values()).sqrt())
+    raw = cos.clamp_min(0).pow(gamma)
+    w = raw * B / raw.sum()
+    for n, p in params.items():
+        p.grad = torch.tensordot(w, grads[n], dims=1) / B
+
+
+def make_variants(kind: str, B: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    base = build_model(kind).to(device)
+    x = torch.randn(B, 40, device=device)
+    y = torch.randint(0, 10, (B,), device=device)
+    variants = {}
+
+    plain = copy.deepcopy(base)
+
+    def plain_step():
+        plain.zero_grad(set_to_none=True)
+        F.cross_entropy(plain(x), y).backward()
+    variants["plain"] = plain_step
+
+    def engine_step(statistic):
+        model = copy.deepcopy(base)
+        engine = ga.PerSampleGradients(model)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            statistic(engine, losses)
+        return step
+
+    variants["norms"] = engine_step(lambda e, l: e.backward(l).norms)
+    variants["gasw"] = engine_step(lambda e, l: e.backward(l, weights=ga.GASW(2.0)))
+    variants["gaga"] = engine_step(lambda e, l: e.backward(l).grad_sq_sum)
+
+    vmap_model = copy.deepcopy(base)
+    vmap_params = dict(vmap_model.named_parameters())
+    loss = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    variants["vmap gasw"] = lambda: gasw_from_materialised(
+        ga.per_sample_gradients(vmap_model, x, y, loss), vmap_params)
+
+    if importlib.util.find_spec("opacus"):
+        from opacus import GradSampleModule
+        op_model = GradSampleModule(copy.deepcopy(base), loss_reduction="sum")
+        op_params = {n: p for n, p in op_model.named_parameters()}
+
+        def opacus_step():
+            op_model.zero_grad(set_to_none=True)
+            F.cross_entropy(op_model(x), y, reduction="sum").backward()
+            gasw_from_materialised({n: p.grad_sample for n, p in op_params.items()}, op_params)
+            for p in op_params.values():
+                p.grad_sample = None
+        variants["opacus gasw"] = opacus_step
+
+    if importlib.util.find_spec("backpack"):
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+        bp_model = extend(copy.deepcopy(base), use_converter=True)
+        bp_loss = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+        bp_params = dict(bp_model.named_parameters())
+
+        def backpack_step():
+            bp_model.zero_grad(set_to_none=True)
+            with backpack(BatchGrad()):
+                bp_loss(bp_model(x), y).backward()
+            gasw_from_materialised({n: p.grad_batch for n, p in bp_params.items()}, bp_params)
+        variants["backpack gasw"] = backpack_step
+    for name in ("opacus gasw", "backpack gasw"):  # optional libraries may not support the model
+        try:
+            variants.get(name, lambda: None)()
+        except Exception as err:  # noqa: BLE001 - report and leave the variant out
+            print(f"  {name} left out for {kind}: {type(err).__name__}: {err}", file=sys.stderr)
+            variants.pop(name)
+    return variants
+
+
+def measure_memory(kind: str, B: int, name: str, device: torch.device) -> float:
+    step = make_variants(kind, B, device)[name]
+    step()  # first call builds caches; the peak of the next calls is the step's working memory
+    return peak_memory_mb(step, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5 rounds, no memory measurement")
+    parser.add_argument("--rounds", type=int, default=21, help="timing rounds per variant (median over rounds)")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--measure-memory", nargs=3, metavar=("MODEL", "B", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", module="backpack|opacus|torch")
+    device = torch.device(args.device)
+    if args.measure_memory:
+        kind, B, name = args.measure_memory
+        print(json.dumps(measure_memory(kind, int(B), name, device)))
+        return
+    rounds = 5 if args.quick else args.rounds
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+          f"{rounds} rounds; median ms per step and ratio to plain\n")
+    rows = []
+    for kind in args.models:
+        for B in args.batches:
+            variants = make_variants(kind, B, device)
+            medians = time_variants(variants, rounds=rounds)
+            memory = {}
+            if not args.quick:
+                memory = {name: memory_in_subprocess(__file__, [kind, str(B), name, "--device", args.device])
+                          for name in variants}
+            for name, seconds in medians.items():
+                row = {"model": kind, "B": B, "variant": name, "ms": seconds * 1e3,
+                       "x plain": seconds / medians["plain"]}
+                if memory:
+                    row["peak MB"] = memory[name]
+                    row["mem x plain"] = memory[name] / max(memory["plain"], 1e-3)
+                rows.append(row)
+            print(f"  done {kind} B={B}", file=sys.stderr)
+    columns = ["model", "B", "variant", "ms", "x plain"] + ([] if args.quick else ["peak MB", "mem x plain"])
+    print_table(rows, columns)
+
+
+if __name__ == "__main__":
+    main()
