@@ -1,9 +1,9 @@
 """PerSampleGradients: per-sample gradient statistics from one forward and one backward.
 
-The forward hooks record each hooked module's inputs and put a gradient hook on its output;
-one backward of sum_i losses[i] fills in every output gradient d (and gives the summed
-gradient of every parameter). The per-layer rules turn (inputs, d) into factored per-sample
-gradients; statistics and the (re-)weighted p.grad come from those, never from a (B, P) matrix.
+The forward hooks record each hooked module's inputs and the autograd edge of its output;
+one backward of sum_i losses[i], asked only for the gradients at those edges, gives every
+output gradient d. The per-layer rules turn (inputs, d) into factored per-sample gradients;
+statistics and the (re-)weighted p.grad come from those, never from a (B, P) matrix.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradalign.engine.persample import PerSampleGrad
 from gradalign.engine.rules import Rule, RuleRegistry, default_registry
@@ -23,13 +24,12 @@ Weights = Tensor | Callable[[GradientStats], Tensor] | None
 
 @dataclass
 class _Call:
-    """One recorded call of a hooked module: its inputs, its output and, after the
-    backward, the gradient of the summed losses w.r.t. that output."""
+    """One recorded call of a hooked module: its inputs, the autograd edge of its output
+    and, after the backward, the gradient of the summed losses w.r.t. that output."""
 
     path: str
     args: tuple
-    output: Tensor
-    version: int  # output._version at capture: a later in-place op changes it
+    edge: GradientEdge  # fixed at the forward: later in-place ops on the output don't move it
     grad_output: Tensor | None = None
 
 
@@ -109,13 +109,7 @@ class PerSampleGradients:
                 if check:
                     raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
             args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            call = _Call(path, args, output, output._version)
-
-            def store(grad: Tensor) -> None:  # registered before any in-place op on output
-                call.grad_output = grad if call.grad_output is None else call.grad_output + grad
-
-            output.register_hook(store)
-            hooked.calls.append(call)
+            hooked.calls.append(_Call(path, args, get_gradient_edge(output)))
             return None
 
         return hook
@@ -163,36 +157,26 @@ class PerSampleGradients:
     def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
         """One backward of sum(losses) that fills every call's grad_output.
 
-        Autograd is asked for the gradients w.r.t. the recorded layer outputs, not the
+        Autograd is asked for the gradients at the recorded layer-output edges, not the
         parameters, so it skips every weight-gradient product (the engine forms p.grad from
-        the factors instead). An output modified in place since its forward can't be an
-        input to autograd.grad, so for that module its parameters are asked for instead;
-        the gradient hook on the output still records the gradient before the in-place op.
-        Parameters of modules that recorded no call are asked for too: a gradient there
-        means the parameter was used outside its module, which no hook can see.
+        the factors instead). An edge is the output as the forward produced it, so an
+        in-place op after the layer does not change what is captured, and no output tensor
+        is kept alive. Parameters of modules that recorded no call are asked for too: a
+        gradient there means the parameter was used outside its module, which no hook sees.
         """
-        inputs, unseen = [], []
-        for h in self._hooked.values():
-            if not h.calls:
-                unseen += [params[n] for n in h.param_names.values()]
-            for call in h.calls:
-                if call.output._version == call.version:
-                    inputs.append(call.output)
-                else:
-                    inputs += [params[n] for n in h.param_names.values()]
-        seen, unique = set(), []
-        for t in inputs + unseen:
-            if id(t) not in seen:
-                seen.add(id(t))
-                unique.append(t)
-        if not unique:
+        calls = [call for h in self._hooked.values() for call in h.calls]
+        unseen = [params[n] for h in self._hooked.values() if not h.calls for n in h.param_names.values()]
+        if not calls and not unseen:
             return
-        grads = torch.autograd.grad(losses.sum(), unique, allow_unused=True, retain_graph=retain_graph)
-        names, unseen_ids = {id(p): n for n, p in params.items()}, {id(p) for p in unseen}
-        for t, g in zip(unique, grads):
-            if id(t) in unseen_ids and g is not None and bool(g.any()):
+        grads = torch.autograd.grad(losses.sum(), [c.edge for c in calls] + unseen,
+                                    allow_unused=True, retain_graph=retain_graph)
+        for call, g in zip(calls, grads):
+            call.grad_output = g
+        names = {id(p): n for n, p in params.items()}
+        for p, g in zip(unseen, grads[len(calls):]):
+            if g is not None and bool(g.any()):
                 raise UnsupportedModuleError(
-                    f"parameter {names[id(t)]} has a gradient but its module's forward was not seen; a "
+                    f"parameter {names[id(p)]} has a gradient but its module's forward was not seen; a "
                     "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
 
     def _per_sample_grads(self, B: int) -> dict[str, PerSampleGrad]:
