@@ -149,7 +149,7 @@ class PerSampleGradients:
         for name, g in update.items():  # parameters outside the losses keep their grad, as in autograd
             p = params[name]
             if p.grad is None:
-                p.grad = g.detach().to(p.dtype)
+                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
             else:
                 p.grad.add_(g)
         return stats

@@ -48,7 +48,7 @@ class Factored:
     def _B(self) -> int:
         return self.A.shape[0]
 
-    @property
+    @cached_property
     def _flat(self) -> tuple[Tensor, Tensor] | None:
         """(a, d) as (B, n_in), (B, n_out) when G = T = 1, else None."""
         if self.A.shape[1] == 1 and self.A.shape[2] == 1:

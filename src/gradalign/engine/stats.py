@@ -68,8 +68,8 @@ class GradientStats:
 
     @cached_property
     def mean_grad_sq_norm(self) -> Tensor:
-        return sum((g.mean_sq_norm(self._mean_of(name)).double() for name, g in self._per_sample.items()),
-                   torch.zeros((), dtype=torch.float64, device=self._device)).float()
+        terms = [g.mean_sq_norm(self._mean_of(name)) for name, g in self._per_sample.items()]
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self._device)
 
     @cached_property
     def cosines(self) -> Tensor:

@@ -32,8 +32,7 @@ class _CosineWeighting:
         self.leave_one_out = leave_one_out
         self.steps = 0
         self.fallbacks = 0
-        self.last_zero_fraction = 0.0
-        self.last_entropy = 1.0
+        self.last_weights: Tensor | None = None
 
     def _raw(self, cosines: Tensor) -> Tensor:
         raise NotImplementedError
@@ -45,15 +44,24 @@ class _CosineWeighting:
         cosines = leave_one_out_cosines(stats) if self.leave_one_out else stats.cosines
         raw = self._raw(cosines.clamp(-1.0, 1.0))
         total = raw.sum()
-        degenerate = (stats.mean_grad_sq_norm <= 0) | ~torch.isfinite(total) | (total <= 0)
-        if bool(degenerate) or not bool(torch.isfinite(raw).all()):
-            self.fallbacks += 1
-            weights = torch.ones_like(stats.norms)
-        else:
+        usable = torch.isfinite(raw).all() & (total > 0) & (stats.mean_grad_sq_norm > 0)
+        if bool(usable):
             weights = raw * (B / total)
-        self.last_zero_fraction = float((weights == 0).float().mean())
-        self.last_entropy = normalised_entropy(weights)
+        else:
+            self.fallbacks += 1
+            weights = torch.ones_like(raw)
+        self.last_weights = weights
         return weights
+
+    @property
+    def last_zero_fraction(self) -> float:
+        """Fraction of the latest batch whose weight is exactly 0."""
+        return float((self.last_weights == 0).float().mean()) if self.last_weights is not None else 0.0
+
+    @property
+    def last_entropy(self) -> float:
+        """Entropy of the latest weights w/B divided by log B (1: uniform, 0: one sample)."""
+        return normalised_entropy(self.last_weights) if self.last_weights is not None else 1.0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(gamma={self.gamma}, leave_one_out={self.leave_one_out})"
@@ -68,8 +76,9 @@ class GASW(_CosineWeighting):
             so that a sample with a large gradient does not align with itself through
             gbar. Off by default (faithful to the seed).
     Attributes:
-        steps, fallbacks (steps that fell back to uniform weights), last_zero_fraction,
-        last_entropy (entropy of w/B divided by log B, 1 for uniform weights).
+        steps, fallbacks (steps that fell back to uniform weights), last_weights, and,
+        computed when read, last_zero_fraction and last_entropy (entropy of w/B divided
+        by log B, 1 for uniform weights).
     """
 
     def _raw(self, cosines: Tensor) -> Tensor:
