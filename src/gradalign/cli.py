@@ -1,0 +1,275 @@
+"""The `gradalign` command line: demo, reproduce, train, tune, report, list.
+
+    gradalign demo                          # every method on mnist1d, a few minutes on 2 cores
+    gradalign reproduce gasw --quick        # tune, train over seeds, report
+    gradalign reproduce gaga --trials 20 --seeds 5 --storage sqlite:///studies.db --out runs/gaga
+    gradalign report runs/gaga              # rewrite summary.md, summary.json and the plots
+    gradalign train gasw --arm gasw --param lr=0.0045 --param gamma=2.09
+    gradalign tune gaga --arm gaga --trials 10
+
+Exit codes: 0 success, 1 a run failed (e.g. every trial diverged), 2 a bad option or
+configuration, 130 interrupted (finished trials and runs stay on disk; run the same
+command again to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from gradalign.errors import ConfigError, GradAlignError
+
+log = logging.getLogger("gradalign")
+
+EPILOG = ("Bundled experiments: gasw, gaga, gwa, gvr (and demo); `gradalign list` describes them. "
+          "Any path to a TOML file with the same schema works too.")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear the progress bars (tqdm.write to stderr)."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _pos_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _key_value(text: str):
+    from gradalign.experiments.config import parse_override
+    try:
+        return parse_override(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _common(p: argparse.ArgumentParser, *, experiment: bool = True, threads: bool = True) -> None:
+    if threads:
+        p.add_argument("--threads", type=_pos_int, default=1,
+                       help="torch CPU threads (default 1: the small models gain nothing from more, and a single "
+                            "thread stays fast when other processes share the cores)")
+    if experiment:
+        p.add_argument("--quick", action="store_true",
+                       help="apply the experiment's [quick] settings: fewer trials, seeds and samples, so the run "
+                            "takes a few minutes on 2 CPU cores")
+        p.add_argument("--set", dest="overrides", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                       help="override one configuration value, e.g. --set train.epochs=10 or "
+                            "--set arms.gasw.params.gamma=1.5 (values are TOML; repeatable; applied after --quick)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradalign", description="Train and diagnose networks through their per-sample gradients: "
+        "run the bundled experiments (GASW/GDSW, GAGA, GWA, GVR on mnist1d) and report them.",
+        epilog=EPILOG)
+    from gradalign import __version__
+    parser.add_argument("--version", action="version", version=f"gradalign {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="compare every method on mnist1d in a few minutes",
+                       description="Train baseline Adam, GASW, GDSW, GAGA, the two-view control and GVR on mnist1d "
+                       "with fixed settings (no tuning), 2 seeds each; print the table and the plot's path.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    p.add_argument("--seeds", type=_pos_int, default=None, help="seeds per method (default: 2)")
+    _common(p, experiment=False)
+
+    p = sub.add_parser("reproduce", help="tune, train over seeds and report one experiment", epilog=EPILOG,
+                       description="Run an experiment end to end: tune every arm with Optuna on a validation split "
+                       "carved from the training set, train every arm with its best settings on the same seeds, and "
+                       "write the report. Re-running with the same --out resumes: finished trials and seeds are skipped.")
+    p.add_argument("experiment", help="gasw, gaga, gwa or gvr, or a path to a TOML experiment file")
+    p.add_argument("--trials", type=_nonneg_int, help="completed Optuna trials per tuned arm (overrides the config; "
+                   "0 skips tuning and uses the fixed settings)")
+    p.add_argument("--seeds", type=_pos_int, help="final seeds per arm (overrides the config)")
+    p.add_argument("--storage", help="Optuna storage URL, e.g. sqlite:///studies.db or postgresql://... "
+                   "(default: sqlite:///<out>/study.db); several workers can share one")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<experiment>, or runs/<experiment>-quick)")
+    _common(p)
+
+    p = sub.add_parser("train", help="train one arm once with given parameters and print its evaluations",
+                       epilog=EPILOG)
+    p.add_argument("experiment", help="experiment name or TOML path (gives data, model and budget)")
+    p.add_argument("--arm", required=True, help="the arm to train, by name (see the experiment's [[arms]])")
+    p.add_argument("--param", action="append", type=_key_value, default=[], metavar="NAME=VALUE",
+                   help="a parameter of the arm, e.g. --param lr=0.003 --param gamma=2 (repeatable)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed for initialisation and data order (default 0)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test: train on the full training set, evaluate on test (default); "
+                        "val: train on the carved training split, evaluate on validation")
+    p.add_argument("--csv", type=Path, help="also write every evaluation to this CSV file")
+    _common(p)
+
+    p = sub.add_parser("tune", help="tune arms with Optuna only, print the best parameters", epilog=EPILOG)
+    p.add_argument("experiment", help="experiment name or TOML path")
+    p.add_argument("--arm", action="append", default=[], help="arm to tune (repeatable; default: every tuned arm)")
+    p.add_argument("--trials", type=_nonneg_int, help="completed trials per arm (overrides the config)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
+    p.add_argument("--out", type=Path, help="folder for the default study.db (default: runs/<experiment>)")
+    _common(p)
+
+    p = sub.add_parser("report", help="write summary.md, summary.json and the plots of a run folder",
+                       description="Rebuild the report of a run folder made by `gradalign reproduce` (also of an "
+                       "unfinished one: whatever seeds exist) and print its tables.")
+    p.add_argument("run_dir", type=Path, help="the run folder")
+    _common(p, experiment=False, threads=False)
+
+    sub.add_parser("list", help="list the bundled experiments")
+    return parser
+
+
+def _print_tables(result: dict, run_dir: Path) -> None:
+    from gradalign.experiments.report import main_table
+    for variant, summary in result["variants"].items():
+        if variant:
+            print(f"\n{variant}")
+        print("\n".join(main_table(summary)))
+    print(f"\nreport: {run_dir / 'summary.md'}")
+    for name in result["plots"]:
+        print(f"plot:   {run_dir / name}")
+
+
+def _cmd_demo(args) -> int:
+    from gradalign.experiments.runner import reproduce
+    from gradalign.experiments.report import write_report
+    run_dir = reproduce("demo", args.out, seeds=args.seeds, progress=not args.no_progress, report=False,
+                        threads=args.threads)
+    _print_tables(write_report(run_dir), run_dir)
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from gradalign.experiments.runner import reproduce
+    from gradalign.experiments.report import write_report
+    run_dir = reproduce(args.experiment, args.out, quick=args.quick, trials=args.trials, seeds=args.seeds,
+                        storage=args.storage, overrides=dict(args.overrides), progress=not args.no_progress,
+                        report=False, threads=args.threads)
+    _print_tables(write_report(run_dir), run_dir)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from gradalign.experiments.runner import rows_to_csv, run_single, write_atomic
+    from gradalign.experiments.train import COLUMNS
+    result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
+                        overrides=dict(args.overrides), eval_split=args.split, progress=not args.no_progress,
+                        threads=args.threads)
+    keys = ("epoch", "samples", "train_loss", "train_acc", "val_acc", "test_acc", "gwa")
+    print("  ".join(f"{k:>10}" for k in keys))
+    for row in result.rows:
+        print("  ".join(f"{row[k]:>10.4g}" for k in keys))
+    print(json.dumps({k: v for k, v in result.summary.items() if k in ("params", "final", "gwa_epoch", "auroc_flipped",
+                                                                          "steps", "wall_time")}, default=str))
+    if args.csv:
+        write_atomic(args.csv, rows_to_csv(result.rows, COLUMNS))
+        print(f"evaluations: {args.csv}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from gradalign.experiments import data as data_mod
+    from gradalign.experiments.runner import default_storage, resolve, write_json
+    from gradalign.experiments.runner import _Bars, torch_threads
+    from gradalign.experiments.tune import tune_arm
+    config = resolve(args.experiment, quick=args.quick, trials=args.trials, overrides=dict(args.overrides))
+    out = args.out or Path("runs") / (config.name + ("-quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or default_storage(out)
+    names = args.arm or [a.name for a in config.arms if a.search]
+    for name in names:
+        config.arm(name)                                   # unknown arm: ConfigError before any work
+    if not names:
+        raise ConfigError(f"experiment {config.name!r} searches nothing: no arm has a search table")
+    results = {}
+    for variant in config.variants():
+        d = variant.data
+        splits = data_mod.make_mnist1d(d.num_samples, d.seed, val_fraction=d.val_fraction,
+                                       label_noise=d.label_noise, noise_seed=d.noise_seed)
+        for name in names:
+            bars = _Bars(not args.no_progress, variant.tune.trials, 0, f"tune {name}")
+            try:
+                with torch_threads(args.threads):
+                    r = tune_arm(variant, variant.arm(name), splits, storage=storage, on_trial=bars.tick,
+                                 progress_factory=bars.inner)
+            finally:
+                bars.close()
+            key = f"{variant.variant}/{name}" if variant.variant else name
+            results[key] = r.to_dict()
+            print(f"{key}: best {r.params} (val acc {r.value:.4f}; {r.complete} complete, {r.pruned} pruned, "
+                  f"{r.failed} diverged)")
+    write_json(out / "tuning.json", {"storage": storage, "arms": results})
+    print(f"studies in {storage}; best parameters in {out / 'tuning.json'}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from gradalign.experiments.report import write_report
+    if not (args.run_dir / "config.json").exists():
+        raise ConfigError(f"{args.run_dir} is not a run folder (no config.json): give a folder made by "
+                          "`gradalign reproduce`")
+    _print_tables(write_report(args.run_dir), args.run_dir)
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from gradalign.experiments.config import bundled_names, load_config
+    for name in bundled_names():
+        cfg = load_config(name)
+        print(f"{name:10} {cfg.description}")
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "reproduce": _cmd_reproduce, "train": _cmd_train, "tune": _cmd_tune,
+            "report": _cmd_report, "list": _cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"gradalign {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except GradAlignError as e:
+        print(f"gradalign {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials and runs are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

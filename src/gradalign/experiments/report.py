@@ -1,0 +1,394 @@
+"""The report of a run folder: summary.md, summary.json, evaluations.csv and PNG plots.
+
+``write_report(run_dir)`` reads only the folder (config.json and runs/), so it works on a
+finished run, on an interrupted one (whatever seeds exist), and from ``gradalign report DIR``.
+
+Statistics are over the final seeds: mean and 95% Student t interval; each arm against the
+reference arm (``[final] reference``, default the first) as the paired difference over the
+seeds both have (same seed = same initialisation and data order), with its 95% interval
+and the paired t-test p-value. Curves show the mean over seeds with a band of one standard
+deviation. Run metrics (per seed):
+
+    test_acc, test_loss, train_loss     at the end of the budget
+    wall_time                           seconds per run
+    samples_per_step                    mean samples per optimizer step (GAGA: adaptive)
+    acc_std_last                        std of the test (val) accuracy over the last k evaluations
+    zero_weight_frac, weight_entropy    mean over steps (GASW/GDSW)
+    test_acc@gwa, test_acc@val, test_acc@last   test accuracy at the epoch chosen by GWA, by
+                                        the validation split (arms trained on `train`), the last
+    gwa_spearman, gwa_pearson           correlation of the GWA epoch score with test accuracy
+    auroc_flipped                       AUROC of -alignment (mean over epochs) for flipped labels
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as sps
+
+from gradalign.experiments import stats as st
+
+log = logging.getLogger("gradalign")
+NAN = float("nan")
+
+LABELS = {
+    "test_acc": "test acc", "test_loss": "test loss", "train_loss": "final train loss",
+    "wall_time": "wall time (s)", "samples_per_step": "samples per step", "acc_std_last": "acc std, last evals",
+    "zero_weight_frac": "zero-weight fraction", "weight_entropy": "weight entropy",
+    "test_acc@gwa": "test acc at GWA epoch", "test_acc@val": "test acc at val epoch",
+    "test_acc@last": "test acc at last epoch", "gwa_spearman": "Spearman(GWA, test acc)",
+    "gwa_pearson": "Pearson(GWA, test acc)", "auroc_flipped": "AUROC flipped labels",
+}
+PERCENT = {"test_acc", "test_acc@gwa", "test_acc@val", "test_acc@last", "acc_std_last"}
+
+
+# ---------------------------------------------------------------- loading
+
+def _num(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def load_runs(run_dir: Path) -> tuple[dict, dict]:
+    """(meta from config.json, {variant: {arm: {seed: (summary, rows)}}}) for current-config runs."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "config.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json); make one with `gradalign reproduce`")
+    meta = json.loads(meta_path.read_text())
+    runs: dict = {}
+    for variant in meta["variants"]:
+        runs[variant] = {}
+        for arm in meta["config"]["arms"]:
+            key = f"{variant}/{arm['name']}" if variant else arm["name"]
+            found = {}
+            for path in sorted((run_dir / "runs" / key).glob("seed*.json")):
+                summary = json.loads(path.read_text())
+                if summary.get("config_hash") != meta["hashes"][key] or not path.with_suffix(".csv").exists():
+                    continue
+                found[summary["seed"]] = (summary, read_rows(path.with_suffix(".csv")))
+            runs[variant][arm["name"]] = dict(sorted(found.items()))
+    return meta, runs
+
+
+# ---------------------------------------------------------------- per-run metrics
+
+def _selected(rows: list[dict], summary: dict) -> dict:
+    """Test accuracy at the GWA-, validation- and last-epoch choices, and GWA's correlation with it."""
+    test = np.array([r["test_acc"] for r in rows], float)
+    out = {"test_acc@last": test[-1]}
+    if summary.get("gwa_epoch") is not None:
+        out["test_acc@gwa"] = test[summary["gwa_epoch"]]
+    val = np.array([r["val_acc"] for r in rows], float)
+    if np.isfinite(val).all():
+        out["test_acc@val"] = test[int(np.argmax(val))]        # ties: the earliest epoch
+    gwa = np.array([r["gwa"] for r in rows], float)
+    ok = np.isfinite(gwa) & np.isfinite(test)
+    if ok.sum() >= 3 and np.ptp(gwa[ok]) > 0 and np.ptp(test[ok]) > 0:
+        out["gwa_spearman"] = float(sps.spearmanr(gwa[ok], test[ok]).statistic)
+        out["gwa_pearson"] = float(sps.pearsonr(gwa[ok], test[ok]).statistic)
+    return out
+
+
+def run_metrics(summary: dict, rows: list[dict], last_k: int) -> dict:
+    last = rows[-1]
+    acc_key = "val_acc" if math.isfinite(last["val_acc"]) else "test_acc"     # stability: val when held out
+    out = {"test_acc": last["test_acc"], "test_loss": last["test_loss"], "train_loss": last["train_loss"],
+           "wall_time": summary["wall_time"],
+           "samples_per_step": summary["samples"] / max(summary["steps"], 1),
+           "acc_std_last": float(np.std([r[acc_key] for r in rows[-last_k:]], ddof=1)) if len(rows) > 1 else NAN}
+    for key in ("zero_weight_frac", "weight_entropy"):
+        values = [r[key] for r in rows if math.isfinite(r[key])]
+        if values:
+            out[key] = float(np.mean(values))
+    out.update(_selected(rows, summary))
+    if "auroc_flipped" in summary:
+        out["auroc_flipped"] = summary["auroc_flipped"]["mean"]
+    return out
+
+
+def _stat(values: list[float]) -> dict:
+    v = [x for x in values if x is not None]
+    if not v:
+        return {"mean": NAN, "lo": NAN, "hi": NAN, "n": 0, "values": []}
+    mean, lo, hi = st.mean_ci(v)
+    return {"mean": mean, "lo": lo, "hi": hi, "n": len(v), "values": v}
+
+
+def summarise_variant(meta: dict, runs: dict) -> dict:
+    """Per arm: parameters, per-seed metrics, mean/CI and paired difference to the reference."""
+    cfg = meta["config"]
+    reference = cfg["final"]["reference"] or cfg["arms"][0]["name"]
+    k = cfg["experiment"]["stability_last"]
+    per_seed = {arm: {seed: run_metrics(s, rows, k) for seed, (s, rows) in seeds.items()}
+                for arm, seeds in runs.items()}
+    out = {}
+    for arm in cfg["arms"]:
+        name = arm["name"]
+        seeds = per_seed.get(name, {})
+        first = next(iter(runs[name].values()), None)
+        entry = {"label": arm["label"] or name, "method": arm["method"], "seeds": list(seeds),
+                 "params": first[0]["params"] if first else {}, "tuned": first[0]["tuned_params"] if first else {},
+                 "metrics": {}}
+        keys = sorted({m for values in seeds.values() for m in values})
+        for metric in keys:
+            entry["metrics"][metric] = _stat([seeds[s].get(metric) for s in seeds])
+            ref = per_seed.get(reference, {})
+            common = [s for s in seeds if s in ref and metric in seeds[s] and metric in ref[s]]
+            if name != reference and common:
+                entry["metrics"][metric]["diff"] = st.paired_difference(
+                    [seeds[s][metric] for s in common], [ref[s][metric] for s in common])
+        out[name] = entry
+    return {"reference": reference, "arms": out}
+
+
+# ---------------------------------------------------------------- markdown
+
+def _fmt(value: float, metric: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{100 * value:.2f}%" if metric in PERCENT else f"{value:.4g}"
+
+
+def _ci(s: dict, metric: str) -> str:
+    if not s or s["n"] == 0:
+        return "-"
+    text = _fmt(s["mean"], metric)
+    if math.isfinite(s["lo"]):
+        text += f" [{_fmt(s['lo'], metric)}, {_fmt(s['hi'], metric)}]"
+    return text
+
+
+def _diff(d: dict | None, metric: str) -> tuple[str, str]:
+    if not d:
+        return "-", "-"
+    scale = 100 if metric in PERCENT else 1
+    unit = " pp" if metric in PERCENT else ""
+    text = f"{scale * d['mean']:+.3g}{unit}"
+    if math.isfinite(d["lo"]):
+        text += f" [{scale * d['lo']:+.3g}, {scale * d['hi']:+.3g}]"
+    return text, ("-" if not math.isfinite(d["p_value"]) else f"{d['p_value']:.3g}")
+
+
+def _params_text(entry: dict) -> str:
+    shown = entry["tuned"] or {k: v for k, v in entry["params"].items() if k in ("lr", "gamma", "tau", "alpha")}
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()) or "-"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def main_table(summary: dict) -> list[str]:
+    """The seeds' layout: mode, tuned parameters, test accuracy, final training loss."""
+    rows = []
+    for entry in summary["arms"].values():
+        m = entry["metrics"]
+        rows.append([entry["label"], _params_text(entry), _ci(m.get("test_acc"), "test_acc"),
+                     _ci(m.get("train_loss"), "train_loss"), str(len(entry["seeds"]))])
+    return _table(["mode", "tuned (or fixed)", "test acc", "final train loss", "seeds"], rows)
+
+
+def stats_table(summary: dict, metrics: list[str]) -> list[str]:
+    ref = summary["reference"]
+    rows = []
+    for metric in metrics:
+        for name, entry in summary["arms"].items():
+            s = entry["metrics"].get(metric)
+            if not s or s["n"] == 0:
+                continue
+            d, p = _diff(s.get("diff"), metric)
+            rows.append([LABELS.get(metric, metric), entry["label"], _ci(s, metric), d if name != ref else "(reference)", p])
+    return _table(["metric", "arm", "mean [95% CI]", f"minus {summary['arms'][ref]['label']} [95% CI]", "p"], rows)
+
+
+def _available(summary: dict, metrics: list[str]) -> list[str]:
+    return [m for m in metrics if any(m in e["metrics"] and e["metrics"][m]["n"] for e in summary["arms"].values())]
+
+
+def markdown(meta: dict, summaries: dict, plots: dict) -> str:
+    cfg = meta["config"]
+    methods = {a["method"] for a in cfg["arms"]}
+    budget = (f"{cfg['train']['budget_samples']} samples" if cfg["train"]["budget_samples"]
+              else f"{cfg['train']['epochs']} epochs")
+    tune = cfg["tune"]
+    out = [f"# {cfg['name']}", "", cfg["description"], "",
+           f"- data: mnist1d, {cfg['data']['num_samples']} samples (seed {cfg['data']['seed']}); "
+           f"model {cfg['model']['kind']} (hidden {cfg['model']['hidden']}); {cfg['train']['optimizer']}, "
+           f"batch {cfg['train']['batch_size']}, budget {budget}",
+           f"- tuning: Optuna TPE, {tune['trials']} trials per tuned arm on the validation split, objective "
+           f"{tune['objective']} validation accuracy; storage {meta['storage']}",
+           f"- final runs: {cfg['final']['seeds']} seeds from {cfg['final']['first_seed']}, trained on the full "
+           "training set unless stated, paired across arms; intervals are 95% Student t, p from the paired t-test",
+           f"- quick mode: {'yes' if meta['quick'] else 'no'}", ""]
+    main = ["test_acc", "train_loss", "test_loss", "wall_time"]
+    if "gaga" in methods:
+        main += ["samples_per_step", "acc_std_last"]
+    if methods & {"gasw", "gdsw"}:
+        main += ["zero_weight_frac", "weight_entropy"]
+    for variant, summary in summaries.items():
+        title = f"noise {variant[5:]}" if variant.startswith("noise") else variant
+        out += [f"## Results{' (' + title + ')' if variant else ''}", ""] + main_table(summary) + [""]
+        out += ["### Statistics over seeds", ""] + stats_table(summary, _available(summary, main)) + [""]
+        if cfg["experiment"]["noise_levels"]:
+            gwa = ["test_acc@gwa", "test_acc@val", "test_acc@last", "gwa_spearman", "gwa_pearson", "auroc_flipped"]
+            out += ["### GWA: epoch selection, correlation with test accuracy, flipped labels", "",
+                    f"GWA epoch: {cfg['experiment']['gwa_mode']} rule (skip the first "
+                    f"{cfg['experiment']['gwa_skip_fraction']:.0%} of epochs, argmax of GWA_T); val epoch: argmax "
+                    "of validation accuracy (arms trained on the carved training split only); AUROC of the negative "
+                    "mean alignment over epochs for 'label was flipped' (noisy runs only).", ""]
+            out += stats_table(summary, _available(summary, gwa)) + [""]
+        for name in plots.get(variant, []):
+            out += [f"![{name}]({name})", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- plots
+
+def _curves(runs: dict, column: str, x: str):
+    """{arm: (x (E,), mean (E,), std (E,))} aligned by evaluation index over seeds."""
+    out = {}
+    for arm, seeds in runs.items():
+        if not seeds:
+            continue
+        n = min(len(rows) for _, rows in seeds.values())
+        ys = np.array([[r[column] for r in rows[:n]] for _, rows in seeds.values()], float)
+        if not np.isfinite(ys).any():
+            continue
+        xs = np.array([r[x] for r in next(iter(seeds.values()))[1][:n]], float)
+        out[arm] = (xs, np.nanmean(ys, 0), np.nanstd(ys, 0))
+    return out
+
+
+def _panel(ax, runs, column, x, labels, title):
+    for arm, (xs, mean, std) in _curves(runs, column, x).items():
+        ax.plot(xs, mean, label=labels[arm])
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+    ax.set_title(title)
+    ax.set_xlabel(x)
+    ax.grid(alpha=0.3)
+
+
+def plot_variant(run_dir: Path, meta: dict, variant: str, runs: dict) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = meta["config"]
+    labels = {a["name"]: a["label"] or a["name"] for a in cfg["arms"]}
+    x = "samples" if cfg["train"]["budget_samples"] else "epoch"
+    suffix = f"_{variant}" if variant else ""
+    names = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    _panel(axes[0], runs, "test_acc", x, labels, "test accuracy")
+    _panel(axes[1], runs, "train_loss", x, labels, "training loss")
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{cfg['name']} {variant} (mean and one std over seeds)".strip())
+    fig.tight_layout()
+    names.append(f"comparison{suffix}.png")
+    fig.savefig(Path(run_dir) / names[-1], dpi=110)
+    plt.close(fig)
+    if any(a["method"] == "gaga" for a in cfg["arms"]):
+        names.append(f"gaga_dynamics{suffix}.png")
+        _plot_gaga(plt, Path(run_dir) / names[-1], runs, x, labels, cfg["experiment"]["stability_last"])
+    if cfg["experiment"]["noise_levels"]:
+        names.append(f"gwa{suffix}.png")
+        _plot_gwa(plt, Path(run_dir) / names[-1], runs, labels, variant)
+    return names
+
+
+def _plot_gaga(plt, path, runs, x, labels, k):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    _panel(axes[0], runs, "samples_per_step", x, labels, "samples per optimizer step")
+    column = "val_acc" if any(math.isfinite(rows[-1]["val_acc"]) for seeds in runs.values()
+                              for _, rows in seeds.values()) else "test_acc"
+    for arm, seeds in runs.items():
+        if not seeds:
+            continue
+        rolling = []
+        for _, rows in seeds.values():
+            acc = np.array([r[column] for r in rows], float)
+            rolling.append([np.std(acc[max(0, i - k + 1):i + 1], ddof=1) if i else NAN for i in range(len(acc))])
+        n = min(map(len, rolling))
+        xs = [r[x] for r in next(iter(seeds.values()))[1][:n]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)          # the first evaluation has no std
+            axes[1].plot(xs, np.nanmean([r[:n] for r in rolling], 0), label=labels[arm])
+    axes[1].set_title(f"{column.replace('_', ' ')} stability: std over the last {k} evaluations")
+    axes[1].set_xlabel(x)
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_gwa(plt, path, runs, labels, variant):
+    arms = [a for a, seeds in runs.items() if seeds]
+    fig, axes = plt.subplots(1, max(len(arms), 1), figsize=(5.5 * max(len(arms), 1), 4), squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        seeds = runs[arm]
+        n = min(len(rows) for _, rows in seeds.values())
+        ep = np.arange(1, n + 1)
+        acc = np.array([[r["test_acc"] for r in rows[:n]] for _, rows in seeds.values()])
+        gwa = np.array([[r["gwa"] for r in rows[:n]] for _, rows in seeds.values()])
+        ax.plot(ep, acc.mean(0), color="C0", label="test acc")
+        ax2 = ax.twinx()
+        ax2.plot(ep, np.nanmean(gwa, 0), color="C1", label="GWA score")
+        ax2.set_ylabel("GWA_T", color="C1")
+        for i, (summary, rows) in enumerate(seeds.values()):
+            picks = [("gwa", summary.get("gwa_epoch"), "^", "C3")]
+            val = np.array([r["val_acc"] for r in rows[:n]], float)
+            if np.isfinite(val).all():
+                picks.append(("val", int(np.argmax(val)), "s", "C2"))
+            picks.append(("last", n - 1, "o", "C7"))
+            for name, e, marker, color in picks:
+                if e is not None and e < n:
+                    ax.scatter(e + 1, acc[i, e], marker=marker, color=color, zorder=3,
+                               label=f"{name}-selected" if i == 0 else None)
+        ax.set_title(f"{labels[arm]} {variant}".strip())
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- entry point
+
+def write_report(run_dir) -> dict:
+    """Write evaluations.csv, summary.json, summary.md and the plots; return the summary dict."""
+    from gradalign.experiments.runner import rows_to_csv, write_atomic, write_json
+    from gradalign.experiments.train import COLUMNS
+
+    run_dir = Path(run_dir)
+    meta, runs = load_runs(run_dir)
+    all_rows = [row for variant in runs.values() for seeds in variant.values()
+                for _, rows in seeds.values() for row in rows]
+    write_atomic(run_dir / "evaluations.csv", rows_to_csv(all_rows, ("variant",) + COLUMNS))
+    summaries = {v: summarise_variant(meta, runs[v]) for v in runs}
+    plots = {v: plot_variant(run_dir, meta, v, runs[v]) if any(runs[v].values()) else [] for v in runs}
+    tuning = {}
+    for path in sorted((run_dir / "tuning").rglob("*.json")) if (run_dir / "tuning").exists() else []:
+        tuning[str(path.relative_to(run_dir / "tuning").with_suffix(""))] = json.loads(path.read_text())
+    result = {"experiment": meta["config"]["name"], "description": meta["config"]["description"],
+              "quick": meta["quick"], "storage": meta["storage"], "tuning": tuning, "variants": summaries,
+              "plots": [p for names in plots.values() for p in names]}
+    write_json(run_dir / "summary.json", result)
+    write_atomic(run_dir / "summary.md", markdown(meta, summaries, plots) + "\n")
+    log.info("report written: %s", (run_dir / "summary.md").resolve())
+    return result
