@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with fixed settings (no tuning), 2 seeds each; print the table and the plot's path.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     p.add_argument("--seeds", type=_pos_int, default=None, help="seeds per method (default: 2)")
-    _common(p, experiment=False)
+    _common(p)
 
     p = sub.add_parser("reproduce", help="tune, train over seeds and report one experiment", epilog=EPILOG,
                        description="Run an experiment end to end: tune every arm with Optuna on a validation split "
@@ -161,8 +161,9 @@ def _print_tables(result: dict, run_dir: Path) -> None:
 def _cmd_demo(args) -> int:
     from gradalign.experiments.runner import reproduce
     from gradalign.experiments.report import write_report
-    run_dir = reproduce("demo", args.out, seeds=args.seeds, progress=not args.no_progress, report=False,
-                        threads=args.threads)
+    out = args.out if args.out != Path("runs/demo") or not args.quick else Path("runs/demo-quick")
+    run_dir = reproduce("demo", out, quick=args.quick, seeds=args.seeds, overrides=dict(args.overrides),
+                        progress=not args.no_progress, report=False, threads=args.threads)
     _print_tables(write_report(run_dir), run_dir)
     return 0
 

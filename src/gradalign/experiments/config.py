@@ -417,6 +417,17 @@ def _parse_arm(src: str, index: int, raw) -> ArmConfig:
     return ArmConfig(name, method, raw.get("label", ""), raw.get("train_split", "train_full"), dict(params), space)
 
 
+def check_params(arm: ArmConfig, params: dict) -> dict:
+    """Validate parameters given for an arm (e.g. on the command line); returns them."""
+    where = f"arm {arm.name!r} ({arm.method})"
+    _check_keys(f"{where} parameters", params, METHOD_PARAMS[arm.method])
+    for key, value in params.items():
+        problem = PARAM_CHECKS[key](value)
+        if problem:
+            raise _err(f"{where} {key}", f"expected {problem}, got {value!r}")
+    return params
+
+
 def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
                  overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Validate a raw TOML dict and build the ExperimentConfig.

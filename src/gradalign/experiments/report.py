@@ -268,7 +268,9 @@ def _curves(runs: dict, column: str, x: str):
         if not np.isfinite(ys).any():
             continue
         xs = np.array([r[x] for r in next(iter(seeds.values()))[1][:n]], float)
-        out[arm] = (xs, np.nanmean(ys, 0), np.nanstd(ys, 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)          # evaluations with no value (nan)
+            out[arm] = (xs, np.nanmean(ys, 0), np.nanstd(ys, 0))
     return out
 
 
@@ -380,7 +382,9 @@ def write_report(run_dir) -> dict:
     all_rows = [row for variant in runs.values() for seeds in variant.values()
                 for _, rows in seeds.values() for row in rows]
     write_atomic(run_dir / "evaluations.csv", rows_to_csv(all_rows, ("variant",) + COLUMNS))
-    summaries = {v: summarise_variant(meta, runs[v]) for v in runs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # scipy on near-identical pairs; degenerate cases are nan
+        summaries = {v: summarise_variant(meta, runs[v]) for v in runs}
     plots = {v: plot_variant(run_dir, meta, v, runs[v]) if any(runs[v].values()) else [] for v in runs}
     tuning = {}
     for path in sorted((run_dir / "tuning").rglob("*.json")) if (run_dir / "tuning").exists() else []:

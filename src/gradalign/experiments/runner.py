@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gradalign.errors import ConfigError
 from gradalign.experiments import data as data_mod
-from gradalign.experiments.config import ArmConfig, ExperimentConfig, load_config
+from gradalign.experiments.config import ArmConfig, ExperimentConfig, check_params, load_config
 from gradalign.experiments.train import COLUMNS, train_run
 from gradalign.experiments.tune import TuneResult, count_finished, open_study, tune_arm
 
@@ -270,6 +270,7 @@ def run_single(name_or_path, arm_name: str, params: dict, seed: int, *, quick: b
     """Train one arm once with given parameters (the `gradalign train` command)."""
     config = resolve(name_or_path, quick=quick, overrides=overrides)   # noise: [data] label_noise
     arm = config.arm(arm_name)
+    check_params(arm, params)
     d = config.data
     splits = data_mod.make_mnist1d(d.num_samples, d.seed, val_fraction=d.val_fraction,
                                    label_noise=d.label_noise, noise_seed=d.noise_seed)

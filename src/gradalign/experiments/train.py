@@ -19,9 +19,11 @@ eval_split="val" (tuning): train on ``splits.train``, evaluate train and val; th
 is never touched. eval_split="test" (final runs): train on the arm's ``train_split``
 (``train_full`` by default), evaluate train and test, and val too when training on ``train``.
 A GWA "epoch" is the stretch of training between two evaluations: one epoch when
-evaluating every epoch. Evaluations happen at exact multiples of the interval in samples
-consumed, for every arm alike; for GAGA the samples of an unfinished accumulation count
-as consumed (the model has not stepped on them yet).
+evaluating every epoch. An evaluation happens after the first batch that reaches a
+multiple of the interval in samples consumed (exactly at the multiple when the interval is
+a multiple of the batch size, as in the bundled experiments), and at the end of the
+budget; for GAGA the samples of an unfinished accumulation count as consumed (the model
+has not stepped on them yet), so every arm is evaluated at the same points.
 """
 from __future__ import annotations
 
