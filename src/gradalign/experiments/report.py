@@ -151,7 +151,32 @@ def summarise_variant(meta: dict, runs: dict) -> dict:
                 entry["metrics"][metric]["diff"] = st.paired_difference(
                     [seeds[s][metric] for s in common], [ref[s][metric] for s in common])
         out[name] = entry
-    return {"reference": reference, "arms": out}
+    return {"reference": reference, "arms": out, "selection": _selection(cfg, per_seed, reference)}
+
+
+SELECTION_RULES = (("test_acc@gwa", "GWA epoch"), ("test_acc@val", "validation epoch"), ("test_acc@last", "last epoch"))
+
+
+def _selection(cfg: dict, per_seed: dict, reference: str) -> dict:
+    """Test accuracy under each epoch-selection rule of each arm, paired against one of them.
+
+    The reference is the validation-selected epoch of the first arm that has a validation
+    split (the usual practice GWA is meant to replace), else the last epoch of the reference arm.
+    """
+    items = [(arm["name"], metric, rule) for arm in cfg["arms"] for metric, rule in SELECTION_RULES
+             if any(metric in m for m in per_seed.get(arm["name"], {}).values())]
+    val = [(a, m) for a, m, _ in items if m == "test_acc@val"]
+    ref = val[0] if val else (reference, "test_acc@last")
+    ref_values = {s: m[ref[1]] for s, m in per_seed.get(ref[0], {}).items() if ref[1] in m}
+    rows = []
+    for arm, metric, rule in items:
+        values = {s: m[metric] for s, m in per_seed[arm].items() if metric in m}
+        entry = {"arm": arm, "rule": rule, "metric": metric, **_stat(list(values.values()))}
+        common = [s for s in values if s in ref_values]
+        if (arm, metric) != ref and common:
+            entry["diff"] = st.paired_difference([values[s] for s in common], [ref_values[s] for s in common])
+        rows.append(entry)
+    return {"reference": {"arm": ref[0], "metric": ref[1]}, "rows": rows}
 
 
 # ---------------------------------------------------------------- markdown
@@ -214,6 +239,21 @@ def stats_table(summary: dict, metrics: list[str]) -> list[str]:
     return _table(["metric", "arm", "mean [95% CI]", f"minus {summary['arms'][ref]['label']} [95% CI]", "p"], rows)
 
 
+def selection_table(summary: dict) -> list[str]:
+    sel = summary["selection"]
+    ref = sel["reference"]
+    labels = {name: e["label"] for name, e in summary["arms"].items()}
+    ref_rule = dict(SELECTION_RULES)[ref["metric"]]
+    rows = []
+    for r in sel["rows"]:
+        d, p = _diff(r.get("diff"), "test_acc")
+        is_ref = (r["arm"], r["metric"]) == (ref["arm"], ref["metric"])
+        rows.append([labels[r["arm"]], r["rule"], _ci(r, "test_acc"), "(reference)" if is_ref else d,
+                     "-" if is_ref else p])
+    return _table(["arm", "epoch chosen by", "test acc [95% CI]",
+                   f"minus {labels[ref['arm']]}, {ref_rule} [95% CI]", "p"], rows)
+
+
 def _available(summary: dict, metrics: list[str]) -> list[str]:
     return [m for m in metrics if any(m in e["metrics"] and e["metrics"][m]["n"] for e in summary["arms"].values())]
 
@@ -249,7 +289,8 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
                     f"{cfg['experiment']['gwa_skip_fraction']:.0%} of epochs, argmax of GWA_T); val epoch: argmax "
                     "of validation accuracy (arms trained on the carved training split only); AUROC of the negative "
                     "mean alignment over epochs for 'label was flipped' (noisy runs only).", ""]
-            out += stats_table(summary, _available(summary, gwa)) + [""]
+            out += selection_table(summary) + [""]
+            out += stats_table(summary, _available(summary, gwa[3:])) + [""]
         for name in plots.get(variant, []):
             out += [f"![{name}]({name})", ""]
     return "\n".join(out)
