@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +33,28 @@ from torch import Tensor, nn
 from gradalign.errors import GradAlignError
 
 MODES = ("scratch", "finetune")
+
+
+def _check_targets(targets: Tensor, B: int, C: int) -> None:
+    if targets.shape == (B,) and not targets.is_floating_point():
+        return
+    if targets.shape == (B, C) and targets.is_floating_point():
+        return
+    raise ValueError(f"targets must be (B,) = ({B},) class indices or ({B}, {C}) probabilities, "
+                     f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+
+
+def _probabilities(targets: Tensor, C: int) -> Tensor:
+    """(B, C) float64 label distribution from class indices or soft labels."""
+    return targets.double() if targets.is_floating_point() else F.one_hot(targets.long(), C).double()
+
+
+def _alignment(Wz: Tensor, z_norm: Tensor, w_norm: Tensor, logits: Tensor, y: Tensor) -> Tensor:
+    """a_i from W z_i (B, C), |z_i| (B,), |W| (scalar or (B,)), logits (B, C), labels y (B, C)."""
+    r = torch.softmax(logits.double(), dim=1) - y                  # (B, C) p_i - y_i
+    dot = -(r * Wz.double()).sum(dim=1)                            # (B,) <g_i, W>
+    denom = z_norm.double() * r.norm(dim=1) * w_norm.double()      # (B,) |g_i| |W|
+    return torch.where(denom > 0, dot / denom, 0.0).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -53,19 +76,39 @@ def gwa_alignment(head_weight: Tensor, embeddings: Tensor, logits: Tensor, targe
     if embeddings.shape != (B, D) or logits.shape != (B, C):
         raise ValueError(f"expected embeddings (B, {D}) and logits (B, {C}), got "
                          f"{tuple(embeddings.shape)} and {tuple(logits.shape)}")
-    if targets.shape == (B,) and not targets.is_floating_point():
-        y = F.one_hot(targets.long(), C).double()
-    elif targets.shape == (B, C) and targets.is_floating_point():
-        y = targets.double()
-    else:
-        raise ValueError(f"targets must be (B,) = ({B},) class indices or ({B}, {C}) probabilities, "
-                         f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+    _check_targets(targets, B, C)
     W, z = head_weight.double(), embeddings.double()
-    r = torch.softmax(logits.double(), dim=1) - y                  # (B, C) p_i - y_i
-    dot = -(r * (z @ W.T)).sum(dim=1)                              # (B,) <g_i, W>
-    denom = z.norm(dim=1) * r.norm(dim=1) * W.norm()               # (B,) |g_i| |W|
-    scores = torch.where(denom > 0, dot / denom, 0.0)
-    return scores.clamp(-1.0, 1.0)
+    return _alignment(z @ W.T, z.norm(dim=1), W.norm(), logits, _probabilities(targets, C))
+
+
+class _Step(NamedTuple):
+    """What update() keeps of one batch; the scores are computed at end_epoch, all at once.
+
+    W z_i is recovered as logits_i - b (the forward used the pre-update W and b), so a step
+    costs two norms and a copy of the bias, not the alignment's dozen small operations.
+    """
+    ids: Tensor          # (B,) int64
+    logits: Tensor       # (B, C)
+    targets: Tensor      # (B,) or (B, C)
+    z_norm: Tensor       # (B,) |z_i|
+    w_norm: Tensor       # () |W| before the update
+    bias: Tensor | None  # (C,) b before the update
+
+
+@torch.no_grad()
+def _step_scores(steps: list[_Step], C: int) -> Tensor:
+    """(sum of B,) float64 alignment scores of the given steps, in one vectorised pass."""
+    counts = torch.tensor([len(s.ids) for s in steps], device=steps[0].logits.device)
+    logits = torch.cat([s.logits for s in steps])
+    if all(not s.targets.is_floating_point() for s in steps):
+        y = _probabilities(torch.cat([s.targets for s in steps]), C)
+    else:
+        y = torch.cat([_probabilities(s.targets, C) for s in steps])
+    Wz = logits.double()
+    if steps[0].bias is not None:
+        Wz = Wz - torch.stack([s.bias for s in steps]).double().repeat_interleave(counts, dim=0)
+    w_norm = torch.stack([s.w_norm for s in steps]).repeat_interleave(counts)
+    return _alignment(Wz, torch.cat([s.z_norm for s in steps]), w_norm, logits, y)
 
 
 def _mean_and_kurtosis(scores: Tensor) -> tuple[float, float]:
@@ -139,7 +182,7 @@ class GWAMonitor:
         self.epoch_kurtosis: list[float] = []
         self.unselectable: dict[int, str] = {}
         self._z: Tensor | None = None
-        self._pending: list[tuple[Tensor, Tensor]] = []        # (ids, float64 scores) this epoch
+        self._pending: list[_Step] = []                          # this epoch's steps, not yet scored
         self._ids: list[np.ndarray] = []                        # per finished epoch, int64
         self._scores: list[np.ndarray] = []                     # per finished epoch, float32
         self._handle = head.register_forward_hook(self._record)
@@ -148,34 +191,49 @@ class GWAMonitor:
         if torch.is_grad_enabled():
             self._z = inputs[0].detach()
 
-    def update(self, logits: Tensor, targets: Tensor, sample_ids) -> Tensor:
-        """Score the batch of the latest training forward; call before optimizer.step().
+    @torch.no_grad()
+    def update(self, logits: Tensor, targets: Tensor, sample_ids) -> None:
+        """Record the batch of the latest training forward; call before optimizer.step().
+
+        Cheap: the scores are computed at end_epoch() (or by last_scores()) from what is
+        kept here, namely the logits, |z_i| and the pre-update |W| and bias.
 
         Args:
             logits: (B, C) the model's output for that forward.
             targets: (B,) class indices or (B, C) soft labels.
             sample_ids: (B,) integer ids (tensor or sequence), kept with each score.
-        Returns:
-            (B,) float64 alignment scores.
         """
         if self._z is None:
             raise GradAlignError("update() found no recorded head input: call it after the training "
                                  "forward (with grad enabled) and before the next one")
         z, self._z = self._z, None
+        if z.dim() != 2:
+            raise ValueError(f"GWAMonitor needs a head whose input is (B, D), got {tuple(z.shape)}")
         ids = torch.as_tensor(sample_ids, dtype=torch.long, device=z.device).flatten()
-        if ids.numel() != z.shape[0] or logits.shape[0] != z.shape[0]:
-            raise ValueError(f"batch sizes disagree: head input {z.shape[0]}, logits {logits.shape[0]}, "
+        B, C = z.shape[0], self.head.out_features
+        if ids.numel() != B or logits.shape[0] != B:
+            raise ValueError(f"batch sizes disagree: head input {B}, logits {logits.shape[0]}, "
                              f"sample_ids {ids.numel()}")
-        scores = gwa_alignment(self.head.weight.detach(), z, logits.detach(), targets)
-        self._pending.append((ids, scores))
-        return scores
+        if logits.shape != (B, C):
+            raise ValueError(f"logits must be (B, {C}) for this head, got {tuple(logits.shape)}")
+        _check_targets(targets, B, C)
+        bias = self.head.bias
+        self._pending.append(_Step(ids, logits.detach(), targets.detach(), z.norm(dim=1),
+                                   self.head.weight.detach().norm(),
+                                   None if bias is None else bias.detach().clone()))
+
+    def last_scores(self) -> Tensor:
+        """(B,) float64 alignment scores of the latest update() of the current epoch."""
+        if not self._pending:
+            raise GradAlignError("last_scores() needs an update() since the last end_epoch()")
+        return _step_scores(self._pending[-1:], self.head.out_features)
 
     def end_epoch(self) -> float:
         """Close the epoch: GWA_T over every score since the previous end_epoch()."""
         if not self._pending:
             raise GradAlignError("end_epoch() with no update() since the previous epoch")
-        ids = torch.cat([i for i, _ in self._pending]).cpu().numpy()
-        scores = torch.cat([s for _, s in self._pending])
+        ids = torch.cat([step.ids for step in self._pending]).cpu().numpy()
+        scores = _step_scores(self._pending, self.head.out_features)
         self._pending = []
         mean, kurtosis = _mean_and_kurtosis(scores)
         score, reason = _score(mean, kurtosis)
