@@ -1,6 +1,10 @@
 """The runner end to end on a tiny experiment, resuming after interruptions, and the report."""
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
@@ -152,6 +156,60 @@ def test_interrupted_trial_and_run_resume(tmp_path, monkeypatch):
     assert trial_counts(run_dir) == counts
     after = mtimes(run_dir)
     assert len(after) == 3 * 2 * 2 and all(after[p] == t for p, t in done.items())
+
+
+def _kill_when(cmd, ready, timeout=120):
+    """Start `cmd`, SIGKILL it as soon as ready() holds (no clean-up can run); False if it ended first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.02)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def arm_trials(run_dir, arm):
+    storage = f"sqlite:///{run_dir / 'study.db'}"
+    name = next(s.study_name for s in optuna.get_all_study_summaries(storage) if f"/{arm}/" in s.study_name)
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def _complete(run_dir, arm):
+    try:
+        return [t.state.name for t in arm_trials(run_dir, arm)].count("COMPLETE")
+    except Exception:  # noqa: BLE001 - the database may not exist yet, or be mid-write
+        return 0
+
+
+def test_killed_process_resumes_without_repeating_work(tmp_path):
+    """SIGKILL during tuning and again during the final runs; a re-run finishes the rest."""
+    cfg = tiny(tmp_path).read_text().replace("seeds = 2", "seeds = 3").replace("trials = 2", "trials = 3")
+    (tmp_path / "tiny.toml").write_text(cfg)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gradalign.cli", "reproduce", str(tmp_path / "tiny.toml"), "--out", str(run_dir),
+           "--no-progress", "-q"]
+    assert _kill_when(cmd, lambda: _complete(run_dir, "baseline") >= 1)
+    first = [(t.number, t.params) for t in arm_trials(run_dir, "baseline") if t.state.name == "COMPLETE"]
+    assert len(arm_trials(run_dir, "baseline")) < 3 or any(t.state.name == "RUNNING"
+                                                           for t in arm_trials(run_dir, "baseline"))
+    seed0 = run_dir / "runs" / "baseline" / "seed0.json"
+    assert _kill_when(cmd, seed0.exists)
+    done = mtimes(run_dir)
+    assert 2 <= len(done) < 3 * 3 * 2                                  # killed during the final runs
+    reproduce(tmp_path / "tiny.toml", run_dir, progress=False)
+    after = mtimes(run_dir)
+    assert len(after) == 3 * 3 * 2 and all(after[p] == t for p, t in done.items())
+    trials = arm_trials(run_dir, "baseline")
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 3   # a stale RUNNING one is not counted
+    assert [(t.number, t.params) for t in trials if t.number in dict(first)] == first  # nor repeated
 
 
 def test_changed_config_retrains_and_other_experiment_is_refused(tmp_path):
