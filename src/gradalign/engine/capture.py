@@ -145,7 +145,7 @@ class PerSampleGradients:
             self._verify(stats, losses)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
-        update = stats.mean_grad if weights is None else {n: g / B for n, g in stats.weighted_sum(w).items()}
+        update = stats.mean_grad if weights is None else stats.weighted_sum(w / B)  # (1/B) sum_i w_i g_i
         for name, g in update.items():  # parameters outside the losses keep their grad, as in autograd
             p = params[name]
             if p.grad is None:

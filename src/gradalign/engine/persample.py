@@ -6,12 +6,14 @@ route for that layer. Every representation answers the same six questions:
 
     sq_norms()            (B,)   |g_i|^2
     dots(R)               (B,)   <g_i, R> for a fixed tensor R of the parameter's shape
-    dots_with_mean(mean)  (B,)   <g_i, gbar>, gbar = (1/B) sum_j g_j
-    mean_sq_norm(mean)    ()     |gbar|^2
+    dots_with_sum(total)  (B,)   <g_i, S>, S = sum_j g_j
+    sum_sq_norm(total)    ()     |S|^2
     weighted_sum(w)       shape  sum_i w_i g_i (w = None: all ones)
     sq_sum()              shape  sum_i g_i**2 (elementwise)
 
-`mean` is a callable returning gbar, so a route that does not need gbar never forms it.
+`total` is a callable returning S, so a route that does not need S never forms it. The
+sum rather than the mean gbar = S / B: the 1/B is applied once to the (B,) results, not
+to every parameter-sized tensor.
 
 and `merge(other)` combines two calls of the same module (shared weights in one forward):
 the per-sample gradient of a module applied twice is the sum of both contributions.
@@ -27,6 +29,12 @@ from torch import Tensor
 
 # Materialise per-sample gradients in chunks of at most this many numbers.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    """|t|^2 as one dot product (no squared copy of t)."""
+    flat = t.reshape(-1)
+    return flat.dot(flat)
 
 
 @dataclass
@@ -108,13 +116,13 @@ class Factored:
         DR = torch.einsum("bgto,goi->bgti", self.D, self._as_matrix(R))
         return (DR * self.A).sum(dim=(1, 2, 3))
 
-    def dots_with_mean(self, mean: Callable[[], Tensor]) -> Tensor:
-        """<g_i, gbar> = (1/B) sum_j K_ij on the Gram route, else d_i^T gbar a_i."""
-        return self.gram.sum(1) / self._B if self.uses_gram() else self.dots(mean())
+    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
+        """<g_i, S> = sum_j K_ij on the Gram route, else d_i^T S a_i."""
+        return self.gram.sum(1) if self.uses_gram() else self.dots(total())
 
-    def mean_sq_norm(self, mean: Callable[[], Tensor]) -> Tensor:
-        """|gbar|^2 = (1/B^2) sum_ij K_ij on the Gram route, else from gbar itself."""
-        return self.gram.sum() / self._B ** 2 if self.uses_gram() else mean().square().sum()
+    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
+        """|S|^2 = sum_ij K_ij on the Gram route, else from S itself."""
+        return self.gram.sum() if self.uses_gram() else _sq_norm(total())
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         flat = self._flat
@@ -169,11 +177,11 @@ class IndexedRows:
     def dots(self, R: Tensor) -> Tensor:
         return (R[self.index] * self.D).sum(dim=(1, 2))
 
-    def dots_with_mean(self, mean: Callable[[], Tensor]) -> Tensor:
-        return self.dots(mean())
+    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
+        return self.dots(total())
 
-    def mean_sq_norm(self, mean: Callable[[], Tensor]) -> Tensor:
-        return mean().square().sum()
+    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
+        return _sq_norm(total())
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         D = self.D if w is None else self.D * w.view(-1, 1, 1)
@@ -204,11 +212,11 @@ class Dense:
     def dots(self, R: Tensor) -> Tensor:
         return self.G.flatten(1) @ R.flatten()
 
-    def dots_with_mean(self, mean: Callable[[], Tensor]) -> Tensor:
-        return self.dots(mean())
+    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
+        return self.dots(total())
 
-    def mean_sq_norm(self, mean: Callable[[], Tensor]) -> Tensor:
-        return mean().square().sum()
+    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
+        return _sq_norm(total())
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         return self.G.sum(0) if w is None else torch.tensordot(w, self.G, dims=1)

@@ -19,8 +19,8 @@ class GradientStats:
 
     Attributes (lazy):
         batch_size: B.
-        mean_grad: {param name: gbar}, the unweighted mean gradient of every parameter
-            that took part in the losses.
+        grad_sum, mean_grad: {param name: S = sum_i g_i} and gbar = S / B, for every
+            parameter that took part in the losses.
         sq_norms, norms: (B,) |g_i|^2 and |g_i|.
         dots_with_mean: (B,) <g_i, gbar>.
         mean_grad_sq_norm: () |gbar|^2.
@@ -56,20 +56,29 @@ class GradientStats:
         return self.sq_norms.clamp_min(0).sqrt()
 
     @cached_property
-    def mean_grad(self) -> dict[str, Tensor]:
-        return {name: g.weighted_sum(None) / self.batch_size for name, g in self._per_sample.items()}
+    def grad_sum(self) -> dict[str, Tensor]:
+        """{param name: S = sum_i g_i}, formed only for routes that need it."""
+        return {name: g.weighted_sum(None) for name, g in self._per_sample.items()}
 
-    def _mean_of(self, name: str):
-        return lambda: self.mean_grad[name]
+    @cached_property
+    def mean_grad(self) -> dict[str, Tensor]:
+        return {name: s / self.batch_size for name, s in self.grad_sum.items()}
+
+    def _sum_of(self, name: str):
+        return lambda: self.grad_sum[name]
 
     @cached_property
     def dots_with_mean(self) -> Tensor:
-        return self._sum_over_params(lambda name, g: g.dots_with_mean(self._mean_of(name)))
+        """<g_i, gbar> = <g_i, S> / B."""
+        return self._sum_over_params(lambda name, g: g.dots_with_sum(self._sum_of(name))) / self.batch_size
 
     @cached_property
     def mean_grad_sq_norm(self) -> Tensor:
-        terms = [g.mean_sq_norm(self._mean_of(name)) for name, g in self._per_sample.items()]
-        return torch.stack(terms).sum() if terms else torch.zeros((), device=self._device)
+        """|gbar|^2 = |S|^2 / B^2, S the sum over samples of every parameter's gradient."""
+        terms = [g.sum_sq_norm(self._sum_of(name)) for name, g in self._per_sample.items()]
+        if not terms:
+            return torch.zeros((), device=self._device)
+        return torch.stack(terms).sum() / self.batch_size ** 2
 
     @cached_property
     def cosines(self) -> Tensor:

@@ -76,8 +76,8 @@ class GSNRAccumulator:
         next update() then starts a new accumulation.
         """
         B = stats.batch_size
-        for name, mean in stats.mean_grad.items():
-            add, add_sq = mean.double() * B, stats.grad_sq_sum[name].double()
+        for name, total in stats.grad_sum.items():
+            add, add_sq = total.double(), stats.grad_sq_sum[name].double()
             self._sum[name] = self._sum[name] + add if name in self._sum else add
             self._sum_sq[name] = self._sum_sq[name] + add_sq if name in self._sum_sq else add_sq
         self.n += B
