@@ -50,10 +50,13 @@ PERCENT = {"test_acc", "test_acc@gwa", "test_acc@val", "test_acc@last", "acc_std
 # ---------------------------------------------------------------- loading
 
 def _num(v: str):
-    try:
-        return float(v)
-    except ValueError:
-        return v
+    """A CSV cell as int (seed, samples, step), float, or the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
 
 
 def read_rows(path: Path) -> list[dict]:
