@@ -44,12 +44,36 @@ def time_variants(variants: dict[str, Callable[[], None]], *, rounds: int, warmu
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def _status_kb(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in kB, None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_mb(step: Callable[[], None], device: torch.device, steps: int = 3) -> float:
     """Extra memory one step needs at its peak, in MB.
 
     CUDA: torch.cuda.max_memory_allocated above what was allocated before the step.
-    CPU: growth of the process's peak resident set size; meaningful only in a fresh
-    process that ran nothing bigger before (see `memory_in_subprocess`).
+    CPU on Linux: the peak resident set (VmHWM, its mark reset just before) above the
+    resident set before the steps. Elsewhere: growth of getrusage's max RSS, meaningful only
+    in a fresh process that ran nothing bigger before (see `memory_in_subprocess`); note
+    that a child process inherits its parent's value, which is why Linux avoids it.
     """
     gc.collect()
     if device.type == "cuda":
@@ -60,6 +84,11 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, steps: int = 
             step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if _reset_peak_rss() and _status_kb("VmHWM") is not None:
+        before = _status_kb("VmRSS")
+        for _ in range(steps):
+            step()
+        return (_status_kb("VmHWM") - before) / 1024
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(steps):
         step()

@@ -36,6 +36,19 @@ def test_frozen_batchnorm_is_ignored():
     assert all(n.startswith(("0.", "2.")) for n in stats.grad_sq_sum)
 
 
+def test_parameter_frozen_after_creation_is_left_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    engine = PerSampleGradients(model)
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1])
+    stats = engine.backward(F.cross_entropy(model(x), y, reduction="none"))
+    assert model[0].weight.grad is None and "0.weight" not in stats.grad_sq_sum
+    ref = ga.reference_statistics(model, x, y,
+                                  lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    torch.testing.assert_close(stats.norms, ref["norms"])
+
+
 def test_tied_parameters_are_refused():
     embed = nn.Embedding(10, 4)
     out = nn.Linear(4, 10, bias=False)

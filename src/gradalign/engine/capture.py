@@ -70,6 +70,7 @@ class PerSampleGradients:
         self.verify = verify
         self._capturing = True
         self._hooked: dict[str, _Hooked] = {}
+        self._params: dict[str, nn.Parameter] = {}  # every hooked trainable parameter, by full name
         self._check_and_collect()
         self._handles = [
             h.module.register_forward_hook(self._make_hook(path, h), with_kwargs=True)
@@ -94,6 +95,7 @@ class PerSampleGradients:
             if rule is not None:
                 names = {local: full_names[id(p)] for local, p in own.items()}
                 self._hooked[path] = _Hooked(module, rule, names)
+                self._params.update({full_names[id(p)]: p for p in own.values()})
         if problems:
             raise UnsupportedModuleError(
                 "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
@@ -133,10 +135,10 @@ class PerSampleGradients:
             raise ValueError("losses does not require grad: compute it from the model's output "
                              "with gradients enabled")
         B = losses.shape[0]
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
             self._backward_to_outputs(losses, params, retain_graph=self.verify)
-            per_sample = self._per_sample_grads(B)
+            per_sample = self._per_sample_grads(B, params)
         finally:
             for h in self._hooked.values():
                 h.calls.clear()
@@ -165,7 +167,8 @@ class PerSampleGradients:
         gradient there means the parameter was used outside its module, which no hook sees.
         """
         calls = [call for h in self._hooked.values() for call in h.calls]
-        unseen = [params[n] for h in self._hooked.values() if not h.calls for n in h.param_names.values()]
+        unseen = [params[n] for h in self._hooked.values() if not h.calls for n in h.param_names.values()
+                  if n in params]
         if not calls and not unseen:
             return
         grads = torch.autograd.grad(losses.sum(), [c.edge for c in calls] + unseen,
@@ -179,7 +182,7 @@ class PerSampleGradients:
                     f"parameter {names[id(p)]} has a gradient but its module's forward was not seen; a "
                     "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
 
-    def _per_sample_grads(self, B: int) -> dict[str, PerSampleGrad]:
+    def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
         self._capturing = False  # a rule may run the module again (torch.func fallback)
         try:
@@ -194,6 +197,8 @@ class PerSampleGradients:
                             "the engine needs batch-first inputs and one loss per sample")
                     for local, grads in h.rule.compute(h.module, call.args, call.grad_output).items():
                         name = h.param_names[local]
+                        if name not in params:  # frozen since the engine was created
+                            continue
                         out[name] = grads if name not in out else out[name].merge(grads)
         finally:
             self._capturing = True
