@@ -191,7 +191,6 @@ class GWAMonitor:
         if torch.is_grad_enabled():
             self._z = inputs[0].detach()
 
-    @torch.no_grad()
     def update(self, logits: Tensor, targets: Tensor, sample_ids) -> None:
         """Record the batch of the latest training forward; call before optimizer.step().
 
@@ -218,8 +217,9 @@ class GWAMonitor:
             raise ValueError(f"logits must be (B, {C}) for this head, got {tuple(logits.shape)}")
         _check_targets(targets, B, C)
         bias = self.head.bias
-        self._pending.append(_Step(ids, logits.detach(), targets.detach(), z.norm(dim=1),
-                                   self.head.weight.detach().norm(),
+        # everything below is detached, so no autograd bookkeeping (and no no_grad context) is needed
+        self._pending.append(_Step(ids, logits.detach(), targets.detach(), torch.linalg.vector_norm(z, dim=1),
+                                   torch.linalg.vector_norm(self.head.weight.detach()),
                                    None if bias is None else bias.detach().clone()))
 
     def last_scores(self) -> Tensor:
