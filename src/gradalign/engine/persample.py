@@ -96,7 +96,11 @@ class Factored:
         A, D = self.A, self.D
         if "gram" in self.__dict__:
             return self.gram.diagonal()
-        if A.shape[2] == 1:  # |d a^T|^2 = |a|^2 |d|^2
+        flat = self._flat
+        if flat is not None:  # |d a^T|^2 = |a|^2 |d|^2
+            a, d = flat
+            return torch.linalg.vecdot(a, a) * torch.linalg.vecdot(d, d)
+        if A.shape[2] == 1:
             return (A.square().sum(-1) * D.square().sum(-1)).sum(dim=(1, 2))
         if self._ghost_is_cheaper():  # <A A^T, D D^T> per sample and group
             gram_a = A @ A.transpose(-1, -2)  # (B, G, T, T)
@@ -111,7 +115,7 @@ class Factored:
         flat = self._flat
         if flat is not None:
             a, d = flat
-            return ((d @ R.reshape(d.shape[1], a.shape[1])) * a).sum(1)
+            return torch.linalg.vecdot(d @ R.reshape(d.shape[1], a.shape[1]), a)
         # <d a^T, R> = d^T R a, summed over positions and groups
         DR = torch.einsum("bgto,goi->bgti", self.D, self._as_matrix(R))
         return (DR * self.A).sum(dim=(1, 2, 3))
@@ -207,7 +211,8 @@ class Dense:
     G: Tensor
 
     def sq_norms(self) -> Tensor:
-        return self.G.flatten(1).square().sum(1)
+        flat = self.G.flatten(1)
+        return torch.linalg.vecdot(flat, flat)
 
     def dots(self, R: Tensor) -> Tensor:
         return self.G.flatten(1) @ R.flatten()

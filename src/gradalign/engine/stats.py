@@ -83,8 +83,8 @@ class GradientStats:
     @cached_property
     def cosines(self) -> Tensor:
         denominator = self.norms * self.mean_grad_sq_norm.sqrt()
-        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        return torch.where(denominator > 0, self.dots_with_mean / safe, torch.zeros_like(denominator))
+        ok = denominator > 0
+        return torch.where(ok, self.dots_with_mean / torch.where(ok, denominator, 1.0), 0.0)
 
     @cached_property
     def grad_sq_sum(self) -> dict[str, Tensor]:
