@@ -302,7 +302,11 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
 # ---------------------------------------------------------------- plots
 
 def _curves(runs: dict, column: str, x: str):
-    """{arm: (x (E,), mean (E,), std (E,))} aligned by evaluation index over seeds."""
+    """{arm: (x (E,), mean (E,), lo (E,), hi (E,))} aligned by evaluation index over seeds.
+
+    The band is mean -/+ one std, clipped to the range the seeds reached, so that it stays
+    positive on a log scale (a loss never goes below its smallest seed).
+    """
     out = {}
     for arm, seeds in runs.items():
         if not seeds:
@@ -314,14 +318,15 @@ def _curves(runs: dict, column: str, x: str):
         xs = np.array([r[x] for r in next(iter(seeds.values()))[1][:n]], float)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)          # evaluations with no value (nan)
-            out[arm] = (xs, np.nanmean(ys, 0), np.nanstd(ys, 0))
+            mean, std = np.nanmean(ys, 0), np.nanstd(ys, 0)
+            out[arm] = (xs, mean, np.maximum(mean - std, np.nanmin(ys, 0)), np.minimum(mean + std, np.nanmax(ys, 0)))
     return out
 
 
 def _panel(ax, runs, column, x, labels, title):
-    for arm, (xs, mean, std) in _curves(runs, column, x).items():
+    for arm, (xs, mean, lo, hi) in _curves(runs, column, x).items():
         ax.plot(xs, mean, label=labels[arm])
-        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+        ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set_title(title)
     ax.set_xlabel(x)
     ax.grid(alpha=0.3)
@@ -342,7 +347,7 @@ def plot_variant(run_dir: Path, meta: dict, variant: str, runs: dict) -> list[st
     _panel(axes[1], runs, "train_loss", x, labels, "training loss")
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{cfg['name']} {variant} (mean and one std over seeds)".strip())
+    fig.suptitle(f"{cfg['name']} {variant} (mean; band: one std over seeds, within their range)".strip())
     fig.tight_layout()
     names.append(f"comparison{suffix}.png")
     fig.savefig(Path(run_dir) / names[-1], dpi=110)
