@@ -332,7 +332,7 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
             gwa = monitor.end_epoch()
         row = dict.fromkeys(COLUMNS, NAN)
         row.update(arm=arm.name, seed=seed, samples=samples, step=optim.steps, gwa=gwa,
-                   epoch=samples / n, mean_alignment=monitor.epoch_mean_alignment[-1], lr=optim.lr)
+                   epoch=samples // n if samples % n == 0 else samples / n, mean_alignment=monitor.epoch_mean_alignment[-1], lr=optim.lr)
         row.update(step.window())
         _check_finite(model, where)
         for name, split in evals.items():
