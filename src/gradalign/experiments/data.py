@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 NUM_CLASSES = 10  # mnist1d digits; the generator makes num_samples // 10 samples per class
-SEQ_LEN = 40      # the generator's final_seq_length
 
 
 @dataclass(frozen=True)
