@@ -130,6 +130,21 @@ def _stat(values: list[float]) -> dict:
     return {"mean": mean, "lo": lo, "hi": hi, "n": len(v), "values": v}
 
 
+def _column(per_seed: dict, metric: str) -> dict:
+    """{seed: value} of one metric over the seeds that have it."""
+    return {s: m[metric] for s, m in per_seed.items() if metric in m}
+
+
+def _stat_against(values: dict, ref: dict | None) -> dict:
+    """_stat of per-seed `values` ({seed: value}), plus "diff": the paired difference to
+    `ref` ({seed: value}) over their common seeds (none when ref is None or nothing is shared)."""
+    out = _stat(list(values.values()))
+    common = [s for s in values if s in ref] if ref is not None else []
+    if common:
+        out["diff"] = st.paired_difference([values[s] for s in common], [ref[s] for s in common])
+    return out
+
+
 def summarise_variant(meta: dict, runs: dict) -> dict:
     """Per arm: parameters, per-seed metrics, mean/CI and paired difference to the reference."""
     cfg = meta["config"]
@@ -137,6 +152,7 @@ def summarise_variant(meta: dict, runs: dict) -> dict:
     k = cfg["experiment"]["stability_last"]
     per_seed = {arm: {seed: run_metrics(s, rows, k) for seed, (s, rows) in seeds.items()}
                 for arm, seeds in runs.items()}
+    ref = per_seed.get(reference, {})
     out = {}
     for arm in cfg["arms"]:
         name = arm["name"]
@@ -147,12 +163,8 @@ def summarise_variant(meta: dict, runs: dict) -> dict:
                  "metrics": {}}
         keys = sorted({m for values in seeds.values() for m in values})
         for metric in keys:
-            entry["metrics"][metric] = _stat([seeds[s].get(metric) for s in seeds])
-            ref = per_seed.get(reference, {})
-            common = [s for s in seeds if s in ref and metric in seeds[s] and metric in ref[s]]
-            if name != reference and common:
-                entry["metrics"][metric]["diff"] = st.paired_difference(
-                    [seeds[s][metric] for s in common], [ref[s][metric] for s in common])
+            entry["metrics"][metric] = _stat_against(_column(seeds, metric),
+                                                     None if name == reference else _column(ref, metric))
         out[name] = entry
     return {"reference": reference, "arms": out, "selection": _selection(cfg, per_seed, reference)}
 
@@ -170,15 +182,10 @@ def _selection(cfg: dict, per_seed: dict, reference: str) -> dict:
              if any(metric in m for m in per_seed.get(arm["name"], {}).values())]
     val = [(a, m) for a, m, _ in items if m == "test_acc@val"]
     ref = val[0] if val else (reference, "test_acc@last")
-    ref_values = {s: m[ref[1]] for s, m in per_seed.get(ref[0], {}).items() if ref[1] in m}
-    rows = []
-    for arm, metric, rule in items:
-        values = {s: m[metric] for s, m in per_seed[arm].items() if metric in m}
-        entry = {"arm": arm, "rule": rule, "metric": metric, **_stat(list(values.values()))}
-        common = [s for s in values if s in ref_values]
-        if (arm, metric) != ref and common:
-            entry["diff"] = st.paired_difference([values[s] for s in common], [ref_values[s] for s in common])
-        rows.append(entry)
+    ref_values = _column(per_seed.get(ref[0], {}), ref[1])
+    rows = [{"arm": arm, "rule": rule, "metric": metric,
+             **_stat_against(_column(per_seed[arm], metric), None if (arm, metric) == ref else ref_values)}
+            for arm, metric, rule in items]
     return {"reference": {"arm": ref[0], "metric": ref[1]}, "rows": rows}
 
 
