@@ -37,6 +37,16 @@ def _sq_norm(t: Tensor) -> Tensor:
     return flat.dot(flat)
 
 
+class _FromSum:
+    """<g_i, S> and |S|^2 from S itself, for representations with no cheaper route."""
+
+    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
+        return self.dots(total())
+
+    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
+        return _sq_norm(total())
+
+
 @dataclass
 class Factored:
     """g_i = sum_t D[i, g, t]^T A[i, g, t], one (n_out, n_in) block per group g.
@@ -154,7 +164,7 @@ class Factored:
 
 
 @dataclass
-class IndexedRows:
+class IndexedRows(_FromSum):
     """g_i = sum_t onehot(index[i, t]) D[i, t]^T for a (num_rows, dim) table (nn.Embedding).
 
     index: (B, T) long, D: (B, T, dim) output gradients.
@@ -181,12 +191,6 @@ class IndexedRows:
     def dots(self, R: Tensor) -> Tensor:
         return (R[self.index] * self.D).sum(dim=(1, 2))
 
-    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
-        return self.dots(total())
-
-    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
-        return _sq_norm(total())
-
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         D = self.D if w is None else self.D * w.view(-1, 1, 1)
         out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
@@ -204,7 +208,7 @@ class IndexedRows:
 
 
 @dataclass
-class Dense:
+class Dense(_FromSum):
     """The per-sample gradients themselves, G: (B, *shape). For small parameters only
     (biases, normalisation affines) or the torch.func fallback."""
 
@@ -216,12 +220,6 @@ class Dense:
 
     def dots(self, R: Tensor) -> Tensor:
         return self.G.flatten(1) @ R.flatten()
-
-    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
-        return self.dots(total())
-
-    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
-        return _sq_norm(total())
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         return self.G.sum(0) if w is None else torch.tensordot(w, self.G, dims=1)
