@@ -85,14 +85,13 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, steps: int = 
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     if _reset_peak_rss() and _status_kb("VmHWM") is not None:
-        before = _status_kb("VmRSS")
-        for _ in range(steps):
-            step()
-        return (_status_kb("VmHWM") - before) / 1024
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before, peak = _status_kb("VmRSS"), lambda: _status_kb("VmHWM")
+    else:
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
+        before = peak()
     for _ in range(steps):
         step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (peak() - before) / 1024
 
 
 def memory_in_subprocess(script: str, args: list[str]) -> float:
