@@ -33,12 +33,15 @@ def test_snr_and_accumulated_gradient_match_reference(rule):
     acc = ga.GSNRAccumulator(tau=float("inf"), increment=8, max_samples=64, rule=rule)
     engine = ga.PerSampleGradients(model)
     for k, (x, y) in enumerate(batches, start=1):
-        assert not acc.update(engine.backward(loss_fn(model(x), y)))
+        assert not acc.update(engine.backward(loss_fn(model(x), y), write_grad=False))
         assert acc.last_snr == pytest.approx(reference_snr(model, loss_fn, batches[:k], rule), rel=1e-3)
+    assert all(p.grad is None for p in model.parameters())   # statistics only: the accumulator writes nothing
+    engine.set_grad(acc.mean_grad())
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     grads = ga.per_sample_gradients(model, x, y, loss_fn)
     for name, p in model.named_parameters():
+        assert acc.mean_grad()[name].dtype == p.dtype
         torch.testing.assert_close(p.grad, grads[name].mean(0), rtol=1e-4, atol=1e-7)
 
 
@@ -47,12 +50,12 @@ def test_steps_when_rule_passes_and_resets():
     acc = ga.GSNRAccumulator(tau=-math.inf, increment=8, max_samples=64)  # passes after the first increment
     engine = ga.PerSampleGradients(model)
     for x, y in batches:
-        assert acc.update(engine.backward(loss_fn(model(x), y)))
+        assert acc.update(engine.backward(loss_fn(model(x), y), write_grad=False))
     assert acc.samples_per_step == [8, 8, 8, 8]
     x, y = batches[-1]
     expected = ga.per_sample_gradients(model, x, y, loss_fn)
-    for name, p in model.named_parameters():  # p.grad is the last increment alone, not a sum
-        torch.testing.assert_close(p.grad, expected[name].mean(0), rtol=1e-4, atol=1e-7)
+    for name, mean in acc.mean_grad().items():  # the last increment alone, not a sum over steps
+        torch.testing.assert_close(mean, expected[name].mean(0), rtol=1e-4, atol=1e-7)
 
 
 def test_cap_forces_a_step():
@@ -85,7 +88,22 @@ def test_per_sample_rule_falls_as_samples_accumulate():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"rule": "magic"}, "rule"), ({"increment": 0}, "increment"),
-                                          ({"max_samples": 4}, "max_samples"), ({"tau": float("nan")}, "tau")])
+                                          ({"max_samples": 4}, "max_samples"), ({"tau": float("nan")}, "tau"),
+                                          ({"eps": -1e-3}, "eps"), ({"eps": float("nan")}, "eps")])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ga.GSNRAccumulator(**kwargs)
+
+
+def test_set_grad_replaces_and_refuses_unknown_names():
+    model, loss_fn, batches = increments(1, 8)
+    engine = ga.PerSampleGradients(model)
+    engine.backward(loss_fn(model(batches[0][0]), batches[0][1]))     # p.grad = mean gradient
+    zeros = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
+    engine.set_grad(zeros)
+    for p in model.parameters():
+        assert p.grad.dtype == p.dtype and not p.grad.any()
+    zeros["0.weight"].fill_(1.0)                                      # the engine copied, p.grad is its own
+    assert not model[0].weight.grad.any()
+    with pytest.raises(KeyError, match="nope"):
+        engine.set_grad({"nope": torch.zeros(1)})

@@ -57,6 +57,33 @@ def test_tied_parameters_are_refused():
         PerSampleGradients(nn.ModuleList([embed, out]))
 
 
+def test_validate_lists_every_problem_without_hooking():
+    embed = nn.Embedding(10, 4, sparse=True)
+    out = nn.Linear(4, 10, bias=False)
+    out.weight = embed.weight
+    model = nn.Sequential(embed, nn.BatchNorm1d(4), out)
+    problems = ga.validate(model)
+    assert len(problems) == 3, problems
+    assert any("sparse" in p for p in problems) and any("BatchNorm" in p for p in problems)
+    assert any("tied" in p for p in problems)
+    assert all(not m._forward_hooks for m in model.modules())      # nothing was hooked
+    assert ga.validate(nn.Sequential(nn.Linear(3, 2))) == []
+    with pytest.raises(ga.UnsupportedModuleError) as err:             # the engine refuses with the same list
+        PerSampleGradients(model)
+    assert all(p in str(err.value) for p in problems)
+
+
+def test_check_model_is_a_deprecated_alias_of_compare_with_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    loss = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    errors = ga.compare_with_reference(model, x, y, loss)
+    assert max(errors.values()) < 1e-5
+    with pytest.warns(DeprecationWarning, match="compare_with_reference"):
+        assert ga.check_model(model, x, y, loss) == errors
+
+
 def test_parameter_used_outside_its_module_is_refused():
     class Sneaky(nn.Module):
         def __init__(self):

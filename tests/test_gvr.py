@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradalign.errors import ConfigError, GradAlignError
+from gradalign.errors import GradAlignError
 from gradalign.methods.gvr import GVR
 
 
@@ -99,24 +99,24 @@ def test_auto_mode_and_frozen_bias():
 
 def test_option_errors():
     net = Net()
-    with pytest.raises(ConfigError, match="alpha"):
+    with pytest.raises(ValueError, match="alpha"):
         GVR(-0.1, layers=net.head)
     with pytest.raises(ValueError, match="alpha"):
         GVR(float("nan"), layers=net.head)
-    with pytest.raises(ConfigError, match="subset"):
+    with pytest.raises(ValueError, match="subset"):
         GVR(layers=net.head, subset=0)
-    with pytest.raises(ConfigError, match="mode"):
+    with pytest.raises(ValueError, match="mode"):
         GVR(layers=net.head, mode="fast")
-    with pytest.raises(ConfigError, match="closed_form"):
+    with pytest.raises(ValueError, match="closed_form"):
         GVR(layers=net.body, mode="closed_form")
-    with pytest.raises(ConfigError, match="closed_form"):
+    with pytest.raises(ValueError, match="closed_form"):
         GVR(layers=[net.body[0], net.head], mode="closed_form")
-    with pytest.raises(ConfigError, match="no trainable parameters"):
+    with pytest.raises(ValueError, match="no trainable parameters"):
         GVR(layers=nn.Tanh())
-    with pytest.raises(ConfigError, match="layers"):
+    with pytest.raises(ValueError, match="layers"):
         GVR(layers=[])
     frozen = nn.Linear(3, 3).requires_grad_(False)
-    with pytest.raises(ConfigError, match="no trainable parameters"):
+    with pytest.raises(ValueError, match="no trainable parameters"):
         GVR(layers=frozen)
 
 

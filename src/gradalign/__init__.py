@@ -5,9 +5,11 @@ from gradalign.engine import (
     Rule,
     RuleRegistry,
     check_model,
+    compare_with_reference,
     default_registry,
     per_sample_gradients,
     reference_statistics,
+    validate,
 )
 from gradalign.errors import ConfigError, GradAlignError, UnsupportedModuleError
 from gradalign.methods import GASW, GDSW, GVR, GSNRAccumulator, GWAMonitor, gwa_alignment, gwa_score
@@ -16,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError",
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "UnsupportedModuleError",
-    "check_model", "default_registry", "gwa_alignment", "gwa_score", "per_sample_gradients",
-    "reference_statistics",
+    "check_model", "compare_with_reference", "default_registry", "gwa_alignment", "gwa_score",
+    "per_sample_gradients", "reference_statistics", "validate",
 ]

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.persample import PerSampleGrad
-from gradalign.engine.rules import Rule, RuleRegistry, default_registry
-from gradalign.engine.stats import GradientStats
+from gradalign.engine.rules import RuleRegistry, default_registry
+from gradalign.engine.validate import Served, survey
 from gradalign.errors import UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
@@ -34,10 +35,9 @@ class _Call:
 
 
 @dataclass
-class _Hooked:
-    module: nn.Module
-    rule: Rule
-    param_names: dict[str, str]  # local name -> name in model.named_parameters()
+class _Hooked(Served):
+    """A served module and the calls recorded since the last backward."""
+
     calls: list[_Call] = field(default_factory=list)
 
 
@@ -55,9 +55,12 @@ class PerSampleGradients:
         stats = engine.backward(losses)        # p.grad += mean gradient, as losses.mean().backward()
         stats.norms, stats.cosines             # (B,) each
 
+    The engine is the one writer of p.grad: `backward` adds the (weighted) mean gradient,
+    `set_grad` replaces it (e.g. with GSNRAccumulator's accumulated mean).
+
     Args:
-        model: the network. Checked at once: every unsupported module is listed in one
-            UnsupportedModuleError (BatchNorm in training mode, tied parameters, ...).
+        model: the network. Checked at once (`ga.validate` runs the same walk): every
+            unsupported module is listed in one UnsupportedModuleError.
         registry: per-layer rules (default: `default_registry()`, with the torch.func fallback).
         verify: after every backward, check that the per-sample gradients add up to
             autograd's summed gradient (catches parameters used outside their module's
@@ -78,27 +81,13 @@ class PerSampleGradients:
         ]
 
     def _check_and_collect(self) -> None:
-        problems = self.registry.problems(self.model)
-        full_names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        owner: dict[int, str] = {}
-        for path, module in self.model.named_modules():
-            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-            if not own:
-                continue
-            for p in own.values():
-                if id(p) in owner:
-                    problems.append(
-                        f"{path} ({type(module).__name__}): parameter {full_names[id(p)]} is also used "
-                        f"by {owner[id(p)]}; tied parameters are not supported, untie or freeze them")
-                owner[id(p)] = path
-            rule = self.registry.rule_for(module)
-            if rule is not None:
-                names = {local: full_names[id(p)] for local, p in own.items()}
-                self._hooked[path] = _Hooked(module, rule, names)
-                self._params.update({full_names[id(p)]: p for p in own.values()})
+        served, problems = survey(self.model, self.registry)
         if problems:
             raise UnsupportedModuleError(
                 "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
+        for s in served:
+            self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names)
+            self._params.update({full: getattr(s.module, local) for local, full in s.param_names.items()})
 
     def _make_hook(self, path: str, hooked: _Hooked):
         def hook(module, args, kwargs, output):
@@ -116,13 +105,15 @@ class PerSampleGradients:
 
         return hook
 
-    def backward(self, losses: Tensor, weights: Weights = None) -> GradientStats:
+    def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
 
         Args:
             losses: (B,) per-sample losses, e.g. F.cross_entropy(..., reduction="none").
             weights: None, a (B,) tensor, or a callable GradientStats -> (B,) tensor such as
                 GASW(gamma); it sees the statistics of this batch before p.grad is written.
+            write_grad: False leaves p.grad alone (statistics only, e.g. for GAGA, whose
+                accumulated mean is written with `set_grad`).
         Returns:
             GradientStats of the unweighted per-sample gradients, with `.weights` set.
         """
@@ -142,19 +133,36 @@ class PerSampleGradients:
         finally:
             for h in self._hooked.values():
                 h.calls.clear()
-        stats = GradientStats(per_sample, B, device=losses.device, parameters=params)
+        stats = GradientStats(per_sample, B, device=losses.device)
         if self.verify:
             self._verify(stats, losses)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
-        update = stats.mean_grad if weights is None else stats.weighted_sum(w / B)  # (1/B) sum_i w_i g_i
-        for name, g in update.items():  # parameters outside the losses keep their grad, as in autograd
-            p = params[name]
-            if p.grad is None:
-                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
-            else:
-                p.grad.add_(g)
+        if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
+            update = ({n: s / B for n, s in stats.grad_sum.items()} if weights is None
+                      else stats.weighted_sum(w / B))                        # (1/B) sum_i w_i g_i
+            self._write_grad(update, add=True)
         return stats
+
+    def set_grad(self, grads: dict[str, Tensor]) -> None:
+        """p.grad = grads[name] for every hooked parameter named (cast to the parameter's dtype).
+
+        Names are those of `model.named_parameters()`, as in `GradientStats.mean_grad`.
+        """
+        unknown = sorted(set(grads) - set(self._params))
+        if unknown:
+            raise KeyError(f"set_grad: {', '.join(unknown)} are not trainable parameters hooked by this engine")
+        self._write_grad({n: g.detach().to(self._params[n], copy=True) for n, g in grads.items()}, add=False)
+
+    def _write_grad(self, grads: dict[str, Tensor], *, add: bool) -> None:
+        """The one place p.grad is written, from tensors nobody else holds. Parameters
+        absent from `grads` (outside the losses) keep their grad, as in autograd."""
+        for name, g in grads.items():
+            p = self._params[name]
+            if add and p.grad is not None:
+                p.grad.add_(g)
+            else:
+                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
 
     def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
         """One backward of sum(losses) that fills every call's grad_output.
@@ -220,7 +228,7 @@ class PerSampleGradients:
     def _verify(self, stats: GradientStats, losses: Tensor) -> None:
         """Check the per-sample gradients against autograd's gradient of the mean loss."""
         names = list(stats.mean_grad)
-        params = [stats.parameters[n] for n in names]
+        params = [self._params[n] for n in names]
         expected = torch.autograd.grad(losses.mean(), params, allow_unused=True)
         for name, mean, exp in zip(names, stats.mean_grad.values(), expected):
             exp = torch.zeros_like(mean) if exp is None else exp

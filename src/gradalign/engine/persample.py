@@ -13,10 +13,9 @@ route for that layer. Every representation answers the same six questions:
 
 `total` is a callable returning S, so a route that does not need S never forms it. The
 sum rather than the mean gbar = S / B: the 1/B is applied once to the (B,) results, not
-to every parameter-sized tensor.
-
-and `merge(other)` combines two calls of the same module (shared weights in one forward):
-the per-sample gradient of a module applied twice is the sum of both contributions.
+to every parameter-sized tensor. `merge(other)` combines two calls of the same module
+(shared weights in one forward): the per-sample gradient of a module applied twice is
+the sum of both contributions.
 """
 from __future__ import annotations
 
@@ -52,7 +51,8 @@ class Factored:
     """g_i = sum_t D[i, g, t]^T A[i, g, t], one (n_out, n_in) block per group g.
 
     A: (B, G, T, n_in) layer inputs (unfolded for convolutions), D: (B, G, T, n_out)
-    output gradients. The parameter has shape `shape` with G * n_out * n_in numbers,
+    output gradients; G is the number of groups (grouped convolutions), T the number of
+    positions sharing the weight. The parameter has shape `shape` with G * n_out * n_in numbers,
     laid out group-major as (G * n_out, n_in) (nn.Linear: G = T = 1 or T = tokens;
     nn.Conv: T = output positions, n_in = in_channels/groups * kernel size).
     The common case G = T = 1 runs on 2-D views a (B, n_in), d (B, n_out).
@@ -209,26 +209,26 @@ class IndexedRows(_FromSum):
 
 @dataclass
 class Dense(_FromSum):
-    """The per-sample gradients themselves, G: (B, *shape). For small parameters only
+    """The per-sample gradients themselves, grads: (B, *shape). For small parameters only
     (biases, normalisation affines) or the torch.func fallback."""
 
-    G: Tensor
+    grads: Tensor
 
     def sq_norms(self) -> Tensor:
-        flat = self.G.flatten(1)
+        flat = self.grads.flatten(1)
         return torch.linalg.vecdot(flat, flat)
 
     def dots(self, R: Tensor) -> Tensor:
-        return self.G.flatten(1) @ R.flatten()
+        return self.grads.flatten(1) @ R.flatten()
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
-        return self.G.sum(0) if w is None else torch.tensordot(w, self.G, dims=1)
+        return self.grads.sum(0) if w is None else torch.tensordot(w, self.grads, dims=1)
 
     def sq_sum(self) -> Tensor:
-        return self.G.square().sum(0)
+        return self.grads.square().sum(0)
 
     def merge(self, other: "Dense") -> "Dense":
-        return Dense(self.G + other.G)
+        return Dense(self.grads + other.grads)
 
 
 PerSampleGrad = Factored | IndexedRows | Dense

@@ -1,11 +1,12 @@
 """The straightforward reference: per-sample gradients with torch.func (vmap over grad).
 
 It materialises the (B, P) per-sample gradients, so it is slow and memory-hungry, but it
-is obviously right. Tests compare the engine against it; users can call `check_model`
-to confirm that the engine handles their own model.
+is obviously right. Tests compare the engine against it; users can call
+`compare_with_reference` to confirm that the engine handles their own model.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -52,11 +53,11 @@ def reference_statistics(model: nn.Module, inputs: Tensor, targets: Tensor, loss
     }
 
 
-def check_model(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> dict[str, float]:
-    """Largest absolute difference between the engine and the reference, per statistic.
+def compare_with_reference(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> dict[str, float]:
+    """Largest absolute difference between the engine and the torch.func reference, per statistic.
 
     Example:
-        errors = check_model(model, x, y, lambda out, y: F.cross_entropy(out, y, reduction="none"))
+        errors = compare_with_reference(model, x, y, lambda out, y: F.cross_entropy(out, y, reduction="none"))
         assert max(errors.values()) < 1e-4
     """
     from gradalign.engine.capture import PerSampleGradients
@@ -83,3 +84,11 @@ def check_model(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Loss
         "grad_sq_sum": worst(stats.grad_sq_sum, ref["grad_sq_sum"]),
         "mean_grad": worst({n: g for n, g in grads.items() if g is not None}, ref["mean_grad"]),
     }
+
+
+def check_model(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> dict[str, float]:
+    """Deprecated alias of `compare_with_reference` (it compares, it does not validate: for
+    that, see `ga.validate`). Will be removed in the next release."""
+    warnings.warn("gradalign.check_model is renamed compare_with_reference; check_model will be removed "
+                  "in the next release", DeprecationWarning, stacklevel=2)
+    return compare_with_reference(model, inputs, targets, loss_fn)

@@ -190,16 +190,18 @@ class _Accumulate(_Step):
     def __call__(self, x, y, ids, samples_done):
         logits = self.model(self._view(x))
         losses = F.cross_entropy(logits, y, reduction="none")
-        stats = self.engine.backward(losses)
+        stats = self.engine.backward(losses, write_grad=False)
         self.monitor.update(logits.detach(), y, ids)
         self.pending += len(y)
         if self.acc.update(stats):          # p.grad = mean over the accumulated samples
+            self.engine.set_grad(self.acc.mean_grad())
             self._stepped(self.pending, samples_done)
             self.pending = 0
         return float(losses.detach().sum())
 
     def flush(self, samples_done):
-        if self.pending:                    # p.grad already holds the partial mean
+        if self.pending:                    # step on the partial mean
+            self.engine.set_grad(self.acc.mean_grad())
             self._stepped(self.pending, samples_done)
             self.pending = 0
 

@@ -3,7 +3,8 @@
 Feed increments of samples (default 32); after each, the running per-parameter mean m_j and
 unbiased variance v_j of the per-sample gradients over the n samples so far are updated
 (from sum g and sum g^2, in float64). The optimizer steps when the rule passes or
-max_samples (default 512) samples were used (seed: gaga_experiment.md; METHODS.md).
+max_samples (default 512) samples were used. The accumulator only reads statistics: the
+engine writes its accumulated mean into p.grad (`engine.set_grad(acc.mean_grad())`).
 
 rule="mean_snr" (default, principled): the SNR of the accumulated MEAN gradient,
     bias-corrected and aggregated as a ratio of sums over parameters:
@@ -13,18 +14,26 @@ rule="mean_snr" (default, principled): the SNR of the accumulated MEAN gradient,
     gradient noise scale B_simple = tr(Sigma)/|mu|^2 (McCandlish et al. 2018). Parameters
     with v_j = 0 add nothing to either sum, so dead parameters need no mask; when every
     v_j = 0 the signal is exact and the rule passes.
-rule="per_sample" (the seed's wording): snr = mean_j m_j^2 / (v_j + eps). Its plug-in
-    value is about r_j + 1/n and FALLS towards r_j as n grows, so it mostly stops at the
-    first increment or runs to the cap (METHODS.md, the pitfall). Parameters with v_j = 0
-    give m_j^2 / eps (huge when m_j != 0, 0 when m_j = 0): eps decides, as in the seed.
+rule="per_sample" (the GAGA proposal's wording): snr = mean_j m_j^2 / (v_j + eps). Since
+    E[m_j^2] = mu_j^2 + sigma_j^2 / n, its plug-in value is about r_j + 1/n and FALLS towards
+    r_j as n grows, so it mostly stops at the first increment or runs to the cap. Parameters
+    with v_j = 0 give m_j^2 / eps (huge when m_j != 0, 0 when m_j = 0): eps decides.
+
+References: Byrd, Chin, Nocedal, Wu, "Sample size selection in optimization methods for
+machine learning", Math. Programming 2012; McCandlish, Kaplan, Amodei, "An Empirical Model
+of Large-Batch Training", arXiv:1812.06162; Liu et al., "Understanding Why Neural Networks
+Generalize Well Through GSNR of Parameters", ICLR 2020 (the per-parameter GSNR).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import Tensor
 
-from gradalign.engine.stats import GradientStats
+from gradalign.engine.gradient_stats import GradientStats
 
-RULES = ("mean_snr", "per_sample")
+SNR_RULES = ("mean_snr", "per_sample")
 
 
 class GSNRAccumulator:
@@ -33,16 +42,18 @@ class GSNRAccumulator:
     Example:
         acc = GSNRAccumulator(tau=0.1)
         for x, y in increments:                       # batches of acc.increment samples
-            stats = engine.backward(F.cross_entropy(model(x), y, reduction="none"))
-            if acc.update(stats):                     # p.grad = mean over all accumulated samples
-                optimizer.step()
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            stats = engine.backward(losses, write_grad=False)
+            if acc.update(stats):                     # the rule passed or the cap was reached
+                engine.set_grad(acc.mean_grad())      # p.grad = mean over all accumulated samples
+                optimizer.step(); optimizer.zero_grad()
 
     Args:
         tau: threshold on the aggregated SNR.
-        increment: samples per increment, for the loop that feeds update().
+        increment: samples per increment: the batch size of the loop that feeds update().
         max_samples: cap; the step is taken once this many samples were used.
         rule: "mean_snr" (default) or "per_sample" (faithful); see the module docstring.
-        eps: added to v_j in the per_sample rule.
+        eps: added to v_j in the per_sample rule, a number >= 0.
     Attributes:
         samples_per_step: samples used by every completed step; snr_per_step: the SNR
         at which each step was taken; last_snr: the SNR after the latest update().
@@ -50,46 +61,57 @@ class GSNRAccumulator:
 
     def __init__(self, tau: float = 0.1, *, increment: int = 32, max_samples: int = 512,
                  rule: str = "mean_snr", eps: float = 1e-12):
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if rule not in SNR_RULES:
+            raise ValueError(f"rule must be one of {SNR_RULES}, got {rule!r}")
         if not (isinstance(increment, int) and increment >= 1):
             raise ValueError(f"increment must be a positive integer, got {increment!r}")
         if not (isinstance(max_samples, int) and max_samples >= increment):
             raise ValueError(f"max_samples must be an integer >= increment ({increment}), got {max_samples!r}")
         if not isinstance(tau, (int, float)) or tau != tau:
             raise ValueError(f"tau must be a number (the bias-corrected mean_snr can be negative), got {tau!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.tau, self.increment, self.max_samples, self.rule, self.eps = tau, increment, max_samples, rule, eps
         self.samples_per_step: list[int] = []
         self.snr_per_step: list[float] = []
         self.last_snr = float("nan")
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Start a new accumulation (update() does this itself after a step)."""
         self.n = 0
-        self._sum: dict[str, torch.Tensor] = {}
-        self._sum_sq: dict[str, torch.Tensor] = {}
+        self._closed = False
+        self._sum: dict[str, Tensor] = {}
+        self._sum_sq: dict[str, Tensor] = {}
+        self._dtype: dict[str, torch.dtype] = {}
 
     def update(self, stats: GradientStats) -> bool:
-        """Add one increment; write p.grad = mean over the samples so far in this step.
+        """Add one increment's statistics (sum g_i and sum g_i**2 per parameter).
 
-        Returns True when the optimizer should step now (rule passed or cap reached); the
-        next update() then starts a new accumulation.
+        Returns True when the optimizer should step now (rule passed or cap reached): then
+        `mean_grad()` is the mean over the accumulation just closed, and the next update()
+        starts a new one.
         """
-        B = stats.batch_size
+        if self._closed:
+            self.reset()
         for name, total in stats.grad_sum.items():
             add, add_sq = total.double(), stats.grad_sq_sum[name].double()
+            self._dtype[name] = total.dtype
             self._sum[name] = self._sum[name] + add if name in self._sum else add
             self._sum_sq[name] = self._sum_sq[name] + add_sq if name in self._sum_sq else add_sq
-        self.n += B
-        for name, p in stats.parameters.items():
-            p.grad = (self._sum[name] / self.n).to(p.dtype)
+        self.n += stats.batch_size
         self.last_snr = self.snr()
         ready = self.n >= self.max_samples or self.last_snr > self.tau
         if ready:
             self.samples_per_step.append(self.n)
             self.snr_per_step.append(self.last_snr)
-            self._reset()
+            self._closed = True
         return ready
+
+    def mean_grad(self) -> dict[str, Tensor]:
+        """{param name: mean gradient over the n samples of the current accumulation}, in the
+        gradients' dtype; for `engine.set_grad`. Empty before the first update()."""
+        return {name: (total / self.n).to(self._dtype[name]) for name, total in self._sum.items()}
 
     def snr(self) -> float:
         """The aggregated SNR of the samples accumulated so far (nan before two samples)."""

@@ -1,7 +1,7 @@
 """GWA: gradient-weight alignment of each training sample with the classifier head.
 
 For a head logits = W z + b (W: (C, D)), sample i with embedding z_i, p_i = softmax(logits_i)
-and one-hot or soft label y_i (seeds: gwa_repository_readme.md, gwa_paper_abstract.md):
+and one-hot or soft label y_i (Hoelzl et al. 2025, below; the authors' code: github.com/hlzl/gwa):
 
     g_i = -(p_i - y_i) z_i^T                       the NEGATIVE gradient of CE_i wrt W
     a_i = <g_i, W>_F / (|g_i|_F |W|_F)              in [-1, 1]; 0 where |g_i| |W| = 0
@@ -27,12 +27,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradalign.errors import GradAlignError
+from gradalign.methods.head import HeadRecorder, label_distribution, residual
 
-MODES = ("scratch", "finetune")
+SELECTION_MODES = ("scratch", "finetune")  # best_epoch(mode=...): training from scratch or fine-tuning
 
 
 def _check_targets(targets: Tensor, B: int, C: int) -> None:
@@ -44,14 +44,8 @@ def _check_targets(targets: Tensor, B: int, C: int) -> None:
                      f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
 
 
-def _probabilities(targets: Tensor, C: int) -> Tensor:
-    """(B, C) float64 label distribution from class indices or soft labels."""
-    return targets.double() if targets.is_floating_point() else F.one_hot(targets.long(), C).double()
-
-
-def _alignment(Wz: Tensor, z_norm: Tensor, w_norm: Tensor, logits: Tensor, y: Tensor) -> Tensor:
-    """a_i from W z_i (B, C), |z_i| (B,), |W| (scalar or (B,)), logits (B, C), labels y (B, C)."""
-    r = torch.softmax(logits.double(), dim=1) - y                  # (B, C) p_i - y_i
+def _alignment(Wz: Tensor, z_norm: Tensor, w_norm: Tensor, r: Tensor) -> Tensor:
+    """a_i from W z_i (B, C), |z_i| (B,), |W| (scalar or (B,)) and r_i = p_i - y_i (B, C) float64."""
     dot = -(r * Wz.double()).sum(dim=1)                            # (B,) <g_i, W>
     denom = z_norm.double() * r.norm(dim=1) * w_norm.double()      # (B,) |g_i| |W|
     return torch.where(denom > 0, dot / denom, 0.0).clamp(-1.0, 1.0)
@@ -78,7 +72,7 @@ def gwa_alignment(head_weight: Tensor, embeddings: Tensor, logits: Tensor, targe
                          f"{tuple(embeddings.shape)} and {tuple(logits.shape)}")
     _check_targets(targets, B, C)
     W, z = head_weight.double(), embeddings.double()
-    return _alignment(z @ W.T, z.norm(dim=1), W.norm(), logits, _probabilities(targets, C))
+    return _alignment(z @ W.T, z.norm(dim=1), W.norm(), residual(logits, targets, torch.float64))
 
 
 class _Step(NamedTuple):
@@ -101,14 +95,14 @@ def _step_scores(steps: list[_Step], C: int) -> Tensor:
     counts = torch.tensor([len(s.ids) for s in steps], device=steps[0].logits.device)
     logits = torch.cat([s.logits for s in steps])
     if all(not s.targets.is_floating_point() for s in steps):
-        y = _probabilities(torch.cat([s.targets for s in steps]), C)
+        y = torch.cat([s.targets for s in steps])
     else:
-        y = torch.cat([_probabilities(s.targets, C) for s in steps])
+        y = torch.cat([label_distribution(s.targets, C, torch.float64) for s in steps])
     Wz = logits.double()
     if steps[0].bias is not None:
         Wz = Wz - torch.stack([s.bias for s in steps]).double().repeat_interleave(counts, dim=0)
     w_norm = torch.stack([s.w_norm for s in steps]).repeat_interleave(counts)
-    return _alignment(Wz, torch.cat([s.z_norm for s in steps]), w_norm, logits, y)
+    return _alignment(Wz, torch.cat([s.z_norm for s in steps]), w_norm, residual(logits, y, torch.float64))
 
 
 def _mean_and_kurtosis(scores: Tensor) -> tuple[float, float]:
@@ -174,22 +168,15 @@ class GWAMonitor:
     """
 
     def __init__(self, head: nn.Linear):
-        if not isinstance(head, nn.Linear):
-            raise ValueError(f"GWAMonitor needs the classifier head, an nn.Linear; got {type(head).__name__}")
+        self._recorder = HeadRecorder(head, detach=True, grad_only=True)
         self.head = head
         self.epoch_scores: list[float] = []
         self.epoch_mean_alignment: list[float] = []
         self.epoch_kurtosis: list[float] = []
         self.unselectable: dict[int, str] = {}
-        self._z: Tensor | None = None
         self._pending: list[_Step] = []                          # this epoch's steps, not yet scored
         self._ids: list[np.ndarray] = []                        # per finished epoch, int64
         self._scores: list[np.ndarray] = []                     # per finished epoch, float32
-        self._handle = head.register_forward_hook(self._record)
-
-    def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        if torch.is_grad_enabled():
-            self._z = inputs[0].detach()
 
     def update(self, logits: Tensor, targets: Tensor, sample_ids) -> None:
         """Record the batch of the latest training forward; call before optimizer.step().
@@ -202,10 +189,10 @@ class GWAMonitor:
             targets: (B,) class indices or (B, C) soft labels.
             sample_ids: (B,) integer ids (tensor or sequence), kept with each score.
         """
-        if self._z is None:
+        z, _, _ = self._recorder.take()
+        if z is None:
             raise GradAlignError("update() found no recorded head input: call it after the training "
                                  "forward (with grad enabled) and before the next one")
-        z, self._z = self._z, None
         if z.dim() != 2:
             raise ValueError(f"GWAMonitor needs a head whose input is (B, D), got {tuple(z.shape)}")
         ids = torch.as_tensor(sample_ids, dtype=torch.long, device=z.device).flatten()
@@ -268,8 +255,8 @@ class GWAMonitor:
             epoch if the scores never rise) and take the argmax over epochs >= j.
         Ties go to the earliest epoch.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in SELECTION_MODES:
+            raise ValueError(f"mode must be one of {SELECTION_MODES}, got {mode!r}")
         if skip_fraction is None:
             skip_fraction = 0.1 if mode == "scratch" else 0.0
         if not 0.0 <= skip_fraction < 1.0:
@@ -308,5 +295,4 @@ class GWAMonitor:
 
     def remove(self) -> None:
         """Detach the hook and drop the recorded input; the head is as it was. Idempotent."""
-        self._handle.remove()
-        self._z = None
+        self._recorder.remove()

@@ -1,12 +1,19 @@
 """GASW and GDSW: per-sample weights from each sample's gradient alignment with the batch.
 
-s_i = cos(g_i, gbar), gbar = (1/B) sum_j g_j   (seed: gasw_experiment.md; METHODS.md)
+s_i = cos(g_i, gbar), gbar = (1/B) sum_j g_j
 GASW: w_i = max(0, s_i)^gamma      (weight the consensus)
 GDSW: w_i = (1 - s_i)^gamma        (weight the disagreement)
 then w <- B w / sum_j w_j, and the update direction is (1/B) sum_i w_i g_i.
 
 Use as `engine.backward(losses, weights=GASW(gamma=2.0))`: the engine forms the weighted
 gradient from the same backward, with no (B, P) matrix and no second backward.
+
+Related published work: Ren et al., "Learning to Reweight Examples for Robust Deep
+Learning", ICML 2018 (alignment with a clean validation gradient); Sedova et al., "Learning
+with Noisy Labels by Adaptive Gradient-Based Outlier Removal" (AGRA), ECML-PKDD 2023;
+Chaubard, Eddy, Kochenderfer, "Beyond Gradient Averaging in Parallel Optimization: Improved
+Robustness through Gradient Agreement Filtering", arXiv:2412.18052 (cosine filtering of
+micro-batch gradients).
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from gradalign.engine.stats import GradientStats
+from gradalign.engine.gradient_stats import GradientStats
 
 
 class _CosineWeighting:

@@ -50,18 +50,6 @@ class RuleRegistry:
                 return self._rules[cls]
         return self.fallback
 
-    def problems(self, model: nn.Module) -> list[str]:
-        """Every module with trainable parameters that cannot be handled, as 'path (Type): why'."""
-        found = []
-        for path, module in model.named_modules():
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
-                continue
-            rule = self.rule_for(module)
-            reason = "no rule for this module type" if rule is None else rule.reason(module)
-            if reason:
-                found.append(f"{path or '<model>'} ({type(module).__name__}): {reason}")
-        return found
-
 
 def default_registry() -> RuleRegistry:
     """A fresh registry with every built-in rule and the torch.func fallback."""

@@ -2,7 +2,7 @@
 
 The input is unfolded into patches so the convolution is a linear map applied at T output
 positions: A (B, G, T, C_in/G * k), D (B, G, T, C_out/G), g_i(W) = sum_t d_it a_it^T per
-group (METHODS.md, "layers that apply the same weight at T positions"). g_i(b) = sum_t d_it.
+group (a weight shared over T positions, see persample.Factored). g_i(b) = sum_t d_it.
 """
 import torch.nn.functional as F
 from torch import Tensor, nn

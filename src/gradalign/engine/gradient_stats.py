@@ -1,8 +1,9 @@
 """GradientStats: per-sample gradient statistics, each computed on first access.
 
 Shapes: B samples; g_i the gradient of losses[i] over all trainable parameters;
-gbar = (1/B) sum_i g_i. Every quantity over samples is a sum of per-parameter terms, and
-ratios (cosines) are formed here, in one place, from those sums.
+gbar = (1/B) sum_i g_i. Every quantity over samples is a sum of per-parameter terms
+(|g_i|^2, <g_i, S>, |S|^2 with S = sum_i g_i); the cosines are the one ratio formed here.
+Methods form their own ratios (GASW's normalised weights, GAGA's SNR) from these sums.
 """
 from __future__ import annotations
 
@@ -27,14 +28,15 @@ class GradientStats:
         cosines: (B,) cos(g_i, gbar); 0 where |g_i| or |gbar| is 0.
         grad_sq_sum: {param name: sum_i g_i**2}, elementwise.
         weights: (B,) the weights p.grad was formed with (ones when none were given).
-        parameters: {param name: the trainable parameter}, for methods that set p.grad.
+
+    A read-only result: it holds the factored per-sample gradients, not the model, so only
+    the engine writes p.grad.
     """
 
     def __init__(self, per_sample: dict[str, PerSampleGrad], batch_size: int, *,
-                 device: torch.device | None = None, parameters: dict | None = None):
+                 device: torch.device | None = None):
         self._per_sample = per_sample
         self._device = device
-        self.parameters = parameters or {}
         self.batch_size = batch_size
         self.weights: Tensor | None = None
 

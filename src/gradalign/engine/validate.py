@@ -1,0 +1,57 @@
+"""One walk over a model: which modules the engine serves with which rule, and every problem.
+
+`ga.validate(model)` returns the problems without hooking anything (what Opacus users know
+as ModuleValidator); `PerSampleGradients` runs the same walk and refuses the model with all
+of them at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from gradalign.engine.rules import Rule, RuleRegistry, default_registry
+
+
+@dataclass
+class Served:
+    """A module with trainable parameters of its own, and the rule that serves it."""
+
+    path: str
+    module: nn.Module
+    rule: Rule
+    param_names: dict[str, str]  # local name -> name in model.named_parameters()
+
+
+def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list[str]]:
+    """(served modules, problems as 'path (Type): why') for every module owning trainable parameters."""
+    full_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    owner: dict[int, str] = {}
+    served, problems = [], []
+    for path, module in model.named_modules():
+        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if not own:
+            continue
+        where = f"{path or '<model>'} ({type(module).__name__})"
+        for p in own.values():
+            if id(p) in owner:
+                problems.append(f"{where}: parameter {full_names[id(p)]} is also used by {owner[id(p)] or '<model>'}; "
+                                "tied parameters are not supported, untie or freeze them")
+            owner[id(p)] = path
+        rule = registry.rule_for(module)
+        reason = "no rule for this module type" if rule is None else rule.reason(module)
+        if reason:
+            problems.append(f"{where}: {reason}")
+            continue
+        served.append(Served(path, module, rule, {local: full_names[id(p)] for local, p in own.items()}))
+    return served, problems
+
+
+def validate(model: nn.Module, *, registry: RuleRegistry | None = None) -> list[str]:
+    """Every reason the engine would refuse `model`, one line per module; [] when it is supported.
+
+    Example:
+        problems = ga.validate(model)
+        assert not problems, "\\n".join(problems)
+    """
+    return survey(model, registry if registry is not None else default_registry())[1]
