@@ -84,7 +84,9 @@ def make_variants(B: int) -> dict:
         acc = ga.GSNRAccumulator(tau=float("inf"), increment=B, max_samples=4 * B)
 
         def step():  # one increment of B samples; the optimizer steps every 4th call
-            if acc.update(engine.backward(F.cross_entropy(model(x), y, reduction="none"))):
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            if acc.update(engine.backward(losses, write_grad=False)):
+                engine.set_grad(acc.mean_grad())
                 opt.step()
         return step
 

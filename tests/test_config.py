@@ -2,8 +2,8 @@
 import pytest
 
 from gradalign.errors import ConfigError
-from gradalign.experiments.config import (
-    apply_overrides, bundled_names, load_config, parse_config, parse_override)
+from gradalign.experiments.config import load_config, override, parse_config
+from gradalign.experiments.config_sources import bundled_names, parse_override
 
 
 def minimal(**over):
@@ -43,7 +43,7 @@ def test_bundled_experiments_match_the_issue():
 def test_defaults_and_types():
     cfg = parse_config(minimal())
     assert cfg.train.epochs == 2 and cfg.train.batch_size == 32 and cfg.model.kind == "mlp"
-    assert cfg.reference == "base"
+    assert cfg.final.reference == "base"                # resolved at parse time: the first arm
     sp = cfg.arm("base").search[0]
     assert (sp.name, sp.type, sp.low, sp.high, sp.log) == ("lr", "float", 1e-4, 1e-2, True)
     with pytest.raises(Exception):
@@ -96,9 +96,9 @@ def test_quick_and_overrides():
     cfg = parse_config(raw, quick=True, overrides={"tune.trials": 4, "arms.w.params.gamma": 1.5})
     assert cfg.train.epochs == 1 and cfg.tune.trials == 4 and cfg.arm("w").params["gamma"] == 1.5
     with pytest.raises(ConfigError, match="no arm 'zz'"):
-        apply_overrides(raw, {"arms.zz.params.lr": 1.0})
+        override(raw, {"arms.zz.params.lr": 1.0})
     with pytest.raises(ConfigError, match="first part must be one of"):
-        apply_overrides(raw, {"trian.epochs": 1})
+        override(raw, {"trian.epochs": 1})
     with pytest.raises(ConfigError, match="expected an integer >= 1"):
         parse_config(raw, overrides={"train.epochs": 0})
 

@@ -75,7 +75,9 @@ def mtimes(run_dir):
 
 
 def test_end_to_end_layout_and_report(tmp_path):
-    run_dir = reproduce(tiny(tmp_path), tmp_path / "run", progress=False)
+    done = reproduce(tiny(tmp_path), tmp_path / "run", progress=False)
+    run_dir = done.run_dir
+    assert done.summary == json.loads((run_dir / "summary.json").read_text())
     for name in ("config.json", "study.db", "evaluations.csv", "summary.md", "summary.json", "comparison.png",
                  "gaga_dynamics.png", "tuning/baseline.json", "tuning/gasw.json"):
         assert (run_dir / name).exists(), name
@@ -230,7 +232,7 @@ def test_changed_config_retrains_and_other_experiment_is_refused(tmp_path):
 def test_noise_variants_and_gwa_report(tmp_path):
     cfg = tiny(tmp_path, noise="[0.0, 0.2]")
     run_dir = reproduce(cfg, tmp_path / "run", trials=0, seeds=2, progress=False,
-                        overrides={"arms.gasw.train_split": "train"})
+                        overrides={"arms.gasw.train_split": "train"}).run_dir
     assert (run_dir / "runs" / "noise0.2" / "gasw" / "seed1.json").exists()
     for name in ("comparison_noise0.png", "comparison_noise0.2.png", "gwa_noise0.png", "gwa_noise0.2.png"):
         assert (run_dir / name).exists(), name
@@ -252,5 +254,5 @@ def test_report_on_a_partial_folder(tmp_path):
     result = write_report(run_dir)
     arms = result["variants"][""]["arms"]
     assert arms["gaga"]["seeds"] == [] and arms["gasw"]["seeds"] == [0]
-    with pytest.raises(FileNotFoundError, match="not a run folder"):
+    with pytest.raises(ConfigError, match="not a run folder"):
         write_report(tmp_path)

@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from gradalign.experiments.config import parse_config
+from gradalign.experiments.config import parse_config, resolve_params
 from gradalign.experiments.data import make_mnist1d
-from gradalign.experiments.train import COLUMNS, TrainingDiverged, resolve_params, train_run
+from gradalign.experiments.rundir import columns
+from gradalign.experiments.train import TrainingDiverged, train_run
+
+COLUMNS = columns()
 
 METHODS = ["baseline", "gasw", "gdsw", "gaga", "gvr", "two_view"]
 

@@ -64,7 +64,7 @@ def _pos_int(text: str) -> int:
 
 
 def _key_value(text: str):
-    from gradalign.experiments.config import parse_override
+    from gradalign.experiments.config_sources import parse_override
     try:
         return parse_override(text)
     except ConfigError as e:
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compare every method on mnist1d in a few minutes",
                        description="Train baseline Adam, GASW, GDSW, GAGA, the two-view control and GVR on mnist1d "
                        "with fixed settings (no tuning), 2 seeds each; print the table and the plot's path.")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/demo, or runs/demo-quick)")
     p.add_argument("--seeds", type=_pos_int, default=None, help="seeds per method (default: 2)")
     _common(p)
 
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm", action="append", default=[], help="arm to tune (repeatable; default: every tuned arm)")
     p.add_argument("--trials", type=_nonneg_int, help="completed trials per arm (overrides the config)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
-    p.add_argument("--out", type=Path, help="folder for the default study.db (default: runs/<experiment>)")
+    p.add_argument("--out", type=Path, help="folder for the default study.db and tuning.json "
+                   "(default: runs/<experiment>, or runs/<experiment>-quick)")
     _common(p)
 
     p = sub.add_parser("report", help="write summary.md, summary.json and the plots of a run folder",
@@ -158,29 +159,22 @@ def _print_tables(result: dict, run_dir: Path) -> None:
         print(f"plot:   {run_dir / name}")
 
 
+def _cmd_reproduce(args, experiment: str | None = None) -> int:
+    from gradalign.experiments.runner import reproduce
+    done = reproduce(experiment or args.experiment, args.out, quick=args.quick, trials=getattr(args, "trials", None),
+                     seeds=args.seeds, storage=getattr(args, "storage", None), overrides=dict(args.overrides),
+                     progress=not args.no_progress, threads=args.threads)
+    _print_tables(done.summary, done.run_dir)
+    return 0
+
+
 def _cmd_demo(args) -> int:
-    from gradalign.experiments.runner import reproduce
-    from gradalign.experiments.report import write_report
-    out = args.out if args.out != Path("runs/demo") or not args.quick else Path("runs/demo-quick")
-    run_dir = reproduce("demo", out, quick=args.quick, seeds=args.seeds, overrides=dict(args.overrides),
-                        progress=not args.no_progress, report=False, threads=args.threads)
-    _print_tables(write_report(run_dir), run_dir)
-    return 0
-
-
-def _cmd_reproduce(args) -> int:
-    from gradalign.experiments.runner import reproduce
-    from gradalign.experiments.report import write_report
-    run_dir = reproduce(args.experiment, args.out, quick=args.quick, trials=args.trials, seeds=args.seeds,
-                        storage=args.storage, overrides=dict(args.overrides), progress=not args.no_progress,
-                        report=False, threads=args.threads)
-    _print_tables(write_report(run_dir), run_dir)
-    return 0
+    return _cmd_reproduce(args, "demo")
 
 
 def _cmd_train(args) -> int:
-    from gradalign.experiments.runner import rows_to_csv, run_single, write_atomic
-    from gradalign.experiments.train import COLUMNS
+    from gradalign.experiments.rundir import columns, rows_to_csv, write_atomic
+    from gradalign.experiments.runner import run_single
     result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
                         overrides=dict(args.overrides), eval_split=args.split, progress=not args.no_progress,
                         threads=args.threads)
@@ -191,58 +185,32 @@ def _cmd_train(args) -> int:
     print(json.dumps({k: v for k, v in result.summary.items() if k in ("params", "final", "gwa_epoch", "auroc_flipped",
                                                                           "steps", "wall_time")}, default=str))
     if args.csv:
-        write_atomic(args.csv, rows_to_csv(result.rows, COLUMNS))
+        write_atomic(args.csv, rows_to_csv(result.rows, columns()))
         print(f"evaluations: {args.csv}")
     return 0
 
 
 def _cmd_tune(args) -> int:
-    from gradalign.experiments import data as data_mod
-    from gradalign.experiments.runner import default_storage, resolve, write_json
-    from gradalign.experiments.runner import _Bars, torch_threads
-    from gradalign.experiments.tune import tune_arm
-    config = resolve(args.experiment, quick=args.quick, trials=args.trials, overrides=dict(args.overrides))
-    out = args.out or Path("runs") / (config.name + ("-quick" if args.quick else ""))
-    out.mkdir(parents=True, exist_ok=True)
-    storage = args.storage or default_storage(out)
-    names = args.arm or [a.name for a in config.arms if a.search]
-    for name in names:
-        config.arm(name)                                   # unknown arm: ConfigError before any work
-    if not names:
-        raise ConfigError(f"experiment {config.name!r} searches nothing: no arm has a search table")
-    results = {}
-    for variant in config.variants():
-        d = variant.data
-        splits = data_mod.make_mnist1d(d.num_samples, d.seed, val_fraction=d.val_fraction,
-                                       label_noise=d.label_noise, noise_seed=d.noise_seed)
-        for name in names:
-            bars = _Bars(not args.no_progress, variant.tune.trials, 0, f"tune {name}")
-            try:
-                with torch_threads(args.threads):
-                    r = tune_arm(variant, variant.arm(name), splits, storage=storage, on_trial=bars.tick,
-                                 progress_factory=bars.inner)
-            finally:
-                bars.close()
-            key = f"{variant.variant}/{name}" if variant.variant else name
-            results[key] = r.to_dict()
-            print(f"{key}: best {r.params} (val acc {r.value:.4f}; {r.complete} complete, {r.pruned} pruned, "
-                  f"{r.failed} diverged)")
-    write_json(out / "tuning.json", {"storage": storage, "arms": results})
-    print(f"studies in {storage}; best parameters in {out / 'tuning.json'}")
+    from gradalign.experiments.runner import tune_only
+    run_dir, storage, results = tune_only(args.experiment, args.out, arms=args.arm, quick=args.quick,
+                                          trials=args.trials, storage=args.storage, overrides=dict(args.overrides),
+                                          progress=not args.no_progress, threads=args.threads)
+    for key, r in results.items():
+        print(f"{key}: best {r['params']} (val acc {r['value']:.4f}; {r['complete']} complete, {r['pruned']} pruned, "
+              f"{r['failed']} diverged)")
+    print(f"studies in {storage}; best parameters in {run_dir / 'tuning.json'}")
     return 0
 
 
 def _cmd_report(args) -> int:
     from gradalign.experiments.report import write_report
-    if not (args.run_dir / "config.json").exists():
-        raise ConfigError(f"{args.run_dir} is not a run folder (no config.json): give a folder made by "
-                          "`gradalign reproduce`")
     _print_tables(write_report(args.run_dir), args.run_dir)
     return 0
 
 
 def _cmd_list(args) -> int:
-    from gradalign.experiments.config import bundled_names, load_config
+    from gradalign.experiments.config import load_config
+    from gradalign.experiments.config_sources import bundled_names
     for name in bundled_names():
         cfg = load_config(name)
         print(f"{name:10} {cfg.description}")

@@ -1,13 +1,19 @@
 """Experiments: configs -> runs -> reports.
 
-    config   TOML experiment files parsed into validated dataclasses (load_config)
-    data     mnist1d splits, label noise, batches, augmentation
-    models   small classifiers with a .head
-    train    one training loop for every arm (train_run)
-    tune     Optuna tuning of one arm, resumable (tune_arm)
-    runner   an experiment end to end, resumable (reproduce)
-    stats    confidence intervals, paired differences, AUROC
-    report   summary.md, summary.json, evaluations.csv and plots of a run folder (write_report)
+    arms            the method table: one entry per method (parameters, step, report extras)
+    steps           training steps: view -> forward -> monitor -> update -> optimizer
+    config          TOML experiment files parsed into validated dataclasses (load_config)
+    config_sources  bundled names and paths, the --set override language
+    checks          value checks shared by config and arms
+    data            mnist1d splits, label noise, batches, augmentation
+    models          small classifiers with a .head
+    train           one training loop for every arm (train_run)
+    tune            Optuna tuning of one arm, resumable (tune_arm)
+    rundir          the run folder: paths, atomic writes, columns, reading results back
+    runner          an experiment end to end, resumable (reproduce, tune_only, run_single)
+    intervals       confidence intervals, paired differences, AUROC
+    report          summary.md, summary.json, evaluations.csv of a run folder (write_report)
+    plots           the report's figures
 
 Submodules are imported on use, so `import gradalign.experiments` stays light.
 """

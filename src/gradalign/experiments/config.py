@@ -1,8 +1,8 @@
 """Experiment configurations: TOML files parsed into typed, validated, frozen dataclasses.
 
 A bundled experiment is one TOML file in ``gradalign/configs/`` (``load_config("gasw")``);
-any other path works too. Every table rejects unknown keys with a ConfigError that lists
-the valid ones, and every value is checked before any training starts.
+any other path works too (config_sources.py reads it). Every table rejects unknown keys with
+a ConfigError that lists the valid ones, and every value is checked before training starts.
 
 Schema (defaults in brackets)::
 
@@ -20,106 +20,31 @@ Schema (defaults in brackets)::
     [experiment] noise_levels [[]] (one sub-experiment per label-noise rate), gwa_mode
                  ["scratch"|"finetune"], gwa_skip_fraction [0.1], stability_last [10]
     [quick]      tables of the same shape, merged over the above by ``--quick``
-    [[arms]]     name, method (baseline|gasw|gdsw|gaga|gvr|two_view), label, train_split
-                 ["train_full"|"train"], params {fixed}, search {param = {low, high, log, type} |
-                 {choices = [...]}}
+    [[arms]]     name, method (a name in arms.METHODS), label, train_split ["train_full"|"train"],
+                 params {fixed}, search {param = {low, high, log, type} | {choices = [...]}}
 
-Arm parameters (fixed or searched): lr, momentum, weight_decay, batch_size, augment (all
-methods); gamma, leave_one_out (gasw, gdsw); tau, increment, max_samples, rule (gaga);
-alpha, gvr_mode, gvr_layers, subset (gvr; two_view takes the same except alpha, which is 0).
+Arm parameters (fixed or searched) are the method's, as declared in arms.METHODS: lr,
+momentum, weight_decay, batch_size, augment (every method); gamma, leave_one_out (gasw,
+gdsw); tau, increment, max_samples, rule (gaga); alpha, gvr_mode, gvr_layers, subset (gvr;
+two_view takes the same except alpha, which is 0).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
-import sys
 from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from gradalign.errors import ConfigError
+from gradalign.experiments import checks
+from gradalign.experiments.arms import METHODS
+from gradalign.experiments.config_sources import apply_overrides, merge, read_toml
+from gradalign.experiments.data import split_sizes
+from gradalign.experiments.models import MODELS
 
-METHODS = ("baseline", "gasw", "gdsw", "gaga", "gvr", "two_view")
-MODEL_KINDS = ("mlp", "resmlp", "conv1d")
 OBJECTIVES = ("final", "best", "mean_last")
 TABLES = ("data", "model", "train", "tune", "final", "experiment")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# Each check returns None when the value is fine, else what is expected.
-def _positive(v):
-    return None if _is_num(v) and v > 0 else "a number > 0"
-
-
-def _nonneg(v):
-    return None if _is_num(v) and v >= 0 else "a number >= 0"
-
-
-def _pos_int(v):
-    return None if _is_int(v) and v >= 1 else "an integer >= 1"
-
-
-def _nonneg_int(v):
-    return None if _is_int(v) and v >= 0 else "an integer >= 0"
-
-
-def _unit_open(v):
-    return None if _is_num(v) and 0 < v < 1 else "a number in (0, 1)"
-
-
-def _unit_closed(v):
-    return None if _is_num(v) and 0 <= v <= 1 else "a number in [0, 1]"
-
-
-def _momentum(v):
-    return None if _is_num(v) and 0 <= v < 1 else "a number in [0, 1)"
-
-
-def _bool(v):
-    return None if isinstance(v, bool) else "true or false"
-
-
-def _number(v):
-    return None if _is_num(v) else "a finite number"
-
-
-def _one_of(*options):
-    return lambda v: None if v in options else "one of " + ", ".join(map(repr, options))
-
-
-# Arm parameters: name -> check. Which methods take which is in METHOD_PARAMS.
-PARAM_CHECKS = {
-    "lr": _positive, "momentum": _momentum, "weight_decay": _nonneg, "batch_size": _pos_int,
-    "augment": _bool, "gamma": _nonneg, "leave_one_out": _bool, "tau": _number,
-    "increment": _pos_int, "max_samples": _pos_int, "rule": _one_of("mean_snr", "per_sample"),
-    "alpha": _nonneg, "gvr_mode": _one_of("auto", "autograd", "closed_form"),
-    "gvr_layers": _one_of("head", "last_stage"), "subset": _pos_int,
-}
-_COMMON = ("lr", "momentum", "weight_decay", "batch_size", "augment")
-_GVR = ("gvr_mode", "gvr_layers", "subset")
-METHOD_PARAMS = {
-    "baseline": _COMMON,
-    "gasw": _COMMON + ("gamma", "leave_one_out"),
-    "gdsw": _COMMON + ("gamma", "leave_one_out"),
-    "gaga": _COMMON + ("tau", "increment", "max_samples", "rule"),
-    "gvr": _COMMON + ("alpha",) + _GVR,
-    "two_view": _COMMON + _GVR,
-}
 
 
 @dataclass(frozen=True)
@@ -158,11 +83,6 @@ class TrainConfig:
         """Samples between evaluations."""
         return self.eval_every if self.budget_samples is not None else self.eval_every * n_train
 
-    @property
-    def x_axis(self) -> str:
-        """The column curves are plotted against: "samples" or "epoch"."""
-        return "samples" if self.budget_samples is not None else "epoch"
-
 
 @dataclass(frozen=True)
 class TuneConfig:
@@ -179,7 +99,7 @@ class TuneConfig:
 class FinalConfig:
     seeds: int = 5
     first_seed: int = 0
-    reference: str | None = None
+    reference: str | None = None  # the arm paired differences are taken to; parsing sets the first arm
 
 
 @dataclass(frozen=True)
@@ -242,11 +162,6 @@ class ExperimentConfig:
                 return a
         raise ConfigError(f"no arm named {name!r}; arms: {', '.join(a.name for a in self.arms)}")
 
-    @property
-    def reference(self) -> str:
-        """The arm that paired differences are taken against."""
-        return self.final.reference or self.arms[0].name
-
     def variants(self) -> list[ExperimentConfig]:
         """One config per label-noise level in [experiment] noise_levels, else [self]."""
         if not self.experiment.noise_levels:
@@ -272,20 +187,21 @@ class ExperimentConfig:
 # ---------------------------------------------------------------- parsing
 
 _SPECS = {  # table -> {key: check}; an entry None means "validated elsewhere"
-    "data": {"num_samples": _pos_int, "seed": _nonneg_int, "val_fraction": _unit_open,
-             "label_noise": _unit_closed, "noise_seed": _nonneg_int},
-    "model": {"kind": _one_of(*MODEL_KINDS), "hidden": _pos_int, "options": None},
-    "train": {"optimizer": _one_of("adam", "sgd"), "lr": _positive, "momentum": _momentum,
-              "weight_decay": _nonneg, "batch_size": _pos_int, "epochs": _pos_int,
-              "budget_samples": _pos_int, "eval_every": _pos_int, "schedule": _one_of("none", "cosine")},
-    "tune": {"trials": _nonneg_int, "objective": _one_of(*OBJECTIVES), "last_k": _pos_int,
-             "sampler_seed": _nonneg_int, "seed": _nonneg_int, "pruning": _bool, "startup_trials": _nonneg_int},
-    "final": {"seeds": _pos_int, "first_seed": _nonneg_int, "reference": None},
-    "experiment": {"noise_levels": None, "gwa_mode": _one_of("scratch", "finetune"),
-                   "gwa_skip_fraction": lambda v: None if _is_num(v) and 0 <= v < 1 else "a number in [0, 1)",
-                   "stability_last": _pos_int},
+    "data": {"num_samples": checks.pos_int, "seed": checks.nonneg_int, "val_fraction": checks.unit_open,
+             "label_noise": checks.unit_closed, "noise_seed": checks.nonneg_int},
+    "model": {"kind": checks.one_of(*MODELS), "hidden": checks.pos_int, "options": None},
+    "train": {"optimizer": checks.one_of("adam", "sgd"), "lr": checks.positive, "momentum": checks.unit_right_open,
+              "weight_decay": checks.nonneg, "batch_size": checks.pos_int, "epochs": checks.pos_int,
+              "budget_samples": checks.pos_int, "eval_every": checks.pos_int,
+              "schedule": checks.one_of("none", "cosine")},
+    "tune": {"trials": checks.nonneg_int, "objective": checks.one_of(*OBJECTIVES), "last_k": checks.pos_int,
+             "sampler_seed": checks.nonneg_int, "seed": checks.nonneg_int, "pruning": checks.boolean,
+             "startup_trials": checks.nonneg_int},
+    "final": {"seeds": checks.pos_int, "first_seed": checks.nonneg_int, "reference": None},
+    "experiment": {"noise_levels": None, "gwa_mode": checks.one_of("scratch", "finetune"),
+                   "gwa_skip_fraction": checks.unit_right_open, "stability_last": checks.pos_int},
 }
-_TOP = ("name", "description", "quick", "arms") + TABLES
+TOP_KEYS = ("name", "description", "quick", "arms") + TABLES
 _ARM_KEYS = ("name", "method", "label", "train_split", "params", "search")
 _SEARCH_KEYS = ("low", "high", "log", "type", "choices")
 
@@ -303,66 +219,31 @@ def _check_keys(where: str, table, valid) -> None:
                           f"valid keys: {', '.join(valid)}")
 
 
+def _check_values(prefix: str, table: dict, spec: dict) -> None:
+    """Check every value of `table` against spec {key: check}; errors name `prefix` + key."""
+    for key, value in table.items():
+        problem = spec[key](value) if spec[key] else None
+        if problem:
+            raise _err(f"{prefix}{key}", f"expected {problem}, got {value!r}")
+
+
 def _check_table(src: str, name: str, table: dict) -> dict:
     spec = _SPECS[name]
     _check_keys(f"{src} [{name}]", table, list(spec))
-    for key, value in table.items():
-        check = spec[key]
-        problem = check(value) if check else None
-        if problem:
-            raise _err(f"{src} [{name}] {key}", f"expected {problem}, got {value!r}")
+    _check_values(f"{src} [{name}] ", table, spec)
     return table
 
 
-def merge(base: dict, over: dict) -> dict:
-    """Deep merge of plain dicts: tables merge key by key, other values replace."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
+def override(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys of a raw config, e.g. {"train.epochs": 2, "arms.gasw.params.gamma": 1.0}."""
+    return apply_overrides(raw, overrides, tables=TABLES, top_keys=TOP_KEYS)
 
 
-def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    """Set dotted keys, e.g. {"train.epochs": 2, "arms.gasw.params.gamma": 1.0}."""
-    raw = copy.deepcopy(raw)
-    for path, value in overrides.items():
-        parts = path.split(".")
-        node = raw
-        if parts[0] == "arms":
-            if len(parts) < 3:
-                raise ConfigError(f"override {path!r}: use arms.<arm name>.<key>")
-            arms = {a.get("name"): a for a in raw.get("arms", [])}
-            if parts[1] not in arms:
-                raise ConfigError(f"override {path!r}: no arm {parts[1]!r}; arms: {', '.join(map(str, arms))}")
-            node, parts = arms[parts[1]], parts[2:]
-        elif parts[0] not in _TOP or len(parts) == 1 and parts[0] in TABLES:
-            raise ConfigError(f"override {path!r}: the first part must be one of "
-                              f"{', '.join(TABLES)}, name, description or arms.<name>")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {path!r}: {p!r} is not a table")
-        node[parts[-1]] = value
-    return raw
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'train.epochs=3' -> ("train.epochs", 3); values are TOML, bare words are strings."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=3), got {text!r}")
-    key, value = (s.strip() for s in text.split("=", 1))
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    return key, parsed
-
-
-def _parse_search(where: str, name: str, spec) -> SearchParam:
+def _parse_search(where: str, param, spec) -> SearchParam:
     if not isinstance(spec, dict):
         raise _err(where, "expected a table like {low = 1e-4, high = 1e-2, log = true} or {choices = [...]}")
     _check_keys(where, spec, _SEARCH_KEYS)
-    check = PARAM_CHECKS[name]
+    check, name = param.check, param.name
     if "choices" in spec:
         extra = sorted(set(spec) - {"choices", "type"})
         if extra or not isinstance(spec["choices"], list) or not spec["choices"]:
@@ -371,14 +252,14 @@ def _parse_search(where: str, name: str, spec) -> SearchParam:
             if check(c):
                 raise _err(where, f"choice {c!r} is not {check(c)}")
         return SearchParam(name, "categorical", choices=tuple(spec["choices"]))
-    kind = spec.get("type", "int" if name in ("batch_size", "increment", "max_samples", "subset") else "float")
+    kind = spec.get("type", "int" if param.integer else "float")
     if kind not in ("float", "int"):
         raise _err(where, f"type must be 'float' or 'int', got {kind!r}")
     if "low" not in spec or "high" not in spec:
         raise _err(where, "needs low and high")
     low, high, log = spec["low"], spec["high"], spec.get("log", False)
     for bound in (low, high):
-        problem = check(bound) if kind == "float" or _is_int(bound) else "an integer"
+        problem = check(bound) if kind == "float" or checks.is_int(bound) else "an integer"
         if problem:
             raise _err(where, f"bound {bound!r} is not {problem}")
     if not low < high:
@@ -392,40 +273,40 @@ def _parse_arm(src: str, index: int, raw) -> ArmConfig:
     where = f"{src} [[arms]] #{index + 1}"
     _check_keys(where, raw, _ARM_KEYS)
     name, method = raw.get("name"), raw.get("method")
-    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise _err(where, f"name must be a non-empty word of letters, digits, _ or -, got {name!r}")
+    if checks.word(name):
+        raise _err(where, f"name must be {checks.word(name)}, got {name!r}")
     where = f"{src} arm {name!r}"
     if method not in METHODS:
-        raise _err(where, f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise _err(where, f"method must be one of {', '.join(METHODS.names())}, got {method!r}")
     if raw.get("train_split", "train_full") not in ("train_full", "train"):
         raise _err(where, f"train_split must be 'train_full' or 'train', got {raw['train_split']!r}")
     if not isinstance(raw.get("label", ""), str):
         raise _err(where, "label must be a string")
-    valid = METHOD_PARAMS[method]
+    declared = METHODS[method].all_params
     params = raw.get("params", {})
-    _check_keys(f"{where} params", params, valid)
-    for key, value in params.items():
-        problem = PARAM_CHECKS[key](value)
-        if problem:
-            raise _err(f"{where} params.{key}", f"expected {problem}, got {value!r}")
+    _check_keys(f"{where} params", params, declared)
+    _check_values(f"{where} params.", params, {k: declared[k].check for k in params})
     search = raw.get("search", {})
-    _check_keys(f"{where} search", search, valid)
+    _check_keys(f"{where} search", search, declared)
     both = sorted(set(params) & set(search))
     if both:
         raise _err(where, f"{', '.join(both)} is both fixed (params) and searched (search); keep one")
-    space = tuple(_parse_search(f"{where} search.{k}", k, v) for k, v in search.items())
+    space = tuple(_parse_search(f"{where} search.{k}", declared[k], v) for k, v in search.items())
     return ArmConfig(name, method, raw.get("label", ""), raw.get("train_split", "train_full"), dict(params), space)
 
 
 def check_params(arm: ArmConfig, params: dict) -> dict:
     """Validate parameters given for an arm (e.g. on the command line); returns them."""
     where = f"arm {arm.name!r} ({arm.method})"
-    _check_keys(f"{where} parameters", params, METHOD_PARAMS[arm.method])
-    for key, value in params.items():
-        problem = PARAM_CHECKS[key](value)
-        if problem:
-            raise _err(f"{where} {key}", f"expected {problem}, got {value!r}")
+    declared = METHODS[arm.method].all_params
+    _check_keys(f"{where} parameters", params, declared)
+    _check_values(f"{where} ", params, {k: declared[k].check for k in params})
     return params
+
+
+def resolve_params(config: ExperimentConfig, arm: ArmConfig, params: dict | None = None) -> dict:
+    """Every setting a run uses: method defaults ([train] for the common ones) < arm params < tuned."""
+    return {**METHODS[arm.method].defaults(config.train), **arm.params, **(params or {})}
 
 
 def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
@@ -434,16 +315,16 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
 
     quick: merge the [quick] tables over the rest first; overrides: dotted keys set last.
     """
-    _check_keys(source, raw, _TOP)
+    _check_keys(source, raw, TOP_KEYS)
     quick_raw = raw.get("quick", {})
     _check_keys(f"{source} [quick]", quick_raw, TABLES)
     if quick:
         raw = merge(raw, quick_raw)
     if overrides:
-        raw = apply_overrides(raw, overrides)
+        raw = override(raw, overrides)
     name = raw.get("name")
-    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise _err(source, f"name must be a non-empty word of letters, digits, _ or -, got {name!r}")
+    if checks.word(name):
+        raise _err(source, f"name must be {checks.word(name)}, got {name!r}")
     if not isinstance(raw.get("description", ""), str):
         raise _err(source, "description must be a string")
     tables = {t: _check_table(source, t, raw.get(t, {})) for t in TABLES}
@@ -458,7 +339,7 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
     if not isinstance(tables["model"].get("options", {}), dict):
         raise _err(f"{source} [model] options", "expected a table of keyword arguments")
     levels = tables["experiment"].get("noise_levels", [])
-    if not isinstance(levels, list) or any(_unit_closed(v) for v in levels) or len(set(levels)) < len(levels):
+    if not isinstance(levels, list) or any(checks.unit_closed(v) for v in levels) or len(set(levels)) < len(levels):
         raise _err(f"{source} [experiment] noise_levels", f"expected a list of distinct rates in [0, 1], got {levels!r}")
     arms_raw = raw.get("arms", [])
     if not isinstance(arms_raw, list) or not arms_raw:
@@ -467,13 +348,13 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
     names = [a.name for a in arms]
     if len(set(names)) < len(names):
         raise _err(source, f"arm names must be unique, got {names}")
-    ref = tables["final"].get("reference")
-    if ref is not None and ref not in names:
-        raise _err(f"{source} [final] reference", f"must name an arm ({', '.join(names)}), got {ref!r}")
+    final = {"reference": names[0], **tables["final"]}
+    if final["reference"] not in names:
+        raise _err(f"{source} [final] reference", f"must name an arm ({', '.join(names)}), got {final['reference']!r}")
     cfg = ExperimentConfig(
         name=name, description=raw.get("description", ""),
         data=DataConfig(**tables["data"]), model=ModelConfig(**tables["model"]), train=TrainConfig(**train),
-        tune=TuneConfig(**tables["tune"]), final=FinalConfig(**tables["final"]),
+        tune=TuneConfig(**tables["tune"]), final=FinalConfig(**final),
         experiment=AnalysisConfig(**{**tables["experiment"], "noise_levels": tuple(float(v) for v in levels)}),
         arms=arms)
     _check_sizes(source, cfg)
@@ -485,44 +366,17 @@ def _check_sizes(source: str, cfg: ExperimentConfig) -> None:
     d, t = cfg.data, cfg.train
     if d.num_samples % 10 or d.num_samples < 20:
         raise _err(f"{source} [data] num_samples", f"must be a multiple of 10 and >= 20, got {d.num_samples}")
-    n_train = int(d.num_samples * 0.8)
-    n_val = round(d.val_fraction * n_train)
-    if not 1 <= n_val < n_train:
-        raise _err(f"{source} [data] val_fraction", f"leaves {n_val} of {n_train} training samples for validation")
+    n_full, n_train, n_val = split_sizes(d.num_samples, d.val_fraction)
+    if not 1 <= n_val < n_full:
+        raise _err(f"{source} [data] val_fraction", f"leaves {n_val} of {n_full} training samples for validation")
     if t.epochs is not None and t.eval_every > t.epochs:
         raise _err(f"{source} [train] eval_every", f"({t.eval_every} epochs) is more than epochs ({t.epochs})")
     if t.budget_samples is not None and t.eval_every > t.budget_samples:
         raise _err(f"{source} [train] eval_every", f"({t.eval_every} samples) is more than budget_samples")
     for arm in cfg.arms:
-        p = arm.params
-        if p.get("max_samples", 512) < p.get("increment", 32):
+        p = resolve_params(cfg, arm)
+        if "increment" in p and p["max_samples"] < p["increment"]:
             raise _err(f"{source} arm {arm.name!r}", "max_samples must be >= increment")
-
-
-def bundled_names() -> list[str]:
-    """Names of the experiments shipped in gradalign/configs."""
-    root = resources.files("gradalign") / "configs"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
-
-
-def read_toml(name_or_path: str | Path) -> tuple[dict, str]:
-    """The raw dict of a bundled experiment name or a TOML path, and a label for messages."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        text, label = path.read_text(), str(path)
-    else:
-        names = bundled_names()
-        if str(name_or_path) not in names:
-            raise ConfigError(f"unknown experiment {str(name_or_path)!r}: give a bundled name "
-                              f"({', '.join(names)}) or a path to a .toml file")
-        text = (resources.files("gradalign") / "configs" / f"{name_or_path}.toml").read_text()
-        label = f"{name_or_path}.toml"
-    try:
-        return tomllib.loads(text), label
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{label}: not valid TOML: {e}") from None
 
 
 def load_config(name_or_path: str | Path, *, quick: bool = False,

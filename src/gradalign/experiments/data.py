@@ -63,6 +63,20 @@ class Splits:
     noise_rate: float
 
 
+def split_sizes(num_samples: int, val_fraction: float) -> tuple[int, int, int]:
+    """(train_full, train, val) sizes: the generator keeps 80% for training (the rest is the
+    test set) and ``round(val_fraction * train_full)`` of those are held out for validation."""
+    n_full = int(num_samples * 0.8)
+    n_val = round(val_fraction * n_full)
+    return n_full, n_full - n_val, n_val
+
+
+def load_splits(data) -> Splits:
+    """The splits an experiment's [data] table (a config.DataConfig) describes."""
+    return make_mnist1d(data.num_samples, data.seed, val_fraction=data.val_fraction,
+                        label_noise=data.label_noise, noise_seed=data.noise_seed)
+
+
 def make_mnist1d(num_samples: int = 4000, seed: int = 42, *, val_fraction: float = 0.2,
                  label_noise: float = 0.0, noise_seed: int = 0) -> Splits:
     """Generate mnist1d and split it into train / val / test, with optional label noise.
@@ -164,8 +178,7 @@ def _check_args(num_samples, seed, val_fraction, label_noise, noise_seed) -> Non
             raise ValueError(f"{name} must be an int in [0, 2**32); got {value!r}")
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
         raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction!r}")
-    n_train = int(num_samples * 0.8)
-    n_val = round(val_fraction * n_train)
+    n_train, _, n_val = split_sizes(num_samples, val_fraction)
     if not 1 <= n_val < n_train:
         raise ValueError(f"val_fraction={val_fraction} leaves {n_val} of {n_train} training samples for "
                          "validation; choose it so that both train and val are non-empty")

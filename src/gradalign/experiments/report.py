@@ -1,7 +1,8 @@
 """The report of a run folder: summary.md, summary.json, evaluations.csv and PNG plots.
 
-``write_report(run_dir)`` reads only the folder (config.json and runs/), so it works on a
+``write_report(run_dir)`` reads only the folder (rundir.load_runs), so it works on a
 finished run, on an interrupted one (whatever seeds exist), and from ``gradalign report DIR``.
+Which extra metrics and figures an arm gets is declared by its method (arms.METHODS).
 
 Statistics are over the final seeds: mean and 95% Student t interval; each arm against the
 reference arm (``[final] reference``, default the first) as the paired difference over the
@@ -21,8 +22,6 @@ deviation. Run metrics (per seed):
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import warnings
@@ -31,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as sps
 
-from gradalign.experiments import stats as st
+from gradalign.experiments import intervals, rundir
+from gradalign.experiments.arms import METHODS
+from gradalign.experiments.plots import plot_variant
 
 log = logging.getLogger("gradalign")
 NAN = float("nan")
@@ -45,45 +46,6 @@ LABELS = {
     "gwa_pearson": "Pearson(GWA, test acc)", "auroc_flipped": "AUROC flipped labels",
 }
 PERCENT = {"test_acc", "test_acc@gwa", "test_acc@val", "test_acc@last", "acc_std_last"}
-
-
-# ---------------------------------------------------------------- loading
-
-def _num(v: str):
-    """A CSV cell as int (seed, samples, step), float, or the text itself."""
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def load_runs(run_dir: Path) -> tuple[dict, dict]:
-    """(meta from config.json, {variant: {arm: {seed: (summary, rows)}}}) for current-config runs."""
-    run_dir = Path(run_dir)
-    meta_path = run_dir / "config.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json); make one with `gradalign reproduce`")
-    meta = json.loads(meta_path.read_text())
-    runs: dict = {}
-    for variant in meta["variants"]:
-        runs[variant] = {}
-        for arm in meta["config"]["arms"]:
-            key = f"{variant}/{arm['name']}" if variant else arm["name"]
-            found = {}
-            for path in sorted((run_dir / "runs" / key).glob("seed*.json")):
-                summary = json.loads(path.read_text())
-                if summary.get("config_hash") != meta["hashes"][key] or not path.with_suffix(".csv").exists():
-                    continue
-                found[summary["seed"]] = (summary, read_rows(path.with_suffix(".csv")))
-            runs[variant][arm["name"]] = dict(sorted(found.items()))
-    return meta, runs
 
 
 # ---------------------------------------------------------------- per-run metrics
@@ -105,15 +67,19 @@ def _selected(rows: list[dict], summary: dict) -> dict:
     return out
 
 
-def run_metrics(summary: dict, rows: list[dict], last_k: int) -> dict:
+def run_metrics(summary: dict, rows: list[dict], last_k: int, declared: tuple[str, ...] = ()) -> dict:
+    """One run's metrics. `declared`: the metrics its method asks for (arms.Method.report_metrics);
+    those that are evaluation-row columns are averaged over the evaluations where they are finite."""
     last = rows[-1]
     acc_key = "val_acc" if math.isfinite(last["val_acc"]) else "test_acc"     # stability: val when held out
     out = {"test_acc": last["test_acc"], "test_loss": last["test_loss"], "train_loss": last["train_loss"],
            "wall_time": summary["wall_time"],
            "samples_per_step": summary["samples"] / max(summary["steps"], 1),
            "acc_std_last": float(np.std([r[acc_key] for r in rows[-last_k:]], ddof=1)) if len(rows) > 1 else NAN}
-    for key in ("zero_weight_frac", "weight_entropy"):
-        values = [r[key] for r in rows if math.isfinite(r[key])]
+    for key in declared:
+        if key in out:                                  # computed above (samples_per_step, acc_std_last)
+            continue
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if values:
             out[key] = float(np.mean(values))
     out.update(_selected(rows, summary))
@@ -126,7 +92,7 @@ def _stat(values: list[float]) -> dict:
     v = [x for x in values if x is not None]
     if not v:
         return {"mean": NAN, "lo": NAN, "hi": NAN, "n": 0, "values": []}
-    mean, lo, hi = st.mean_ci(v)
+    mean, lo, hi = intervals.mean_ci(v)
     return {"mean": mean, "lo": lo, "hi": hi, "n": len(v), "values": v}
 
 
@@ -141,16 +107,17 @@ def _stat_against(values: dict, ref: dict | None) -> dict:
     out = _stat(list(values.values()))
     common = [s for s in values if s in ref] if ref is not None else []
     if common:
-        out["diff"] = st.paired_difference([values[s] for s in common], [ref[s] for s in common])
+        out["diff"] = intervals.paired_difference([values[s] for s in common], [ref[s] for s in common])
     return out
 
 
 def summarise_variant(meta: dict, runs: dict) -> dict:
     """Per arm: parameters, per-seed metrics, mean/CI and paired difference to the reference."""
     cfg = meta["config"]
-    reference = cfg["final"]["reference"] or cfg["arms"][0]["name"]
+    reference = cfg["final"]["reference"]
     k = cfg["experiment"]["stability_last"]
-    per_seed = {arm: {seed: run_metrics(s, rows, k) for seed, (s, rows) in seeds.items()}
+    declared = {a["name"]: getattr(METHODS.get(a["method"]), "report_metrics", ()) for a in cfg["arms"]}
+    per_seed = {arm: {seed: run_metrics(s, rows, k, declared[arm]) for seed, (s, rows) in seeds.items()}
                 for arm, seeds in runs.items()}
     ref = per_seed.get(reference, {})
     out = {}
@@ -169,23 +136,23 @@ def summarise_variant(meta: dict, runs: dict) -> dict:
     return {"reference": reference, "arms": out, "selection": _selection(cfg, per_seed, reference)}
 
 
-SELECTION_RULES = (("test_acc@gwa", "GWA epoch"), ("test_acc@val", "validation epoch"), ("test_acc@last", "last epoch"))
+EPOCH_CHOICES = (("test_acc@gwa", "GWA epoch"), ("test_acc@val", "validation epoch"), ("test_acc@last", "last epoch"))
 
 
 def _selection(cfg: dict, per_seed: dict, reference: str) -> dict:
-    """Test accuracy under each epoch-selection rule of each arm, paired against one of them.
+    """Test accuracy at each epoch choice (GWA, validation, last) of each arm, paired against one of them.
 
     The reference is the validation-selected epoch of the first arm that has a validation
     split (the usual practice GWA is meant to replace), else the last epoch of the reference arm.
     """
-    items = [(arm["name"], metric, rule) for arm in cfg["arms"] for metric, rule in SELECTION_RULES
+    items = [(arm["name"], metric, choice) for arm in cfg["arms"] for metric, choice in EPOCH_CHOICES
              if any(metric in m for m in per_seed.get(arm["name"], {}).values())]
     val = [(a, m) for a, m, _ in items if m == "test_acc@val"]
     ref = val[0] if val else (reference, "test_acc@last")
     ref_values = _column(per_seed.get(ref[0], {}), ref[1])
-    rows = [{"arm": arm, "rule": rule, "metric": metric,
+    rows = [{"arm": arm, "rule": choice, "metric": metric,
              **_stat_against(_column(per_seed[arm], metric), None if (arm, metric) == ref else ref_values)}
-            for arm, metric, rule in items]
+            for arm, metric, choice in items]
     return {"reference": {"arm": ref[0], "metric": ref[1]}, "rows": rows}
 
 
@@ -253,7 +220,7 @@ def selection_table(summary: dict) -> list[str]:
     sel = summary["selection"]
     ref = sel["reference"]
     labels = {name: e["label"] for name, e in summary["arms"].items()}
-    ref_rule = dict(SELECTION_RULES)[ref["metric"]]
+    ref_choice = dict(EPOCH_CHOICES)[ref["metric"]]
     rows = []
     for r in sel["rows"]:
         d, p = _diff(r.get("diff"), "test_acc")
@@ -261,16 +228,21 @@ def selection_table(summary: dict) -> list[str]:
         rows.append([labels[r["arm"]], r["rule"], _ci(r, "test_acc"), "(reference)" if is_ref else d,
                      "-" if is_ref else p])
     return _table(["arm", "epoch chosen by", "test acc [95% CI]",
-                   f"minus {labels[ref['arm']]}, {ref_rule} [95% CI]", "p"], rows)
+                   f"minus {labels[ref['arm']]}, {ref_choice} [95% CI]", "p"], rows)
 
 
 def _available(summary: dict, metrics: list[str]) -> list[str]:
     return [m for m in metrics if any(m in e["metrics"] and e["metrics"][m]["n"] for e in summary["arms"].values())]
 
 
+def _declared(cfg: dict, attribute: str) -> list[str]:
+    """The union, in arm order, of what the arms' methods declare (unknown methods declare nothing)."""
+    found = (getattr(METHODS.get(a["method"]), attribute, ()) for a in cfg["arms"])
+    return list(dict.fromkeys(x for names in found for x in names))
+
+
 def markdown(meta: dict, summaries: dict, plots: dict) -> str:
     cfg = meta["config"]
-    methods = {a["method"] for a in cfg["arms"]}
     budget = (f"{cfg['train']['budget_samples']} samples" if cfg["train"]["budget_samples"]
               else f"{cfg['train']['epochs']} epochs")
     tune = cfg["tune"]
@@ -283,11 +255,7 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
            f"- final runs: {cfg['final']['seeds']} seeds from {cfg['final']['first_seed']}, trained on the full "
            "training set unless stated, paired across arms; intervals are 95% Student t, p from the paired t-test",
            f"- quick mode: {'yes' if meta['quick'] else 'no'}", ""]
-    main = ["test_acc", "train_loss", "test_loss", "wall_time"]
-    if "gaga" in methods:
-        main += ["samples_per_step", "acc_std_last"]
-    if methods & {"gasw", "gdsw"}:
-        main += ["zero_weight_frac", "weight_entropy"]
+    main = ["test_acc", "train_loss", "test_loss", "wall_time"] + _declared(cfg, "report_metrics")
     for variant, summary in summaries.items():
         title = f"noise {variant[5:]}" if variant.startswith("noise") else variant
         out += [f"## Results{' (' + title + ')' if variant else ''}", ""] + main_table(summary) + [""]
@@ -306,149 +274,25 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
     return "\n".join(out)
 
 
-# ---------------------------------------------------------------- plots
-
-def _curves(runs: dict, column: str, x: str):
-    """{arm: (x (E,), mean (E,), lo (E,), hi (E,))} aligned by evaluation index over seeds.
-
-    The band is mean -/+ one std, clipped to the range the seeds reached, so that it stays
-    positive on a log scale (a loss never goes below its smallest seed).
-    """
-    out = {}
-    for arm, seeds in runs.items():
-        if not seeds:
-            continue
-        n = min(len(rows) for _, rows in seeds.values())
-        ys = np.array([[r[column] for r in rows[:n]] for _, rows in seeds.values()], float)
-        if not np.isfinite(ys).any():
-            continue
-        xs = np.array([r[x] for r in next(iter(seeds.values()))[1][:n]], float)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)          # evaluations with no value (nan)
-            mean, std = np.nanmean(ys, 0), np.nanstd(ys, 0)
-            out[arm] = (xs, mean, np.maximum(mean - std, np.nanmin(ys, 0)), np.minimum(mean + std, np.nanmax(ys, 0)))
-    return out
-
-
-def _panel(ax, runs, column, x, labels, title):
-    for arm, (xs, mean, lo, hi) in _curves(runs, column, x).items():
-        ax.plot(xs, mean, label=labels[arm])
-        ax.fill_between(xs, lo, hi, alpha=0.2)
-    ax.set_title(title)
-    ax.set_xlabel(x)
-    ax.grid(alpha=0.3)
-
-
-def plot_variant(run_dir: Path, meta: dict, variant: str, runs: dict) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = meta["config"]
-    labels = {a["name"]: a["label"] or a["name"] for a in cfg["arms"]}
-    x = "samples" if cfg["train"]["budget_samples"] else "epoch"
-    suffix = f"_{variant}" if variant else ""
-    names = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    _panel(axes[0], runs, "test_acc", x, labels, "test accuracy")
-    _panel(axes[1], runs, "train_loss", x, labels, "training loss")
-    axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{cfg['name']} {variant} (mean; band: one std over seeds, within their range)".strip())
-    fig.tight_layout()
-    names.append(f"comparison{suffix}.png")
-    fig.savefig(Path(run_dir) / names[-1], dpi=110)
-    plt.close(fig)
-    if any(a["method"] == "gaga" for a in cfg["arms"]):
-        names.append(f"gaga_dynamics{suffix}.png")
-        _plot_gaga(plt, Path(run_dir) / names[-1], runs, x, labels, cfg["experiment"]["stability_last"])
-    if cfg["experiment"]["noise_levels"]:
-        names.append(f"gwa{suffix}.png")
-        _plot_gwa(plt, Path(run_dir) / names[-1], runs, labels, variant)
-    return names
-
-
-def _plot_gaga(plt, path, runs, x, labels, k):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    _panel(axes[0], runs, "samples_per_step", x, labels, "samples per optimizer step")
-    column = "val_acc" if any(math.isfinite(rows[-1]["val_acc"]) for seeds in runs.values()
-                              for _, rows in seeds.values()) else "test_acc"
-    for arm, seeds in runs.items():
-        if not seeds:
-            continue
-        rolling = []
-        for _, rows in seeds.values():
-            acc = np.array([r[column] for r in rows], float)
-            rolling.append([np.std(acc[max(0, i - k + 1):i + 1], ddof=1) if i else NAN for i in range(len(acc))])
-        n = min(map(len, rolling))
-        xs = [r[x] for r in next(iter(seeds.values()))[1][:n]]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)          # the first evaluation has no std
-            axes[1].plot(xs, np.nanmean([r[:n] for r in rolling], 0), label=labels[arm])
-    axes[1].set_title(f"{column.replace('_', ' ')} stability: std over the last {k} evaluations")
-    axes[1].set_xlabel(x)
-    axes[1].grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_gwa(plt, path, runs, labels, variant):
-    arms = [a for a, seeds in runs.items() if seeds]
-    fig, axes = plt.subplots(1, max(len(arms), 1), figsize=(5.5 * max(len(arms), 1), 4), squeeze=False)
-    for ax, arm in zip(axes[0], arms):
-        seeds = runs[arm]
-        n = min(len(rows) for _, rows in seeds.values())
-        ep = np.arange(1, n + 1)
-        acc = np.array([[r["test_acc"] for r in rows[:n]] for _, rows in seeds.values()])
-        gwa = np.array([[r["gwa"] for r in rows[:n]] for _, rows in seeds.values()])
-        ax.plot(ep, acc.mean(0), color="C0", label="test acc")
-        ax2 = ax.twinx()
-        ax2.plot(ep, np.nanmean(gwa, 0), color="C1", label="GWA score")
-        ax2.set_ylabel("GWA_T", color="C1")
-        for i, (summary, rows) in enumerate(seeds.values()):
-            picks = [("gwa", summary.get("gwa_epoch"), "^", "C3")]
-            val = np.array([r["val_acc"] for r in rows[:n]], float)
-            if np.isfinite(val).all():
-                picks.append(("val", int(np.argmax(val)), "s", "C2"))
-            picks.append(("last", n - 1, "o", "C7"))
-            for name, e, marker, color in picks:
-                if e is not None and e < n:
-                    ax.scatter(e + 1, acc[i, e], marker=marker, color=color, zorder=3,
-                               label=f"{name}-selected" if i == 0 else None)
-        ax.set_title(f"{labels[arm]} {variant}".strip())
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- entry point
 
 def write_report(run_dir) -> dict:
     """Write evaluations.csv, summary.json, summary.md and the plots; return the summary dict."""
-    from gradalign.experiments.runner import rows_to_csv, write_atomic, write_json
-    from gradalign.experiments.train import COLUMNS
-
     run_dir = Path(run_dir)
-    meta, runs = load_runs(run_dir)
+    meta, runs = rundir.load_runs(run_dir)
     all_rows = [row for variant in runs.values() for seeds in variant.values()
                 for _, rows in seeds.values() for row in rows]
-    write_atomic(run_dir / "evaluations.csv", rows_to_csv(all_rows, ("variant",) + COLUMNS))
+    rundir.write_atomic(run_dir / "evaluations.csv", rundir.rows_to_csv(all_rows, rundir.file_columns()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # scipy on near-identical pairs; degenerate cases are nan
         summaries = {v: summarise_variant(meta, runs[v]) for v in runs}
-    plots = {v: plot_variant(run_dir, meta, v, runs[v]) if any(runs[v].values()) else [] for v in runs}
-    tuning = {}
-    for path in sorted((run_dir / "tuning").rglob("*.json")) if (run_dir / "tuning").exists() else []:
-        tuning[str(path.relative_to(run_dir / "tuning").with_suffix(""))] = json.loads(path.read_text())
+    extra = _declared(meta["config"], "plots") + (["gwa"] if meta["config"]["experiment"]["noise_levels"] else [])
+    plots = {v: plot_variant(run_dir, meta, v, runs[v], extra) if any(runs[v].values()) else [] for v in runs}
+    tuning = rundir.load_tuning(run_dir)
     result = {"experiment": meta["config"]["name"], "description": meta["config"]["description"],
               "quick": meta["quick"], "storage": meta["storage"], "tuning": tuning, "variants": summaries,
               "plots": [p for names in plots.values() for p in names]}
-    write_json(run_dir / "summary.json", result)
-    write_atomic(run_dir / "summary.md", markdown(meta, summaries, plots) + "\n")
+    rundir.write_json(run_dir / "summary.json", result)
+    rundir.write_atomic(run_dir / "summary.md", markdown(meta, summaries, plots) + "\n")
     log.info("report written: %s", (run_dir / "summary.md").resolve())
     return result

@@ -1,106 +1,34 @@
 """Run an experiment end to end: tune every arm, train every arm on every seed, report.
 
-Run folder layout::
+    reproduce("gasw", quick=True)   -> Reproduced(run_dir, summary)   # `gradalign reproduce`, `demo`
+    tune_only("gaga", arms=["gaga"]) -> {cell: best parameters}        # `gradalign tune`
+    run_single("gasw", "gasw", {"lr": 3e-3}, seed=0) -> RunResult     # `gradalign train`
 
-    <out>/config.json                      the resolved configuration and per-arm hashes
-    <out>/study.db                         Optuna studies (default storage)
-    <out>/tuning/[<variant>/]<arm>.json    best parameters and trial counts of each arm
-    <out>/runs/[<variant>/]<arm>/seed<k>.csv   every evaluation of one final run
-    <out>/runs/[<variant>/]<arm>/seed<k>.json  its summary (written last: marks the run finished)
-    <out>/evaluations.csv                  every evaluation of every final run
-    <out>/summary.md, summary.json, *.png  the report (report.py)
-
-Every file is written to a temporary name and renamed, so an interrupted run never leaves
-a half-written result. A re-run with the same folder skips finished trials (tune.py) and
-finished runs: a run is finished when its .json exists with the same configuration hash
-and the same parameters; otherwise (configuration changed, more trials moved the best
-parameters) it is trained again.
+The run folder's layout and files are rundir.py's. A re-run with the same folder skips
+finished trials (tune.py) and finished runs: a run is finished when its .json exists with
+the same configuration hash and the same parameters; otherwise (configuration changed,
+more trials moved the best parameters) it is trained again.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
 from gradalign.errors import ConfigError
-from gradalign.experiments import data as data_mod
-from gradalign.experiments.config import ArmConfig, ExperimentConfig, check_params, load_config
-from gradalign.experiments.train import COLUMNS, train_run
+from gradalign.experiments import rundir
+from gradalign.experiments.config import ExperimentConfig, check_params, load_config
+from gradalign.experiments.data import load_splits
+from gradalign.experiments.report import write_report
+from gradalign.experiments.train import RunResult, train_run
 from gradalign.experiments.tune import TuneResult, count_finished, open_study, tune_arm
 
 log = logging.getLogger("gradalign")
 
-
-# ---------------------------------------------------------------- files
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def rows_to_csv(rows: list[dict], columns) -> str:
-    import io
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def cell(config: ExperimentConfig, arm: ArmConfig | str) -> str:
-    """'arm' or 'variant/arm': the key and relative folder of one arm of one variant."""
-    name = arm if isinstance(arm, str) else arm.name
-    return f"{config.variant}/{name}" if config.variant else name
-
-
-def run_path(run_dir: Path, config: ExperimentConfig, arm: ArmConfig, seed: int) -> Path:
-    return Path(run_dir) / "runs" / cell(config, arm) / f"seed{seed}.json"
-
-
-def tuning_path(run_dir: Path, config: ExperimentConfig, arm: ArmConfig) -> Path:
-    return Path(run_dir) / "tuning" / f"{cell(config, arm)}.json"
-
-
-def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
-
-
-def _finished_run(path: Path, config_hash: str, params: dict) -> bool:
-    if not path.exists() or not path.with_suffix(".csv").exists():
-        return False
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if done.get("config_hash") != config_hash or done.get("tuned_params") != params:
-        log.warning("%s was made with other settings; training it again", path)
-        return False
-    return True
-
-
-# ---------------------------------------------------------------- the experiment
 
 @contextlib.contextmanager
 def torch_threads(n: int | None):
@@ -126,26 +54,7 @@ def resolve(name_or_path, *, quick: bool = False, trials: int | None = None, see
     return load_config(name_or_path, quick=quick, overrides=over)
 
 
-def _check_folder(run_dir: Path, config: ExperimentConfig) -> None:
-    meta = run_dir / "config.json"
-    if meta.exists():
-        try:
-            old = json.loads(meta.read_text())["config"]["name"]
-        except (OSError, KeyError, json.JSONDecodeError):
-            return
-        if old != config.name:
-            raise ConfigError(f"{run_dir} holds results of experiment {old!r}, not {config.name!r}: "
-                              "choose another --out folder")
-
-
-def _write_meta(run_dir: Path, config: ExperimentConfig, storage: str, source: str, quick: bool) -> None:
-    hashes = {cell(v, a): v.arm_hash(a) for v in config.variants() for a in v.arms}
-    write_json(run_dir / "config.json", {"config": config.to_dict(), "source": source, "quick": quick,
-                                         "storage": storage, "hashes": hashes,
-                                         "variants": [v.variant for v in config.variants()]})
-
-
-class _Bars:
+class Bars:
     """One bar for the experiment (trials + runs), one for the current run (samples)."""
 
     def __init__(self, enabled: bool, total: int, initial: int, desc: str):
@@ -164,9 +73,24 @@ class _Bars:
         self.outer.close()
 
 
+@dataclass
+class Reproduced:
+    run_dir: Path
+    summary: dict | None   # the report (report.write_report), None when report=False
+
+
+def _prepare(config: ExperimentConfig, out_dir, quick: bool, storage: str | None, source: str) -> tuple[Path, str]:
+    run_dir = Path(out_dir) if out_dir is not None else rundir.default_run_dir(config.name, quick)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.check_folder(run_dir, config.name)
+    storage = storage or rundir.default_storage(run_dir)
+    rundir.write_meta(run_dir, config, storage, source, quick)
+    return run_dir, storage
+
+
 def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = False, trials: int | None = None,
               seeds: int | None = None, storage: str | None = None, overrides: dict | None = None,
-              progress: bool = True, report: bool = True, threads: int | None = 1) -> Path:
+              progress: bool = True, report: bool = True, threads: int | None = 1) -> Reproduced:
     """Tune every arm, train every arm on every seed, then write the report. Resumable.
 
     Args:
@@ -177,24 +101,18 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
         storage: an Optuna storage URL (default sqlite:///<out_dir>/study.db).
         overrides: dotted keys to set, e.g. {"train.epochs": 2}.
         progress: show progress bars.
-        report: write the report at the end.
+        report: write the report at the end (and return its summary).
         threads: torch CPU threads while running (default 1: these small models gain nothing from
             more, and one thread per process stays fast when other processes share the cores);
             None leaves torch's setting alone.
-    Returns:
-        The run folder.
     """
     config = resolve(name_or_path, quick=quick, trials=trials, seeds=seeds, overrides=overrides)
-    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / (config.name + ("-quick" if quick else ""))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_folder(run_dir, config)
-    storage = storage or default_storage(run_dir)
-    _write_meta(run_dir, config, storage, str(name_or_path), quick)
+    run_dir, storage = _prepare(config, out_dir, quick, storage, str(name_or_path))
     log.info("experiment %s: results in %s (Optuna storage %s)", config.name, run_dir.resolve(), storage)
     variants = config.variants()
     seed_list = [config.final.first_seed + k for k in range(config.final.seeds)]
     total, done = _plan(run_dir, variants, seed_list, storage)
-    bars = _Bars(progress, total, done, config.name)
+    bars = Bars(progress, total, done, config.name)
     t0 = time.perf_counter()
     try:
         with torch_threads(threads):
@@ -203,10 +121,7 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
     finally:
         bars.close()
     log.info("all runs finished in %.0f s", time.perf_counter() - t0)
-    if report:
-        from gradalign.experiments.report import write_report
-        write_report(run_dir)
-    return run_dir
+    return Reproduced(run_dir, write_report(run_dir) if report else None)
 
 
 def _plan(run_dir: Path, variants, seed_list, storage) -> tuple[int, int]:
@@ -218,31 +133,42 @@ def _plan(run_dir: Path, variants, seed_list, storage) -> tuple[int, int]:
                 total += v.tune.trials
                 done += min(count_finished(open_study(v, arm, storage)), v.tune.trials)
             total += len(seed_list)
-            done += sum(run_path(run_dir, v, arm, s).exists() for s in seed_list)
+            done += sum(rundir.run_path(run_dir, v.variant, arm.name, s).exists() for s in seed_list)
     return total, min(done, total)
 
 
-def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], storage: str, bars: _Bars) -> None:
-    label = f"{config.name}" + (f" [{config.variant}]" if config.variant else "")
-    log.info("%s: generating mnist1d (%d samples, label noise %g)", label, config.data.num_samples,
-             config.data.label_noise)
-    d = config.data
-    splits = data_mod.make_mnist1d(d.num_samples, d.seed, val_fraction=d.val_fraction,
-                                   label_noise=d.label_noise, noise_seed=d.noise_seed)
-    tuned: dict[str, TuneResult] = {}
-    for arm in config.arms:
+def _label(config: ExperimentConfig) -> str:
+    return config.name + (f" [{config.variant}]" if config.variant else "")
+
+
+def _tune_variant(config: ExperimentConfig, arms, splits, storage: str, bars: Bars) -> dict[str, TuneResult]:
+    """Tune the given arms of one variant (untuned arms give empty parameters)."""
+    tuned = {}
+    for arm in arms:
         result = tune_arm(config, arm, splits, storage=storage, on_trial=bars.tick, progress_factory=bars.inner)
         tuned[arm.name] = result
         if arm.search and config.tune.trials:
-            write_json(tuning_path(run_dir, config, arm), {**result.to_dict(), "storage": storage})
             log.info("%s %s: best %s (val acc %.4f) after %d complete, %d pruned, %d diverged trials",
-                     label, arm.name, _fmt(result.params), result.value, result.complete, result.pruned,
+                     _label(config), arm.name, _fmt(result.params), result.value, result.complete, result.pruned,
                      result.failed)
+    return tuned
+
+
+def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], storage: str, bars: Bars) -> None:
+    label = _label(config)
+    log.info("%s: generating mnist1d (%d samples, label noise %g)", label, config.data.num_samples,
+             config.data.label_noise)
+    splits = load_splits(config.data)
+    tuned = _tune_variant(config, config.arms, splits, storage, bars)
+    for arm in config.arms:
+        if arm.search and config.tune.trials:
+            rundir.write_json(rundir.tuning_path(run_dir, config.variant, arm.name),
+                              {**tuned[arm.name].to_dict(), "storage": storage})
     for seed in seed_list:                          # seed-major: an interruption leaves complete pairs
         for arm in config.arms:
-            path = run_path(run_dir, config, arm, seed)
+            path = rundir.run_path(run_dir, config.variant, arm.name, seed)
             params = tuned[arm.name].params
-            if _finished_run(path, config.arm_hash(arm), params):
+            if rundir.finished_run(path, config.arm_hash(arm), params):
                 continue
             bar = bars.inner(f"{arm.name} seed {seed}", config.train.budget(len(getattr(splits, arm.train_split))))
             try:
@@ -251,9 +177,9 @@ def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], 
                 bar.close()
             for row in result.rows:
                 row["variant"] = config.variant
-            write_atomic(path.with_suffix(".csv"), rows_to_csv(result.rows, ("variant",) + COLUMNS))
-            write_json(path, {**result.summary, "variant": config.variant, "config_hash": config.arm_hash(arm),
-                              "tuned_params": params, "label": arm.title})
+            rundir.write_run(path, result.rows, {**result.summary, "variant": config.variant,
+                                                 "config_hash": config.arm_hash(arm), "tuned_params": params,
+                                                 "label": arm.title})
             last = result.rows[-1]
             log.info("%s %s seed %d: test acc %.4f, train loss %.4f (%.0f s) -> %s", label, arm.name, seed,
                      last["test_acc"], last["train_loss"], result.summary["wall_time"], path.with_suffix(".csv"))
@@ -264,21 +190,41 @@ def _fmt(params: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items()) or "-"
 
 
+def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str] | None = None,
+              quick: bool = False, trials: int | None = None, storage: str | None = None,
+              overrides: dict | None = None, progress: bool = True, threads: int | None = 1) -> tuple[Path, str, dict]:
+    """Tune arms only (default: every arm with a search table); returns (run folder, storage,
+    {'[variant/]arm': TuneResult.to_dict()}) and writes them to <out>/tuning.json."""
+    config = resolve(name_or_path, quick=quick, trials=trials, overrides=overrides)
+    names = arms or [a.name for a in config.arms if a.search]
+    for name in names:
+        config.arm(name)                                   # unknown arm: ConfigError before any work
+    if not names:
+        raise ConfigError(f"experiment {config.name!r} searches nothing: no arm has a search table")
+    run_dir, storage = _prepare(config, out_dir, quick, storage, str(name_or_path))
+    results = {}
+    with torch_threads(threads):
+        for variant in config.variants():
+            splits = load_splits(variant.data)
+            bars = Bars(progress, variant.tune.trials * len(names), 0, f"tune {_label(variant)}")
+            try:
+                tuned = _tune_variant(variant, [variant.arm(n) for n in names], splits, storage, bars)
+            finally:
+                bars.close()
+            results.update({rundir.cell(variant.variant, n): r.to_dict() for n, r in tuned.items()})
+    rundir.write_json(run_dir / "tuning.json", {"storage": storage, "arms": results})
+    return run_dir, storage, results
+
+
 def run_single(name_or_path, arm_name: str, params: dict, seed: int, *, quick: bool = False,
                overrides: dict | None = None, eval_split: str = "test", progress: bool = True,
-               threads: int | None = 1):
+               threads: int | None = 1) -> RunResult:
     """Train one arm once with given parameters (the `gradalign train` command)."""
     config = resolve(name_or_path, quick=quick, overrides=overrides)   # noise: [data] label_noise
     arm = config.arm(arm_name)
     check_params(arm, params)
-    d = config.data
-    splits = data_mod.make_mnist1d(d.num_samples, d.seed, val_fraction=d.val_fraction,
-                                   label_noise=d.label_noise, noise_seed=d.noise_seed)
+    splits = load_splits(config.data)
     n = len(splits.train if eval_split == "val" else getattr(splits, arm.train_split))
     with tqdm(total=config.train.budget(n), desc=f"{arm.name} seed {seed}", unit="sample", unit_scale=True,
               disable=not progress, leave=False) as bar, torch_threads(threads):
         return train_run(config, arm, params, seed, splits, eval_split=eval_split, progress=bar)
-
-
-__all__ = ["reproduce", "run_single", "resolve", "cell", "run_path", "tuning_path", "write_atomic",
-           "write_json", "rows_to_csv", "default_storage"]

@@ -35,6 +35,8 @@ from optuna.trial import TrialState
 
 from gradalign.errors import GradAlignError
 from gradalign.experiments.config import ArmConfig, ExperimentConfig
+from gradalign.experiments.data import split_sizes
+from gradalign.experiments.rundir import cell
 from gradalign.experiments.train import TrainingDiverged, train_run
 
 log = logging.getLogger("gradalign")
@@ -56,8 +58,7 @@ class TuneResult:
 
 
 def study_name(config: ExperimentConfig, arm: ArmConfig) -> str:
-    parts = [config.name] + ([config.variant] if config.variant else []) + [arm.name]
-    return "/".join(parts + [config.arm_hash(arm, tuning=True)])
+    return "/".join([config.name, cell(config.variant, arm.name), config.arm_hash(arm, tuning=True)])
 
 
 def objective_value(rows: list[dict], objective: str, last_k: int) -> float:
@@ -81,8 +82,7 @@ def count_finished(study: optuna.Study) -> int:
 
 def _warmup(config: ExperimentConfig) -> int:
     """Evaluations before a trial may be pruned: the first third of a tuning run (at least one)."""
-    n_full = int(config.data.num_samples * 0.8)                 # the generator's 80/20 split
-    n_train = n_full - round(config.data.val_fraction * n_full)
+    _, n_train, _ = split_sizes(config.data.num_samples, config.data.val_fraction)
     evaluations = math.ceil(config.train.budget(n_train) / config.train.eval_interval(n_train))
     return max(1, evaluations // 3)
 

@@ -75,7 +75,7 @@ def gwa_alignment(head_weight: Tensor, embeddings: Tensor, logits: Tensor, targe
     return _alignment(z @ W.T, z.norm(dim=1), W.norm(), residual(logits, targets, torch.float64))
 
 
-class _Step(NamedTuple):
+class _BatchRecord(NamedTuple):
     """What update() keeps of one batch; the scores are computed at end_epoch, all at once.
 
     W z_i is recovered as logits_i - b (the forward used the pre-update W and b), so a step
@@ -90,7 +90,7 @@ class _Step(NamedTuple):
 
 
 @torch.no_grad()
-def _step_scores(steps: list[_Step], C: int) -> Tensor:
+def _step_scores(steps: list[_BatchRecord], C: int) -> Tensor:
     """(sum of B,) float64 alignment scores of the given steps, in one vectorised pass."""
     counts = torch.tensor([len(s.ids) for s in steps], device=steps[0].logits.device)
     logits = torch.cat([s.logits for s in steps])
@@ -174,7 +174,7 @@ class GWAMonitor:
         self.epoch_mean_alignment: list[float] = []
         self.epoch_kurtosis: list[float] = []
         self.unselectable: dict[int, str] = {}
-        self._pending: list[_Step] = []                          # this epoch's steps, not yet scored
+        self._pending: list[_BatchRecord] = []                          # this epoch's steps, not yet scored
         self._ids: list[np.ndarray] = []                        # per finished epoch, int64
         self._scores: list[np.ndarray] = []                     # per finished epoch, float32
 
@@ -205,7 +205,7 @@ class GWAMonitor:
         _check_targets(targets, B, C)
         bias = self.head.bias
         # everything below is detached, so no autograd bookkeeping (and no no_grad context) is needed
-        self._pending.append(_Step(ids, logits.detach(), targets.detach(), torch.linalg.vector_norm(z, dim=1),
+        self._pending.append(_BatchRecord(ids, logits.detach(), targets.detach(), torch.linalg.vector_norm(z, dim=1),
                                    torch.linalg.vector_norm(self.head.weight.detach()),
                                    None if bias is None else bias.detach().clone()))
 

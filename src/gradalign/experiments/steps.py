@@ -1,0 +1,220 @@
+"""Training steps: view -> forward -> monitor -> update (the method forms p.grad) -> optimizer.
+
+`Step.__call__` does what every arm shares; a method's step overrides `update` (form p.grad
+and say how many samples to step on) and, when it needs other views or forwards (GVR),
+`views` and `forward`. The GWA monitor is updated after the forward and before any
+optimizer step, so it reads the pre-update head weight.
+
+Each step class declares `columns`: the per-evaluation diagnostics its `window()` fills.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import gradalign as ga
+from gradalign.experiments import data as data_mod
+
+NAN = float("nan")
+
+
+class Optimizer:
+    """The base optimizer (Adam or SGD) with an optional cosine schedule over the sample budget."""
+
+    def __init__(self, model: nn.Module, kind: str, schedule: str, p: dict, budget: int):
+        kw = dict(lr=p["lr"], weight_decay=p["weight_decay"])
+        if kind == "sgd":
+            self.opt = torch.optim.SGD(model.parameters(), momentum=p["momentum"], **kw)
+        else:
+            self.opt = torch.optim.Adam(model.parameters(), **kw)
+        self.base_lr, self.cosine, self.budget = p["lr"], schedule == "cosine", budget
+        self.steps = 0
+        self.lr = p["lr"]
+
+    def step(self, samples_done: int) -> None:
+        if self.cosine:
+            self.lr = self.base_lr * 0.5 * (1 + math.cos(math.pi * min(samples_done / self.budget, 1.0)))
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+
+
+@dataclass
+class Forward:
+    """What a step's forward gives: the logits the monitor scores (B, C), detached; the sum
+    of the batch's training losses; and what `update` differentiates."""
+
+    logits: Tensor
+    loss_sum: float
+    graph: Tensor
+
+
+class Step:
+    """One training step of an arm on a batch; the baseline (mean loss, one backward).
+
+    __call__(x, y, ids, samples_done) -> the sum of the batch's training losses.
+    window() -> {column: value}: the diagnostics since the previous call.
+    """
+
+    columns: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, optim: Optimizer, monitor: ga.GWAMonitor, p: dict,
+                 generators: dict[str, torch.Generator]):
+        self.model, self.optim, self.monitor, self.p, self.generators = model, optim, monitor, p, generators
+        self._step_sizes: list[int] = []
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per call: the batch the loop draws."""
+        return self.p["batch_size"]
+
+    def __call__(self, x: Tensor, y: Tensor, ids: Tensor, samples_done: int) -> float:
+        out = self.forward(self.views(x), y)
+        self.monitor.update(out.logits, y, ids)
+        self._step_on(self.update(out), samples_done)
+        return out.loss_sum
+
+    def views(self, x: Tensor) -> tuple[Tensor, ...]:
+        return (data_mod.augment(x, self.generators["augment"]) if self.p["augment"] else x,)
+
+    def forward(self, views: tuple[Tensor, ...], y: Tensor) -> Forward:
+        logits = self.model(views[0])
+        losses = F.cross_entropy(logits, y, reduction="none")
+        return Forward(logits.detach(), float(losses.detach().sum()), losses)
+
+    def update(self, out: Forward) -> int:
+        """Form p.grad from the forward; return how many samples to step on now (0: not yet)."""
+        out.graph.mean().backward()
+        return len(out.logits)
+
+    def flush(self) -> int:
+        """At the end of the budget: form p.grad from whatever is accumulated, return its samples."""
+        return 0
+
+    def finish(self, samples_done: int) -> None:
+        self._step_on(self.flush(), samples_done)
+
+    def _step_on(self, n: int, samples_done: int) -> None:
+        if n:
+            self.optim.step(samples_done)
+            self._step_sizes.append(n)
+
+    def window(self) -> dict:
+        sizes, self._step_sizes = self._step_sizes, []
+        return {"samples_per_step": float(np.mean(sizes)) if sizes else NAN}
+
+    def close(self) -> None:
+        """Release hooks."""
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else NAN
+
+
+class WeightedStep(Step):
+    """GASW/GDSW: one engine backward with per-sample weights from the gradient cosines."""
+
+    columns = ("zero_weight_frac", "weight_entropy", "fallbacks")
+    weighting_class: type = ga.GASW
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.weighting = self.weighting_class(self.p["gamma"], leave_one_out=self.p["leave_one_out"])
+        self.engine = ga.PerSampleGradients(self.model)
+        self._zero, self._entropy = [], []
+
+    def update(self, out: Forward) -> int:
+        self.engine.backward(out.graph, weights=self.weighting)
+        self._zero.append(self.weighting.last_zero_fraction)
+        self._entropy.append(self.weighting.last_entropy)
+        return len(out.logits)
+
+    def window(self) -> dict:
+        out = super().window()
+        out.update(zero_weight_frac=_mean(self._zero), weight_entropy=_mean(self._entropy),
+                   fallbacks=self.weighting.fallbacks)
+        self._zero, self._entropy = [], []
+        return out
+
+    def close(self) -> None:
+        self.engine.remove()
+
+
+class GDSWStep(WeightedStep):
+    weighting_class = ga.GDSW
+
+
+class AccumulateStep(Step):
+    """GAGA: increments until the GSNR rule passes or max_samples; the engine writes the mean."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        p = self.p
+        self.acc = ga.GSNRAccumulator(p["tau"], increment=p["increment"], max_samples=p["max_samples"], rule=p["rule"])
+        self.engine = ga.PerSampleGradients(self.model)
+        self.pending = 0                      # samples accumulated but not yet stepped on
+
+    @property
+    def batch_size(self) -> int:
+        return self.acc.increment
+
+    def update(self, out: Forward) -> int:
+        self.pending += len(out.logits)
+        return self.flush() if self.acc.update(self.engine.backward(out.graph, write_grad=False)) else 0
+
+    def flush(self) -> int:
+        n, self.pending = self.pending, 0
+        if n:
+            self.engine.set_grad(self.acc.mean_grad())
+        return n
+
+    def close(self) -> None:
+        self.engine.remove()
+
+
+def _gvr_layers(model: nn.Module, which: str) -> list[nn.Module]:
+    if which == "head":
+        return [model.head]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-2:]                     # "last_stage": the last hidden Linear and the head
+
+
+class TwoViewStep(Step):
+    """GVR (alpha > 0) or the two-view control (alpha = 0): CE(view1) + CE(view2) + alpha * penalty.
+
+    The GWA monitor scores the second view, the head's latest training forward.
+    """
+
+    columns = ("penalty",)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        p = self.p
+        self.gvr = ga.GVR(p.get("alpha", 0.0), layers=_gvr_layers(self.model, p["gvr_layers"]),
+                          subset=p["subset"], mode=p["gvr_mode"], generator=self.generators["gvr"])
+        self._penalty = []
+
+    def views(self, x: Tensor) -> tuple[Tensor, ...]:
+        return data_mod.augment(x, self.generators["augment"]), data_mod.augment(x, self.generators["augment"])
+
+    def forward(self, views: tuple[Tensor, ...], y: Tensor) -> Forward:
+        total, info = self.gvr.loss(self.model, *views, y)
+        self._penalty.append(info["penalty"])
+        return Forward(info["logits2"], (info["loss1"] + info["loss2"]) * len(y), total)
+
+    def update(self, out: Forward) -> int:
+        out.graph.backward()
+        return len(out.logits)
+
+    def window(self) -> dict:
+        out = super().window()
+        out["penalty"] = _mean(self._penalty)
+        self._penalty = []
+        return out
