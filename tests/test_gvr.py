@@ -132,3 +132,21 @@ def test_input_errors():
         GVR(layers=nn.Linear(8, 4)).loss(net, x1, x2, y)      # a Linear that is not in the model
     with pytest.raises(GradAlignError, match="take part"):
         GVR(layers=nn.Linear(8, 4), mode="autograd").loss(net, x1, x2, y)
+
+
+def test_auto_uses_the_closed_form_only_for_the_layer_that_gives_the_logits():
+    """A hidden nn.Linear passed as `layers` used to get the head's closed form: a wrong penalty."""
+    net, (x1, x2, y) = Net(), views(12)
+    hidden = net.body[2]                                               # Linear(10, 8), not the head
+    ref_penalty, ref_grads = reference(net, [hidden], x1, x2, y, alpha=5.0, subset=8, seed=3)
+    gvr = GVR(5.0, layers=hidden, subset=8, generator=torch.Generator().manual_seed(3))
+    assert gvr.mode == "closed_form"                                   # all it can tell before a forward
+    with pytest.warns(RuntimeWarning, match="not the model's logits"):
+        total, info, grads = gvr_grads(net, gvr, x1, x2, y)
+    assert gvr.mode == "autograd"
+    assert info["penalty"] == pytest.approx(ref_penalty, rel=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    explicit = GVR(5.0, layers=hidden, subset=8, mode="closed_form")
+    with pytest.raises(GradAlignError, match="not the model's logits|output is not"):
+        explicit.loss(net, x1, x2, y)

@@ -265,3 +265,53 @@ def test_monitor_mixes_class_indices_and_soft_labels_across_steps():
     with pytest.raises(ValueError, match="targets must be"):
         net(x)
         monitor.update(net(x), torch.zeros(10, 2), torch.arange(10))
+
+
+def test_update_refuses_logits_of_another_forward():
+    """Scoring logits of one forward with the head input of another gives wrong scores silently."""
+    net = Net()
+    monitor = GWAMonitor(net.head)
+    x, y = data()
+    logits = net(x)
+    net(data(seed=1)[0])                                      # a second grad-enabled forward, same batch size
+    with pytest.raises(GradAlignError, match="not the head's output"):
+        monitor.update(logits, y, torch.arange(10))
+    logits = net(x)
+    with pytest.raises(GradAlignError, match="not the head's output"):
+        monitor.update(logits * 2, y, torch.arange(10))       # a transformed output is not W z + b
+    logits = net(x)
+    monitor.update(logits.detach().clone(), y, torch.arange(10))   # a copy of the same values is fine
+    assert monitor.last_scores().shape == (10,)
+
+
+@pytest.mark.parametrize("ids, match", [(["a"] * 10, "integers"), (torch.arange(10.0), "float"),
+                                        (np.arange(10) + 0.5, "integers"), (torch.ones(10, dtype=torch.bool), "bool")])
+def test_update_refuses_ids_that_are_not_integers(ids, match):
+    net = Net()
+    monitor = GWAMonitor(net.head)
+    x, y = data()
+    logits = net(x)
+    with pytest.raises(ValueError, match=match):
+        monitor.update(logits, y, ids)
+
+
+def test_class_out_of_range_is_refused_and_the_monitor_keeps_working(monkeypatch):
+    import gradalign.methods.gwa as gwa
+    net = Net()
+    monitor = GWAMonitor(net.head)
+    x, y = data()
+    bad = y.clone()
+    bad[0] = 3                                                # the head has 3 classes: 0, 1, 2
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        monitor.update(net(x), bad, torch.arange(10))
+    monitor.update(net(x), y, torch.arange(10))
+    assert math.isfinite(monitor.end_epoch())
+    # on an accelerator the check waits for end_epoch (no sync per step); it drops the bad epoch
+    real = gwa._check_classes
+    monkeypatch.setattr(gwa, "_check_classes", lambda targets, C: None)
+    monitor.update(net(x), bad, torch.arange(10))
+    monkeypatch.setattr(gwa, "_check_classes", real)
+    with pytest.raises(ValueError, match="update\\(\\) #1 of this epoch"):
+        monitor.end_epoch()
+    monitor.update(net(x), y, torch.arange(10))
+    assert math.isfinite(monitor.end_epoch()) and len(monitor.epoch_scores) == 2

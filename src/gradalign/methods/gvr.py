@@ -14,7 +14,8 @@ mean CE over S is
     G_W = (1/n) sum_{i in S} (p_i - y_i) z_i^T   (C, D),     G_b = (1/n) sum_{i in S} (p_i - y_i)
 from the logits and the head's input z, both still attached to the graph, so ordinary
 autograd differentiates the same penalty without a create_graph pass.
-mode="auto": closed_form when `layers` is one nn.Linear, otherwise autograd.
+mode="auto": closed_form when `layers` is one nn.Linear whose output is the model's logits
+(checked at every step), otherwise autograd.
 
 Reference: the authors' repository (gradient variance regularisation, CIFAR-100 ResNet-18);
 the closed form is ours.
@@ -25,12 +26,14 @@ mix samples (no BatchNorm in training mode); with BatchNorm the statistics diffe
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradalign.errors import GradAlignError
-from gradalign.methods.head import HeadRecorder, residual
+from gradalign.methods.head import HeadRecorder, is_head_output, residual
 
 PENALTY_MODES = ("auto", "autograd", "closed_form")  # how the penalty's gradients are formed
 
@@ -69,6 +72,7 @@ class GVR:
                              f"{[type(m).__name__ for m in self.layers]}: use mode='autograd'")
         self.alpha = float(alpha)
         self.subset = subset
+        self.requested_mode = mode
         self.mode = "closed_form" if mode == "closed_form" or (mode == "auto" and single_linear) else "autograd"
         self.generator = generator
         self._trainable_params()  # refuse layers with nothing to penalise now, not at the first step
@@ -112,7 +116,9 @@ class GVR:
                              f"{tuple(x1.shape)} and labels {tuple(y.shape)}")
         params = self._trainable_params()
         if self.mode == "closed_form":
-            (logits1, z1), (logits2, z2) = self._forward_with_input(model, x1), self._forward_with_input(model, x2)
+            (logits1, z1, out1), (logits2, z2, out2) = self._forward_with_input(model, x1), self._forward_with_input(model, x2)
+            if not (is_head_output(logits1, out1) and is_head_output(logits2, out2)):
+                self._not_the_head()
         else:
             logits1, logits2 = model(x1), model(x2)
         loss1, loss2 = F.cross_entropy(logits1, y), F.cross_entropy(logits2, y)
@@ -145,12 +151,21 @@ class GVR:
             penalty = penalty + (g1 - g2).pow(2).sum()
         return penalty
 
-    def _forward_with_input(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-        """logits = model(x) and the (attached) input z of the Linear layer during that forward."""
+    def _not_the_head(self) -> None:
+        """The chosen Linear's output is not the logits: its closed form would be a wrong penalty."""
+        if self.requested_mode == "closed_form":
+            raise GradAlignError("mode='closed_form' needs `layers` to be the head whose output is the model's "
+                                 "logits; this Linear's output is not: use mode='autograd'")
+        warnings.warn("GVR: the chosen Linear's output is not the model's logits, so the closed form does not "
+                      "apply; mode 'auto' uses autograd from now on", RuntimeWarning, stacklevel=3)
+        self.mode = "autograd"
+
+    def _forward_with_input(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """logits = model(x), and the (attached) input z and output of the Linear layer in that forward."""
         recorder = HeadRecorder(self.layers[0], detach=False, grad_only=False)
         try:
             logits = model(x)
-            z, _, forwards = recorder.take()
+            z, out, forwards = recorder.take()
         finally:
             recorder.remove()
         if forwards != 1:
@@ -159,7 +174,7 @@ class GVR:
         if z.dim() != 2 or logits.dim() != 2 or z.shape[0] != x.shape[0] or logits.shape[0] != x.shape[0]:
             raise GradAlignError(f"closed form needs (B, D) head inputs and (B, C) logits, got "
                                  f"{tuple(z.shape)} and {tuple(logits.shape)}: use mode='autograd'")
-        return logits, z
+        return logits, z, out
 
     def _closed_form_penalty(self, logits1: Tensor, z1: Tensor, logits2: Tensor, z2: Tensor,
                              y: Tensor, idx: Tensor) -> Tensor:

@@ -30,18 +30,42 @@ import torch
 from torch import Tensor, nn
 
 from gradalign.errors import GradAlignError
-from gradalign.methods.head import HeadRecorder, label_distribution, residual
+from gradalign.methods.head import HeadRecorder, is_head_output, label_distribution, residual
 
 SELECTION_MODES = ("scratch", "finetune")  # best_epoch(mode=...): training from scratch or fine-tuning
 
 
 def _check_targets(targets: Tensor, B: int, C: int) -> None:
-    if targets.shape == (B,) and not targets.is_floating_point():
+    if targets.shape == (B,) and not targets.is_floating_point() and targets.dtype != torch.bool:
+        if targets.device.type == "cpu":          # elsewhere end_epoch() checks, to avoid a sync per step
+            _check_classes(targets, C)
         return
     if targets.shape == (B, C) and targets.is_floating_point():
         return
     raise ValueError(f"targets must be (B,) = ({B},) class indices or ({B}, {C}) probabilities, "
                      f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+
+
+def _check_classes(targets: Tensor, C: int) -> None:
+    """Class indices must lie in [0, C)."""
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= C):
+        raise ValueError(f"targets must be class indices in [0, {C}) for this head, got values from "
+                         f"{int(targets.min())} to {int(targets.max())}")
+
+
+def _sample_ids(sample_ids, device: torch.device) -> Tensor:
+    """(B,) int64 ids from a tensor or sequence of integers; refuses floats, bools and strings."""
+    if isinstance(sample_ids, Tensor):
+        ids = sample_ids
+    else:
+        array = np.asarray(sample_ids)
+        if array.dtype.kind not in "iu":
+            raise ValueError(f"sample_ids must be integers, got {array.dtype} values such as {array.flat[0]!r}"
+                             if array.size else "sample_ids must be integers")
+        ids = torch.from_numpy(array.astype(np.int64))
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"sample_ids must be integers, got {ids.dtype} (floats would be truncated)")
+    return ids.to(device=device, dtype=torch.long).flatten()
 
 
 def _alignment(Wz: Tensor, z_norm: Tensor, w_norm: Tensor, r: Tensor) -> Tensor:
@@ -189,19 +213,25 @@ class GWAMonitor:
             targets: (B,) class indices or (B, C) soft labels.
             sample_ids: (B,) integer ids (tensor or sequence), kept with each score.
         """
-        z, _, _ = self._recorder.take()
+        z, output, _ = self._recorder.take()
         if z is None:
             raise GradAlignError("update() found no recorded head input: call it after the training "
                                  "forward (with grad enabled) and before the next one")
         if z.dim() != 2:
             raise ValueError(f"GWAMonitor needs a head whose input is (B, D), got {tuple(z.shape)}")
-        ids = torch.as_tensor(sample_ids, dtype=torch.long, device=z.device).flatten()
+        ids = _sample_ids(sample_ids, z.device)
         B, C = z.shape[0], self.head.out_features
         if ids.numel() != B or logits.shape[0] != B:
             raise ValueError(f"batch sizes disagree: head input {B}, logits {logits.shape[0]}, "
                              f"sample_ids {ids.numel()}")
         if logits.shape != (B, C):
             raise ValueError(f"logits must be (B, {C}) for this head, got {tuple(logits.shape)}")
+        if not is_head_output(logits, output):
+            raise GradAlignError(
+                "the logits given to update() are not the head's output in its latest training forward: "
+                "another forward with grad enabled ran in between (run it under torch.no_grad(), or call "
+                "update() right after the training forward), or the model changes the head's output before "
+                "returning it (pass the head's own output)")
         _check_targets(targets, B, C)
         bias = self.head.bias
         # everything below is detached, so no autograd bookkeeping (and no no_grad context) is needed
@@ -219,6 +249,13 @@ class GWAMonitor:
         """Close the epoch: GWA_T over every score since the previous end_epoch()."""
         if not self._pending:
             raise GradAlignError("end_epoch() with no update() since the previous epoch")
+        for k, step in enumerate(self._pending):
+            if not step.targets.is_floating_point():
+                try:
+                    _check_classes(step.targets, self.head.out_features)
+                except ValueError as e:
+                    self._pending = []               # the epoch is lost, the monitor is not stuck
+                    raise ValueError(f"update() #{k + 1} of this epoch: {e}; the epoch's scores are dropped") from None
         ids = torch.cat([step.ids for step in self._pending]).cpu().numpy()
         scores = _step_scores(self._pending, self.head.out_features)
         self._pending = []

@@ -25,6 +25,17 @@ def residual(logits: Tensor, targets: Tensor, dtype: torch.dtype | None = None) 
     return torch.softmax(logits.to(dtype), dim=1) - label_distribution(targets, logits.shape[1], dtype)
 
 
+def is_head_output(logits: Tensor, output: Tensor) -> bool:
+    """Whether `logits` are the recorded head `output`: the same memory (a detach or a view), or
+    equal values. Methods that read W z_i off the logits (GWA) or differentiate the penalty
+    through them (GVR's closed form) need exactly this."""
+    if logits.shape != output.shape:
+        return False
+    if logits.data_ptr() == output.data_ptr() and logits.stride() == output.stride():
+        return True
+    return bool(torch.equal(logits.detach().to(output.dtype), output.detach()))
+
+
 class HeadRecorder:
     """A forward hook on an nn.Linear head that keeps its latest input z (B, D) and output.
 
