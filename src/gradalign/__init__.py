@@ -11,12 +11,12 @@ from gradalign.engine import (
     reference_statistics,
     validate,
 )
-from gradalign.errors import ConfigError, GradAlignError, UnsupportedModuleError
+from gradalign.errors import ConfigError, GradAlignError, RunFolderError, UnsupportedModuleError
 from gradalign.methods import GASW, GDSW, GVR, GSNRAccumulator, GWAMonitor, gwa_alignment, gwa_score
 
 __version__ = "0.1.0"
 __all__ = [
-    "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError",
+    "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError", "RunFolderError",
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "UnsupportedModuleError",
     "check_model", "compare_with_reference", "default_registry", "gwa_alignment", "gwa_score",
     "per_sample_gradients", "reference_statistics", "validate",

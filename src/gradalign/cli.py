@@ -7,15 +7,16 @@
     gradalign train gasw --arm gasw --param lr=0.0045 --param gamma=2.09
     gradalign tune gaga --arm gaga --trials 10
 
-Exit codes: 0 success, 1 a run failed (e.g. every trial diverged), 2 a bad option or
-configuration, 130 interrupted (finished trials and runs stay on disk; run the same
-command again to resume).
+Exit codes: 0 success, 1 a run failed (e.g. every trial diverged, a disk error), 2 a bad
+option, configuration or run folder (damaged, or in use by another process), 130 interrupted
+(finished trials and runs stay on disk; run the same command again to resume).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -172,9 +173,22 @@ def _cmd_demo(args) -> int:
     return _cmd_reproduce(args, "demo")
 
 
+def _writable_file(path: Path, option: str) -> None:
+    """Refuse an output path that cannot be written, before any training starts."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder: give the path of a file")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{option} {path} is not writable: choose another path")
+
+
 def _cmd_train(args) -> int:
     from gradalign.experiments.rundir import columns, rows_to_csv, write_atomic
     from gradalign.experiments.runner import run_single
+    if args.csv:
+        _writable_file(args.csv, "--csv")
     result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
                         overrides=dict(args.overrides), eval_split=args.split, progress=not args.no_progress,
                         threads=args.threads)
@@ -233,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except GradAlignError as e:
         print(f"gradalign {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:           # the disk, not the code: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gradalign {args.command}: failed: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials and runs are kept; run the same command again to resume",

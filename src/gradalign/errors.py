@@ -14,3 +14,9 @@ class UnsupportedModuleError(GradAlignError):
 
 class ConfigError(GradAlignError, ValueError):
     """A bad experiment configuration or command-line option."""
+
+
+class RunFolderError(ConfigError):
+    """A run folder that cannot be used as given: damaged files, results that do not belong
+    together, or a folder another gradalign process is using. The message names the file
+    and what to do."""

@@ -11,20 +11,32 @@ Layout::
     <out>/summary.md, summary.json, *.png  the report (report.py, plots.py)
 
 Every file is written to a temporary name and renamed, so an interrupted run never leaves
-a half-written file. The runner writes, the report reads; neither imports the other.
+a half-written file. A final run counts as finished only when its CSV agrees with its JSON
+(the last evaluation and the number of evaluations). `lock` keeps two processes from
+training into one folder. The runner writes, the report reads; neither imports the other.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import math
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from gradalign.errors import ConfigError
+from gradalign.errors import ConfigError, RunFolderError
 from gradalign.experiments.arms import METHODS
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (Windows: no advisory locks, folders are not locked)
+    fcntl = None
 
 log = logging.getLogger("gradalign")
 
@@ -102,9 +114,10 @@ def rows_to_csv(rows: list[dict], cols) -> str:
 
 
 def write_run(path: Path, rows: list[dict], summary: dict) -> None:
-    """A finished final run: its CSV, then its JSON (the JSON marks the run finished)."""
+    """A finished final run: its CSV, then its JSON (the JSON marks the run finished and
+    records how many evaluations the CSV holds)."""
     write_atomic(path.with_suffix(".csv"), rows_to_csv(rows, file_columns()))
-    write_json(path, summary)
+    write_json(path, {**summary, "evaluations": len(rows)})
 
 
 def write_meta(run_dir: Path, config, storage: str, source: str, quick: bool) -> None:
@@ -115,8 +128,17 @@ def write_meta(run_dir: Path, config, storage: str, source: str, quick: bool) ->
                                                "variants": [v.variant for v in config.variants()]})
 
 
-def check_folder(run_dir: Path, name: str) -> None:
-    """Refuse a folder that holds another experiment's results."""
+def prepare_folder(run_dir: Path, name: str) -> None:
+    """Create the run folder, or refuse one that is a file, unwritable, or another experiment's."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a folder: choose a folder for the results")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {run_dir} ({e.strerror}): choose another --out") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"the run folder {run_dir} is not writable: choose another --out or fix its permissions")
     meta = Path(run_dir) / "config.json"
     if meta.exists():
         try:
@@ -126,6 +148,43 @@ def check_folder(run_dir: Path, name: str) -> None:
         if old != name:
             raise ConfigError(f"{run_dir} holds results of experiment {old!r}, not {name!r}: "
                               "choose another --out folder")
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path, *, exclusive: bool):
+    """Hold the folder's advisory lock (<run_dir>/.lock) for the duration.
+
+    exclusive (reproduce): the only process training into the folder; shared (tune): any
+    number of tuning workers, none while a reproduce holds it. The lock is the kernel's
+    (flock), so a killed process releases it; it does not span machines on NFS: give each
+    machine its own --out and share the studies through --storage.
+    """
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path = Path(run_dir) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another gradalign process (e.g. `gradalign tune`)"
+            raise RunFolderError(f"the run folder {run_dir} is in use by {holder}: wait for it to finish, "
+                                 "or choose another --out") from None
+        if exclusive:
+            f.seek(0)
+            f.truncate()
+            f.write(f"`{' '.join(['gradalign'] + sys.argv[1:])}` (pid {os.getpid()} on {socket.gethostname()}, "
+                    f"since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+            f.flush()
+        try:
+            yield
+        finally:
+            if exclusive:
+                f.seek(0)
+                f.truncate()
+                f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- reading
@@ -141,17 +200,49 @@ def _cell_value(v: str):
 
 
 def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: _cell_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    """The evaluation rows of a CSV; RunFolderError when a line is cut or the file is empty."""
+    text = Path(path).read_text()
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    if not rows or not text.endswith("\n") or any(None in row.values() or None in row for row in rows):
+        raise RunFolderError(f"{path} is damaged ({'no evaluations' if not rows else 'a line is cut short'})")
+    return [{k: _cell_value(v) for k, v in row.items()} for row in rows]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path} is damaged (not valid JSON: {e.msg} at line {e.lineno})") from None
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def read_run(path: Path) -> tuple[dict, list[dict]]:
+    """(summary, rows) of a final run, checked against each other: the CSV must hold the
+    evaluations the JSON says and end with its final values (a CSV cut at a line boundary
+    would otherwise pass for a shorter run). RunFolderError when they disagree."""
+    summary, rows = _read_json(path), read_rows(path.with_suffix(".csv"))
+    last, final = rows[-1], summary.get("final", {})
+    expected = summary.get("evaluations", len(rows))          # folders made before 0.2 lack the count
+    if len(rows) != expected or last.get("samples") != summary.get("samples") or \
+            not all(_same(last.get(k), v) for k, v in final.items()):
+        raise RunFolderError(f"{path.with_suffix('.csv')} does not match {path.name}: it holds {len(rows)} "
+                             f"evaluations ending at {last.get('samples')} samples, the run ended at "
+                             f"{summary.get('samples')} samples after {expected}")
+    return summary, rows
 
 
 def finished_run(path: Path, config_hash: str, params: dict) -> bool:
-    """Whether the final run at `path` finished with this configuration and these parameters."""
+    """Whether the final run at `path` finished with this configuration and these parameters
+    (a damaged or mismatched run is not finished: it is trained again)."""
     if not path.exists() or not path.with_suffix(".csv").exists():
         return False
     try:
-        done = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        done, _ = read_run(path)
+    except (OSError, RunFolderError) as e:
+        log.warning("%s; training it again", e)
         return False
     if done.get("config_hash") != config_hash or done.get("tuned_params") != params:
         log.warning("%s was made with other settings; training it again", path)
@@ -162,31 +253,57 @@ def finished_run(path: Path, config_hash: str, params: dict) -> bool:
 def load_meta(run_dir: Path) -> dict:
     """config.json, brought up to the current format (older folders left [final] reference unset)."""
     path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.json); make one with `gradalign reproduce`")
-    meta = json.loads(path.read_text())
-    cfg = meta["config"]
-    cfg["final"]["reference"] = cfg["final"]["reference"] or cfg["arms"][0]["name"]
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder (no config.json); make one with `gradalign reproduce`")
+    meta = _read_json(path)
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    missing = ["config"] if not isinstance(cfg, dict) else (
+        [k for k in ("hashes", "variants") if k not in meta] + [k for k in ("arms", "final", "experiment") if k not in cfg])
+    if missing or not cfg["arms"]:
+        raise RunFolderError(f"{path} is damaged (no {', '.join(missing) or 'arms'}): run `gradalign reproduce` "
+                             "with the same --out to write it again")
+    cfg["final"]["reference"] = cfg["final"].get("reference") or cfg["arms"][0]["name"]
     return meta
 
 
 def load_runs(run_dir: Path) -> tuple[dict, dict]:
-    """(meta, {variant: {arm: {seed: (summary, rows)}}}) for the runs of the current configuration."""
+    """(meta, {variant: {arm: {seed: (summary, rows)}}}) for the runs of the current configuration.
+
+    Damaged files and seeds of one arm trained with different parameters raise RunFolderError
+    (one line: the file or the seeds, and what to do)."""
     run_dir = Path(run_dir)
     meta = load_meta(run_dir)
     runs: dict = {}
+    fix = "run `gradalign reproduce` with the same --out to train it again (or delete it)"
     for variant in meta["variants"]:
         runs[variant] = {}
         for arm in meta["config"]["arms"]:
             key = cell(variant, arm["name"])
             found = {}
             for path in sorted((run_dir / "runs" / key).glob("seed*.json")):
-                summary = json.loads(path.read_text())
-                if summary.get("config_hash") != meta["hashes"][key] or not path.with_suffix(".csv").exists():
+                if not path.with_suffix(".csv").exists():
                     continue
-                found[summary["seed"]] = (summary, read_rows(path.with_suffix(".csv")))
+                try:
+                    summary, rows = read_run(path)
+                except RunFolderError as e:
+                    raise RunFolderError(f"{e}: {fix}") from None
+                if summary.get("config_hash") == meta["hashes"][key]:
+                    found[summary["seed"]] = (summary, rows)
+            _check_same_params(key, found)
             runs[variant][arm["name"]] = dict(sorted(found.items()))
     return meta, runs
+
+
+def _check_same_params(key: str, found: dict) -> None:
+    """Seeds of one arm must share their parameters, or their mean describes no single setting."""
+    groups: dict[str, list[int]] = {}
+    for seed, (summary, _) in found.items():
+        groups.setdefault(json.dumps(summary.get("params"), sort_keys=True), []).append(seed)
+    if len(groups) > 1:
+        described = "; ".join(f"seeds {', '.join(map(str, seeds))}: {params}" for params, seeds in groups.items())
+        raise RunFolderError(f"arm {key!r} has seeds trained with different parameters ({described}): run "
+                             "`gradalign reproduce` with the same --out, which trains every seed with the "
+                             "current best parameters")
 
 
 def load_tuning(run_dir: Path) -> dict:

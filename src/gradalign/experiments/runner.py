@@ -79,13 +79,17 @@ class Reproduced:
     summary: dict | None   # the report (report.write_report), None when report=False
 
 
-def _prepare(config: ExperimentConfig, out_dir, quick: bool, storage: str | None, source: str) -> tuple[Path, str]:
+def _folder(config: ExperimentConfig, out_dir, quick: bool) -> Path:
     run_dir = Path(out_dir) if out_dir is not None else rundir.default_run_dir(config.name, quick)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.check_folder(run_dir, config.name)
+    rundir.prepare_folder(run_dir, config.name)
+    return run_dir
+
+
+def _start(run_dir: Path, config: ExperimentConfig, quick: bool, storage: str | None, source: str) -> str:
+    """Write config.json (under the folder's lock) and return the storage URL."""
     storage = storage or rundir.default_storage(run_dir)
     rundir.write_meta(run_dir, config, storage, source, quick)
-    return run_dir, storage
+    return storage
 
 
 def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = False, trials: int | None = None,
@@ -107,21 +111,23 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
             None leaves torch's setting alone.
     """
     config = resolve(name_or_path, quick=quick, trials=trials, seeds=seeds, overrides=overrides)
-    run_dir, storage = _prepare(config, out_dir, quick, storage, str(name_or_path))
-    log.info("experiment %s: results in %s (Optuna storage %s)", config.name, run_dir.resolve(), storage)
-    variants = config.variants()
-    seed_list = [config.final.first_seed + k for k in range(config.final.seeds)]
-    total, done = _plan(run_dir, variants, seed_list, storage)
-    bars = Bars(progress, total, done, config.name)
-    t0 = time.perf_counter()
-    try:
-        with torch_threads(threads):
-            for v in variants:
-                _run_variant(run_dir, v, seed_list, storage, bars)
-    finally:
-        bars.close()
-    log.info("all runs finished in %.0f s", time.perf_counter() - t0)
-    return Reproduced(run_dir, write_report(run_dir) if report else None)
+    run_dir = _folder(config, out_dir, quick)
+    with rundir.lock(run_dir, exclusive=True):
+        storage = _start(run_dir, config, quick, storage, str(name_or_path))
+        log.info("experiment %s: results in %s (Optuna storage %s)", config.name, run_dir.resolve(), storage)
+        variants = config.variants()
+        seed_list = [config.final.first_seed + k for k in range(config.final.seeds)]
+        total, done = _plan(run_dir, variants, seed_list, storage)
+        bars = Bars(progress, total, done, config.name)
+        t0 = time.perf_counter()
+        try:
+            with torch_threads(threads):
+                for v in variants:
+                    _run_variant(run_dir, v, seed_list, storage, bars)
+        finally:
+            bars.close()
+        log.info("all runs finished in %.0f s", time.perf_counter() - t0)
+        return Reproduced(run_dir, write_report(run_dir) if report else None)
 
 
 def _plan(run_dir: Path, variants, seed_list, storage) -> tuple[int, int]:
@@ -201,9 +207,10 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
         config.arm(name)                                   # unknown arm: ConfigError before any work
     if not names:
         raise ConfigError(f"experiment {config.name!r} searches nothing: no arm has a search table")
-    run_dir, storage = _prepare(config, out_dir, quick, storage, str(name_or_path))
+    run_dir = _folder(config, out_dir, quick)
     results = {}
-    with torch_threads(threads):
+    with rundir.lock(run_dir, exclusive=False), torch_threads(threads):   # tuning workers may share a folder
+        storage = _start(run_dir, config, quick, storage, str(name_or_path))
         for variant in config.variants():
             splits = load_splits(variant.data)
             bars = Bars(progress, variant.tune.trials * len(names), 0, f"tune {_label(variant)}")
@@ -212,7 +219,7 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
             finally:
                 bars.close()
             results.update({rundir.cell(variant.variant, n): r.to_dict() for n, r in tuned.items()})
-    rundir.write_json(run_dir / "tuning.json", {"storage": storage, "arms": results})
+        rundir.write_json(run_dir / "tuning.json", {"storage": storage, "arms": results})
     return run_dir, storage, results
 
 
