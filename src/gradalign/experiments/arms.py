@@ -18,6 +18,7 @@ from typing import Any
 import gradalign as ga
 from gradalign.experiments import checks
 from gradalign.experiments import steps as st
+from gradalign.experiments.signals import SignalStep
 from gradalign.methods.accumulation import SNR_RULES
 from gradalign.methods.gvr import PENALTY_MODES
 
@@ -53,6 +54,10 @@ class Method:
     fixed: settings the step reads that the user cannot change (two-view's alpha = 0).
     report_metrics: run metrics the report adds for arms of this method (see report.py).
     plots: extra figures the report draws for it (names known to plots.py).
+    records: its step keeps per-sample records (Step.records) that the runner stores beside
+        each final run (signals.py).
+    updates_like: the method whose updates (p.grad) it makes, when it only adds recording;
+        clean-and-retrain (clean.py) retrains with that method's cheaper step.
     """
 
     name: str
@@ -62,6 +67,8 @@ class Method:
     fixed: tuple[tuple[str, Any], ...] = ()
     report_metrics: tuple[str, ...] = ()
     plots: tuple[str, ...] = ()
+    records: bool = False
+    updates_like: str | None = None
 
     @property
     def all_params(self) -> dict[str, Param]:
@@ -136,4 +143,5 @@ METHODS = MethodTable([
     Method("gvr", st.TwoViewStep, (Param("alpha", default_of(ga.GVR, "alpha"), checks.nonneg),) + _VIEWS,
            augment=True),
     Method("two_view", st.TwoViewStep, _VIEWS, augment=True, fixed=(("alpha", 0.0),)),
+    Method("signals", SignalStep, records=True, updates_like="baseline"),
 ])

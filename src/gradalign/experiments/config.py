@@ -8,7 +8,8 @@ Schema (defaults in brackets)::
 
     name = "gasw"                      # required; names the studies and the run folder
     description = "..."                # one line for the report
-    [data]       num_samples [4000], seed [42], val_fraction [0.2], label_noise [0.0], noise_seed [0]
+    [data]       num_samples [4000], seed [42], val_fraction [0.2], label_noise [0.0], noise_seed [0],
+                 noise_kind ["symmetric"|"pair"] (noise.py)
     [model]      kind ["mlp"|"resmlp"|"conv1d"], hidden [256], options [{}] (kind-specific kwargs)
     [train]      optimizer ["adam"|"sgd"], lr [1e-3], momentum [0.0], weight_decay [0.0],
                  batch_size [32], epochs [50] OR budget_samples, eval_every [1] (epochs, or
@@ -17,8 +18,11 @@ Schema (defaults in brackets)::
                  last_k [3], sampler_seed [0], seed [1000] (training seed of every trial),
                  pruning [true] (median pruner), startup_trials [5]
     [final]      seeds [5], first_seed [0], reference [first arm] (the arm differences are taken to)
-    [experiment] noise_levels [[]] (one sub-experiment per label-noise rate), gwa_mode
+    [experiment] noise_levels [[]] (one sub-experiment per level: a rate for symmetric noise, or
+                 "KIND:RATE", e.g. "pair:0.2"; noise.py), gwa_mode
                  ["scratch"|"finetune"], gwa_skip_fraction [0.1], stability_last [10]
+    [noise]      signals_arm, reference_signal ["loss"], drop_fractions [[]], drop_signals,
+                 oracle [true]: the label-noise analysis (noise.NoiseConfig)
     [quick]      tables of the same shape, merged over the above by ``--quick``
     [[arms]]     name, method (a name in arms.METHODS), label, train_split ["train_full"|"train"],
                  params {fixed}, search {param = {low, high, log, type} | {choices = [...]}}
@@ -37,14 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from gradalign.errors import ConfigError
-from gradalign.experiments import checks
+from gradalign.experiments import checks, noise
 from gradalign.experiments.arms import METHODS
 from gradalign.experiments.config_sources import apply_overrides, merge, read_toml
 from gradalign.experiments.data import split_sizes
+from gradalign.experiments.detection import SIGNAL_NAMES
 from gradalign.experiments.models import MODELS
 
 OBJECTIVES = ("final", "best", "mean_last")
-TABLES = ("data", "model", "train", "tune", "final", "experiment")
+TABLES = ("data", "model", "train", "tune", "final", "experiment", "noise")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class DataConfig:
     val_fraction: float = 0.2
     label_noise: float = 0.0
     noise_seed: int = 0
+    noise_kind: str = "symmetric"
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ class FinalConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    noise_levels: tuple = ()
+    noise_levels: tuple = ()      # canonical entries: a rate (symmetric) or "KIND:RATE"
     gwa_mode: str = "scratch"
     gwa_skip_fraction: float = 0.1
     stability_last: int = 10
@@ -153,6 +159,7 @@ class ExperimentConfig:
     tune: TuneConfig = TuneConfig()
     final: FinalConfig = FinalConfig()
     experiment: AnalysisConfig = AnalysisConfig()
+    noise: noise.NoiseConfig = noise.NoiseConfig()
     arms: tuple = ()
     variant: str = ""
 
@@ -166,13 +173,16 @@ class ExperimentConfig:
         """One config per label-noise level in [experiment] noise_levels, else [self]."""
         if not self.experiment.noise_levels:
             return [self]
-        return [replace(self, data=replace(self.data, label_noise=float(r)), variant=f"noise{r:g}")
-                for r in self.experiment.noise_levels]
+        levels = [noise.parse_level(entry) for entry in self.experiment.noise_levels]
+        return [replace(self, data=replace(self.data, label_noise=lv.rate, noise_kind=lv.kind), variant=lv.variant)
+                for lv in levels]
 
     def arm_hash(self, arm: ArmConfig, *, tuning: bool = False) -> str:
         """Hash of everything that decides an arm's runs: data, model, train and the arm; with
         tuning=True also the tuning settings that decide its trials (not their number)."""
-        parts = {"data": asdict(self.data), "model": asdict(self.model), "train": asdict(self.train),
+        # noise_kind at its default is left out, so run folders made before it existed stay valid
+        data = {k: v for k, v in asdict(self.data).items() if (k, v) != ("noise_kind", "symmetric")}
+        parts = {"data": data, "model": asdict(self.model), "train": asdict(self.train),
                  "arm": {k: v for k, v in asdict(arm).items() if k != "label"}}
         if tuning:
             t = asdict(self.tune)
@@ -188,7 +198,8 @@ class ExperimentConfig:
 
 _SPECS = {  # table -> {key: check}; an entry None means "validated elsewhere"
     "data": {"num_samples": checks.pos_int, "seed": checks.nonneg_int, "val_fraction": checks.unit_open,
-             "label_noise": checks.unit_closed, "noise_seed": checks.nonneg_int},
+             "label_noise": checks.unit_closed, "noise_seed": checks.nonneg_int,
+             "noise_kind": checks.one_of(*noise.NOISE_KINDS)},
     "model": {"kind": checks.one_of(*MODELS), "hidden": checks.pos_int, "options": None},
     "train": {"optimizer": checks.one_of("adam", "sgd"), "lr": checks.positive, "momentum": checks.unit_right_open,
               "weight_decay": checks.nonneg, "batch_size": checks.pos_int, "epochs": checks.pos_int,
@@ -200,6 +211,7 @@ _SPECS = {  # table -> {key: check}; an entry None means "validated elsewhere"
     "final": {"seeds": checks.pos_int, "first_seed": checks.nonneg_int, "reference": None},
     "experiment": {"noise_levels": None, "gwa_mode": checks.one_of("scratch", "finetune"),
                    "gwa_skip_fraction": checks.unit_right_open, "stability_last": checks.pos_int},
+    "noise": dict.fromkeys(noise.KEYS),
 }
 TOP_KEYS = ("name", "description", "quick", "arms") + TABLES
 _ARM_KEYS = ("name", "method", "label", "train_split", "params", "search")
@@ -338,9 +350,12 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
         train = {**train, "epochs": 50}
     if not isinstance(tables["model"].get("options", {}), dict):
         raise _err(f"{source} [model] options", "expected a table of keyword arguments")
-    levels = tables["experiment"].get("noise_levels", [])
-    if not isinstance(levels, list) or any(checks.unit_closed(v) for v in levels) or len(set(levels)) < len(levels):
-        raise _err(f"{source} [experiment] noise_levels", f"expected a list of distinct rates in [0, 1], got {levels!r}")
+    try:
+        levels = noise.parse_levels(tables["experiment"].get("noise_levels", []))
+    except ValueError as e:
+        raise _err(f"{source} [experiment] noise_levels", str(e)) from None
+    if problem := noise.check_rate(tables["data"].get("noise_kind", "symmetric"), tables["data"].get("label_noise", 0)):
+        raise _err(f"{source} [data] label_noise", f"expected {problem}")
     arms_raw = raw.get("arms", [])
     if not isinstance(arms_raw, list) or not arms_raw:
         raise _err(source, "needs at least one [[arms]] table")
@@ -348,6 +363,10 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
     names = [a.name for a in arms]
     if len(set(names)) < len(names):
         raise _err(source, f"arm names must be unique, got {names}")
+    try:
+        noise_cfg = noise.parse_table(tables["noise"], [a.name for a in arms if METHODS[a.method].records], SIGNAL_NAMES)
+    except ValueError as e:
+        raise _err(f"{source} [noise]", str(e)) from None
     final = {"reference": names[0], **tables["final"]}
     if final["reference"] not in names:
         raise _err(f"{source} [final] reference", f"must name an arm ({', '.join(names)}), got {final['reference']!r}")
@@ -355,8 +374,8 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
         name=name, description=raw.get("description", ""),
         data=DataConfig(**tables["data"]), model=ModelConfig(**tables["model"]), train=TrainConfig(**train),
         tune=TuneConfig(**tables["tune"]), final=FinalConfig(**final),
-        experiment=AnalysisConfig(**{**tables["experiment"], "noise_levels": tuple(float(v) for v in levels)}),
-        arms=arms)
+        experiment=AnalysisConfig(**{**tables["experiment"], "noise_levels": tuple(lv.spec for lv in levels)}),
+        noise=noise_cfg, arms=arms)
     _check_sizes(source, cfg)
     return cfg
 

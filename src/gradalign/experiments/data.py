@@ -1,4 +1,4 @@
-"""mnist1d splits with optional symmetric label noise, shuffled batches, and augmentation.
+"""mnist1d splits with optional label noise (noise.py), shuffled batches, and augmentation.
 
 The data set is generated procedurally by the ``mnist1d`` package from a seed (same seed,
 same bytes); nothing is downloaded and nothing is cached on disk. Every sample carries an
@@ -23,6 +23,8 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
+
+from gradalign.experiments.noise import flip_labels
 
 NUM_CLASSES = 10  # mnist1d digits; the generator makes num_samples // 10 samples per class
 
@@ -52,7 +54,9 @@ class Splits:
     ``train_full`` is the generator's whole training part (for final runs); ``train`` and
     ``val`` partition it (for tuning). Label noise is applied to ``train_full`` before the
     partition, so ``train`` and ``val`` carry the same noisy labels; ``test`` is never noisy.
-    ``flipped_ids`` (K,) long, sorted: ids whose label was replaced; ``noise_rate``: the rate asked for.
+    ``flipped_ids`` (K,) long, sorted: ids whose label was replaced; ``noise_rate``: the rate asked for;
+    ``noise_kind``: the noise model (noise.NOISE_KINDS); ``flipped_clean`` (K,) long: the clean
+    labels of ``flipped_ids``.
     """
 
     train: Split
@@ -61,6 +65,8 @@ class Splits:
     train_full: Split
     flipped_ids: Tensor
     noise_rate: float
+    noise_kind: str = "symmetric"
+    flipped_clean: Tensor | None = None
 
 
 def split_sizes(num_samples: int, val_fraction: float) -> tuple[int, int, int]:
@@ -74,11 +80,12 @@ def split_sizes(num_samples: int, val_fraction: float) -> tuple[int, int, int]:
 def load_splits(data) -> Splits:
     """The splits an experiment's [data] table (a config.DataConfig) describes."""
     return make_mnist1d(data.num_samples, data.seed, val_fraction=data.val_fraction,
-                        label_noise=data.label_noise, noise_seed=data.noise_seed)
+                        label_noise=data.label_noise, noise_seed=data.noise_seed,
+                        noise_kind=data.noise_kind)
 
 
 def make_mnist1d(num_samples: int = 4000, seed: int = 42, *, val_fraction: float = 0.2,
-                 label_noise: float = 0.0, noise_seed: int = 0) -> Splits:
+                 label_noise: float = 0.0, noise_seed: int = 0, noise_kind: str = "symmetric") -> Splits:
     """Generate mnist1d and split it into train / val / test, with optional label noise.
 
     Args:
@@ -89,9 +96,11 @@ def make_mnist1d(num_samples: int = 4000, seed: int = 42, *, val_fraction: float
         val_fraction: fraction of ``train_full`` held out as ``val``, in (0, 1). The partition is
             stratified by the CLEAN class (largest-remainder quotas, exactly
             ``round(val_fraction * N_train)`` samples), so it is the same at every noise rate.
-        label_noise: symmetric noise rate r in [0, 1]: exactly ``round(r * N_train)`` training
-            samples (Python ``round``) get a label drawn uniformly from the 9 other classes.
+        label_noise: noise rate r in [0, 1]: exactly ``round(r * N_train)`` training samples
+            (Python ``round``) get another label, as ``noise_kind`` says.
         noise_seed: seeds which samples are flipped and their new labels.
+        noise_kind: "symmetric" (a label drawn uniformly from the 9 other classes) or "pair"
+            (class c becomes c + 1 mod 10; needs r < 0.5); see noise.py.
 
     Returns:
         Splits with float32 x of shape (N, 40), long y and long ids.
@@ -103,7 +112,7 @@ def make_mnist1d(num_samples: int = 4000, seed: int = 42, *, val_fraction: float
     raw = _generate(num_samples, seed)
     x_train, y_clean = raw["x"].astype(np.float32), raw["y"].astype(np.int64)
     n_train = len(y_clean)
-    y_noisy, flipped = _flip_labels(y_clean, label_noise, np.random.default_rng(noise_seed))
+    y_noisy, flipped = flip_labels(y_clean, label_noise, np.random.default_rng(noise_seed), noise_kind, NUM_CLASSES)
     train_ids = np.arange(n_train)
     train_full = _split(x_train, y_noisy, train_ids)
     val_mask = _stratified_mask(y_clean, val_fraction, np.random.default_rng(seed))
@@ -115,6 +124,8 @@ def make_mnist1d(num_samples: int = 4000, seed: int = 42, *, val_fraction: float
         train_full=train_full,
         flipped_ids=torch.from_numpy(train_ids[flipped]),
         noise_rate=float(label_noise),
+        noise_kind=noise_kind,
+        flipped_clean=torch.from_numpy(y_clean[flipped]),
     )
 
 
@@ -198,18 +209,6 @@ def _generate(num_samples: int, seed: int) -> dict:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-
-
-def _flip_labels(y: np.ndarray, rate: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Replace exactly round(rate * N) labels by a uniformly drawn different class.
-
-    Returns the noisy labels (N,) and the sorted positions that were flipped (K,).
-    """
-    flipped = np.sort(rng.choice(len(y), size=round(rate * len(y)), replace=False))
-    noisy = y.copy()
-    offset = rng.integers(1, NUM_CLASSES, size=len(flipped))  # 1..C-1: never the same class
-    noisy[flipped] = (y[flipped] + offset) % NUM_CLASSES
-    return noisy, flipped
 
 
 def _stratified_mask(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

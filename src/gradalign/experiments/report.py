@@ -19,6 +19,11 @@ deviation. Run metrics (per seed):
                                         the validation split (arms trained on `train`), the last
     gwa_spearman, gwa_pearson           correlation of the GWA epoch score with test accuracy
     auroc_flipped                       AUROC of -alignment (mean over epochs) for flipped labels
+    flipped_acc_noisy, flipped_acc_clean, clean_train_acc   final accuracy on the flipped training
+                                        samples w.r.t. their noisy / clean labels, and on the others
+
+Under label noise noise_report.py adds a section: every method across noise levels, which
+per-sample signal finds the flipped labels, and clean-and-retrain.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from scipy import stats as sps
 
 from gradalign.experiments import intervals, rundir
 from gradalign.experiments.arms import METHODS
+from gradalign.experiments.noise import describe
 from gradalign.experiments.plots import plot_variant
 
 log = logging.getLogger("gradalign")
@@ -44,8 +50,11 @@ LABELS = {
     "test_acc@gwa": "test acc at GWA epoch", "test_acc@val": "test acc at val epoch",
     "test_acc@last": "test acc at last epoch", "gwa_spearman": "Spearman(GWA, test acc)",
     "gwa_pearson": "Pearson(GWA, test acc)", "auroc_flipped": "AUROC flipped labels",
+    "flipped_acc_noisy": "flipped samples: acc w.r.t. noisy label", "flipped_acc_clean":
+    "flipped samples: acc w.r.t. clean label", "clean_train_acc": "acc on the samples not flipped",
 }
-PERCENT = {"test_acc", "test_acc@gwa", "test_acc@val", "test_acc@last", "acc_std_last"}
+PERCENT = {"test_acc", "test_acc@gwa", "test_acc@val", "test_acc@last", "acc_std_last", "flipped_acc_noisy",
+           "flipped_acc_clean", "clean_train_acc"}
 
 
 # ---------------------------------------------------------------- per-run metrics
@@ -85,6 +94,7 @@ def run_metrics(summary: dict, rows: list[dict], last_k: int, declared: tuple[st
     out.update(_selected(rows, summary))
     if "auroc_flipped" in summary:
         out["auroc_flipped"] = summary["auroc_flipped"]["mean"]
+    out.update(summary.get("memorisation") or {})
     return out
 
 
@@ -241,7 +251,7 @@ def _declared(cfg: dict, attribute: str) -> list[str]:
     return list(dict.fromkeys(x for names in found for x in names))
 
 
-def markdown(meta: dict, summaries: dict, plots: dict) -> str:
+def markdown(meta: dict, summaries: dict, plots: dict, extra: list[str] = ()) -> str:
     cfg = meta["config"]
     budget = (f"{cfg['train']['budget_samples']} samples" if cfg["train"]["budget_samples"]
               else f"{cfg['train']['epochs']} epochs")
@@ -255,9 +265,10 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
            f"- final runs: {cfg['final']['seeds']} seeds from {cfg['final']['first_seed']}, trained on the full "
            "training set unless stated, paired across arms; intervals are 95% Student t, p from the paired t-test",
            f"- quick mode: {'yes' if meta['quick'] else 'no'}", ""]
-    main = ["test_acc", "train_loss", "test_loss", "wall_time"] + _declared(cfg, "report_metrics")
+    main = ["test_acc", "train_loss", "test_loss", "wall_time", "flipped_acc_noisy", "flipped_acc_clean",
+            "clean_train_acc"] + _declared(cfg, "report_metrics")
     for variant, summary in summaries.items():
-        title = f"noise {variant[5:]}" if variant.startswith("noise") else variant
+        title = describe(variant)
         out += [f"## Results{' (' + title + ')' if variant else ''}", ""] + main_table(summary) + [""]
         out += ["### Statistics over seeds", ""] + stats_table(summary, _available(summary, main)) + [""]
         if cfg["experiment"]["noise_levels"]:
@@ -271,7 +282,7 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
             out += stats_table(summary, _available(summary, gwa[3:])) + [""]
         for name in plots.get(variant, []):
             out += [f"![{name}]({name})", ""]
-    return "\n".join(out)
+    return "\n".join(out + list(extra))
 
 
 # ---------------------------------------------------------------- entry point
@@ -288,11 +299,15 @@ def write_report(run_dir) -> dict:
         summaries = {v: summarise_variant(meta, runs[v]) for v in runs}
     extra = _declared(meta["config"], "plots") + (["gwa"] if meta["config"]["experiment"]["noise_levels"] else [])
     plots = {v: plot_variant(run_dir, meta, v, runs[v], extra) if any(runs[v].values()) else [] for v in runs}
+    from gradalign.experiments import noise_report          # it uses this module's formatting
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        noise_md, noise_json, noise_plots = noise_report.write(run_dir, meta, runs, summaries)
     tuning = rundir.load_tuning(run_dir)
     result = {"experiment": meta["config"]["name"], "description": meta["config"]["description"],
               "quick": meta["quick"], "storage": meta["storage"], "tuning": tuning, "variants": summaries,
-              "plots": [p for names in plots.values() for p in names]}
+              "plots": [p for names in plots.values() for p in names] + noise_plots, "noise": noise_json}
     rundir.write_json(run_dir / "summary.json", result)
-    rundir.write_atomic(run_dir / "summary.md", markdown(meta, summaries, plots) + "\n")
+    rundir.write_atomic(run_dir / "summary.md", markdown(meta, summaries, plots, noise_md) + "\n")
     log.info("report written: %s", (run_dir / "summary.md").resolve())
     return result

@@ -7,6 +7,8 @@ Layout::
     <out>/tuning/[<variant>/]<arm>.json    best parameters and trial counts of each arm
     <out>/runs/[<variant>/]<arm>/seed<k>.csv   every evaluation of one final run
     <out>/runs/[<variant>/]<arm>/seed<k>.json  its summary (written last: marks the run finished)
+    <out>/runs/[<variant>/]<arm>/seed<k>.npz   per-sample records, for methods that keep them (signals.py)
+    <out>/clean/<variant>/<rule>/seed<k>.*     clean-and-retrain runs (clean.py), the same files
     <out>/evaluations.csv                  every evaluation of every final run
     <out>/summary.md, summary.json, *.png  the report (report.py, plots.py)
 
@@ -29,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from gradalign.errors import ConfigError, RunFolderError
 from gradalign.experiments.arms import METHODS
@@ -113,9 +117,37 @@ def rows_to_csv(rows: list[dict], cols) -> str:
     return buf.getvalue()
 
 
-def write_run(path: Path, rows: list[dict], summary: dict) -> None:
-    """A finished final run: its CSV, then its JSON (the JSON marks the run finished and
-    records how many evaluations the CSV holds)."""
+def write_npz(path: Path, arrays: dict) -> None:
+    """Write arrays to a compressed .npz through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_npz(path: Path) -> dict:
+    """The arrays of a .npz; RunFolderError when it is missing or damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} is missing") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise RunFolderError(f"{path} is damaged ({e})") from None
+
+
+def write_run(path: Path, rows: list[dict], summary: dict, records: dict | None = None) -> None:
+    """A finished final run: its records (.npz, when the step keeps any), its CSV, then its
+    JSON (the JSON marks the run finished, records how many evaluations the CSV holds and
+    names the .npz)."""
+    if records:
+        write_npz(path.with_suffix(".npz"), records)
+        summary = {**summary, "records": path.with_suffix(".npz").name}
     write_atomic(path.with_suffix(".csv"), rows_to_csv(rows, file_columns()))
     write_json(path, {**summary, "evaluations": len(rows)})
 
@@ -231,6 +263,8 @@ def read_run(path: Path) -> tuple[dict, list[dict]]:
         raise RunFolderError(f"{path.with_suffix('.csv')} does not match {path.name}: it holds {len(rows)} "
                              f"evaluations ending at {last.get('samples')} samples, the run ended at "
                              f"{summary.get('samples')} samples after {expected}")
+    if summary.get("records") and not path.with_name(summary["records"]).is_file():
+        raise RunFolderError(f"{path.with_name(summary['records'])} is missing: {path.name} names it")
     return summary, rows
 
 

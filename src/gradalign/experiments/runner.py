@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gradalign.errors import ConfigError
-from gradalign.experiments import rundir
+from gradalign.experiments import clean, rundir
 from gradalign.experiments.config import ExperimentConfig, check_params, load_config
 from gradalign.experiments.data import load_splits
 from gradalign.experiments.report import write_report
@@ -140,6 +140,8 @@ def _plan(run_dir: Path, variants, seed_list, storage) -> tuple[int, int]:
                 done += min(count_finished(open_study(v, arm, storage)), v.tune.trials)
             total += len(seed_list)
             done += sum(rundir.run_path(run_dir, v.variant, arm.name, s).exists() for s in seed_list)
+        retrain, retrained = clean.planned(run_dir, v, seed_list)
+        total, done = total + retrain, done + retrained
     return total, min(done, total)
 
 
@@ -185,11 +187,12 @@ def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], 
                 row["variant"] = config.variant
             rundir.write_run(path, result.rows, {**result.summary, "variant": config.variant,
                                                  "config_hash": config.arm_hash(arm), "tuned_params": params,
-                                                 "label": arm.title})
+                                                 "label": arm.title}, records=result.records)
             last = result.rows[-1]
             log.info("%s %s seed %d: test acc %.4f, train loss %.4f (%.0f s) -> %s", label, arm.name, seed,
                      last["test_acc"], last["train_loss"], result.summary["wall_time"], path.with_suffix(".csv"))
             bars.tick()
+    clean.retrain_variant(run_dir, config, seed_list, splits, tuned, bars)    # [noise] drop_fractions, if any
 
 
 def _fmt(params: dict) -> str:

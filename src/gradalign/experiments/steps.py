@@ -110,6 +110,10 @@ class Step:
         sizes, self._step_sizes = self._step_sizes, []
         return {"samples_per_step": float(np.mean(sizes)) if sizes else NAN}
 
+    def records(self) -> dict[str, np.ndarray]:
+        """Per-sample records of the run so far (arrays) for the run folder; {} for none."""
+        return {}
+
     def close(self) -> None:
         """Release hooks."""
 

@@ -2,7 +2,8 @@
 
     result = train_run(config, arm, params, seed, splits, eval_split="test")
     result.rows      # one dict per evaluation (rundir.columns())
-    result.summary   # params, final metrics, GWA epoch choice, label-noise AUROC, timings
+    result.summary   # params, final metrics, GWA epoch choice, label noise and memorisation, timings
+    result.records   # per-sample records of steps that keep them (signals.py), else {}
 
 Arms differ only in their step (steps.py, chosen by the method table in arms.py): baseline
 (mean loss backward), gasw/gdsw (engine.backward with GASW/GDSW weights), gaga (increments
@@ -41,6 +42,7 @@ from torch import nn
 import gradalign as ga
 from gradalign.errors import GradAlignError
 from gradalign.experiments import data as data_mod
+from gradalign.experiments import noise
 from gradalign.experiments.arms import METHODS
 from gradalign.experiments.config import ArmConfig, ExperimentConfig, resolve_params
 from gradalign.experiments.intervals import auroc
@@ -58,6 +60,7 @@ class TrainingDiverged(GradAlignError):
 class RunResult:
     rows: list[dict]
     summary: dict = field(default_factory=dict)
+    records: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -174,10 +177,14 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
                 if samples >= budget:
                     break
         summary = _summary(config, arm, p, seed, eval_split, rows, monitor, splits, train_set, optim, t0)
+        summary["memorisation"] = noise.memorisation(model, splits, train_set)
+        records = step.records()
+        if records:
+            records.update(noise.label_records(records["sample_id"], splits))
     finally:
         step.close()
         monitor.remove()
-    return RunResult(rows, summary)
+    return RunResult(rows, summary, records)
 
 
 def _summary(config, arm, p, seed, eval_split, rows, monitor, splits, train_set, optim, t0) -> dict:
@@ -192,6 +199,7 @@ def _summary(config, arm, p, seed, eval_split, rows, monitor, splits, train_set,
     except GradAlignError:
         out["gwa_epoch"] = None                 # no selectable epoch (every GWA_T nan)
     flipped = np.isin(train_set.ids.numpy(), splits.flipped_ids.numpy())
+    out["noise"] = {"kind": splits.noise_kind, "rate": splits.noise_rate, "flipped": int(flipped.sum())}
     if flipped.any() and not flipped.all():
         out["auroc_flipped"] = _flip_auroc(monitor.sample_scores(), train_set.ids.numpy(), flipped)
     return out
