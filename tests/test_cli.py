@@ -16,6 +16,8 @@ TINY = {
     "gaga": ["--set", "train.budget_samples=320", "--set", "train.eval_every=160"],
     "gwa": ["--set", "train.epochs=2", "--set", "experiment.noise_levels=[0.0, 0.2]"],
     "gvr": ["--set", "train.epochs=1", "--set", "train.batch_size=32"],
+    "noise": ["--set", "train.epochs=2", "--set", 'experiment.noise_levels=[0.2, "pair:0.2"]',
+              "--set", 'noise.drop_signals=["aum", "random"]'],
 }
 
 
@@ -36,7 +38,7 @@ def test_demo_prints_table_and_plot(tmp_path, capsys):
     assert f"plot:   {out / 'comparison.png'}" in printed and (out / "comparison.png").exists()
 
 
-@pytest.mark.parametrize("name", ["gasw", "gaga", "gwa", "gvr"])
+@pytest.mark.parametrize("name", ["gasw", "gaga", "gwa", "gvr", "noise"])
 def test_reproduce_quick(tmp_path, capsys, name):
     out = tmp_path / name
     args = ["reproduce", name, "--quick", "--trials", "1", "--seeds", "2", "--out", str(out)]
@@ -51,10 +53,13 @@ def test_reproduce_quick(tmp_path, capsys, name):
         assert (out / "gaga_dynamics.png").exists()
     if name == "gwa":
         assert (out / "gwa_noise0.2.png").exists() and "AUROC" in (out / "summary.md").read_text()
+    if name == "noise":
+        assert (out / "detection_auroc.png").exists() and (out / "clean_retrain.png").exists()
+        assert set(summary["noise"]["clean"]["pair0.2"]) == {"all data", "aum-0.2", "random-0.2", "oracle"}
     # the same command again resumes: nothing left to do, the report is rewritten
-    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("seed*.json")}
     assert main(args + TINY_DATA + TINY[name]) == 0
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("seed*.json")} == before
 
 
 def test_report_train_tune_and_list(tmp_path, capsys):

@@ -243,7 +243,7 @@ def test_noise_variants_and_gwa_report(tmp_path):
     assert "test_acc@val" in noisy["gasw"]["metrics"] and "test_acc@val" not in noisy["baseline"]["metrics"]
     assert {"test_acc@gwa", "test_acc@last"} <= set(noisy["baseline"]["metrics"])
     md = (run_dir / "summary.md").read_text()
-    assert "## Results (noise 0.2)" in md and "AUROC flipped labels" in md
+    assert "## Results (symmetric noise 20%)" in md and "AUROC flipped labels" in md
 
 
 def test_report_on_a_partial_folder(tmp_path):

@@ -14,7 +14,7 @@ signal, and clean-and-retrain. Everything is recomputed from the run folder's fi
 
 Figures: detection_auroc.png (AUROC per signal and level, 95% CI), detection_epochs.png
 (AUROC per epoch), clean_retrain.png (test accuracy per rule and level, 95% CI).
-The formatting helpers are report.py's (this module is imported by it, on use).
+The per-seed statistics are report.py's (this module is imported by it, on use).
 """
 from __future__ import annotations
 
@@ -25,9 +25,29 @@ import numpy as np
 
 from gradalign.experiments import clean, detection, intervals, rundir
 from gradalign.experiments.noise import describe
-from gradalign.experiments.report import _ci, _diff, _stat, _stat_against, _table
+from gradalign.experiments.report import _stat, _stat_against, _table
 
 MEMORISATION = ("flipped_acc_noisy", "flipped_acc_clean")
+
+
+def est(stat: dict | None, pct: bool = False) -> str:
+    """'64.10% [62.02, 66.18]' (pct) or '0.904 [0.895, 0.912]': mean [95% CI]; '-' when empty."""
+    if not stat or not stat.get("n"):
+        return "-"
+    f = (lambda v: f"{100 * v:.2f}") if pct else (lambda v: f"{v:.3f}")
+    text = f(stat["mean"]) + ("%" if pct else "")
+    return text + (f" [{f(stat['lo'])}, {f(stat['hi'])}]" if math.isfinite(stat["lo"]) else "")
+
+
+def dif(d: dict | None, pct: bool = False) -> str:
+    """'+0.7 pp [-1.2, +2.6], p 0.36' (pct) or '+0.012 [-0.004, +0.028], p 0.12'; '-' when empty."""
+    if not d or not d.get("n"):
+        return "-"
+    f = (lambda v: f"{round(100 * v, 1) + 0.0:+.1f}") if pct else (lambda v: f"{round(v, 3) + 0.0:+.3f}")
+    text = f(d["mean"]) + (" pp" if pct else "")
+    if math.isfinite(d["lo"]):
+        text += f" [{f(d['lo'])}, {f(d['hi'])}]"
+    return text + (f", p {d['p_value']:.2g}" if math.isfinite(d["p_value"]) else "")
 
 
 def _noisy(runs: dict) -> list[str]:
@@ -49,28 +69,20 @@ def methods_section(meta: dict, summaries: dict, noisy: list[str]) -> list[str]:
     def grid(names, cols, cell):
         return [[label[a]] + [cell(summaries[v]["arms"][a]["metrics"]) for v in cols] for a in names]
 
-    acc = grid(arms, variants, lambda m: _ci(m.get("test_acc"), "test_acc"))
-    diff = grid([a for a in arms if a != ref], variants,
-                lambda m: "{} (p {})".format(*_diff(m.get("test_acc", {}).get("diff"), "test_acc")))
+    acc = grid(arms, variants, lambda m: est(m.get("test_acc"), pct=True))
+    diff = grid([a for a in arms if a != ref], variants, lambda m: dif(m.get("test_acc", {}).get("diff"), pct=True))
     out = ["## Label noise: every method", "",
            "Test accuracy, mean [95% CI] over seeds (each arm tuned on a validation split with the same noise "
            "as its training set):", ""] + _table(["arm"] + heads, acc) + [""]
-    out += [f"Paired difference to {label[ref]} [95% CI] (p):", ""] + _table(["arm"] + heads, diff) + [""]
+    out += [f"Paired difference to {label[ref]} [95% CI], p of the paired t-test:", ""] + _table(["arm"] + heads, diff) + [""]
     if noisy:
         cols = [describe(v) for v in noisy]
         for metric, text in (("flipped_acc_noisy", "Memorised: final training accuracy on the flipped samples "
                                                    "w.r.t. their noisy labels"),
                              ("flipped_acc_clean", "Recovered: the same samples w.r.t. their clean labels")):
-            cells = grid(arms, noisy, lambda m: _pct(m.get(metric)))
+            cells = grid(arms, noisy, lambda m: est(m.get(metric), pct=True))
             out += [f"{text} (mean [95% CI]):", ""] + _table(["arm"] + cols, cells) + [""]
     return out
-
-
-def _pct(stat: dict | None) -> str:
-    if not stat or not stat["n"]:
-        return "-"
-    text = f"{100 * stat['mean']:.1f}%"
-    return text + (f" [{100 * stat['lo']:.1f}, {100 * stat['hi']:.1f}]" if math.isfinite(stat["lo"]) else "")
 
 
 # ---------------------------------------------------------------- detection
@@ -116,7 +128,7 @@ def detection_section(results: dict) -> list[str]:
            "Each training sample is ranked by a signal recorded in the signals arm's own runs (one run per seed; "
            "suspect = the direction below). AUROC for 'label was flipped' of the signal averaged over training "
            "(forgetting: events over training), mean [95% CI] over seeds:", ""]
-    rows = [[sig[n].label, sig[n].suspect] + [_ci(results[v]["signals"][n]["auroc"], "auroc") for v in variants]
+    rows = [[sig[n].label, sig[n].suspect] + [est(results[v]["signals"][n]["auroc"]) for v in variants]
             for n in detection.SIGNAL_NAMES]
     out += _table(["signal", "suspect when"] + [describe(v) for v in variants], rows) + [""]
     for v in variants:
@@ -129,12 +141,10 @@ def detection_section(results: dict) -> list[str]:
         rows = []
         for n in detection.SIGNAL_NAMES:
             e = r[n]
-            d, p = _diff(e["auroc"].get("diff"), "auroc")
-            dp, pp = _diff(e["precision"].get("diff"), "precision")
-            rows.append([sig[n].label, _ci(e["auroc"], "auroc"), "(reference)" if n == ref else f"{d} (p {p})",
-                         _ci(e["precision"], "precision"), "(reference)" if n == ref else f"{dp} (p {pp})",
-                         _ci(e["auroc_best"], "auroc"), ", ".join(str(x + 1) for x in e["auroc_best_epoch"] if x is not None),
-                         _ci(e["precision_best"], "precision")])
+            rows.append([sig[n].label, est(e["auroc"]), "(reference)" if n == ref else dif(e["auroc"].get("diff")),
+                         est(e["precision"]), "(reference)" if n == ref else dif(e["precision"].get("diff")),
+                         est(e["auroc_best"]), ", ".join(str(x + 1) for x in e["auroc_best_epoch"] if x is not None),
+                         est(e["precision_best"])])
         out += _table(["signal", "AUROC, over training", "minus ref.", "precision, over training", "minus ref.",
                        "AUROC, best epoch", "best epochs", "precision, best epoch"], rows) + [""]
     return out
@@ -181,12 +191,8 @@ def clean_section(results: dict) -> list[str]:
     for v, table in results.items():
         rows = []
         for rule, e in table.items():
-            d, p = _diff(e.get("diff"), "test_acc")
-            do, po = _diff(e.get("vs_oracle"), "test_acc")
-            share = e.get("flipped_share")
-            rows.append([rule, _ci(e, "test_acc"), "-" if rule == "all data" else f"{d} (p {p})",
-                         "-" if rule == "oracle" else f"{do} (p {po})",
-                         _pct(share) if share else "-", str(e["n"])])
+            rows.append([rule, est(e, pct=True), dif(e.get("diff"), pct=True), dif(e.get("vs_oracle"), pct=True),
+                         est(e.get("flipped_share"), pct=True), str(e["n"])])
         out += [f"### Clean-and-retrain, {describe(v)}", ""]
         out += _table(["dropped by", "test acc", "minus all data", "minus oracle", "flipped among dropped", "seeds"],
                       rows) + [""]

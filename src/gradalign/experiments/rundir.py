@@ -29,6 +29,7 @@ import os
 import socket
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,21 @@ def read_npz(path: Path) -> dict:
             return {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise RunFolderError(f"{path} is missing") from None
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise RunFolderError(f"{path} is damaged ({e})") from None
+
+
+def check_npz(path: Path) -> None:
+    """RunFolderError unless `path` is a whole .npz (every member present, CRCs intact)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} is missing") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise RunFolderError(f"{path} is damaged ({e})") from None
+    if bad is not None:
+        raise RunFolderError(f"{path} is damaged (member {bad} fails its CRC)")
 
 
 def write_run(path: Path, rows: list[dict], summary: dict, records: dict | None = None) -> None:
@@ -263,8 +277,8 @@ def read_run(path: Path) -> tuple[dict, list[dict]]:
         raise RunFolderError(f"{path.with_suffix('.csv')} does not match {path.name}: it holds {len(rows)} "
                              f"evaluations ending at {last.get('samples')} samples, the run ended at "
                              f"{summary.get('samples')} samples after {expected}")
-    if summary.get("records") and not path.with_name(summary["records"]).is_file():
-        raise RunFolderError(f"{path.with_name(summary['records'])} is missing: {path.name} names it")
+    if summary.get("records"):
+        check_npz(path.with_name(summary["records"]))
     return summary, rows
 
 
