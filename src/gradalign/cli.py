@@ -24,7 +24,7 @@ from gradalign.errors import ConfigError, GradAlignError
 
 log = logging.getLogger("gradalign")
 
-EPILOG = ("Bundled experiments: gasw, gaga, gwa, gvr (and demo); `gradalign list` describes them. "
+EPILOG = ("Bundled experiments: gasw, gaga, gwa, gvr, noise (and demo); `gradalign list` describes them. "
           "Any path to a TOML file with the same schema works too.")
 
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an experiment end to end: tune every arm with Optuna on a validation split "
                        "carved from the training set, train every arm with its best settings on the same seeds, and "
                        "write the report. Re-running with the same --out resumes: finished trials and seeds are skipped.")
-    p.add_argument("experiment", help="gasw, gaga, gwa or gvr, or a path to a TOML experiment file")
+    p.add_argument("experiment", help="gasw, gaga, gwa, gvr or noise, or a path to a TOML experiment file")
     p.add_argument("--trials", type=_nonneg_int, help="completed Optuna trials per tuned arm (overrides the config; "
                    "0 skips tuning and uses the fixed settings)")
     p.add_argument("--seeds", type=_pos_int, help="final seeds per arm (overrides the config)")

@@ -45,7 +45,6 @@ from gradalign.experiments import checks, noise
 from gradalign.experiments.arms import METHODS
 from gradalign.experiments.config_sources import apply_overrides, merge, read_toml
 from gradalign.experiments.data import split_sizes
-from gradalign.experiments.detection import SIGNAL_NAMES
 from gradalign.experiments.models import MODELS
 
 OBJECTIVES = ("final", "best", "mean_last")
@@ -350,12 +349,6 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
         train = {**train, "epochs": 50}
     if not isinstance(tables["model"].get("options", {}), dict):
         raise _err(f"{source} [model] options", "expected a table of keyword arguments")
-    try:
-        levels = noise.parse_levels(tables["experiment"].get("noise_levels", []))
-    except ValueError as e:
-        raise _err(f"{source} [experiment] noise_levels", str(e)) from None
-    if problem := noise.check_rate(tables["data"].get("noise_kind", "symmetric"), tables["data"].get("label_noise", 0)):
-        raise _err(f"{source} [data] label_noise", f"expected {problem}")
     arms_raw = raw.get("arms", [])
     if not isinstance(arms_raw, list) or not arms_raw:
         raise _err(source, "needs at least one [[arms]] table")
@@ -363,10 +356,7 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
     names = [a.name for a in arms]
     if len(set(names)) < len(names):
         raise _err(source, f"arm names must be unique, got {names}")
-    try:
-        noise_cfg = noise.parse_table(tables["noise"], [a.name for a in arms if METHODS[a.method].records], SIGNAL_NAMES)
-    except ValueError as e:
-        raise _err(f"{source} [noise]", str(e)) from None
+    levels, noise_cfg = noise.parse_tables(source, tables, [a.name for a in arms if METHODS[a.method].records])
     final = {"reference": names[0], **tables["final"]}
     if final["reference"] not in names:
         raise _err(f"{source} [final] reference", f"must name an arm ({', '.join(names)}), got {final['reference']!r}")
@@ -374,7 +364,7 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
         name=name, description=raw.get("description", ""),
         data=DataConfig(**tables["data"]), model=ModelConfig(**tables["model"]), train=TrainConfig(**train),
         tune=TuneConfig(**tables["tune"]), final=FinalConfig(**final),
-        experiment=AnalysisConfig(**{**tables["experiment"], "noise_levels": tuple(lv.spec for lv in levels)}),
+        experiment=AnalysisConfig(**{**tables["experiment"], "noise_levels": levels}),
         noise=noise_cfg, arms=arms)
     _check_sizes(source, cfg)
     return cfg

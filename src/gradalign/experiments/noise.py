@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradalign.errors import ConfigError
+from gradalign.experiments.detection import SIGNAL_NAMES
+
 NOISE_KINDS = ("symmetric", "pair")
 _PREFIX = {"symmetric": "noise", "pair": "pair"}       # variant name = prefix + rate
 
@@ -194,7 +197,25 @@ class NoiseConfig:
 KEYS = ("signals_arm", "reference_signal", "drop_fractions", "drop_signals", "oracle")
 
 
-def parse_table(table: dict, recording_arms: list[str], signal_names: tuple[str, ...]) -> NoiseConfig:
+def parse_tables(source: str, tables: dict, recording_arms: list[str]) -> tuple[tuple, NoiseConfig]:
+    """The noise settings of a raw config's tables (keys already checked): [data] label_noise
+    and noise_kind, [experiment] noise_levels and [noise]. recording_arms: the arms whose method
+    records per-sample signals, in arm order. Returns (canonical noise_levels, NoiseConfig);
+    ConfigError names the table and key of a bad value."""
+    data = tables["data"]
+    if problem := check_rate(data.get("noise_kind", "symmetric"), data.get("label_noise", 0.0)):
+        raise ConfigError(f"{source} [data] label_noise: expected {problem}")
+    try:
+        levels = tuple(lv.spec for lv in parse_levels(tables["experiment"].get("noise_levels", [])))
+    except ValueError as e:
+        raise ConfigError(f"{source} [experiment] noise_levels: {e}") from None
+    try:
+        return levels, parse_table(tables["noise"], recording_arms)
+    except ValueError as e:
+        raise ConfigError(f"{source} [noise] {e}") from None
+
+
+def parse_table(table: dict, recording_arms: list[str], signal_names: tuple[str, ...] = SIGNAL_NAMES) -> NoiseConfig:
     """Validate a [noise] table (keys already checked). recording_arms: arms whose method records
     per-sample signals, in arm order; signal_names: the detection signals. ValueError with
     'key: message' on a bad value."""

@@ -98,7 +98,7 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
     """Tune every arm, train every arm on every seed, then write the report. Resumable.
 
     Args:
-        name_or_path: a bundled experiment ("gasw", "gaga", "gwa", "gvr", "demo") or a TOML path.
+        name_or_path: a bundled experiment ("gasw", "gaga", "gwa", "gvr", "noise", "demo") or a TOML path.
         out_dir: the run folder (default ``runs/<name>`` or ``runs/<name>-quick``).
         quick: apply the config's [quick] tables (fewer trials, seeds and samples).
         trials, seeds: override [tune] trials and [final] seeds.
