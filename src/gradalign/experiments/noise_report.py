@@ -71,9 +71,10 @@ def methods_section(meta: dict, summaries: dict, noisy: list[str]) -> list[str]:
 
     acc = grid(arms, variants, lambda m: est(m.get("test_acc"), pct=True))
     diff = grid([a for a in arms if a != ref], variants, lambda m: dif(m.get("test_acc", {}).get("diff"), pct=True))
-    out = ["## Label noise: every method", "",
-           "Test accuracy, mean [95% CI] over seeds (each arm tuned on a validation split with the same noise "
-           "as its training set):", ""] + _table(["arm"] + heads, acc) + [""]
+    cfg = meta["config"]
+    tuned = " (tuned arms are tuned on a validation split with the same noise as their training set)" if (
+        cfg["tune"]["trials"] and any(a["search"] for a in cfg["arms"])) else ""
+    out = ["## Label noise: every method", "", f"Test accuracy, mean [95% CI] over seeds{tuned}:", ""] + _table(["arm"] + heads, acc) + [""]
     out += [f"Paired difference to {label[ref]} [95% CI], p of the paired t-test:", ""] + _table(["arm"] + heads, diff) + [""]
     if noisy:
         cols = [describe(v) for v in noisy]
