@@ -62,6 +62,7 @@ def _records(n=40, e=3, seed=0):
     noise = lambda: 0.1 * rng.standard_normal((n, e))  # noqa: E731
     return {"sample_id": np.arange(n) + 100, "flipped": flipped,
             "loss": 1 + sign + noise(), "grad_norm": 1 + sign + noise(), "cosine": -sign + noise(),
+            "cosine_loo": -sign + noise(),
             "margin": -sign + noise(), "gwa": -0.1 * sign + 0.01 * noise(),
             "correct": np.where(flipped[:, None], np.array([[1, 0, 0]]), np.array([[1, 1, 1]]))[:, :e].astype(np.int8)}
 
@@ -69,7 +70,8 @@ def _records(n=40, e=3, seed=0):
 def test_ranking_directions():
     """One table says which raw values are suspect; each signal's score ranks the flipped first."""
     assert {n: s.suspect for n, s in SIGNALS.items()} == {
-        "loss": "high", "grad_norm": "high", "cosine": "low", "aum": "low", "forgetting": "high", "gwa": "low"}
+        "loss": "high", "grad_norm": "high", "cosine": "low", "cosine_loo": "low", "aum": "low", "forgetting": "high",
+        "gwa": "low"}
     rec = _records()
     found = detect(rec)
     for name in SIGNALS:
@@ -80,6 +82,8 @@ def test_ranking_directions():
     # forgetting: flipped samples are forgotten from pass 1 on; at pass 0 nothing separates them
     assert found["forgetting"]["auroc_epochs"][0] == 0.5 and found["forgetting"]["auroc_best_epoch"] == 1
     assert detect({**rec, "flipped": np.zeros(40, bool)}) == {}
+    older = {k: v for k, v in rec.items() if k != "cosine_loo"}               # records made before a signal existed
+    assert set(detect(older)) == set(SIGNALS) - {"cosine_loo"}
 
 
 def test_most_suspect_and_drop_rules():
@@ -118,7 +122,7 @@ def test_signals_step_records_and_updates_like_the_baseline():
     rec = run.records
     n = len(splits.train_full)
     assert rec["sample_id"].tolist() == list(range(n))
-    for key in ("loss", "grad_norm", "cosine", "margin", "gwa", "correct"):
+    for key in ("loss", "grad_norm", "cosine", "cosine_loo", "margin", "gwa", "correct"):
         assert rec[key].shape == (n, 3) and np.isfinite(rec[key]).all(), key
     assert np.array_equal(rec["label"], splits.train_full.y.numpy())
     assert rec["flipped"].sum() == len(splits.flipped_ids) and np.array_equal(np.flatnonzero(rec["flipped"]),
@@ -160,4 +164,6 @@ def test_signals_records_match_the_engine_and_the_loss():
     assert np.allclose(rec["loss"][:, 0], losses.detach().numpy(), atol=1e-6)
     assert np.allclose(rec["grad_norm"][:, 0], g.norm(dim=1).numpy(), rtol=1e-4)
     assert np.allclose(rec["cosine"][:, 0], (F.cosine_similarity(g, mean[None], dim=1)).numpy(), atol=1e-4)
+    others = (8 * mean[None] - g) / 7                                       # the mean of the other samples
+    assert np.allclose(rec["cosine_loo"][:, 0], (F.cosine_similarity(g, others, dim=1)).numpy(), atol=1e-4)
     assert detection.SIGNALS["cosine"].record == "cosine"

@@ -3,7 +3,8 @@ the flipped labels.
 
 The records of one run (signals.py, a .npz per run) hold, per training sample i (row) and
 epoch t (column: the t-th pass over the sample), what its training forward gave before the
-update on it: ``loss``, ``grad_norm``, ``cosine``, ``margin``, ``correct`` and ``gwa``. Each
+update on it: ``loss``, ``grad_norm``, ``cosine``, ``cosine_loo``, ``margin``, ``correct`` and
+``gwa``. Each
 signal turns them into a per-epoch value and a value over the whole training run, oriented
 so that a HIGHER score means MORE SUSPECT (the ``suspect`` column says which raw values are
 suspect):
@@ -12,6 +13,7 @@ suspect):
     loss        cross-entropy w.r.t. the assigned label     mean over epochs         high   (small-loss criterion)
     grad_norm   |g_i|, all parameters (engine)              mean over epochs         high
     cosine      cos(g_i, batch-mean gradient) (engine)      mean over epochs         low    (GASW's signal)
+    cosine_loo  cos(g_i, mean of the other samples)         mean over epochs         low    (GASW, leave-one-out)
     aum         margin: assigned logit - largest other      mean over epochs = AUM   low    (Pleiss et al. 2020)
     forgetting  forgetting events in epochs 0..t            events over all epochs   high   (Toneva et al. 2019)
     gwa         GWA alignment a_i (GWAMonitor)              mean over epochs         low    (Hoelzl et al. 2025)
@@ -88,6 +90,8 @@ SIGNALS: dict[str, Signal] = {s.name: s for s in (
     Signal("loss", "training loss (small-loss criterion)", "loss", "high", lambda m: m, _nanmean),
     Signal("grad_norm", "per-sample gradient norm", "grad_norm", "high", lambda m: m, _nanmean),
     Signal("cosine", "cosine to the batch-mean gradient (GASW)", "cosine", "low", lambda m: m, _nanmean),
+    Signal("cosine_loo", "cosine to the other samples' mean (GASW leave-one-out)", "cosine_loo", "low", lambda m: m,
+           _nanmean),
     Signal("aum", "area under the margin (AUM)", "margin", "low", lambda m: m, _nanmean),
     Signal("forgetting", "forgetting events", "correct", "high", forgetting_events,
            lambda m: forgetting_events(m)[:, -1]),
@@ -141,12 +145,15 @@ def _metrics(score: np.ndarray, flipped: np.ndarray) -> tuple[float, float]:
 def detect(records: dict, signals=SIGNAL_NAMES) -> dict:
     """Per signal: AUROC and precision at the noise rate of the value over training, per epoch,
     and at the best epoch (max over epochs, an oracle). Needs records["flipped"] (N,) bool;
-    returns {} when no sample (or every sample) is flipped."""
+    returns {} when no sample (or every sample) is flipped. Signals whose record is missing
+    (records made before the signal existed) are left out."""
     flipped = np.asarray(records["flipped"], bool)
     if not flipped.any() or flipped.all():
         return {}
     out = {}
     for name in signals:
+        if SIGNALS[name].record not in records:
+            continue
         per_epoch, overall = scores(name, records)
         auc, prec = _metrics(overall, flipped)
         by_epoch = [_metrics(per_epoch[:, t], flipped) for t in range(per_epoch.shape[1])]

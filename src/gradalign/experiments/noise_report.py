@@ -104,11 +104,12 @@ def detection_results(run_dir: Path, meta: dict, runs: dict, noisy: list[str]) -
         if not per_seed:
             continue
         result = {}
-        for name in detection.SIGNAL_NAMES:
+        names = [n for n in detection.SIGNAL_NAMES if all(n in d for d in per_seed.values())]   # older records: fewer
+        for name in names:
             entry = {}
             for metric in ("auroc", "precision", "auroc_best", "precision_best"):
                 values = {s: d[name][metric] for s, d in per_seed.items()}
-                reference = None if name == ref else {s: d[ref][metric] for s, d in per_seed.items()}
+                reference = None if name == ref or ref not in names else {s: d[ref][metric] for s, d in per_seed.items()}
                 entry[metric] = _stat_against(values, reference)
             entry["auroc_best_epoch"] = [d[name]["auroc_best_epoch"] for d in per_seed.values()]
             n = min(len(d[name]["auroc_epochs"]) for d in per_seed.values())
@@ -117,6 +118,11 @@ def detection_results(run_dir: Path, meta: dict, runs: dict, noisy: list[str]) -
             result[name] = entry
         out[variant] = {"signals": result, "seeds": list(per_seed), "reference": ref}
     return out
+
+
+def _signals(results: dict) -> list[str]:
+    """The signals any level has results for, in the table's order."""
+    return [n for n in detection.SIGNAL_NAMES if any(n in r["signals"] for r in results.values())]
 
 
 def detection_section(results: dict) -> list[str]:
@@ -129,8 +135,8 @@ def detection_section(results: dict) -> list[str]:
            "Each training sample is ranked by a signal recorded in the signals arm's own runs (one run per seed; "
            "suspect = the direction below). AUROC for 'label was flipped' of the signal averaged over training "
            "(forgetting: events over training), mean [95% CI] over seeds:", ""]
-    rows = [[sig[n].label, sig[n].suspect] + [est(results[v]["signals"][n]["auroc"]) for v in variants]
-            for n in detection.SIGNAL_NAMES]
+    rows = [[sig[n].label, sig[n].suspect] + [est(results[v]["signals"].get(n, {}).get("auroc")) for v in variants]
+            for n in _signals(results)]
     out += _table(["signal", "suspect when"] + [describe(v) for v in variants], rows) + [""]
     for v in variants:
         r = results[v]["signals"]
@@ -140,7 +146,7 @@ def detection_section(results: dict) -> list[str]:
                 f"the true flips), with the epochs it picked. Differences are paired over seeds, to {sig[ref].label}.",
                 ""]
         rows = []
-        for n in detection.SIGNAL_NAMES:
+        for n in r:
             e = r[n]
             rows.append([sig[n].label, est(e["auroc"]), "(reference)" if n == ref else dif(e["auroc"].get("diff")),
                          est(e["precision"]), "(reference)" if n == ref else dif(e["precision"].get("diff")),
@@ -209,11 +215,12 @@ def _plots(run_dir: Path, detect: dict, cleaned: dict) -> list[str]:
 
     names = []
     if detect:
-        variants, sig = list(detect), detection.SIGNAL_NAMES
+        variants, sig = list(detect), _signals(detect)
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sig)), 4))
         width = 0.8 / len(variants)
         for j, v in enumerate(variants):
-            st = [detect[v]["signals"][n]["auroc"] for n in sig]
+            nan = {"mean": np.nan, "lo": np.nan, "hi": np.nan}
+            st = [detect[v]["signals"].get(n, {}).get("auroc", nan) for n in sig]
             mean = np.array([s["mean"] for s in st])
             err = np.array([[s["mean"] - s["lo"] if math.isfinite(s["lo"]) else 0 for s in st],
                             [s["hi"] - s["mean"] if math.isfinite(s["hi"]) else 0 for s in st]])
@@ -232,7 +239,7 @@ def _plots(run_dir: Path, detect: dict, cleaned: dict) -> list[str]:
         plt.close(fig)
         fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4), squeeze=False)
         for ax, v in zip(axes[0], variants):
-            for n in sig:
+            for n in detect[v]["signals"]:
                 curve = detect[v]["signals"][n]["auroc_epochs"]
                 mean, std = np.array(curve["mean"]), np.array(curve["std"])
                 ep = np.arange(1, len(mean) + 1)

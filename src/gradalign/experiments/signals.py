@@ -4,8 +4,10 @@
 baseline's update) and gives the per-sample gradient norms and cosines to the batch mean
 from the same backward. For every sample of every batch, before the update on it, the step
 keeps its training-forward loss (w.r.t. its assigned, possibly noisy, label), gradient norm,
-cosine, margin (assigned logit minus the largest other logit) and correctness; the GWA
-alignment comes from the run's GWAMonitor (``sample_scores()``).
+cosine to the batch mean (GASW's signal) and to the mean of the OTHER samples of the batch
+(GASW's leave-one-out option: no self-alignment), margin (assigned logit minus the largest
+other logit) and correctness; the GWA alignment comes from the run's GWAMonitor
+(``sample_scores()``).
 
 ``records()`` returns them as dense matrices, one row per training sample and one column
 per pass over it (the t-th time a sample is drawn is its epoch t; a pass it missed, e.g. in
@@ -13,7 +15,7 @@ a budget that ends mid-epoch, is nan, or -1 for ``correct``)::
 
     sample_id (N,) int64     sorted training ids
     label (N,) int64         the assigned (possibly noisy) label
-    loss, grad_norm, cosine, margin, gwa (N, E) float32
+    loss, grad_norm, cosine, cosine_loo, margin, gwa (N, E) float32
     correct (N, E) int8      1 correct, 0 not, -1 not visited
 
 train.py adds ``flipped`` (N,) bool and ``clean_label`` (N,) (noise.label_records); the
@@ -28,8 +30,9 @@ from torch import Tensor
 
 import gradalign as ga
 from gradalign.experiments.steps import Forward, Step
+from gradalign.methods.weighting import leave_one_out_cosines
 
-FLOAT_RECORDS = ("loss", "grad_norm", "cosine", "margin")
+FLOAT_RECORDS = ("loss", "grad_norm", "cosine", "cosine_loo", "margin")
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
@@ -77,7 +80,8 @@ class SignalStep(Step):
         y, ids = self._batch
         logits = out.logits
         kept = {"ids": ids, "label": y, "loss": out.graph.detach(), "grad_norm": stats.norms,
-                "cosine": stats.cosines, "margin": margins(logits, y), "correct": logits.argmax(1) == y}
+                "cosine": stats.cosines, "cosine_loo": leave_one_out_cosines(stats), "margin": margins(logits, y),
+                "correct": logits.argmax(1) == y}
         for k, v in kept.items():
             self._kept[k].append(v.detach().to("cpu"))
         return len(logits)
