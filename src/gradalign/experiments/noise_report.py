@@ -237,7 +237,7 @@ def _plots(run_dir: Path, detect: dict, cleaned: dict) -> list[str]:
         names.append("detection_auroc.png")
         fig.savefig(run_dir / names[-1], dpi=110)
         plt.close(fig)
-        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants) + 2.5, 4), squeeze=False)
         for ax, v in zip(axes[0], variants):
             for n in detect[v]["signals"]:
                 curve = detect[v]["signals"][n]["auroc_epochs"]
@@ -249,8 +249,9 @@ def _plots(run_dir: Path, detect: dict, cleaned: dict) -> list[str]:
             ax.set_title(f"AUROC per epoch, {describe(v)}")
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
         names.append("detection_epochs.png")
         fig.savefig(run_dir / names[-1], dpi=110)
         plt.close(fig)
