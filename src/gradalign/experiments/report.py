@@ -299,7 +299,7 @@ def write_report(run_dir) -> dict:
         summaries = {v: summarise_variant(meta, runs[v]) for v in runs}
     extra = _declared(meta["config"], "plots") + (["gwa"] if meta["config"]["experiment"]["noise_levels"] else [])
     plots = {v: plot_variant(run_dir, meta, v, runs[v], extra) if any(runs[v].values()) else [] for v in runs}
-    from gradalign.experiments import noise_report          # it uses this module's formatting
+    from gradalign.experiments import noise_report          # it imports this module (statistics helpers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         noise_md, noise_json, noise_plots = noise_report.write(run_dir, meta, runs, summaries)
