@@ -229,7 +229,7 @@ def _plots(run_dir: Path, detect: dict, cleaned: dict) -> list[str]:
         ax.set_xticks(np.arange(len(sig)), [detection.SIGNALS[n].label.split(" (")[0] for n in sig], rotation=20,
                       ha="right", fontsize=8)
         ax.axhline(0.5, color="k", lw=0.5)
-        ax.set_ylim(0.3, 1.0)
+        ax.set_ylim(0.0, 1.0)
         ax.set_ylabel("AUROC, signal averaged over training")
         ax.set_title("Mislabel detection (mean, 95% CI over seeds)")
         ax.legend(fontsize=8)
