@@ -161,8 +161,9 @@ def detect(records: dict, signals=SIGNAL_NAMES) -> dict:
         prec_t = np.array([p for _, p in by_epoch])
         best_a = int(np.nanargmax(auc_t)) if np.isfinite(auc_t).any() else None
         best_p = int(np.nanargmax(prec_t)) if np.isfinite(prec_t).any() else None
-        out[name] = {"auroc": auc, "precision": prec, "auroc_epochs": auc_t.tolist(), "precision_epochs": prec_t.tolist(),
-                     "auroc_best": float(auc_t[best_a]) if best_a is not None else float("nan"), "auroc_best_epoch": best_a,
-                     "precision_best": float(prec_t[best_p]) if best_p is not None else float("nan"),
-                     "precision_best_epoch": best_p}
+        nan = float("nan")
+        out[name] = {"auroc": auc, "precision": prec, "auroc_epochs": auc_t.tolist(),
+                     "precision_epochs": prec_t.tolist(), "auroc_best_epoch": best_a, "precision_best_epoch": best_p,
+                     "auroc_best": float(auc_t[best_a]) if best_a is not None else nan,
+                     "precision_best": float(prec_t[best_p]) if best_p is not None else nan}
     return out

@@ -228,8 +228,8 @@ def parse_table(table: dict, recording_arms: list[str], signal_names: tuple[str,
     if ref not in signal_names:
         raise ValueError(f"reference_signal: expected one of {', '.join(signal_names)}, got {ref!r}")
     fractions = table.get("drop_fractions", [])
-    if not isinstance(fractions, list) or any(isinstance(f, bool) or not isinstance(f, (int, float))
-                                              or not 0 < f < 1 for f in fractions) or len(set(fractions)) < len(fractions):
+    fraction = lambda f: not isinstance(f, bool) and isinstance(f, (int, float)) and 0 < f < 1  # noqa: E731
+    if not isinstance(fractions, list) or not all(map(fraction, fractions)) or len(set(fractions)) < len(fractions):
         raise ValueError(f"drop_fractions: expected a list of distinct fractions in (0, 1), got {fractions!r}")
     choices = signal_names + ("random",)
     drop = table.get("drop_signals", list(signal_names))

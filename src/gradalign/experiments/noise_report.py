@@ -74,8 +74,10 @@ def methods_section(meta: dict, summaries: dict, noisy: list[str]) -> list[str]:
     cfg = meta["config"]
     tuned = " (tuned arms are tuned on a validation split with the same noise as their training set)" if (
         cfg["tune"]["trials"] and any(a["search"] for a in cfg["arms"])) else ""
-    out = ["## Label noise: every method", "", f"Test accuracy, mean [95% CI] over seeds{tuned}:", ""] + _table(["arm"] + heads, acc) + [""]
-    out += [f"Paired difference to {label[ref]} [95% CI], p of the paired t-test:", ""] + _table(["arm"] + heads, diff) + [""]
+    out = ["## Label noise: every method", "", f"Test accuracy, mean [95% CI] over seeds{tuned}:", ""]
+    out += _table(["arm"] + heads, acc) + [""]
+    out += [f"Paired difference to {label[ref]} [95% CI], p of the paired t-test:", ""]
+    out += _table(["arm"] + heads, diff) + [""]
     if noisy:
         cols = [describe(v) for v in noisy]
         for metric, text in (("flipped_acc_noisy", "Memorised: final training accuracy on the flipped samples "
@@ -109,7 +111,8 @@ def detection_results(run_dir: Path, meta: dict, runs: dict, noisy: list[str]) -
             entry = {}
             for metric in ("auroc", "precision", "auroc_best", "precision_best"):
                 values = {s: d[name][metric] for s, d in per_seed.items()}
-                reference = None if name == ref or ref not in names else {s: d[ref][metric] for s, d in per_seed.items()}
+                paired = name != ref and ref in names
+                reference = {s: d[ref][metric] for s, d in per_seed.items()} if paired else None
                 entry[metric] = _stat_against(values, reference)
             entry["auroc_best_epoch"] = [d[name]["auroc_best_epoch"] for d in per_seed.values()]
             n = min(len(d[name]["auroc_epochs"]) for d in per_seed.values())
@@ -170,12 +173,14 @@ def clean_results(run_dir: Path, meta: dict, runs: dict, noisy: list[str]) -> di
             continue
         base = {seed: s["final"]["test_acc"] for seed, s in sources.items()}
         oracle = {seed: s["final"]["test_acc"] for seed, s in found.get("oracle", {}).items()} or None
-        table = {"all data": {**_stat_against(base, None), "vs_oracle": _against(base, oracle), "flipped_share": None}}
+        table = {"all data": {**_stat_against(base, None), "vs_oracle": _against(base, oracle),
+                              "flipped_share": None}}
         for rule, seeds in found.items():
             acc = {seed: s["final"]["test_acc"] for seed, s in seeds.items()}
             entry = _stat_against(acc, base)
             entry["vs_oracle"] = None if rule == "oracle" else _against(acc, oracle)
-            entry["flipped_share"] = _stat([s["dropped_flipped"] / s["dropped"] for s in seeds.values() if s["dropped"]])
+            shares = [s["dropped_flipped"] / s["dropped"] for s in seeds.values() if s["dropped"]]
+            entry["flipped_share"] = _stat(shares)
             entry["dropped"] = float(np.mean([s["dropped"] for s in seeds.values()]))
             table[rule] = entry
         out[variant] = table
@@ -257,8 +262,8 @@ def _plots(run_dir: Path, detect: dict, cleaned: dict) -> list[str]:
         plt.close(fig)
     if cleaned:
         variants = list(cleaned)
-        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 0.6 + 0.3 * max(map(len, cleaned.values()))),
-                                 squeeze=False)
+        height = 0.6 + 0.3 * max(map(len, cleaned.values()))
+        fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), height), squeeze=False)
         for ax, v in zip(axes[0], variants):
             rules = list(cleaned[v])
             for i, rule in enumerate(rules):
