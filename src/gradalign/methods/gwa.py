@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradalign.engine.distributed import all_gather_rows
 from gradalign.errors import GradAlignError
 from gradalign.methods.head import HeadRecorder, label_distribution, residual
 
@@ -160,6 +161,13 @@ class GWAMonitor:
         best = monitor.best_epoch("scratch")
         monitor.remove()
 
+    Args:
+        head: the classifier's final nn.Linear (inside a DDP wrapper: `ddp.module.head`).
+        process_group: data parallel: at end_epoch() every rank's scores and sample ids are
+            gathered (two all_gathers per epoch: the counts, then an (n, 2) float64 table),
+            so GWA_T, the best epoch and sample_scores() are those of the whole data set and
+            the same on every rank. None: this process's samples only.
+
     Attributes:
         epoch_scores: GWA_T per epoch (nan: not selectable, see `unselectable`).
         epoch_mean_alignment: mean a_i per epoch (the paper compares runs by its maximum).
@@ -167,9 +175,10 @@ class GWAMonitor:
         unselectable: {epoch: reason} for every epoch whose GWA_T is nan.
     """
 
-    def __init__(self, head: nn.Linear):
+    def __init__(self, head: nn.Linear, *, process_group=None):
         self._recorder = HeadRecorder(head, detach=True, grad_only=True)
         self.head = head
+        self.process_group = process_group
         self.epoch_scores: list[float] = []
         self.epoch_mean_alignment: list[float] = []
         self.epoch_kurtosis: list[float] = []
@@ -219,9 +228,14 @@ class GWAMonitor:
         """Close the epoch: GWA_T over every score since the previous end_epoch()."""
         if not self._pending:
             raise GradAlignError("end_epoch() with no update() since the previous epoch")
-        ids = torch.cat([step.ids for step in self._pending]).cpu().numpy()
+        ids = torch.cat([step.ids for step in self._pending])
         scores = _step_scores(self._pending, self.head.out_features)
         self._pending = []
+        if self.process_group is not None:          # the whole data set's scores, in rank order
+            table = all_gather_rows(torch.stack([ids.to(scores.device, torch.float64), scores], 1),
+                                    self.process_group)
+            ids, scores = table[:, 0].round().long(), table[:, 1].contiguous()
+        ids = ids.cpu().numpy()
         mean, kurtosis = _mean_and_kurtosis(scores)
         score, reason = _score(mean, kurtosis)
         epoch = len(self.epoch_scores)
