@@ -15,7 +15,9 @@ read as `postgresql+psycopg://` unless psycopg2 is installed or another driver i
 from __future__ import annotations
 
 import importlib.util
+import random
 import threading
+import time
 import warnings
 from typing import TYPE_CHECKING
 
@@ -58,12 +60,19 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT) -> BaseSto
         else:
             import optuna
             from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                _cache[key] = RDBStorage(
-                    _driver_url(url), engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=int(heartbeat), grace_period=2 * int(heartbeat),
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            for attempt in range(3):     # workers starting together race to create the tables
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        _cache[key] = RDBStorage(
+                            _driver_url(url), engine_kwargs={"pool_pre_ping": True},
+                            heartbeat_interval=int(heartbeat), grace_period=2 * int(heartbeat),
+                            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+                    break
+                except Exception:  # noqa: BLE001 - e.g. a duplicate CREATE TABLE; the tables exist now
+                    if attempt == 2:
+                        raise
+                    time.sleep(1.0 + random.random())
     return _cache[key]
 
 

@@ -41,6 +41,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -168,7 +170,8 @@ def tune_arm(config: ExperimentConfig, arm: ArmConfig, splits, *, storage: str, 
     beats = storages.heartbeat_interval(study) is not None
     t = config.tune
     attrs = {"seed": t.seed, "config_hash": config.arm_hash(arm, tuning=True), "arm": arm.name,
-             "experiment": config.name, "variant": config.variant}
+             "experiment": config.name, "variant": config.variant,
+             "worker": f"{socket.gethostname()}:{os.getpid()}"}
     while (trial := _next_trial(study, trials, beats)) is not None:
         done = count_finished(study)
         for k, v in attrs.items():
