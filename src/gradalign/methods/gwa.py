@@ -218,6 +218,16 @@ class GWAMonitor:
                                    torch.linalg.vector_norm(self.head.weight.detach()),
                                    None if bias is None else bias.detach().clone()))
 
+    def update_recorded(self, targets: Tensor, sample_ids) -> bool:
+        """update() with the head's own recorded output as the logits (for callbacks that see
+        the batch but not the model's output, e.g. Lightning's). False when no training
+        forward was recorded since the last update (nothing to do)."""
+        z, logits = self._recorder.peek()
+        if z is None:
+            return False
+        self.update(logits, targets, sample_ids)
+        return True
+
     def last_scores(self) -> Tensor:
         """(B,) float64 alignment scores of the latest update() of the current epoch."""
         if not self._pending:
@@ -258,7 +268,8 @@ class GWAMonitor:
             "score": np.concatenate(self._scores) if counts else np.zeros(0, np.float32),
         }
 
-    def best_epoch(self, mode: str = "scratch", skip_fraction: float | None = None) -> int:
+    def best_epoch(self, mode: str = "scratch", skip_fraction: float | None = None, *,
+                   skip_epochs: int | None = None) -> int:
         """The 0-based epoch the paper's early-stopping rule selects; nan epochs never count.
 
         mode="scratch": skip the first `skip_fraction` (default 0.1) of epochs, i.e. the
@@ -267,6 +278,8 @@ class GWAMonitor:
         mode="finetune": skip the first `skip_fraction` (default 0) of epochs, find the first
             local minimum j of GWA_T (the first epoch followed by a larger score, or the last
             epoch if the scores never rise) and take the argmax over epochs >= j.
+        skip_epochs: skip this many epochs instead of a fraction (e.g. 10% of the PLANNED
+            epochs while training is still running; at least one epoch stays).
         Ties go to the earliest epoch.
         """
         if mode not in SELECTION_MODES:
@@ -278,7 +291,8 @@ class GWAMonitor:
         n = len(self.epoch_scores)
         if n == 0:
             raise GradAlignError("best_epoch() before any end_epoch()")
-        skip = min(int(math.floor(skip_fraction * n + 1e-9)), n - 1)
+        skip = int(math.floor(skip_fraction * n + 1e-9)) if skip_epochs is None else int(skip_epochs)
+        skip = min(skip, n - 1)
         epochs = [e for e in range(skip, n) if math.isfinite(self.epoch_scores[e])]
         if not epochs:
             raise GradAlignError(f"no selectable epoch after skipping {skip} of {n}: "
