@@ -12,8 +12,9 @@ backpropagate through DDP (the baseline scales each rank's summed loss so that D
 is the global mean also for uneven shards), GASW/GDSW and GAGA through the engine, which
 takes DDP's process group and reduces once (DDP's reducer does not run on its backward). The
 GWA monitor gathers every rank's scores at each evaluation. Only rank 0 prints and writes
-files. Backend: nccl when CUDA is available, else gloo. The global batch must hold at least
-one sample per rank.
+files. Backend: gloo, since the experiments' models train on the CPU (the library itself
+works with nccl: `ga.PerSampleGradients(process_group=)` only needs the group). The global
+batch must hold at least one sample per rank.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def init_from_env() -> Parallel | None:
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
         return None
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")          # the experiments' models are on the CPU
     return Parallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
 
 

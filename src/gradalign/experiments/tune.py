@@ -22,7 +22,8 @@ die and need a retry), and (3) after ask(), counts the finished trials and the r
 asked BEFORE its own (lower numbers): if those already make ``trials``, another worker won
 the race for the last slot and its own trial is told FAIL with the user attribute
 ``surplus`` and never trained. The rule is decided by trial number, so of two workers
-racing for one slot exactly one runs. On SQLite and journal files (no heartbeat: a RUNNING
+racing for one slot exactly one runs; and each trial's sampler is seeded with its own trial
+number (workers that opened the study together would otherwise draw the same values). On SQLite and journal files (no heartbeat: a RUNNING
 trial may belong to a killed process) running trials are not counted, as before, so several
 processes on one SQLite file can overshoot by one trial each.
 
@@ -118,9 +119,12 @@ def open_study(config: ExperimentConfig, arm: ArmConfig, storage: str,
               if t.pruning else optuna.pruners.NopPruner())
     study = optuna.create_study(storage=storages.open_storage(storage, heartbeat), study_name=name,
                                 direction="maximize", load_if_exists=True, pruner=pruner)
-    seed = t.sampler_seed + len(study.get_trials(deepcopy=False))
-    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(t.trials // 3, 1)))
+    study.sampler = _sampler(t, t.sampler_seed + len(study.get_trials(deepcopy=False)))
     return study
+
+
+def _sampler(t, seed: int) -> optuna.samplers.TPESampler:
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(t.trials // 3, 1)))
 
 
 def _running(trials, before: int | None = None) -> int:
@@ -173,6 +177,8 @@ def tune_arm(config: ExperimentConfig, arm: ArmConfig, splits, *, storage: str, 
              "experiment": config.name, "variant": config.variant,
              "worker": f"{socket.gethostname()}:{os.getpid()}"}
     while (trial := _next_trial(study, trials, beats)) is not None:
+        if beats:   # concurrent workers: seed by the (unique) trial number, or they would draw alike
+            study.sampler = _sampler(t, t.sampler_seed + trial.number)
         done = count_finished(study)
         for k, v in attrs.items():
             trial.set_user_attr(k, v)

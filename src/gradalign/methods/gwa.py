@@ -235,16 +235,24 @@ class GWAMonitor:
         return _step_scores(self._pending[-1:], self.head.out_features)
 
     def end_epoch(self) -> float:
-        """Close the epoch: GWA_T over every score since the previous end_epoch()."""
-        if not self._pending:
+        """Close the epoch: GWA_T over every score since the previous end_epoch() (with a
+        process group: over every rank's scores; a rank without updates contributes none)."""
+        if not self._pending and self.process_group is None:
             raise GradAlignError("end_epoch() with no update() since the previous epoch")
-        ids = torch.cat([step.ids for step in self._pending])
-        scores = _step_scores(self._pending, self.head.out_features)
+        if self._pending:
+            ids = torch.cat([step.ids for step in self._pending])
+            scores = _step_scores(self._pending, self.head.out_features)
+        else:
+            device = self.head.weight.device
+            ids, scores = torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.float64,
+                                                                                        device=device)
         self._pending = []
         if self.process_group is not None:          # the whole data set's scores, in rank order
             table = all_gather_rows(torch.stack([ids.to(scores.device, torch.float64), scores], 1),
                                     self.process_group)
             ids, scores = table[:, 0].round().long(), table[:, 1].contiguous()
+            if ids.numel() == 0:
+                raise GradAlignError("end_epoch() with no update() on any rank since the previous epoch")
         ids = ids.cpu().numpy()
         mean, kurtosis = _mean_and_kurtosis(scores)
         score, reason = _score(mean, kurtosis)
