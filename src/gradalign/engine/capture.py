@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.persample import PerSampleGrad
 from gradalign.engine.rules import RuleRegistry, default_registry
@@ -65,12 +66,30 @@ class PerSampleGradients:
         verify: after every backward, check that the per-sample gradients add up to
             autograd's summed gradient (catches parameters used outside their module's
             forward, which no hook can see). Costs one extra weighted sum per layer.
+        process_group: data parallel (torch.distributed, e.g. `dist.group.WORLD`): every
+            statistic becomes global. With R ranks holding B_r samples each, cosines are to
+            the mean gradient over all sum_r B_r samples, GASW/GDSW weights are normalised
+            over that global batch, and p.grad = (1/B) sum over ALL samples of w_i g_i, the
+            same on every rank and equal to one process on the concatenated batch (to float
+            tolerance). Norms, cosines and weights of a rank's own samples stay on that rank.
+            Communication per backward (P = trainable parameters; one flattened all-reduce
+            per line): plain mean gradient: P + 1 numbers; GASW/GDSW: P + 1 (S and B), 1
+            (the weights' normaliser), P (the weighted gradient), i.e. two parameter-sized
+            calls and a scalar; GAGA (write_grad=False, GSNRAccumulator): 2P + 1 (S,
+            sum g**2, B); norms only: none. None (default): no communication at all, as in
+            a single process. A model wrapped in DistributedDataParallel uses its own
+            process group when none is given: DDP's reducer never runs on the engine's
+            backward (autograd is asked for layer-output gradients, not parameter ones), so
+            the engine's reduction is the only one and nothing is reduced twice. Every rank
+            must call backward in step (same model, same statistics read).
     """
 
-    def __init__(self, model: nn.Module, *, registry: RuleRegistry | None = None, verify: bool = False):
+    def __init__(self, model: nn.Module, *, registry: RuleRegistry | None = None, verify: bool = False,
+                 process_group=None):
         self.model = model
         self.registry = registry if registry is not None else default_registry()
         self.verify = verify
+        self.process_group = resolve_group(model, process_group)
         self._capturing = True
         self._hooked: dict[str, _Hooked] = {}
         self._params: dict[str, nn.Parameter] = {}  # every hooked trainable parameter, by full name
@@ -133,16 +152,23 @@ class PerSampleGradients:
         finally:
             for h in self._hooked.values():
                 h.calls.clear()
-        stats = GradientStats(per_sample, B, device=losses.device)
+        stats = self._stats(per_sample, B, losses.device, params)
         if self.verify:
             self._verify(stats, losses)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
         if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
+            B = stats.global_batch_size                                      # B without a process group
             update = ({n: s / B for n, s in stats.grad_sum.items()} if weights is None
                       else stats.weighted_sum(w / B))                        # (1/B) sum_i w_i g_i
             self._write_grad(update, add=True)
         return stats
+
+    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter]) -> GradientStats:
+        if self.process_group is None:
+            return GradientStats(per_sample, B, device=device)
+        shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
+        return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes)
 
     def set_grad(self, grads: dict[str, Tensor]) -> None:
         """p.grad = grads[name] for every hooked parameter named (cast to the parameter's dtype).
@@ -227,10 +253,11 @@ class PerSampleGradients:
 
     def _verify(self, stats: GradientStats, losses: Tensor) -> None:
         """Check the per-sample gradients against autograd's gradient of the mean loss."""
-        names = list(stats.mean_grad)
+        local_mean = {n: s / stats.batch_size for n, s in stats.local_grad_sum.items()}  # this rank's samples
+        names = list(local_mean)
         params = [self._params[n] for n in names]
         expected = torch.autograd.grad(losses.mean(), params, allow_unused=True)
-        for name, mean, exp in zip(names, stats.mean_grad.values(), expected):
+        for name, mean, exp in zip(names, local_mean.values(), expected):
             exp = torch.zeros_like(mean) if exp is None else exp
             if not torch.allclose(mean, exp, rtol=1e-4, atol=1e-5 * (1 + exp.abs().max().item())):
                 raise UnsupportedModuleError(

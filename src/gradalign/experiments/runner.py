@@ -24,6 +24,7 @@ from gradalign.experiments import rundir
 from gradalign.experiments.config import ExperimentConfig, check_params, load_config
 from gradalign.experiments.data import load_splits
 from gradalign.experiments.report import write_report
+from gradalign.experiments.storage import DEFAULT_HEARTBEAT
 from gradalign.experiments.train import RunResult, train_run
 from gradalign.experiments.tune import TuneResult, count_finished, open_study, tune_arm
 
@@ -94,7 +95,8 @@ def _start(run_dir: Path, config: ExperimentConfig, quick: bool, storage: str | 
 
 def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = False, trials: int | None = None,
               seeds: int | None = None, storage: str | None = None, overrides: dict | None = None,
-              progress: bool = True, report: bool = True, threads: int | None = 1) -> Reproduced:
+              progress: bool = True, report: bool = True, threads: int | None = 1,
+              heartbeat: int | None = DEFAULT_HEARTBEAT) -> Reproduced:
     """Tune every arm, train every arm on every seed, then write the report. Resumable.
 
     Args:
@@ -102,7 +104,9 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
         out_dir: the run folder (default ``runs/<name>`` or ``runs/<name>-quick``).
         quick: apply the config's [quick] tables (fewer trials, seeds and samples).
         trials, seeds: override [tune] trials and [final] seeds.
-        storage: an Optuna storage URL (default sqlite:///<out_dir>/study.db).
+        storage: an Optuna storage URL (default sqlite:///<out_dir>/study.db); storage.py.
+        heartbeat: seconds between a worker's heartbeats on database storages (a trial of a
+            worker silent for twice this is failed and retried).
         overrides: dotted keys to set, e.g. {"train.epochs": 2}.
         progress: show progress bars.
         report: write the report at the end (and return its summary).
@@ -123,7 +127,7 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
         try:
             with torch_threads(threads):
                 for v in variants:
-                    _run_variant(run_dir, v, seed_list, storage, bars)
+                    _run_variant(run_dir, v, seed_list, storage, bars, heartbeat)
         finally:
             bars.close()
         log.info("all runs finished in %.0f s", time.perf_counter() - t0)
@@ -147,11 +151,13 @@ def _label(config: ExperimentConfig) -> str:
     return config.name + (f" [{config.variant}]" if config.variant else "")
 
 
-def _tune_variant(config: ExperimentConfig, arms, splits, storage: str, bars: Bars) -> dict[str, TuneResult]:
+def _tune_variant(config: ExperimentConfig, arms, splits, storage: str, bars: Bars,
+                  heartbeat: int | None = DEFAULT_HEARTBEAT) -> dict[str, TuneResult]:
     """Tune the given arms of one variant (untuned arms give empty parameters)."""
     tuned = {}
     for arm in arms:
-        result = tune_arm(config, arm, splits, storage=storage, on_trial=bars.tick, progress_factory=bars.inner)
+        result = tune_arm(config, arm, splits, storage=storage, on_trial=bars.tick, progress_factory=bars.inner,
+                          heartbeat=heartbeat)
         tuned[arm.name] = result
         if arm.search and config.tune.trials:
             log.info("%s %s: best %s (val acc %.4f) after %d complete, %d pruned, %d diverged trials",
@@ -160,12 +166,13 @@ def _tune_variant(config: ExperimentConfig, arms, splits, storage: str, bars: Ba
     return tuned
 
 
-def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], storage: str, bars: Bars) -> None:
+def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], storage: str, bars: Bars,
+                 heartbeat: int | None = DEFAULT_HEARTBEAT) -> None:
     label = _label(config)
     log.info("%s: generating mnist1d (%d samples, label noise %g)", label, config.data.num_samples,
              config.data.label_noise)
     splits = load_splits(config.data)
-    tuned = _tune_variant(config, config.arms, splits, storage, bars)
+    tuned = _tune_variant(config, config.arms, splits, storage, bars, heartbeat)
     for arm in config.arms:
         if arm.search and config.tune.trials:
             rundir.write_json(rundir.tuning_path(run_dir, config.variant, arm.name),
@@ -198,7 +205,8 @@ def _fmt(params: dict) -> str:
 
 def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str] | None = None,
               quick: bool = False, trials: int | None = None, storage: str | None = None,
-              overrides: dict | None = None, progress: bool = True, threads: int | None = 1) -> tuple[Path, str, dict]:
+              overrides: dict | None = None, progress: bool = True, threads: int | None = 1,
+              heartbeat: int | None = DEFAULT_HEARTBEAT) -> tuple[Path, str, dict]:
     """Tune arms only (default: every arm with a search table); returns (run folder, storage,
     {'[variant/]arm': TuneResult.to_dict()}) and writes them to <out>/tuning.json."""
     config = resolve(name_or_path, quick=quick, trials=trials, overrides=overrides)
@@ -215,7 +223,7 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
             splits = load_splits(variant.data)
             bars = Bars(progress, variant.tune.trials * len(names), 0, f"tune {_label(variant)}")
             try:
-                tuned = _tune_variant(variant, [variant.arm(n) for n in names], splits, storage, bars)
+                tuned = _tune_variant(variant, [variant.arm(n) for n in names], splits, storage, bars, heartbeat)
             finally:
                 bars.close()
             results.update({rundir.cell(variant.variant, n): r.to_dict() for n, r in tuned.items()})
@@ -225,8 +233,9 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
 
 def run_single(name_or_path, arm_name: str, params: dict, seed: int, *, quick: bool = False,
                overrides: dict | None = None, eval_split: str = "test", progress: bool = True,
-               threads: int | None = 1) -> RunResult:
-    """Train one arm once with given parameters (the `gradalign train` command)."""
+               threads: int | None = 1, parallel=None) -> RunResult:
+    """Train one arm once with given parameters (the `gradalign train` command); `parallel`
+    (experiments/parallel.py): data parallel, this process's rank."""
     config = resolve(name_or_path, quick=quick, overrides=overrides)   # noise: [data] label_noise
     arm = config.arm(arm_name)
     check_params(arm, params)
@@ -234,4 +243,4 @@ def run_single(name_or_path, arm_name: str, params: dict, seed: int, *, quick: b
     n = len(splits.train if eval_split == "val" else getattr(splits, arm.train_split))
     with tqdm(total=config.train.budget(n), desc=f"{arm.name} seed {seed}", unit="sample", unit_scale=True,
               disable=not progress, leave=False) as bar, torch_threads(threads):
-        return train_run(config, arm, params, seed, splits, eval_split=eval_split, progress=bar)
+        return train_run(config, arm, params, seed, splits, eval_split=eval_split, progress=bar, parallel=parallel)

@@ -64,18 +64,22 @@ class Step:
     """
 
     columns: tuple[str, ...] = ()
+    world: int = 1                  # ranks in a data-parallel run (train.py sets it)
 
     def __init__(self, model: nn.Module, optim: Optimizer, monitor: ga.GWAMonitor, p: dict,
                  generators: dict[str, torch.Generator]):
         self.model, self.optim, self.monitor, self.p, self.generators = model, optim, monitor, p, generators
         self._step_sizes: list[int] = []
+        self.batch_total = 0        # samples in the current global batch (all ranks)
 
     @property
     def batch_size(self) -> int:
         """Samples per call: the batch the loop draws."""
         return self.p["batch_size"]
 
-    def __call__(self, x: Tensor, y: Tensor, ids: Tensor, samples_done: int) -> float:
+    def __call__(self, x: Tensor, y: Tensor, ids: Tensor, samples_done: int, batch_total: int | None = None) -> float:
+        """batch_total: samples of the global batch when x is one rank's shard (data parallel)."""
+        self.batch_total = len(y) if batch_total is None else batch_total
         out = self.forward(self.views(x), y)
         self.monitor.update(out.logits, y, ids)
         self._step_on(self.update(out), samples_done)
@@ -91,8 +95,11 @@ class Step:
 
     def update(self, out: Forward) -> int:
         """Form p.grad from the forward; return how many samples to step on now (0: not yet)."""
-        out.graph.mean().backward()
-        return len(out.logits)
+        if self.world == 1:
+            out.graph.mean().backward()
+        else:   # DDP averages over ranks: scaled so that the average is the mean over the global batch
+            (out.graph.sum() * (self.world / self.batch_total)).backward()
+        return self.batch_total
 
     def flush(self) -> int:
         """At the end of the budget: form p.grad from whatever is accumulated, return its samples."""
@@ -131,10 +138,10 @@ class WeightedStep(Step):
         self._zero, self._entropy = [], []
 
     def update(self, out: Forward) -> int:
-        self.engine.backward(out.graph, weights=self.weighting)
+        self.engine.backward(out.graph, weights=self.weighting)   # a DDP model: the engine reduces
         self._zero.append(self.weighting.last_zero_fraction)
         self._entropy.append(self.weighting.last_entropy)
-        return len(out.logits)
+        return self.batch_total
 
     def window(self) -> dict:
         out = super().window()
@@ -166,7 +173,7 @@ class AccumulateStep(Step):
         return self.acc.increment
 
     def update(self, out: Forward) -> int:
-        self.pending += len(out.logits)
+        self.pending += self.batch_total
         return self.flush() if self.acc.update(self.engine.backward(out.graph, write_grad=False)) else 0
 
     def flush(self) -> int:
@@ -180,6 +187,7 @@ class AccumulateStep(Step):
 
 
 def _gvr_layers(model: nn.Module, which: str) -> list[nn.Module]:
+    model = getattr(model, "module", model)          # inside a DDP wrapper
     if which == "head":
         return [model.head]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -210,8 +218,8 @@ class TwoViewStep(Step):
         return Forward(info["logits2"], (info["loss1"] + info["loss2"]) * len(y), total)
 
     def update(self, out: Forward) -> int:
-        out.graph.backward()
-        return len(out.logits)
+        out.graph.backward()            # data parallel: DDP averages each rank's loss and penalty
+        return self.batch_total
 
     def window(self) -> dict:
         out = super().window()

@@ -45,6 +45,7 @@ from gradalign.experiments.arms import METHODS
 from gradalign.experiments.config import ArmConfig, ExperimentConfig, resolve_params
 from gradalign.experiments.intervals import auroc
 from gradalign.experiments.models import build_model
+from gradalign.experiments.parallel import Parallel
 from gradalign.experiments.rundir import columns
 from gradalign.experiments.steps import Optimizer
 NAN = float("nan")
@@ -93,7 +94,7 @@ def _check_finite(model: nn.Module, where: str) -> None:
 
 def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, seed: int, splits, *,
               eval_split: str = "test", on_eval: Callable[[dict], None] | None = None,
-              progress=None) -> RunResult:
+              progress=None, parallel: Parallel | None = None) -> RunResult:
     """Train one arm with one seed and evaluate it along the way.
 
     Args:
@@ -105,6 +106,8 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
         on_eval: called with each evaluation row as it is made; it may raise (e.g.
             optuna.TrialPruned) to stop the run.
         progress: a tqdm-like bar; it is advanced by the samples consumed.
+        parallel: data parallel (parallel.py): every rank trains on its shard of the same
+            global batches; the rows and summary are the same on every rank.
     Returns:
         RunResult(rows, summary).
     Raises:
@@ -124,9 +127,13 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
         torch.manual_seed(seed)
         model = build_model(config.model.kind, hidden=config.model.hidden, **config.model.options)
     model.train()
-    optim = Optimizer(model, config.train.optimizer, config.train.schedule, p, budget)
-    monitor = ga.GWAMonitor(model.head)
-    step = METHODS[arm.method].step(model, optim, monitor, p, gens)
+    net = model                                  # what the step trains: the model, or its DDP wrapper
+    if parallel is not None:
+        net = nn.parallel.DistributedDataParallel(model, process_group=parallel.group, broadcast_buffers=False)
+    optim = Optimizer(net, config.train.optimizer, config.train.schedule, p, budget)
+    monitor = ga.GWAMonitor(model.head, process_group=parallel.group if parallel is not None else None)
+    step = METHODS[arm.method].step(net, optim, monitor, p, gens)
+    step.world = parallel.world if parallel is not None else 1
     bs = step.batch_size
     cols = columns()
     where = f"arm {arm.name!r} seed {seed} ({', '.join(f'{k}={v:.4g}' for k, v in p.items() if isinstance(v, float))})"
@@ -157,8 +164,13 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
             for x, y, ids in data_mod.batches(train_set, bs, gens["order"]):
                 if samples + len(y) > budget:
                     x, y, ids = x[:budget - samples], y[:budget - samples], ids[:budget - samples]
-                loss_sum = step(x, y, ids, samples + len(y))
-                samples += len(y)
+                n_batch = len(y)
+                if parallel is None:
+                    loss_sum = step(x, y, ids, samples + n_batch)
+                else:                            # this rank's shard; the loss summed over ranks
+                    x, y, ids = parallel.shard(x), parallel.shard(y), parallel.shard(ids)
+                    loss_sum = parallel.sum(step(x, y, ids, samples + n_batch, batch_total=n_batch))
+                samples += n_batch
                 if not math.isfinite(loss_sum):
                     raise TrainingDiverged(f"{where}: the loss became {loss_sum} after {samples} samples; "
                                            "lower the learning rate")
