@@ -165,7 +165,8 @@ class Attention(nn.Module):
 
     def __init__(self, E=8, heads=2, T=5, S=3, classes=3, *, batch_first=True, cross=False, kdim=None, vdim=None,
                  distinct_value=False, bias=True, add_bias_kv=False, add_zero_attn=False, mask=None,
-                 key_padding=False, is_causal=False, need_weights=False, use_weights=False, dropout=0.0):
+                 key_padding=False, is_causal=False, need_weights=False, use_weights=False, per_head=False,
+                 dropout=0.0):
         super().__init__()
         self.T, self.S, self.heads, self.cross, self.batch_first = T, S if cross else T, heads, cross, batch_first
         self.key_in = nn.Linear(E, kdim) if kdim else None
@@ -174,7 +175,7 @@ class Attention(nn.Module):
         self.att = nn.MultiheadAttention(E, heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first)
         self.mask_kind, self.key_padding, self.is_causal = mask, key_padding, is_causal
-        self.need_weights, self.use_weights = need_weights or use_weights, use_weights
+        self.need_weights, self.use_weights, self.per_head = need_weights or use_weights, use_weights, per_head
         g = torch.Generator().manual_seed(5)
         L, S_ = T, self.S
         if mask == "causal":
@@ -209,7 +210,7 @@ class Attention(nn.Module):
             same = {}
             q, key, value = (same.setdefault(id(t), t.transpose(0, 1)) for t in (q, key, value))
         out, weights = self.att(q, key, value, key_padding_mask=kpm, need_weights=self.need_weights,
-                                attn_mask=mask, is_causal=self.is_causal)
+                                attn_mask=mask, is_causal=self.is_causal, average_attn_weights=not self.per_head)
         out = out if self.batch_first else out.transpose(0, 1)
         logits = self.head(torch.tanh(out).mean(1))
         if self.use_weights:  # the loss sees the attention weights too
@@ -228,12 +229,14 @@ MHA_CONFIGS = {
     "bias_kv_zero_attn": {"add_bias_kv": True, "add_zero_attn": True, "mask": "bool", "key_padding": True},
     "bias_kv_kdim": {"add_bias_kv": True, "kdim": 6, "vdim": 4, "batch_first": False},
     "bool_mask": {"mask": "bool"},
-    "float_mask_padding": {"mask": "float", "key_padding": True, "need_weights": True},
+    "float_mask_padding": {"mask": "float", "key_padding": True},
+    "float_mask_padding_weights": {"mask": "float", "key_padding": True, "need_weights": True},
+    "causal_padding": {"mask": "causal", "is_causal": True, "key_padding": True},
     "per_sample_mask": {"mask": "per_sample", "cross": True},
     "causal": {"mask": "causal", "is_causal": True},
     "causal_weights": {"mask": "causal", "is_causal": True, "need_weights": True},
     "weights_in_loss": {"use_weights": True, "cross": True},
-    "weights_per_head_zero_attn": {"use_weights": True, "add_zero_attn": True, "batch_first": False},
+    "weights_per_head_zero_attn": {"use_weights": True, "per_head": True, "add_zero_attn": True, "batch_first": False},
 }
 
 

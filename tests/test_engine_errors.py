@@ -216,18 +216,21 @@ def test_bad_weights(weights, match):
         engine.backward(losses, weights=weights)
 
 
-def test_remove_leaves_the_model_as_it_was():
-    model, make_batch, loss_fn = ARCHITECTURES["shared_bn_fallback"]()
-    before = {n: (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs), dict(m.__dict__))
-              for n, m in model.named_modules()}
+@pytest.mark.parametrize("arch", ["shared_bn_fallback", "vit_cls_pos", "transformer_seq_first", "raw_parameters"])
+def test_remove_leaves_the_model_as_it_was(arch):
+    model, make_batch, loss_fn = ARCHITECTURES[arch]()
+
+    def state(m):
+        return (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs), dict(m._forward_pre_hooks),
+                dict(m._forward_hooks_always_called), set(m.__dict__), dict(m._parameters))
+    before = {n: state(m) for n, m in model.named_modules()}
     engine = PerSampleGradients(model)
     x, y = make_batch(4, torch.Generator().manual_seed(0))
     engine.backward(loss_fn(model(x), y))
     engine.remove()
     for n, m in model.named_modules():
-        hooks, with_kwargs, attributes = before[n]
-        assert dict(m._forward_hooks) == hooks and dict(m._forward_hooks_with_kwargs) == with_kwargs
-        assert set(m.__dict__) == set(attributes)
+        assert state(m) == before[n], n
+    assert all(type(p) is nn.Parameter for p in model.parameters())
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 

@@ -146,19 +146,19 @@ class PerSampleGradients:
         rule, where = hooked.rule, f"{path or '<model>'} ({type(hooked.module).__name__})"
 
         def pre_hook(module, args, kwargs):
-            batch_dim = self._layout[-1] if self._layout else 0
             state = None
             if self._active(args, kwargs):
-                captured = rule.capture(module, args, kwargs, batch_dim) if rule.capture else None
-                state = captured
-                if rule.watch:
-                    params = {local: p for local in hooked.param_names if (p := module._parameters.get(local)) is not None
-                              and p.requires_grad and p is self._params[hooked.param_names[local]]}
+                batch_dim = self._layout[-1] if self._layout else 0
+                if not rule.watch:
+                    state = rule.capture(module, args, kwargs, batch_dim)
+                else:  # (the output is not known yet: the first argument stands in for it)
+                    can_fall_back = not (rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None))
+                    captured = rule.capture(module, args, kwargs, batch_dim) if rule.capture and can_fall_back else None
+                    params = {local: p for local, full in hooked.param_names.items()
+                              if (p := module._parameters.get(local)) is self._params[full] and p.requires_grad}
                     batch = self._root_batch[-1] if self._root_batch else _batch_of(args, kwargs, batch_dim)
-                    can_fall_back = rule.check_call is None or not rule.check_call(module, args, kwargs, args[0] if args else None)
-                    watch = Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back)
-                    watch.start()
-                    state = (watch, captured)
+                    state = (Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back), captured)
+                    state[0].start()
             hooked.pending.append(state)
             return None
 
@@ -177,9 +177,8 @@ class PerSampleGradients:
                 watch.stop()
                 if output is None:  # the forward raised
                     return None
-                if watch.stopped is None:
-                    if watch.uses:
-                        hooked.calls.append(_Call(path, watch.batch, watch.edges(), watch.per_sample))
+                if watch.stopped is None:  # watch.edges is live: uses after the forward still count
+                    hooked.calls.append(_Call(path, watch.batch, watch.edges, watch.per_sample))
                     return None
                 reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
                 if reason:  # the torch.func fallback cannot serve it either
@@ -288,8 +287,8 @@ class PerSampleGradients:
         outside its module, which no hook sees.
         """
         calls = [call for h in self._hooked.values() for call in h.calls]
-        unseen = [params[n] for h in self._hooked.values() if not h.calls for n in h.param_names.values()
-                  if n in params]
+        unseen = [params[n] for h in self._hooked.values() if not any(c.edges for c in h.calls)
+                  for n in h.param_names.values() if n in params]
         edges = [e for call in calls for e in call.edges]
         if not edges and not unseen:
             return
@@ -302,8 +301,10 @@ class PerSampleGradients:
         for p, g in zip(unseen, grads[start:]):
             if g is not None and bool(g.any()):
                 raise UnsupportedModuleError(
-                    f"parameter {names[id(p)]} has a gradient but its module's forward was not seen; a "
-                    "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
+                    f"parameter {names[id(p)]} has a gradient but the engine saw no use of it in its module's "
+                    "forward; a parameter used outside its own module (e.g. F.linear(x, m.weight)), or, in a "
+                    "module without a rule, only inside a custom autograd.Function or a reentrant checkpoint, "
+                    "is not supported")
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}

@@ -153,7 +153,8 @@ class Watch:
         self.module, self.where, self.params, self.names = module, where, params, names
         self.batch, self.batch_dim, self.can_fall_back = batch, batch_dim, can_fall_back
         self.uses: list[_AtUse | _LinearUse] = []
-        self.stopped: str | None = None  # the operation it could not follow
+        self.edges: list[GradientEdge] = []  # uses[i].edge; a tensor computed from the parameters may leave
+        self.stopped: str | None = None  # the forward (returned by it), so both lists grow until the backward
 
     def start(self) -> None:
         for name, p in self.params.items():
@@ -165,8 +166,9 @@ class Watch:
         for name, p in self.params.items():
             self.module._parameters[name] = p
 
-    def edges(self) -> list[GradientEdge]:
-        return [use.edge for use in self.uses]
+    def _use(self, use: _AtUse | _LinearUse) -> None:
+        self.uses.append(use)
+        self.edges.append(use.edge)
 
     def per_sample(self, grads: list[Tensor | None]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
@@ -247,7 +249,7 @@ class Watch:
         sizes[self.batch_dim] = self.batch
         with torch._C.DisableTorchFunctionSubclass():
             w_b = w.reshape(shape).expand(sizes)
-        self.uses.append(_AtUse(get_gradient_edge(w_b), w._ga_source, w.shape))
+        self._use(_AtUse(get_gradient_edge(w_b), w._ga_source, w.shape))
         return w_b
 
     def _elementwise(self, func, name: str, args: tuple, kwargs: dict, tensors: list, watched: list):
@@ -294,7 +296,7 @@ class Watch:
         if bound.get("alpha", 1) != 1 or bound.get("beta", 1) != 1 or weight.dim() != 2 or (
                 sources[1] is not None and bias.numel() != result.shape[-1]):
             return self._stop(func, name, args, kwargs, watched)
-        self.uses.append(_LinearUse(get_gradient_edge(result), x.detach(), merged and not batched, sources[0],
+        self._use(_LinearUse(get_gradient_edge(result), x.detach(), merged and not batched, sources[0],
                                     name != "linear", sources[1]))
         return result
 

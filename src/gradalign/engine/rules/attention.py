@@ -116,6 +116,8 @@ def _recompute(module: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, o
         keys, values = torch.cat([keys, rows[0]]), torch.cat([values, rows[1]])
         kpm = None if kpm is None else F.pad(kpm, (0, 1))
         mask = None if mask is None else F.pad(mask, (0, 1))
+    if not o.need_weights:
+        return leaves, _attention_without_weights(module, leaves[0], keys, values, kpm, mask, o), None
     eye = torch.eye(E, dtype=Q.dtype, device=Q.device)
     out, weights = F.multi_head_attention_forward(
         leaves[0], keys, values, E, module.num_heads, None, None, None, None, module.add_zero_attn,
@@ -123,6 +125,38 @@ def _recompute(module: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, o
         attn_mask=mask, use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
         average_attn_weights=o.average_attn_weights, is_causal=o.is_causal)
     return leaves, out, weights
+
+
+def _attention_without_weights(module: nn.MultiheadAttention, Q: Tensor, K: Tensor, V: Tensor, kpm: Tensor | None,
+                               mask: Tensor | None, o: _Options) -> Tensor:
+    """F.multi_head_attention_forward's need_weights=False path after its in-projection, line for
+    line: the same masks and the same scaled_dot_product_attention call (so dropout draws the same
+    mask), without the identity projections. Returns the out_proj input A, (L, B, E)."""
+    L, B, E = Q.shape
+    H = module.num_heads
+    head = E // H
+    is_causal = o.is_causal
+    if is_causal and kpm is None:  # torch passes the causal hint to SDPA instead of the mask
+        mask = None
+    elif kpm is not None:
+        is_causal = False
+    if mask is not None and mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    q, k, v = (t.view(t.shape[0], B * H, head).transpose(0, 1) for t in (Q, K, V))
+    if module.add_zero_attn:
+        zeros = torch.zeros(B * H, 1, head, dtype=k.dtype, device=k.device)
+        k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+        mask = None if mask is None else F.pad(mask, (0, 1))
+        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+    S = k.shape[1]
+    if kpm is not None:
+        kpm = kpm.view(B, 1, 1, S).expand(-1, H, -1, -1).reshape(B * H, 1, S)
+        mask = kpm if mask is None else mask + kpm
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.size(0) == 1 and mask.dim() == 3 else mask.view(B, H, -1, S)
+    out = F.scaled_dot_product_attention(q.view(B, H, L, head), k.view(B, H, S, head), v.view(B, H, S, head), mask,
+                                         module.dropout if o.training else 0.0, is_causal)
+    return out.permute(2, 0, 1, 3).reshape(L, B, E)
 
 
 def _with_rng(o: _Options, fn):

@@ -123,3 +123,33 @@ def test_raw_parameter_inside_a_sequence_first_transformer_layer():
     torch.manual_seed(0)
     for B in (1, 5):
         compare_all(Net(), sequence_batch(4, 8), cross_entropy, B=B)
+
+
+def test_a_tensor_computed_from_a_raw_parameter_may_leave_its_module():
+    class PositionTable(nn.Module):  # called with an int; its output meets the batch in the parent
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 8))
+
+        def forward(self, T):
+            return self.table[:T]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos, self.head = PositionTable(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(x + self.pos(x.shape[1])).mean(1))
+
+    torch.manual_seed(0)
+    for B in (1, 7):
+        compare_all(Net(), sequence_batch(4, 8), cross_entropy, B=B)
+
+
+def test_verify_accepts_watched_and_attention_modules():
+    torch.manual_seed(0)
+    model = TinyViT()
+    x, y = classification_batch(3, 4, 4, classes=3)(6, torch.Generator().manual_seed(0))
+    engine = PerSampleGradients(model, verify=True)
+    assert engine.backward(cross_entropy(model(x), y)).norms.shape == (6,)
