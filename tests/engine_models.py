@@ -327,7 +327,7 @@ class LayerScale(nn.Module):
 
 class RawParameters(nn.Module):
     """Raw parameters in the forms the watch follows: layer scale (elementwise), a learned
-    temperature (exp, then divide), x @ W and GPT-2's Conv1D addmm(b, x.view(-1, n), W) with W
+    temperature (exp, then divide), a soft threshold (compared with, then subtracted), x @ W and GPT-2's Conv1D addmm(b, x.view(-1, n), W) with W
     (in, out), F.linear with a transposed weight, and a cosine head (a weight computed from a
     parameter: materialised, then mapped back)."""
 
@@ -341,9 +341,11 @@ class RawParameters(nn.Module):
         self.w_t = nn.Parameter(torch.randn(2 * d, d) / d ** 0.5)
         self.cos_weight = nn.Parameter(torch.randn(classes, d))
         self.log_temperature = nn.Parameter(torch.tensor(0.3))
+        self.threshold = nn.Parameter(torch.tensor(0.1))
 
     def forward(self, x):  # (B, T, d)
         h = x + self.scale(torch.tanh(self.inp(x)))
+        h = torch.where(h > self.threshold, h - self.threshold, 0.2 * h)  # a comparison passes no gradient
         h = torch.tanh(h @ self.w_right)
         size = h.shape[:-1] + (self.conv1d_weight.shape[1],)
         h = torch.addmm(self.conv1d_bias, h.view(-1, h.shape[-1]), self.conv1d_weight).view(size)

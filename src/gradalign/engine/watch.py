@@ -152,9 +152,11 @@ class Watch:
                  batch: int | None, batch_dim: int, can_fall_back: bool):
         self.module, self.where, self.params, self.names = module, where, params, names
         self.batch, self.batch_dim, self.can_fall_back = batch, batch_dim, can_fall_back
+        # uses and their edges; both grow until the backward, as a tensor computed from the
+        # parameters may leave the forward (returned by it) and meet the batch later
         self.uses: list[_AtUse | _LinearUse] = []
-        self.edges: list[GradientEdge] = []  # uses[i].edge; a tensor computed from the parameters may leave
-        self.stopped: str | None = None  # the forward (returned by it), so both lists grow until the backward
+        self.edges: list[GradientEdge] = []
+        self.stopped: str | None = None  # the operation it could not follow
 
     def start(self) -> None:
         for name, p in self.params.items():
@@ -212,8 +214,12 @@ class Watch:
         watched = [t for t in tensors if isinstance(t, _Watched)]
         others = [t for t in tensors if not isinstance(t, _Watched)]
         name = getattr(func, "__name__", repr(func))
+        if any(w._ga_source.watch is not self for w in watched):
+            self._stop(name, watched, "with parameters of another module")
+            return _run(func, args, kwargs)
         if self.batch is None and others:
-            return self._stop(func, name, args, kwargs, watched, "the batch size is unknown")
+            self._stop(name, watched, "the batch size is unknown")
+            return _run(func, args, kwargs)
         if name in _EXPAND and isinstance(args[0], _Watched):
             return self._expand(func, name, args, kwargs)
         if name in _LINEAR:
@@ -222,10 +228,17 @@ class Watch:
             return self._elementwise(func, name, args, kwargs, tensors, watched)
         if name in _TYPE_ONLY or not any(self._carries_batch(t) for t in others):
             return self._derived(func, name, args, kwargs, watched)
-        return self._stop(func, name, args, kwargs, watched)
+        result = _run(func, args, kwargs)
+        if not any(t.requires_grad for t in tree_leaves(result) if isinstance(t, Tensor)):
+            return result  # no gradient flows through it (a comparison, an index)
+        self._stop(name, watched)
+        return result
 
     def _derived(self, func, name: str, args: tuple, kwargs: dict, watched: list) -> object:
-        result = _run(func, args, kwargs)
+        return self._wrap(_run(func, args, kwargs), watched)
+
+    def _wrap(self, result, watched: list) -> object:
+        """A result computed from watched tensors (and tensors without the batch), watched in turn."""
         names = tuple(dict.fromkeys(n for w in watched for n in w._ga_source.names))
         source = watched[0]._ga_source
 
@@ -263,13 +276,14 @@ class Watch:
             # the batch comes from the other operands: substitute w_b for every watched operand
             args, kwargs = tree_map(lambda t: self._batched(t, ndim) if isinstance(t, _Watched) else t, (args, kwargs))
             return _run(func, args, kwargs)
-        return self._stop(func, name, args, kwargs, watched, "the parameter's own dim there has the batch size")
+        self._stop(name, watched, "the parameter's own dim there has the batch size")
+        return _run(func, args, kwargs)
 
     def _expand(self, func, name: str, args: tuple, kwargs: dict):
         w = args[0]
         result = _run(func, args, kwargs)
         if not self._carries_batch(result) or self._size_at_batch_dim(w, result.dim()) != 1:
-            return self._derived(func, name, args, kwargs, [w])
+            return self._wrap(result, [w])
         w_b = self._batched(w, result.dim())
         with torch._C.DisableTorchFunctionSubclass():
             if name != "repeat":
@@ -285,7 +299,8 @@ class Watch:
         if isinstance(x, _Watched) or not isinstance(x, Tensor):  # the parameter on the left: not a linear use
             others = [t for t in (weight, bias) if isinstance(t, Tensor) and not isinstance(t, _Watched)]
             if any(self._carries_batch(t) for t in others):
-                return self._stop(func, name, args, kwargs, watched)
+                self._stop(name, watched)
+                return _run(func, args, kwargs)
             return self._derived(func, name, args, kwargs, watched)
         merged = x.dim() == 2 and self.batch is not None and x.shape[0] % self.batch == 0
         batched = x.dim() >= 2 and self._carries_batch(x) and self.batch_dim < x.dim() - 1
@@ -295,16 +310,16 @@ class Watch:
         sources = [t._ga_source if isinstance(t, _Watched) else None for t in (weight, bias)]
         if bound.get("alpha", 1) != 1 or bound.get("beta", 1) != 1 or weight.dim() != 2 or (
                 sources[1] is not None and bias.numel() != result.shape[-1]):
-            return self._stop(func, name, args, kwargs, watched)
+            self._stop(name, watched)
+            return result
         self._use(_LinearUse(get_gradient_edge(result), x.detach(), merged and not batched, sources[0],
-                                    name != "linear", sources[1]))
+                             name != "linear", sources[1]))
         return result
 
-    def _stop(self, func, name: str, args: tuple, kwargs: dict, watched: list, why: str = "") -> object:
+    def _stop(self, name: str, watched: list, why: str = "") -> None:
+        """Stop watching this call (the torch.func fallback will serve it), or raise if it cannot."""
         param = self.names[watched[0]._ga_source.names[0]]
         self.stopped = f"parameter {param} meets the batch in {name}" + (f" ({why})" if why else "")
         if not self.can_fall_back:
             raise UnsupportedModuleError(self.refusal(
                 "the torch.func fallback needs a module called with one tensor and returning one tensor"))
-        return _run(func, args, kwargs)
-
