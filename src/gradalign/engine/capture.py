@@ -57,7 +57,13 @@ def _inside_torch_func(t: Tensor) -> bool:
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
-    return next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+    for a in args:  # a loop, not a generator: this runs at every hooked call
+        if isinstance(a, Tensor):
+            return a
+    for a in kwargs.values():
+        if isinstance(a, Tensor):
+            return a
+    return None
 
 
 def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
@@ -78,10 +84,22 @@ class PerSampleGradients:
     The engine is the one writer of p.grad: `backward` adds the (weighted) mean gradient,
     `set_grad` replaces it (e.g. with GSNRAccumulator's accumulated mean).
 
+    Which route serves a module: its rule if the registry has one (Linear, Conv, norms,
+    Embedding, MultiheadAttention with its out_proj, ...); otherwise its parameters are watched
+    at their point of use during its forward (raw parameters: cls tokens, position
+    embeddings, layer-scale gammas; engine/watch.py); and only where watching meets an
+    operation it cannot follow, the torch.func fallback (a vmap over that module's forward)
+    or, for a module that does not take one tensor and return one, UnsupportedModuleError.
+
+    The batch contract: the batch is dim 0 of the model's first tensor argument and of every
+    module's inputs and outputs, dim 1 inside an nn.Transformer* with batch_first=False
+    (`RuleRegistry.register_layout` declares other such modules).
+
     Args:
         model: the network. Checked at once (`ga.validate` runs the same walk): every
             unsupported module is listed in one UnsupportedModuleError.
-        registry: per-layer rules (default: `default_registry()`, with the torch.func fallback).
+        registry: per-layer rules (default: `default_registry()`, with watching and the
+            torch.func fallback for modules without a rule).
         verify: after every backward, check that the per-sample gradients add up to
             autograd's summed gradient (catches parameters used outside their module's
             forward, which no hook can see). Costs one extra weighted sum per layer.
@@ -192,11 +210,18 @@ class PerSampleGradients:
                 captured: tuple | None) -> None:
         """Record one call of a rule's module: its output edges and how to finish it."""
         rule = hooked.rule
-        if not self._active(args, kwargs) or (rule.capture and captured is None):
+        if not self._capturing or not torch.is_grad_enabled() or (rule.capture and captured is None):
             return
-        outputs = rule.output(output) if rule.output else (output,)
-        live = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
-        if not live or _inside_torch_func(outputs[live[0]]):
+        if rule.output is None:  # the common case, without the loops below
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            outputs, live = (output,), [0]
+        else:
+            outputs = rule.output(output)
+            live = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
+            if not live:
+                return
+        if _inside_torch_func(outputs[live[0]]):
             return
         for check in (rule.reason(module), rule.check_call(module, args, kwargs, output) if rule.check_call else None):
             if check:
@@ -208,14 +233,16 @@ class PerSampleGradients:
                 captured = (captured[0].movedim(batch_dim, 0), *captured[1:])
         first = captured[0] if captured else None
         batch = first.shape[0] if isinstance(first, Tensor) and first.dim() else None
+        n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
+        edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
 
         def finish(grads: list) -> dict:
             if rule.output:  # every declared output's gradient, in the module's own layout
                 by_output = dict(zip(live, grads))
-                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(len(outputs))))
+                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
             return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
 
-        hooked.calls.append(_Call(path, batch, [get_gradient_edge(outputs[i]) for i in live], finish))
+        hooked.calls.append(_Call(path, batch, edges, finish))
 
     def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
@@ -312,7 +339,7 @@ class PerSampleGradients:
         try:
             for h in self._hooked.values():
                 for call in h.calls:
-                    if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
+                    if call.grads is None or call.grads.count(None) == len(call.grads):  # no part in the losses
                         continue
                     if call.batch != B:
                         raise ValueError(
