@@ -38,13 +38,13 @@ class Rule:
         just before the module's forward runs (so it may also save state such as the RNG's);
         the first element must be a tensor with the batch on dim 0. `batch_dim` is where the
         enclosing layout puts the batch.
-    output(out) -> tuple of tensors or None: the outputs whose gradients compute receives, as a
-        tuple in the same order (None for an output that received none); with it the gradients
-        are left in the module's own layout.
+    output(out) -> tuple: the module's outputs (tensors or None) whose gradients compute receives
+        as `grad_output`, a tuple in the same order (None where an output received none); the
+        gradients then stay in the module's own layout.
     owns: child modules whose parameters this rule serves; their own forward never runs
         (nn.MultiheadAttention's out_proj). Names are then "child.param".
-    watch: the rule's parameters are watched at their point of use during the forward
-        (engine/watch.py); compute serves a call only when watching cannot.
+    watch: the module's parameters are watched at their point of use during its forward
+        (engine/watch.py); compute (and check_call) serve a call only where watching stops.
     """
 
     compute: Callable[[nn.Module, tuple, Tensor], dict]
@@ -62,12 +62,12 @@ class Rule:
 class RuleRegistry:
     """Maps module types to rules; the most specific registered base class wins.
 
-    `layouts` maps module types to `module -> batch dim` for modules that move the batch off
-    dim 0 for everything they call (nn.Transformer* with batch_first=False: dim 1).
+    `layouts` maps module types to `module -> batch dim (or None)` for modules that move the
+    batch off dim 0 for everything they call (nn.Transformer* with batch_first=False: dim 1).
     """
 
     def __init__(self, rules: dict[type, Rule] | None = None, fallback: Rule | None = None,
-                 layouts: dict[type, Callable[[nn.Module], int]] | None = None):
+                 layouts: dict[type, Callable[[nn.Module], int | None]] | None = None):
         self._rules: dict[type, Rule] = dict(rules or {})
         self.fallback = fallback
         self._layouts = dict(layouts or {})
@@ -75,7 +75,7 @@ class RuleRegistry:
     def register(self, module_type: type, rule: Rule) -> None:
         self._rules[module_type] = rule
 
-    def register_layout(self, module_type: type, batch_dim: Callable[[nn.Module], int]) -> None:
+    def register_layout(self, module_type: type, batch_dim: Callable[[nn.Module], int | None]) -> None:
         self._layouts[module_type] = batch_dim
 
     def rule_for(self, module: nn.Module) -> Rule | None:

@@ -47,10 +47,10 @@ class _Options:
     rng: tuple | None  # (CPU state, (device, CUDA state) or None) when dropout draws a mask
 
 
-def transformer_batch_dim(module: nn.Module) -> int:
+def transformer_batch_dim(module: nn.Module) -> int | None:
     """Where an nn.Transformer* module puts the batch: that of its first MultiheadAttention."""
-    attention = next(m for m in module.modules() if isinstance(m, nn.MultiheadAttention))
-    return 0 if attention.batch_first else 1
+    attention = next((m for m in module.modules() if isinstance(m, nn.MultiheadAttention)), None)
+    return None if attention is None else 0 if attention.batch_first else 1
 
 
 def _bind(args: tuple, kwargs: dict) -> dict:
