@@ -184,7 +184,8 @@ class Watch:
     def refusal(self, why_no_fallback: str) -> str:
         return (f"{self.where}: {self.stopped}, which the engine cannot follow (it follows elementwise "
                 "operations, expand/repeat, and F.linear/matmul/mm/addmm with the parameter as the weight), "
-                f"and {why_no_fallback}. Fix: compute this step in a submodule that has a rule (e.g. nn.Linear), "
+                f"and {why_no_fallback}. Fix: compute this step in a submodule that has a rule (nn.Linear, "
+                "nn.LayerNorm, ...), "
                 "register a rule for this module type (gradalign.engine.default_registry().register), or freeze "
                 "the parameter")
 
