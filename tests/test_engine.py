@@ -11,22 +11,24 @@ def close(actual, expected, rtol=2e-4):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-6 + rtol * scale)
 
 
-def run_engine(model, x, y, loss_fn, weights=None):
+def run_engine(model, x, y, loss_fn, weights=None, forward_seed=None):
     for p in model.parameters():
         p.grad = None
     engine = PerSampleGradients(model)
+    if forward_seed is not None:  # dropout: the same masks as the reference's forward
+        torch.manual_seed(forward_seed)
     stats = engine.backward(loss_fn(model(x), y), weights=weights)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     engine.remove()
     return stats, grads
 
 
-def compare_all(model, make_batch, loss_fn, B, seed=0):
+def compare_all(model, make_batch, loss_fn, B, seed=0, reference=reference_statistics, forward_seed=None):
     gen = torch.Generator().manual_seed(seed)
     x, y = make_batch(B, gen)
     weights = torch.rand(B, generator=gen) * 2
-    ref = reference_statistics(model, x, y, loss_fn, weights=weights)
-    stats, grads = run_engine(model, x, y, loss_fn)
+    ref = reference(model, x, y, loss_fn, weights=weights)
+    stats, grads = run_engine(model, x, y, loss_fn, forward_seed=forward_seed)
     close(stats.norms, ref["norms"])
     close(stats.cosines, ref["cosines"], rtol=1e-3)
     for name, expected in ref["grad_sq_sum"].items():
@@ -34,7 +36,7 @@ def compare_all(model, make_batch, loss_fn, B, seed=0):
         close(grads[name], ref["mean_grad"][name])
         close(stats.mean_grad[name], ref["mean_grad"][name])
     close(stats.weights, torch.ones(B))
-    _, weighted = run_engine(model, x, y, loss_fn, weights=weights)
+    _, weighted = run_engine(model, x, y, loss_fn, weights=weights, forward_seed=forward_seed)
     for name, expected in ref["weighted_grad"].items():
         close(weighted[name], expected)
     return stats

@@ -116,19 +116,58 @@ def test_verify_catches_partial_use_outside_the_module():
         engine.backward(model(torch.randn(4, 3)).sum(1))
 
 
-def test_fallback_refuses_a_module_called_with_two_inputs():
+def test_raw_parameter_in_an_unfollowed_op_of_a_two_input_module_is_refused_with_the_fix():
     class TwoInputs(nn.Module):
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.ones(3))
 
         def forward(self, x, y):
-            return x * self.w + y
+            return F.layer_norm(x, (3,), self.w) + y  # not elementwise, expand or linear
 
-    model = TwoInputs()
+    model = nn.Sequential()
+    model.add_module("block", TwoInputs())
+    engine = PerSampleGradients(model.block)
+    with pytest.raises(ga.UnsupportedModuleError) as err:
+        model.block(torch.randn(2, 3), torch.randn(2, 3))
+    message = str(err.value)
+    for part in ("(TwoInputs)", "parameter w", "layer_norm", "one tensor", "Fix:", "register a rule", "freeze"):
+        assert part in message, (part, message)
+    assert isinstance(model.block.w, nn.Parameter)  # the parameter is back in place after the error
+    engine.remove()
+
+
+def test_raw_parameter_meeting_the_batch_in_an_unfollowed_op_falls_back_to_torch_func():
+    class PReLUish(nn.Module):  # one tensor in, one out: the torch.func fallback serves it exactly
+        def __init__(self):
+            super().__init__()
+            self.slope = nn.Parameter(torch.rand(4))
+            self.gain = nn.Parameter(torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            return F.prelu(x, self.slope) * self.gain
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), PReLUish(), nn.Linear(4, 2))
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    loss = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    errors = ga.compare_with_reference(model, x, y, loss)
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_raw_parameter_with_the_batch_size_on_its_own_batch_dim_is_refused():
+    class PerRow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x, y):  # (4, 3) meets a batch of 4: is dim 0 the batch or the table's rows?
+            return x * self.table + y
+
+    model = PerRow()
     PerSampleGradients(model)
-    with pytest.raises(ga.UnsupportedModuleError, match="one tensor"):
-        model(torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(ga.UnsupportedModuleError, match="own dim there has the batch size"):
+        model(torch.randn(4, 3), torch.randn(4, 3))
 
 
 def test_registry_without_fallback_refuses_unknown_modules():
@@ -177,18 +216,21 @@ def test_bad_weights(weights, match):
         engine.backward(losses, weights=weights)
 
 
-def test_remove_leaves_the_model_as_it_was():
-    model, make_batch, loss_fn = ARCHITECTURES["shared_bn_fallback"]()
-    before = {n: (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs), dict(m.__dict__))
-              for n, m in model.named_modules()}
+@pytest.mark.parametrize("arch", ["shared_bn_fallback", "vit_cls_pos", "transformer_seq_first", "raw_parameters"])
+def test_remove_leaves_the_model_as_it_was(arch):
+    model, make_batch, loss_fn = ARCHITECTURES[arch]()
+
+    def state(m):
+        return (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs), dict(m._forward_pre_hooks),
+                dict(m._forward_hooks_always_called), set(m.__dict__), dict(m._parameters))
+    before = {n: state(m) for n, m in model.named_modules()}
     engine = PerSampleGradients(model)
     x, y = make_batch(4, torch.Generator().manual_seed(0))
     engine.backward(loss_fn(model(x), y))
     engine.remove()
     for n, m in model.named_modules():
-        hooks, with_kwargs, attributes = before[n]
-        assert dict(m._forward_hooks) == hooks and dict(m._forward_hooks_with_kwargs) == with_kwargs
-        assert set(m.__dict__) == set(attributes)
+        assert state(m) == before[n], n
+    assert all(type(p) is nn.Parameter for p in model.parameters())
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 

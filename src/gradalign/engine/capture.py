@@ -4,6 +4,11 @@ The forward hooks record each hooked module's inputs and the autograd edge of it
 one backward of sum_i losses[i], asked only for the gradients at those edges, gives every
 output gradient d. The per-layer rules turn (inputs, d) into factored per-sample gradients;
 statistics and the (re-)weighted p.grad come from those, never from a (B, P) matrix.
+
+Every recorded call is the same thing to the backward: a few gradient edges and a function
+from the gradients there to per-sample gradients. A rule's call has the edges of its outputs;
+a watched module's call (engine/watch.py: raw parameters, captured at their point of use) has
+one edge per point of use.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.persample import PerSampleGrad
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.validate import Served, survey
+from gradalign.engine.watch import Watch
 from gradalign.errors import UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
@@ -26,25 +32,45 @@ Weights = Tensor | Callable[[GradientStats], Tensor] | None
 
 @dataclass
 class _Call:
-    """One recorded call of a hooked module: its inputs, the autograd edge of its output
-    and, after the backward, the gradient of the summed losses w.r.t. that output."""
+    """One recorded call of a hooked module: the autograd edges where its gradients are taken
+    (fixed at the forward: later in-place ops on an output don't move them), how many samples
+    it saw, and `finish`, which turns the gradients there into {local name: per-sample grad}."""
 
     path: str
-    args: tuple
-    edge: GradientEdge  # fixed at the forward: later in-place ops on the output don't move it
-    grad_output: Tensor | None = None
+    batch: int | None
+    edges: list[GradientEdge]
+    finish: Callable[[list], dict]
+    grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
 
 
 @dataclass
 class _Hooked(Served):
-    """A served module and the calls recorded since the last backward."""
+    """A served module, the calls recorded since the last backward, and what the pre-forward
+    hook left for each forward in progress (a Watch, a rule's capture, or None)."""
 
     calls: list[_Call] = field(default_factory=list)
+    pending: list = field(default_factory=list)
 
 
 def _inside_torch_func(t: Tensor) -> bool:
     """True for a tensor inside a torch.func transform (vmap, grad): not a training forward."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for a in args:  # a loop, not a generator: this runs at every hooked call
+        if isinstance(a, Tensor):
+            return a
+    for a in kwargs.values():
+        if isinstance(a, Tensor):
+            return a
+    return None
+
+
+def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
+    """The batch contract: B is the size of the batch dim of the first tensor argument."""
+    t = _first_tensor(args, kwargs)
+    return t.shape[batch_dim] if t is not None and t.dim() > batch_dim else None
 
 
 class PerSampleGradients:
@@ -59,10 +85,22 @@ class PerSampleGradients:
     The engine is the one writer of p.grad: `backward` adds the (weighted) mean gradient,
     `set_grad` replaces it (e.g. with GSNRAccumulator's accumulated mean).
 
+    Which route serves a module: its rule if the registry has one (Linear, Conv, norms,
+    Embedding, MultiheadAttention with its out_proj, ...); otherwise its parameters are watched
+    at their point of use during its forward (raw parameters: cls tokens, position
+    embeddings, layer-scale gammas; engine/watch.py); and only where watching meets an
+    operation it cannot follow, the torch.func fallback (a vmap over that module's forward)
+    or, for a module that does not take one tensor and return one, UnsupportedModuleError.
+
+    The batch contract: the batch is dim 0 of the model's first tensor argument and of every
+    module's inputs and outputs, dim 1 inside an nn.Transformer* with batch_first=False
+    (`RuleRegistry.register_layout` declares other such modules).
+
     Args:
         model: the network. Checked at once (`ga.validate` runs the same walk): every
             unsupported module is listed in one UnsupportedModuleError.
-        registry: per-layer rules (default: `default_registry()`, with the torch.func fallback).
+        registry: per-layer rules (default: `default_registry()`, with watching and the
+            torch.func fallback for modules without a rule).
         verify: after every backward, check that the per-sample gradients add up to
             autograd's summed gradient (catches parameters used outside their module's
             forward, which no hook can see). Costs one extra weighted sum per layer.
@@ -93,11 +131,39 @@ class PerSampleGradients:
         self._capturing = True
         self._hooked: dict[str, _Hooked] = {}
         self._params: dict[str, nn.Parameter] = {}  # every hooked trainable parameter, by full name
+        self._layout: list[int] = []  # batch dims of the transformers whose forward is running
+        self._root_batch: list[int | None] = []  # B of each forward of the model in progress
         self._check_and_collect()
-        self._handles = [
-            h.module.register_forward_hook(self._make_hook(path, h), with_kwargs=True)
-            for path, h in self._hooked.items()
-        ]
+        self._handles = []
+        for path, h in self._hooked.items():
+            if h.rule.watch or h.rule.capture:
+                self._handles.append(h.module.register_forward_pre_hook(self._make_pre_hook(path, h), with_kwargs=True))
+            self._handles.append(h.module.register_forward_hook(
+                self._make_hook(path, h), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture)))
+        self._hook_layouts()
+
+    def _hook_layouts(self) -> None:
+        """Batch dims: a stack pushed by transformers that move the batch (batch_first=False),
+        and B itself from the model's first tensor argument when some module is watched. Their
+        pre-hooks run before every other hook of a module, their post-hooks after."""
+        layouts = [(m, bd) for m in self.model.modules() if (bd := self.registry.batch_dim_for(m)) is not None]
+        root_dim = self.registry.batch_dim_for(self.model) or 0
+
+        def pop(stack: list):
+            def hook(*_):
+                stack.pop()  # and return None: a forward hook's result would replace the output
+            return hook
+
+        if any(h.rule.watch for h in self._hooked.values()):
+            def root_pre(module, args, kwargs):
+                self._root_batch.append(_batch_of(args, kwargs, root_dim))
+            self._handles += [self.model.register_forward_pre_hook(root_pre, with_kwargs=True, prepend=True),
+                              self.model.register_forward_hook(pop(self._root_batch), always_call=True)]
+        for module, bd in layouts:
+            def push(*_, bd=bd):
+                self._layout.append(bd)
+            self._handles += [module.register_forward_pre_hook(push, prepend=True),
+                              module.register_forward_hook(pop(self._layout), always_call=True)]
 
     def _check_and_collect(self) -> None:
         served, problems = survey(self.model, self.registry)
@@ -106,23 +172,96 @@ class PerSampleGradients:
                 "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
         for s in served:
             self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names)
-            self._params.update({full: getattr(s.module, local) for local, full in s.param_names.items()})
+            self._params.update({full: s.module.get_parameter(local) for local, full in s.param_names.items()})
+
+    def _active(self, args: tuple, kwargs: dict) -> bool:
+        """A training forward: capturing, gradients on, not inside a torch.func transform."""
+        first = _first_tensor(args, kwargs)
+        return self._capturing and torch.is_grad_enabled() and not (first is not None and _inside_torch_func(first))
+
+    def _make_pre_hook(self, path: str, hooked: _Hooked):
+        rule, where = hooked.rule, f"{path or '<model>'} ({type(hooked.module).__name__})"
+
+        def pre_hook(module, args, kwargs):
+            state = None
+            if self._active(args, kwargs):
+                batch_dim = self._layout[-1] if self._layout else 0
+                if not rule.watch:
+                    state = rule.capture(module, args, kwargs, batch_dim)
+                else:  # (the output is not known yet: the first argument stands in for it)
+                    can_fall_back = not (rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None))
+                    captured = rule.capture(module, args, kwargs, batch_dim) if rule.capture and can_fall_back else None
+                    params = {local: p for local, full in hooked.param_names.items()
+                              if (p := module._parameters.get(local)) is self._params[full] and p.requires_grad}
+                    batch = self._root_batch[-1] if self._root_batch else _batch_of(args, kwargs, batch_dim)
+                    state = (Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back), captured)
+                    state[0].start()
+            hooked.pending.append(state)
+            return None
+
+        return pre_hook
 
     def _make_hook(self, path: str, hooked: _Hooked):
+        rule = hooked.rule
+
         def hook(module, args, kwargs, output):
-            if not self._capturing or not torch.is_grad_enabled():
-                return None
-            if not isinstance(output, Tensor) or not output.requires_grad or _inside_torch_func(output):
-                return None
-            for check in (hooked.rule.reason(module),
-                          hooked.rule.check_call(module, args, kwargs, output) if hooked.rule.check_call else None):
-                if check:
-                    raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
-            args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            hooked.calls.append(_Call(path, args, get_gradient_edge(output)))
+            state = hooked.pending.pop() if rule.watch or rule.capture else None
+            captured = state
+            if rule.watch:
+                if state is None:
+                    return None
+                watch, captured = state
+                watch.stop()
+                if output is None:  # the forward raised
+                    return None
+                if watch.stopped is None:  # watch.edges is live: uses after the forward still count
+                    hooked.calls.append(_Call(path, watch.batch, watch.edges, watch.per_sample))
+                    return None
+                reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
+                if reason:  # the torch.func fallback cannot serve it either
+                    raise UnsupportedModuleError(watch.refusal(reason))
+            self._record(path, hooked, module, args, kwargs, output, captured)
             return None
 
         return hook
+
+    def _record(self, path: str, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict, output,
+                captured: tuple | None) -> None:
+        """Record one call of a rule's module: its output edges and how to finish it."""
+        rule = hooked.rule
+        if not self._capturing or not torch.is_grad_enabled() or (rule.capture and captured is None):
+            return
+        if rule.output is None:  # the common case, without the loops below
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            outputs, live = (output,), [0]
+        else:
+            outputs = rule.output(output)
+            live = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
+            if not live:
+                return
+        if _inside_torch_func(outputs[live[0]]):
+            return
+        for check in (rule.reason(module), rule.check_call(module, args, kwargs, output) if rule.check_call else None):
+            if check:
+                raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
+        batch_dim = self._layout[-1] if self._layout else 0
+        if captured is None:  # default: the positional inputs, batch first
+            captured = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            if batch_dim and captured and isinstance(captured[0], Tensor):
+                captured = (captured[0].movedim(batch_dim, 0), *captured[1:])
+        first = captured[0] if captured else None
+        batch = first.shape[0] if isinstance(first, Tensor) and first.dim() else None
+        n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
+        edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
+
+        def finish(grads: list) -> dict:
+            if rule.output:  # every declared output's gradient, in the module's own layout
+                by_output = dict(zip(live, grads))
+                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
+            return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
+
+        hooked.calls.append(_Call(path, batch, edges, finish))
 
     def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
@@ -191,45 +330,48 @@ class PerSampleGradients:
                 p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
 
     def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
-        """One backward of sum(losses) that fills every call's grad_output.
+        """One backward of sum(losses) that fills every call's gradients.
 
-        Autograd is asked for the gradients at the recorded layer-output edges, not the
-        parameters, so it skips every weight-gradient product (the engine forms p.grad from
-        the factors instead). An edge is the output as the forward produced it, so an
-        in-place op after the layer does not change what is captured, and no output tensor
-        is kept alive. Parameters of modules that recorded no call are asked for too: a
-        gradient there means the parameter was used outside its module, which no hook sees.
+        Autograd is asked for the gradients at the recorded edges, not the parameters, so it
+        skips every weight-gradient product (the engine forms p.grad from the factors instead).
+        An edge is a tensor as the forward produced it, so an in-place op after the layer does
+        not change what is captured, and no output tensor is kept alive. Parameters of modules
+        that recorded no call are asked for too: a gradient there means the parameter was used
+        outside its module, which no hook sees.
         """
         calls = [call for h in self._hooked.values() for call in h.calls]
-        unseen = [params[n] for h in self._hooked.values() if not h.calls for n in h.param_names.values()
-                  if n in params]
-        if not calls and not unseen:
+        unseen = [params[n] for h in self._hooked.values() if not any(c.edges for c in h.calls)
+                  for n in h.param_names.values() if n in params]
+        edges = [e for call in calls for e in call.edges]
+        if not edges and not unseen:
             return
-        grads = torch.autograd.grad(losses.sum(), [c.edge for c in calls] + unseen,
-                                    allow_unused=True, retain_graph=retain_graph)
-        for call, g in zip(calls, grads):
-            call.grad_output = g
+        grads = torch.autograd.grad(losses.sum(), edges + unseen, allow_unused=True, retain_graph=retain_graph)
+        start = 0
+        for call in calls:
+            call.grads = list(grads[start:start + len(call.edges)])
+            start += len(call.edges)
         names = {id(p): n for n, p in params.items()}
-        for p, g in zip(unseen, grads[len(calls):]):
+        for p, g in zip(unseen, grads[start:]):
             if g is not None and bool(g.any()):
                 raise UnsupportedModuleError(
-                    f"parameter {names[id(p)]} has a gradient but its module's forward was not seen; a "
-                    "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
+                    f"parameter {names[id(p)]} has a gradient but the engine saw no use of it in its module's "
+                    "forward; a parameter used outside its own module (e.g. F.linear(x, m.weight)), or, in a "
+                    "module without a rule, only inside a custom autograd.Function or a reentrant checkpoint, "
+                    "is not supported")
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
-        self._capturing = False  # a rule may run the module again (torch.func fallback)
+        self._capturing = False  # a rule may run the module again (torch.func fallback, attention)
         try:
             for h in self._hooked.values():
                 for call in h.calls:
-                    if call.grad_output is None:  # this call did not contribute to the losses
+                    if call.grads is None or call.grads.count(None) == len(call.grads):  # no part in the losses
                         continue
-                    batch = call.args[0].shape[0] if call.args and isinstance(call.args[0], Tensor) else None
-                    if batch != B:
+                    if call.batch != B:
                         raise ValueError(
-                            f"{call.path} saw a batch of {batch} samples but losses has {B} entries; "
+                            f"{call.path} saw a batch of {call.batch} samples but losses has {B} entries; "
                             "the engine needs batch-first inputs and one loss per sample")
-                    for local, grads in h.rule.compute(h.module, call.args, call.grad_output).items():
+                    for local, grads in call.finish(call.grads).items():
                         name = h.param_names[local]
                         if name not in params:  # frozen since the engine was created
                             continue
@@ -271,3 +413,4 @@ class PerSampleGradients:
         self._handles.clear()
         for h in self._hooked.values():
             h.calls.clear()
+            h.pending.clear()

@@ -1,6 +1,6 @@
 """Per-sample gradients of ONE parameter, kept in factored form.
 
-Each layer rule returns, per parameter, one of three representations of the B per-sample
+Each layer rule returns, per parameter, one of four representations of the B per-sample
 gradients g_i (i = 1..B). None of them stores a (B, P) matrix unless that is the cheapest
 route for that layer. Every representation answers the same six questions:
 
@@ -15,7 +15,8 @@ route for that layer. Every representation answers the same six questions:
 sum rather than the mean gbar = S / B: the 1/B is applied once to the (B,) results, not
 to every parameter-sized tensor. `merge(other)` combines two calls of the same module
 (shared weights in one forward): the per-sample gradient of a module applied twice is
-the sum of both contributions.
+the sum of both contributions; two different representations of one parameter (a raw
+parameter used both as a linear map and elementwise) merge into Dense.
 """
 from __future__ import annotations
 
@@ -159,8 +160,14 @@ class Factored:
             total += g.square().sum(0)
         return total.reshape(self.shape)
 
-    def merge(self, other: "Factored") -> "Factored":
+    def merge(self, other: "PerSampleGrad") -> "PerSampleGrad":
+        if not isinstance(other, Factored):
+            return self.dense().merge(other)
         return Factored(torch.cat([self.A, other.A], dim=2), torch.cat([self.D, other.D], dim=2), self.shape)
+
+    def dense(self) -> "Dense":
+        """The per-sample gradients themselves, (B, *shape)."""
+        return Dense(torch.einsum("bgto,bgti->bgoi", self.D, self.A).reshape(self._B, *self.shape))
 
 
 @dataclass
@@ -214,12 +221,15 @@ class Dense(_FromSum):
 
     grads: Tensor
 
+    def _flat(self) -> Tensor:  # (B, P); reshape, as a scalar parameter's grads are (B,)
+        return self.grads.reshape(self.grads.shape[0], -1)
+
     def sq_norms(self) -> Tensor:
-        flat = self.grads.flatten(1)
+        flat = self._flat()
         return torch.linalg.vecdot(flat, flat)
 
     def dots(self, R: Tensor) -> Tensor:
-        return self.grads.flatten(1) @ R.flatten()
+        return self._flat() @ R.reshape(-1)
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         return self.grads.sum(0) if w is None else torch.tensordot(w, self.grads, dims=1)
@@ -227,8 +237,64 @@ class Dense(_FromSum):
     def sq_sum(self) -> Tensor:
         return self.grads.square().sum(0)
 
-    def merge(self, other: "Dense") -> "Dense":
-        return Dense(self.grads + other.grads)
+    def merge(self, other: "PerSampleGrad") -> "Dense":
+        return Dense(self.grads + (other.grads if isinstance(other, Dense) else other.dense().grads))
+
+    def dense(self) -> "Dense":
+        return self
 
 
-PerSampleGrad = Factored | IndexedRows | Dense
+@dataclass
+class RowBlocks:
+    """g_i = cat_k g_i^(k) along dim 0: a parameter whose row blocks are served separately
+    (nn.MultiheadAttention's packed in_proj_weight when query and key/value differ).
+
+    blocks: per-sample gradients of each row block, of `sizes[k]` rows each; shape: the whole.
+    """
+
+    blocks: list
+    sizes: list[int]
+    shape: torch.Size
+
+    def _split(self, R: Tensor) -> tuple[Tensor, ...]:
+        return R.reshape(self.shape).split(self.sizes)
+
+    def sq_norms(self) -> Tensor:
+        return sum(b.sq_norms() for b in self.blocks)
+
+    def dots(self, R: Tensor) -> Tensor:
+        return sum(b.dots(r) for b, r in zip(self.blocks, self._split(R)))
+
+    def _parts(self, total: Callable[[], Tensor]) -> list[Callable[[], Tensor]]:
+        split = {}  # S is split once, and only if some block asks for it
+
+        def part(k: int) -> Tensor:
+            if not split:
+                split.update(enumerate(self._split(total())))
+            return split[k]
+        return [lambda k=k: part(k) for k in range(len(self.blocks))]
+
+    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
+        return sum(b.dots_with_sum(t) for b, t in zip(self.blocks, self._parts(total)))
+
+    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
+        return sum(b.sum_sq_norm(t) for b, t in zip(self.blocks, self._parts(total)))
+
+    def weighted_sum(self, w: Tensor | None) -> Tensor:
+        return torch.cat([b.weighted_sum(w).reshape(n, -1) for b, n in zip(self.blocks, self.sizes)]).reshape(self.shape)
+
+    def sq_sum(self) -> Tensor:
+        return torch.cat([b.sq_sum().reshape(n, -1) for b, n in zip(self.blocks, self.sizes)]).reshape(self.shape)
+
+    def dense(self) -> Dense:
+        grads = [b.dense().grads for b in self.blocks]
+        return Dense(torch.cat([g.reshape(g.shape[0], n, -1) for g, n in zip(grads, self.sizes)], 1)
+                     .reshape(-1, *self.shape))
+
+    def merge(self, other: "PerSampleGrad") -> "PerSampleGrad":
+        if isinstance(other, RowBlocks) and other.sizes == self.sizes:
+            return RowBlocks([a.merge(b) for a, b in zip(self.blocks, other.blocks)], self.sizes, self.shape)
+        return self.dense().merge(other)
+
+
+PerSampleGrad = Factored | IndexedRows | Dense | RowBlocks

@@ -36,9 +36,13 @@ def reference_statistics(model: nn.Module, inputs: Tensor, targets: Tensor, loss
     Returns a dict with norms (B,), cosines (B,), mean_grad {name: tensor},
     grad_sq_sum {name: tensor} and weighted_grad {name: (1/B) sum_i w_i g_i}.
     """
-    grads = per_sample_gradients(model, inputs, targets, loss_fn)
-    B = inputs.shape[0]
-    w = torch.ones(B, dtype=inputs.dtype if inputs.is_floating_point() else torch.float32) if weights is None else weights
+    return statistics_of(per_sample_gradients(model, inputs, targets, loss_fn), weights)
+
+
+def statistics_of(grads: dict[str, Tensor], weights: Tensor | None = None) -> dict:
+    """`reference_statistics` from given per-sample gradients {name: (B, *param.shape)}."""
+    B = next(iter(grads.values())).shape[0]
+    w = torch.ones(B) if weights is None else weights
     flat = torch.cat([g.reshape(B, -1) for g in grads.values()], dim=1)  # (B, P)
     mean = flat.mean(0)
     norms = flat.norm(dim=1)
