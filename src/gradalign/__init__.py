@@ -9,6 +9,7 @@ from gradalign.engine import (
     default_registry,
     per_sample_gradients,
     reference_statistics,
+    replace_batchnorm,
     validate,
 )
 from gradalign.errors import ConfigError, GradAlignError, UnsupportedModuleError
@@ -19,5 +20,5 @@ __all__ = [
     "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError",
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "UnsupportedModuleError",
     "check_model", "compare_with_reference", "default_registry", "gwa_alignment", "gwa_score",
-    "per_sample_gradients", "reference_statistics", "validate",
+    "per_sample_gradients", "reference_statistics", "replace_batchnorm", "validate",
 ]

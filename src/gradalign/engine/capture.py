@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradalign.engine.gradient_stats import GradientStats
-from gradalign.engine.persample import PerSampleGrad
+from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.validate import Served, survey
 from gradalign.errors import UnsupportedModuleError
@@ -103,7 +103,9 @@ class PerSampleGradients:
             hooked.calls.append(_Call(path, args, get_gradient_edge(output)))
             return None
 
-        return hook
+        # Under torch.compile the hook always runs eagerly (a graph break at each hooked layer):
+        # it needs the autograd edge of a real output tensor.
+        return torch.compiler.disable(hook)
 
     def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
@@ -129,13 +131,15 @@ class PerSampleGradients:
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
             self._backward_to_outputs(losses, params, retain_graph=self.verify)
-            per_sample = self._per_sample_grads(B, params)
+            rtol = self._verify_rtol()
+            with full_precision(losses.device):  # the rules run in float32, also inside autocast
+                per_sample = self._per_sample_grads(B, params)
         finally:
             for h in self._hooked.values():
                 h.calls.clear()
         stats = GradientStats(per_sample, B, device=losses.device)
         if self.verify:
-            self._verify(stats, losses)
+            self._verify(stats, losses, rtol)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
         if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
@@ -159,10 +163,11 @@ class PerSampleGradients:
         absent from `grads` (outside the losses) keep their grad, as in autograd."""
         for name, g in grads.items():
             p = self._params[name]
+            g = g if g.dtype == p.dtype else g.to(p.dtype)  # statistics are float32, p may be half
             if add and p.grad is not None:
                 p.grad.add_(g)
             else:
-                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                p.grad = g
 
     def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
         """One backward of sum(losses) that fills every call's grad_output.
@@ -185,10 +190,14 @@ class PerSampleGradients:
             call.grad_output = g
         names = {id(p): n for n, p in params.items()}
         for p, g in zip(unseen, grads[len(calls):]):
-            if g is not None and bool(g.any()):
+            if g is not None:  # the loss depends on p, yet p's module never ran: no host read needed
+                compiled = "" if calls else (
+                    "; no hooked module recorded a call: if the model was compiled (torch.compile) and run "
+                    "before this engine was created, the compiled code skips the engine's hooks, so create "
+                    "the engine before the first compiled call (or call torch._dynamo.reset())")
                 raise UnsupportedModuleError(
                     f"parameter {names[id(p)]} has a gradient but its module's forward was not seen; a "
-                    "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
+                    f"parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported{compiled}")
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
@@ -212,27 +221,34 @@ class PerSampleGradients:
             self._capturing = True
         return out
 
-    @staticmethod
-    def _resolve_weights(weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
+    def _resolve_weights(self, weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
+        """(B,) weights in the statistics' precision (at least float32). Finiteness is checked
+        where that costs no host sync (weights on the CPU) or with verify=True."""
         B = losses.shape[0]
+        dtype = torch.promote_types(losses.dtype, torch.float32)
         if weights is None:
-            return torch.ones(B, device=losses.device, dtype=losses.dtype)
+            return torch.ones(B, device=losses.device, dtype=dtype)
         w = weights(stats) if callable(weights) else weights
         if not isinstance(w, Tensor) or w.shape != (B,):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
             raise ValueError(f"weights must be a tensor of shape ({B},), got {got}")
-        if not bool(torch.isfinite(w).all()):
+        if (w.device.type == "cpu" or self.verify) and not bool(torch.isfinite(w).all()):
             raise ValueError("weights contain NaN or infinite values")
-        return w.detach().to(device=losses.device, dtype=losses.dtype)
+        return w.detach().to(device=losses.device, dtype=dtype)
 
-    def _verify(self, stats: GradientStats, losses: Tensor) -> None:
+    def _verify_rtol(self) -> float:
+        """Tolerance of `verify`: looser when layers ran in bfloat16 or float16."""
+        dtypes = {c.grad_output.dtype for h in self._hooked.values() for c in h.calls if c.grad_output is not None}
+        return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
+
+    def _verify(self, stats: GradientStats, losses: Tensor, rtol: float) -> None:
         """Check the per-sample gradients against autograd's gradient of the mean loss."""
         names = list(stats.mean_grad)
         params = [self._params[n] for n in names]
         expected = torch.autograd.grad(losses.mean(), params, allow_unused=True)
         for name, mean, exp in zip(names, stats.mean_grad.values(), expected):
-            exp = torch.zeros_like(mean) if exp is None else exp
-            if not torch.allclose(mean, exp, rtol=1e-4, atol=1e-5 * (1 + exp.abs().max().item())):
+            exp = torch.zeros_like(mean) if exp is None else exp.to(mean.dtype)
+            if not torch.allclose(mean, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
                 raise UnsupportedModuleError(
                     f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
                     "used outside its module's forward, or a module mixes samples")

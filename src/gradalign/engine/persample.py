@@ -16,9 +16,15 @@ sum rather than the mean gbar = S / B: the 1/B is applied once to the (B,) resul
 to every parameter-sized tensor. `merge(other)` combines two calls of the same module
 (shared weights in one forward): the per-sample gradient of a module applied twice is
 the sum of both contributions.
+
+Precision: the factors are captured as the forward made them (bfloat16 or float16 under
+autocast or in a half model) and upcast to float32 when a representation is built, so every
+product and sum runs in float32 (a squared norm of float16 numbers would overflow at 65504).
+Statistics come out in float32 (float64 for a float64 model).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -28,6 +34,19 @@ from torch import Tensor
 
 # Materialise per-sample gradients in chunks of at most this many numbers.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def upcast(t: Tensor) -> Tensor:
+    """A floating tensor narrower than float32 (bfloat16, float16) as float32; others as they are."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
+def full_precision(device: torch.device | None):
+    """A context with autocast off on `device`: statistics read inside an autocast region
+    are still computed in float32 from the upcast factors."""
+    if device is None or not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _sq_norm(t: Tensor) -> Tensor:
@@ -61,6 +80,11 @@ class Factored:
     A: Tensor
     D: Tensor
     shape: torch.Size
+
+    def __post_init__(self):
+        A, D = upcast(self.A), upcast(self.D)
+        dtype = torch.promote_types(A.dtype, D.dtype)
+        self.A, self.D = A.to(dtype), D.to(dtype)
 
     @property
     def _B(self) -> int:
@@ -122,6 +146,7 @@ class Factored:
         return out
 
     def dots(self, R: Tensor) -> Tensor:
+        R = R.to(self.A.dtype)
         flat = self._flat
         if flat is not None:
             a, d = flat
@@ -174,14 +199,23 @@ class IndexedRows(_FromSum):
     D: Tensor
     num_rows: int
 
-    def _per_sample_rows(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Distinct (sample, row) pairs with their summed gradient rows: (K,), (K,), (K, dim)."""
+    def __post_init__(self):
+        self.D = upcast(self.D)
+
+    def _per_sample_rows(self) -> tuple[Tensor, Tensor]:
+        """Every distinct (sample, row) pair's row and summed gradient, in B T slots (unused
+        slots: row 0, zero gradient): (B T,), (B T, dim). Sorting the pairs instead of
+        torch.unique keeps every shape fixed, so nothing waits for the device."""
         B, T = self.index.shape
         key = torch.arange(B, device=self.index.device).unsqueeze(1) * self.num_rows + self.index
-        unique, inverse = torch.unique(key.reshape(-1), return_inverse=True)
-        rows = self.D.new_zeros(unique.numel(), self.D.shape[-1])
-        rows.index_add_(0, inverse, self.D.reshape(B * T, -1))
-        return unique // self.num_rows, unique % self.num_rows, rows
+        key, order = key.reshape(-1).sort()
+        first = torch.ones_like(key, dtype=torch.bool)
+        first[1:] = key[1:] != key[:-1]
+        slot = first.cumsum(0) - 1  # (B T,) the slot of each entry's (sample, row) pair
+        grads = self.D.new_zeros(B * T, self.D.shape[-1])
+        grads.index_add_(0, slot, self.D.reshape(B * T, -1)[order])
+        rows = torch.zeros_like(key).scatter_(0, slot, key % self.num_rows)
+        return rows, grads
 
     def sq_norms(self) -> Tensor:
         # |g_i|^2 = sum_{t,s} [index_it == index_is] d_it . d_is
@@ -189,7 +223,7 @@ class IndexedRows(_FromSum):
         return (same * (self.D @ self.D.transpose(1, 2))).sum(dim=(1, 2))
 
     def dots(self, R: Tensor) -> Tensor:
-        return (R[self.index] * self.D).sum(dim=(1, 2))
+        return (R.to(self.D.dtype)[self.index] * self.D).sum(dim=(1, 2))
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         D = self.D if w is None else self.D * w.view(-1, 1, 1)
@@ -198,9 +232,9 @@ class IndexedRows(_FromSum):
         return out
 
     def sq_sum(self) -> Tensor:
-        _, row, grads = self._per_sample_rows()
+        rows, grads = self._per_sample_rows()
         out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
-        out.index_add_(0, row, grads.square())
+        out.index_add_(0, rows, grads.square())
         return out
 
     def merge(self, other: "IndexedRows") -> "IndexedRows":
@@ -214,15 +248,18 @@ class Dense(_FromSum):
 
     grads: Tensor
 
+    def __post_init__(self):
+        self.grads = upcast(self.grads)
+
     def sq_norms(self) -> Tensor:
         flat = self.grads.flatten(1)
         return torch.linalg.vecdot(flat, flat)
 
     def dots(self, R: Tensor) -> Tensor:
-        return self.grads.flatten(1) @ R.flatten()
+        return self.grads.flatten(1) @ R.flatten().to(self.grads.dtype)
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
-        return self.grads.sum(0) if w is None else torch.tensordot(w, self.grads, dims=1)
+        return self.grads.sum(0) if w is None else torch.tensordot(w.to(self.grads.dtype), self.grads, dims=1)
 
     def sq_sum(self) -> Tensor:
         return self.grads.square().sum(0)

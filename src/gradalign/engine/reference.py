@@ -38,7 +38,8 @@ def reference_statistics(model: nn.Module, inputs: Tensor, targets: Tensor, loss
     """
     grads = per_sample_gradients(model, inputs, targets, loss_fn)
     B = inputs.shape[0]
-    w = torch.ones(B, dtype=inputs.dtype if inputs.is_floating_point() else torch.float32) if weights is None else weights
+    w = (torch.ones(B, device=inputs.device, dtype=inputs.dtype if inputs.is_floating_point() else torch.float32)
+         if weights is None else weights)
     flat = torch.cat([g.reshape(B, -1) for g in grads.values()], dim=1)  # (B, P)
     mean = flat.mean(0)
     norms = flat.norm(dim=1)

@@ -12,6 +12,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from gradalign.engine.rules.conv import conv_rule
+from gradalign.engine.rules.conv_transpose import conv_transpose_rule
 from gradalign.engine.rules.embedding import embedding_check, embedding_rule
 from gradalign.engine.rules.fallback import fallback_check_call, fallback_rule
 from gradalign.engine.rules.linear import linear_rule
@@ -53,13 +54,17 @@ class RuleRegistry:
 
 def default_registry() -> RuleRegistry:
     """A fresh registry with every built-in rule and the torch.func fallback."""
-    conv = Rule(conv_rule)
+    conv, conv_transpose = Rule(conv_rule), Rule(conv_transpose_rule)
     norm_check = Rule(batch_norm_rule, check=batch_norm_check)
     return RuleRegistry(
         {
             nn.Linear: Rule(linear_rule),
             nn.Conv1d: conv,
             nn.Conv2d: conv,
+            nn.Conv3d: conv,
+            nn.ConvTranspose1d: conv_transpose,
+            nn.ConvTranspose2d: conv_transpose,
+            nn.ConvTranspose3d: conv_transpose,
             nn.LayerNorm: Rule(layer_norm_rule),
             nn.GroupNorm: Rule(group_norm_rule),
             nn.modules.batchnorm._BatchNorm: norm_check,

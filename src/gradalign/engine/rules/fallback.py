@@ -3,12 +3,14 @@
 g_i = grad over the module's own parameters of <module(x_i), d_i>, vmapped over samples,
 from the captured input x and output gradient d. It materialises (B, P_module), so it
 suits small custom modules. The module must take one batched tensor and return one tensor.
+It runs in float32 (parameters, input and output gradient upcast) when the model ran in
+bfloat16 or float16.
 """
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradalign.engine.persample import Dense
+from gradalign.engine.persample import Dense, upcast
 
 
 def fallback_check_call(module: nn.Module, args: tuple, kwargs: dict, output) -> str | None:
@@ -20,11 +22,12 @@ def fallback_check_call(module: nn.Module, args: tuple, kwargs: dict, output) ->
 
 
 def fallback_rule(module: nn.Module, args: tuple, grad_output: Tensor) -> dict:
-    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    params = {n: upcast(p.detach()) for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
     def contribution(p: dict, x: Tensor, d: Tensor) -> Tensor:
         return (functional_call(module, p, (x.unsqueeze(0),)) * d.unsqueeze(0)).sum()
 
     with torch.enable_grad():
-        per_sample = vmap(grad(contribution), in_dims=(None, 0, 0))(params, args[0].detach(), grad_output)
+        per_sample = vmap(grad(contribution), in_dims=(None, 0, 0))(params, upcast(args[0].detach()),
+                                                                  upcast(grad_output))
     return {name: Dense(g) for name, g in per_sample.items()}
