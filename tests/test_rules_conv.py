@@ -6,72 +6,15 @@ from torch import nn
 
 from engine_models import classification_batch, cross_entropy
 from gradalign.engine.rules.conv import unfold, unfold_by_dim
+from layer_models import LAYER_ARCHITECTURES
 from test_engine import compare_all
 
 
-class Conv3dNet(nn.Module):
-    def __init__(self, classes=3):
-        super().__init__()
-        self.c1 = nn.Conv3d(2, 4, (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2), groups=2)
-        self.gn = nn.GroupNorm(2, 4)
-        self.c2 = nn.Conv3d(4, 3, 2, padding="same", padding_mode="replicate", bias=False)
-        self.head = nn.Linear(3, classes)
-
-    def forward(self, x):  # (B, 2, 4, 6, 5)
-        h = torch.tanh(self.c2(F.relu(self.gn(self.c1(x)))))
-        return self.head(h.mean(dim=(2, 3, 4)))
-
-
-class ConvTranspose1dNet(nn.Module):
-    """stride + output_padding; then dilation with output_padding >= stride (extra positions)."""
-
-    def __init__(self, classes=3):
-        super().__init__()
-        self.up1 = nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1, output_padding=1)
-        self.up2 = nn.ConvTranspose1d(4, 6, 3, padding=2, output_padding=1, dilation=2, groups=2)
-        self.head = nn.Linear(6 * 11, classes)
-
-    def forward(self, x):  # (B, 3, 5) -> (B, 4, 10) -> (B, 6, 11)
-        return self.head(torch.tanh(self.up2(F.relu(self.up1(x)))).flatten(1))
-
-
-class ConvTranspose2dNet(nn.Module):
-    """groups, per-dimension stride, padding, dilation, and an output_size given at the call."""
-
-    def __init__(self, classes=3):
-        super().__init__()
-        self.up = nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
-        self.head = nn.Linear(6, classes)
-
-    def forward(self, x):  # (B, 4, 3, 4) -> (B, 6, 6, 6)
-        h = self.up(x, output_size=[6, 6])
-        return self.head(F.relu(h).mean(dim=(2, 3)))
-
-
-class ConvTranspose3dNet(nn.Module):
-    def __init__(self, classes=3):
-        super().__init__()
-        self.up = nn.ConvTranspose3d(2, 3, 2, stride=2, bias=False)
-        self.down = nn.Conv3d(3, 2, 3, stride=2)
-        self.head = nn.Linear(2, classes)
-
-    def forward(self, x):  # (B, 2, 2, 3, 2) -> (B, 3, 4, 6, 4) -> (B, 2, 1, 2, 1)
-        return self.head(self.down(F.relu(self.up(x))).flatten(2).mean(-1))
-
-
-CONV_ARCHITECTURES = {
-    "conv3d": lambda: (Conv3dNet(), classification_batch(2, 4, 6, 5, classes=3), cross_entropy),
-    "conv_transpose1d": lambda: (ConvTranspose1dNet(), classification_batch(3, 5, classes=3), cross_entropy),
-    "conv_transpose2d": lambda: (ConvTranspose2dNet(), classification_batch(4, 3, 4, classes=3), cross_entropy),
-    "conv_transpose3d": lambda: (ConvTranspose3dNet(), classification_batch(2, 2, 3, 2, classes=3), cross_entropy),
-}
-
-
 @pytest.mark.parametrize("B", [1, 7, 64])
-@pytest.mark.parametrize("arch", sorted(CONV_ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(a for a in LAYER_ARCHITECTURES if a.startswith("conv")))
 def test_every_statistic_matches_torch_func(arch, B):
     torch.manual_seed(0)
-    model, make_batch, loss_fn = CONV_ARCHITECTURES[arch]()
+    model, make_batch, loss_fn = LAYER_ARCHITECTURES[arch]()
     compare_all(model, make_batch, loss_fn, B)
 
 

@@ -130,10 +130,10 @@ class PerSampleGradients:
         B = losses.shape[0]
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
-            self._backward_to_outputs(losses, params, retain_graph=self.verify)
-            rtol = self._verify_rtol()
-            with full_precision(losses.device):  # the rules run in float32, also inside autocast
+            with full_precision(losses.device):  # backward and rules in float32, also inside autocast
+                self._backward_to_outputs(losses, params, retain_graph=self.verify)
                 per_sample = self._per_sample_grads(B, params)
+            rtol = self._verify_rtol()
         finally:
             for h in self._hooked.values():
                 h.calls.clear()
