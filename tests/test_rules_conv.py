@@ -4,10 +4,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_models import classification_batch, cross_entropy
+from engine_models import ARCHITECTURES, classification_batch, cross_entropy
+from gradalign.engine.persample import Dense, Factored
 from gradalign.engine.rules.conv import unfold, unfold_by_dim
 from layer_models import LAYER_ARCHITECTURES
 from test_engine import compare_all
+
+
+CONV_ARCHITECTURES = {**{a: ARCHITECTURES[a] for a in ("conv1d", "conv2d_groupnorm")},
+                      **{a: f for a, f in LAYER_ARCHITECTURES.items() if a.startswith("conv")}}
+
+
+@pytest.fixture(params=["auto", "ghost", "dense"])
+def route(request, monkeypatch):
+    """Each layer's own choice, or every convolution forced onto the ghost route (unfolded
+    factors) or the dense one (per-sample gradients from one grouped weight-gradient call)."""
+    if request.param != "auto":
+        for module in ("conv", "conv_transpose"):
+            monkeypatch.setattr(f"gradalign.engine.rules.{module}.ghost_is_cheaper",
+                                lambda *sizes, ghost=request.param == "ghost": ghost)
+    return request.param
 
 
 @pytest.mark.parametrize("B", [1, 7, 64])
@@ -16,6 +32,18 @@ def test_every_statistic_matches_torch_func(arch, B):
     torch.manual_seed(0)
     model, make_batch, loss_fn = LAYER_ARCHITECTURES[arch]()
     compare_all(model, make_batch, loss_fn, B)
+
+
+@pytest.mark.parametrize("arch", sorted(CONV_ARCHITECTURES))
+def test_both_routes_on_every_convolution(arch, route):
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = CONV_ARCHITECTURES[arch]()
+    stats = compare_all(model, make_batch, loss_fn, B=7)
+    modules = dict(model.named_modules())
+    conv_weights = [g for n, g in stats._per_sample.items()
+                    if n.endswith(".weight") and isinstance(modules[n[:-len(".weight")]], nn.modules.conv._ConvNd)]
+    expected = {"ghost": Factored, "dense": Dense}.get(route, (Factored, Dense))
+    assert conv_weights and all(isinstance(g, expected) for g in conv_weights)
 
 
 @pytest.mark.parametrize("channels,length", [(1, 40), (12, 3)])

@@ -42,11 +42,24 @@ def upcast(t: Tensor) -> Tensor:
 
 
 def full_precision(device: torch.device | None):
-    """A context with autocast off on `device`: statistics read inside an autocast region
-    are still computed in float32 from the upcast factors."""
-    if device is None or not torch.amp.is_autocast_available(device.type):
+    """A context with autocast off on `device` (where it is on): statistics read inside an
+    autocast region are still computed in float32 from the upcast factors."""
+    if device is None or device.type not in ("cpu", "cuda", "xpu", "mps", "hpu") or not _autocast_on(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
+    """A weight shared over T positions: the ghost route costs ~T^2 (n_in + n_out) per sample,
+    materialising the per-sample gradient ~T n_in n_out."""
+    return T * (n_in + n_out) <= n_in * n_out
 
 
 def _sq_norm(t: Tensor) -> Tensor:
@@ -101,9 +114,7 @@ class Factored:
         return R.reshape(self.A.shape[1], self.D.shape[3], self.A.shape[3])
 
     def _ghost_is_cheaper(self) -> bool:
-        """Ghost route costs ~T^2 (n_in + n_out) per sample, materialising ~T n_in n_out."""
-        T, n_in, n_out = self.A.shape[2], self.A.shape[3], self.D.shape[3]
-        return T * (n_in + n_out) <= n_in * n_out
+        return ghost_is_cheaper(self.A.shape[2], self.A.shape[3], self.D.shape[3])
 
     def uses_gram(self) -> bool:
         """Whether <g_i, gbar> and |gbar|^2 come from the B x B Gram matrix (T = 1 only):

@@ -1,15 +1,20 @@
 """nn.Conv1d, nn.Conv2d and nn.Conv3d (any stride, padding, dilation, groups, padding mode).
 
-The input is unfolded into patches so the convolution is a linear map applied at T output
-positions: A (B, G, T, C_in/G * k), D (B, G, T, C_out/G), g_i(W) = sum_t d_it a_it^T per
-group (a weight shared over T positions, see persample.Factored). g_i(b) = sum_t d_it.
+A convolution is a linear map applied at T output positions: with the input unfolded into
+patches, A (B, G, T, C_in/G * k), D (B, G, T, C_out/G) and g_i(W) = sum_t d_it a_it^T per
+group. Per layer the cheaper route is taken (persample.ghost_is_cheaper): the ghost route
+keeps those factors (persample.Factored); otherwise every sample's weight gradient is
+formed by ONE convolution weight-gradient call with the batch folded into the groups (the
+kernel autograd itself uses, no unfolded copy of the input) and kept dense, (B, *W.shape),
+which is then smaller than the factors would be. g_i(b) = sum_t d_it.
 """
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, Factored, upcast
+from gradalign.engine.persample import Dense, Factored, ghost_is_cheaper, upcast
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -39,6 +44,19 @@ def unfold_by_dim(x: Tensor, kernel, dilation, padding, stride) -> Tensor:
     out = x.shape[2:2 + n]
     x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))  # (B, C, *kernel, *out)
     return x.reshape(B, C * math.prod(kernel), *out)
+
+
+def per_sample_weight_grads(x: Tensor, d: Tensor, weight_shape, stride, padding, dilation, groups: int, *,
+                            transposed: bool = False, output_padding=None) -> Tensor:
+    """(B, *weight_shape): every sample's weight gradient of a (transposed) convolution from
+    its input x (B, C_in, ...) and output gradient d (B, C_out, ...), by one grouped
+    weight-gradient call: sample b's channels become groups b G .. b G + G - 1."""
+    B = x.shape[0]
+    weight = x.new_empty((B * weight_shape[0], *weight_shape[1:]))  # only its shape is read
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        d.reshape(1, -1, *d.shape[2:]), x.reshape(1, -1, *x.shape[2:]), weight, None, list(stride), list(padding),
+        list(dilation), transposed, list(output_padding or [0] * (x.dim() - 2)), B * groups, [False, True, False])
+    return grads.reshape(B, *weight_shape)
 
 
 def grouped(t: Tensor, groups: int) -> Tensor:
@@ -74,9 +92,13 @@ def conv_rule(module: Conv, args: tuple, grad_output: Tensor) -> dict:
     check_batched(module, x)
     d = upcast(grad_output)
     x, padding = _padded(module, x)
-    cols = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, C k, *out)
     grads = bias_grads(module, d)
     if module.weight.requires_grad:
-        G = module.groups
-        grads["weight"] = Factored(grouped(cols, G), grouped(d, G), module.weight.shape)
+        G, K = module.groups, math.prod(module.kernel_size)
+        if ghost_is_cheaper(math.prod(d.shape[2:]), x.shape[1] // G * K, d.shape[1] // G):
+            cols = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, C k, *out)
+            grads["weight"] = Factored(grouped(cols, G), grouped(d, G), module.weight.shape)
+        else:
+            grads["weight"] = Dense(per_sample_weight_grads(x, d, module.weight.shape, module.stride, padding,
+                                                            module.dilation, G))
     return grads
