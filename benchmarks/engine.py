@@ -2,6 +2,7 @@
 
     python benchmarks/engine.py                 # full table (several minutes on 2 CPU cores)
     python benchmarks/engine.py --quick         # fewer rounds, no memory column
+    python benchmarks/engine.py --models resnet_gn   # one model (its default batch sizes)
 
 Variants, each on its own copy of the model (same weights, same batch):
   plain        forward, mean cross-entropy, backward
@@ -27,6 +28,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import memory_in_subprocess, peak_memory_mb, print_table, time_variants  # noqa: E402
@@ -34,8 +36,50 @@ from timing import memory_in_subprocess, peak_memory_mb, print_table, time_varia
 import gradalign as ga  # noqa: E402
 from gradalign.experiments.models import build_model  # noqa: E402
 
-MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (experiments.models)"}
-BATCHES = (32, 128, 512)
+MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (experiments.models)",
+          "resnet_gn": "ResNet with GroupNorm: 3 stages of one basic block, 16-32-64 channels, 32x32 RGB"}
+BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "resnet_gn": (32,)}
+INPUT_SHAPES = {"mlp": (40,), "conv1d": (40,), "resnet_gn": (3, 32, 32)}
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-GN-ReLU-conv3x3-GN plus the shortcut (1x1 conv + GN where the shape changes), ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(8, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(8, c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.GroupNorm(8, c_out))
+
+    def forward(self, x):
+        h = F.relu(self.gn1(self.conv1(x)))
+        return F.relu(self.gn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNetGN(nn.Module):
+    """A small CIFAR-style ResNet with GroupNorm (what ga.replace_batchnorm makes of a BatchNorm one)."""
+
+    def __init__(self, classes: int = 10, widths=(16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.GroupNorm(8, widths[0]),
+                                  nn.ReLU())
+        blocks, c_in = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(BasicBlock(c_in, width, stride=1 if i == 0 else 2))
+            c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c_in, classes)
+
+    def forward(self, x):  # (B, 3, 32, 32)
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def build(kind: str) -> nn.Module:
+    return ResNetGN() if kind == "resnet_gn" else build_model(kind)
 
 
 def gasw_from_materialised(grads: dict, params: dict, gamma: float = 2.0) -> None:
@@ -54,8 +98,8 @@ def gasw_from_materialised(grads: dict, params: dict, gamma: float = 2.0) -> Non
 def make_variants(kind: str, B: int, device: torch.device, only: str | None = None) -> dict:
     """The variants' step functions; `only` builds just that one (for memory measurement)."""
     torch.manual_seed(0)
-    base = build_model(kind).to(device)
-    x = torch.randn(B, 40, device=device)
+    base = build(kind).to(device)
+    x = torch.randn(B, *INPUT_SHAPES[kind], device=device)
     y = torch.randint(0, 10, (B,), device=device)
     variants = {}
 
@@ -139,7 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 rounds, no memory measurement")
     parser.add_argument("--rounds", type=int, default=21, help="timing rounds per variant (median over rounds)")
-    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes for every model "
+                        "(default: 32, 128, 512; the ResNet 32)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--measure-memory", nargs=3, metavar=("MODEL", "B", "VARIANT"), help=argparse.SUPPRESS)
@@ -155,7 +200,7 @@ def main() -> None:
           f"{rounds} rounds; median ms per step and ratio to plain\n")
     rows = []
     for kind in args.models:
-        for B in args.batches:
+        for B in args.batches or BATCHES[kind]:
             variants = make_variants(kind, B, device)
             medians = time_variants(variants, rounds=rounds)
             memory = {}

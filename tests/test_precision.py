@@ -171,3 +171,28 @@ def test_no_host_sync_on_cuda(arch):
     torch.testing.assert_close(norms, ref["norms"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(cosines, ref["cosines"], rtol=1e-3, atol=1e-5)
     assert all(t.is_cuda for t in sq.values()) and gasw.fallbacks == 0
+
+
+def test_grad_scaler_scales_norms_and_p_grad_but_not_cosines():
+    # float16 with a GradScaler: the engine gets scaler.scale(losses); unscale_ restores p.grad
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ALL["conv2d_groupnorm"]()
+    x, y = make_batch(7, torch.Generator().manual_seed(0))
+    engine = ga.PerSampleGradients(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    results = []
+    for scale in (False, True):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses = loss_fn(model(x), y)
+        stats = engine.backward(scaler.scale(losses) if scale else losses, weights=ga.GASW(2.0))
+        if scale:
+            scaler.unscale_(optimizer)
+        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (scaled, scaled_grads) = results
+    torch.testing.assert_close(scaled.norms, 1024 * plain.norms, rtol=1e-3, atol=0)
+    torch.testing.assert_close(scaled.cosines, plain.cosines, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(scaled.weights, plain.weights, rtol=1e-3, atol=1e-5)
+    for n, g in plain_grads.items():
+        torch.testing.assert_close(scaled_grads[n], g, rtol=1e-3, atol=1e-6)
