@@ -27,6 +27,16 @@ MODES = {"bf16-autocast": (torch.bfloat16, torch.float32), "fp16-autocast": (tor
          "half": (None, torch.float16), "bf16-model": (None, torch.bfloat16)}
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """cuDNN convolutions default to TF32 (10-bit mantissa) on recent GPUs, which would blur the
+    float32 reference itself: these comparisons need true float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def rel(actual, expected) -> float:
     """Relative L2 error of tensors or lists of tensors, taken together."""
     a = torch.cat([t.double().flatten() for t in actual]) if isinstance(actual, list) else actual.double()
