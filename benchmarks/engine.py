@@ -11,6 +11,7 @@ module (raw parameters, watched at their point of use), `vit_plain` the same wit
 (mean-pooled), and `vit_embedding` the same 17 tokens from nn.Embedding children, to price the
 raw parameters and the extra token apart. `--interleave` times the models' variants together,
 round by round, and adds each variant's ratio to the same variant of the first model.
+    python benchmarks/engine.py --models resnet_gn   # a small ResNet with GroupNorm, B = 32
 
 Variants, each on its own copy of the model (same weights, same batch):
   plain        forward, mean cross-entropy, backward
@@ -36,6 +37,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import memory_in_subprocess, peak_memory_mb, print_table, time_variants  # noqa: E402
@@ -46,8 +48,10 @@ from gradalign.experiments.models import build_model  # noqa: E402
 MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (experiments.models)",
           "vit": "ViT D=64, 4 layers, 16 patches, cls token + position embedding",
           "vit_plain": "the same ViT without cls token and position embedding",
-          "vit_embedding": "the same ViT, cls token and positions from nn.Embedding children"}
-BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "vit": (64,), "vit_plain": (64,), "vit_embedding": (64,)}
+          "vit_embedding": "the same ViT, cls token and positions from nn.Embedding children",
+          "resnet_gn": "ResNet with GroupNorm: 3 stages of one basic block, 16-32-64 channels, 32x32 RGB"}
+BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "vit": (64,), "vit_plain": (64,), "vit_embedding": (64,),
+           "resnet_gn": (32,)}
 
 
 class ViT(torch.nn.Module):
@@ -82,8 +86,46 @@ class ViT(torch.nn.Module):
         return self.head(x.mean(1) if self.tokens is None else x[:, 0])
 
 
+class BasicBlock(nn.Module):
+    """conv3x3-GN-ReLU-conv3x3-GN plus the shortcut (1x1 conv + GN where the shape changes), ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(8, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(8, c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.GroupNorm(8, c_out))
+
+    def forward(self, x):
+        h = F.relu(self.gn1(self.conv1(x)))
+        return F.relu(self.gn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNetGN(nn.Module):
+    """A small CIFAR-style ResNet with GroupNorm (what ga.replace_batchnorm makes of a BatchNorm one)."""
+
+    def __init__(self, classes: int = 10, widths=(16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.GroupNorm(8, widths[0]),
+                                  nn.ReLU())
+        blocks, c_in = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(BasicBlock(c_in, width, stride=1 if i == 0 else 2))
+            c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c_in, classes)
+
+    def forward(self, x):  # (B, 3, 32, 32)
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
 def build(kind: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """(model, shape of one input sample)."""
+    if kind == "resnet_gn":
+        return ResNetGN(), (3, 32, 32)
     if kind.startswith("vit"):
         return ViT(tokens={"vit": "raw", "vit_embedding": "embedding", "vit_plain": None}[kind]), (3, 16, 16)
     return build_model(kind), (40,)
@@ -195,7 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 rounds, no memory measurement")
     parser.add_argument("--rounds", type=int, default=21, help="timing rounds per variant (median over rounds)")
-    parser.add_argument("--batches", type=int, nargs="+", help="default: 32 128 512, the ViTs 64")
+    parser.add_argument("--batches", type=int, nargs="+", help="default: 32 128 512, the ViTs 64, the ResNet 32")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--variants", nargs="+", help="only these variants (plain is always timed)")

@@ -9,6 +9,7 @@ from gradalign.engine import (
     default_registry,
     per_sample_gradients,
     reference_statistics,
+    replace_batchnorm,
     validate,
 )
 from gradalign.engine import distributed  # ga.distributed.broadcast_parameters, all_reduce_flat
@@ -20,5 +21,5 @@ __all__ = [
     "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError", "RunFolderError",
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "UnsupportedModuleError",
     "check_model", "compare_with_reference", "default_registry", "distributed", "gwa_alignment", "gwa_score",
-    "per_sample_gradients", "reference_statistics", "validate",
+    "per_sample_gradients", "reference_statistics", "replace_batchnorm", "validate",
 ]

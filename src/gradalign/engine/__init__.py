@@ -1,4 +1,5 @@
 """The per-sample gradient engine: statistics of g_i from one forward and one backward."""
+from gradalign.engine.batchnorm import Replacement, replace_batchnorm
 from gradalign.engine.capture import PerSampleGradients
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.reference import check_model, compare_with_reference, per_sample_gradients, reference_statistics
@@ -7,5 +8,5 @@ from gradalign.engine.validate import validate
 
 __all__ = [
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "check_model", "compare_with_reference",
-    "default_registry", "per_sample_gradients", "reference_statistics", "validate",
+    "default_registry", "per_sample_gradients", "reference_statistics", "replace_batchnorm", "validate",
 ]

@@ -21,7 +21,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
-from gradalign.engine.persample import PerSampleGrad
+from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.validate import Served, survey
 from gradalign.engine.watch import Watch
@@ -50,6 +50,12 @@ class _Hooked(Served):
 
     calls: list[_Call] = field(default_factory=list)
     pending: list = field(default_factory=list)
+
+
+def _eager(hook):
+    """Under torch.compile every engine hook runs eagerly (a graph break at each hooked layer):
+    it needs the autograd edges of real tensors and mutates the engine's Python state."""
+    return torch.compiler.disable(hook)
 
 
 def _inside_torch_func(t: Tensor) -> bool:
@@ -137,9 +143,10 @@ class PerSampleGradients:
         self._handles = []
         for path, h in self._hooked.items():
             if h.rule.watch or h.rule.capture:
-                self._handles.append(h.module.register_forward_pre_hook(self._make_pre_hook(path, h), with_kwargs=True))
+                self._handles.append(h.module.register_forward_pre_hook(_eager(self._make_pre_hook(path, h)),
+                                                                        with_kwargs=True))
             self._handles.append(h.module.register_forward_hook(
-                self._make_hook(path, h), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture)))
+                _eager(self._make_hook(path, h)), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture)))
         self._hook_layouts()
 
     def _hook_layouts(self) -> None:
@@ -152,17 +159,17 @@ class PerSampleGradients:
         def pop(stack: list):
             def hook(*_):
                 stack.pop()  # and return None: a forward hook's result would replace the output
-            return hook
+            return _eager(hook)
 
         if any(h.rule.watch for h in self._hooked.values()):
             def root_pre(module, args, kwargs):
                 self._root_batch.append(_batch_of(args, kwargs, root_dim))
-            self._handles += [self.model.register_forward_pre_hook(root_pre, with_kwargs=True, prepend=True),
+            self._handles += [self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True),
                               self.model.register_forward_hook(pop(self._root_batch), always_call=True)]
         for module, bd in layouts:
             def push(*_, bd=bd):
                 self._layout.append(bd)
-            self._handles += [module.register_forward_pre_hook(push, prepend=True),
+            self._handles += [module.register_forward_pre_hook(_eager(push), prepend=True),
                               module.register_forward_hook(pop(self._layout), always_call=True)]
 
     def _check_and_collect(self) -> None:
@@ -286,14 +293,16 @@ class PerSampleGradients:
         B = losses.shape[0]
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
-            self._backward_to_outputs(losses, params, retain_graph=self.verify)
-            per_sample = self._per_sample_grads(B, params)
+            with full_precision(losses.device):  # backward and rules in float32, also inside autocast
+                self._backward_to_outputs(losses, params, retain_graph=self.verify)
+                per_sample = self._per_sample_grads(B, params)
+            rtol = self._verify_rtol()
         finally:
             for h in self._hooked.values():
                 h.calls.clear()
         stats = self._stats(per_sample, B, losses.device, params)
         if self.verify:
-            self._verify(stats, losses)
+            self._verify(stats, losses, rtol)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
         if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
@@ -324,10 +333,11 @@ class PerSampleGradients:
         absent from `grads` (outside the losses) keep their grad, as in autograd."""
         for name, g in grads.items():
             p = self._params[name]
+            g = g if g.dtype == p.dtype else g.to(p.dtype)  # statistics are float32, p may be half
             if add and p.grad is not None:
                 p.grad.add_(g)
             else:
-                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                p.grad = g
 
     def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
         """One backward of sum(losses) that fills every call's gradients.
@@ -352,12 +362,16 @@ class PerSampleGradients:
             start += len(call.edges)
         names = {id(p): n for n, p in params.items()}
         for p, g in zip(unseen, grads[start:]):
-            if g is not None and bool(g.any()):
+            if g is not None:  # the loss depends on p, yet no use of it was seen: no host read needed
+                compiled = "" if edges else (
+                    "; no hooked module recorded a call: if the model was compiled (torch.compile) and run "
+                    "before this engine was created, the compiled code skips the engine's hooks, so create "
+                    "the engine before the first compiled call (or call torch._dynamo.reset())")
                 raise UnsupportedModuleError(
                     f"parameter {names[id(p)]} has a gradient but the engine saw no use of it in its module's "
                     "forward; a parameter used outside its own module (e.g. F.linear(x, m.weight)), or, in a "
                     "module without a rule, only inside a custom autograd.Function or a reentrant checkpoint, "
-                    "is not supported")
+                    f"is not supported{compiled}")
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
@@ -380,28 +394,35 @@ class PerSampleGradients:
             self._capturing = True
         return out
 
-    @staticmethod
-    def _resolve_weights(weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
+    def _resolve_weights(self, weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
+        """(B,) weights in the statistics' precision (at least float32). Finiteness is checked
+        where that costs no host sync (weights on the CPU) or with verify=True."""
         B = losses.shape[0]
+        dtype = torch.promote_types(losses.dtype, torch.float32)
         if weights is None:
-            return torch.ones(B, device=losses.device, dtype=losses.dtype)
+            return torch.ones(B, device=losses.device, dtype=dtype)
         w = weights(stats) if callable(weights) else weights
         if not isinstance(w, Tensor) or w.shape != (B,):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
             raise ValueError(f"weights must be a tensor of shape ({B},), got {got}")
-        if not bool(torch.isfinite(w).all()):
+        if (w.device.type == "cpu" or self.verify) and not bool(torch.isfinite(w).all()):
             raise ValueError("weights contain NaN or infinite values")
-        return w.detach().to(device=losses.device, dtype=losses.dtype)
+        return w.detach().to(device=losses.device, dtype=dtype)
 
-    def _verify(self, stats: GradientStats, losses: Tensor) -> None:
+    def _verify_rtol(self) -> float:
+        """Tolerance of `verify`: looser when layers ran in bfloat16 or float16."""
+        dtypes = {g.dtype for h in self._hooked.values() for c in h.calls for g in (c.grads or []) if g is not None}
+        return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
+
+    def _verify(self, stats: GradientStats, losses: Tensor, rtol: float) -> None:
         """Check the per-sample gradients against autograd's gradient of the mean loss."""
         local_mean = {n: s / stats.batch_size for n, s in stats.local_grad_sum.items()}  # this rank's samples
         names = list(local_mean)
         params = [self._params[n] for n in names]
         expected = torch.autograd.grad(losses.mean(), params, allow_unused=True)
         for name, mean, exp in zip(names, local_mean.values(), expected):
-            exp = torch.zeros_like(mean) if exp is None else exp
-            if not torch.allclose(mean, exp, rtol=1e-4, atol=1e-5 * (1 + exp.abs().max().item())):
+            exp = torch.zeros_like(mean) if exp is None else exp.to(mean.dtype)
+            if not torch.allclose(mean, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
                 raise UnsupportedModuleError(
                     f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
                     "used outside its module's forward, or a module mixes samples")

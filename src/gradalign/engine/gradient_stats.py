@@ -11,16 +11,29 @@ call (`engine/distributed.py` lists the calls per step), so every ratio below is
 from global sums in this one place; per-sample quantities (norms, <g_i, S>, cosines)
 stay with the rank that holds the sample. Every rank must read the same statistics in
 the same order (the collectives are issued on first access); the engine and the methods do.
+
+Everything is computed in float32 (float64 for a float64 model), with autocast off, even
+when the model ran in bfloat16 or float16 or a statistic is read inside an autocast region.
 """
 from __future__ import annotations
 
+import functools
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from gradalign.engine import distributed as dist_
-from gradalign.engine.persample import PerSampleGrad, _sq_norm
+from gradalign.engine.persample import PerSampleGrad, _sq_norm, full_precision
+
+
+def _full_precision(method):
+    """Run a statistic with autocast off on the statistics' device."""
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        with full_precision(self._device):
+            return method(self, *args)
+    return wrapper
 
 
 class GradientStats:
@@ -70,10 +83,12 @@ class GradientStats:
         return total
 
     @cached_property
+    @_full_precision
     def sq_norms(self) -> Tensor:
         return self._sum_over_params(lambda _, g: g.sq_norms())
 
     @cached_property
+    @_full_precision
     def norms(self) -> Tensor:
         return self.sq_norms.clamp_min(0).sqrt()
 
@@ -95,11 +110,13 @@ class GradientStats:
         return reduced
 
     @cached_property
+    @_full_precision
     def local_grad_sum(self) -> dict[str, Tensor]:
         """{param name: sum_i g_i} over this rank's samples (= grad_sum without a group)."""
         return {name: g.weighted_sum(None) for name, g in self._per_sample.items()}
 
     @cached_property
+    @_full_precision
     def grad_sum(self) -> dict[str, Tensor]:
         """{param name: S = sum_i g_i}, formed only for routes that need it; over every
         rank's samples with a process group (one all-reduce of P + 1 numbers, B included)."""
@@ -122,6 +139,7 @@ class GradientStats:
         return dist_.all_reduce_flat([value], self.process_group)[0]
 
     @cached_property
+    @_full_precision
     def mean_grad(self) -> dict[str, Tensor]:
         return {name: s / self.global_batch_size for name, s in self.grad_sum.items()}
 
@@ -129,6 +147,7 @@ class GradientStats:
         return lambda: self.grad_sum[name]
 
     @cached_property
+    @_full_precision
     def dots_with_mean(self) -> Tensor:
         """<g_i, gbar> = <g_i, S> / B. With a process group, S is global, so it comes from the
         factors (d_i^T S a_i): the Gram route only pairs this rank's samples."""
@@ -137,6 +156,7 @@ class GradientStats:
         return self._sum_over_params(lambda name, g: g.dots(self.grad_sum[name])) / self.global_batch_size
 
     @cached_property
+    @_full_precision
     def mean_grad_sq_norm(self) -> Tensor:
         """|gbar|^2 = |S|^2 / B^2, S the sum over samples of every parameter's gradient."""
         if self.process_group is None:
@@ -148,12 +168,14 @@ class GradientStats:
         return torch.stack(terms).sum() / self.global_batch_size ** 2
 
     @cached_property
+    @_full_precision
     def cosines(self) -> Tensor:
         denominator = self.norms * self.mean_grad_sq_norm.sqrt()
         ok = denominator > 0
         return torch.where(ok, self.dots_with_mean / torch.where(ok, denominator, 1.0), 0.0)
 
     @cached_property
+    @_full_precision
     def grad_sq_sum(self) -> dict[str, Tensor]:
         """{param name: sum_i g_i**2}; over every rank's samples with a process group."""
         local = {name: g.sq_sum() for name, g in self._per_sample.items()}
@@ -163,6 +185,7 @@ class GradientStats:
             return self._reduce(local, count=False)[0]
         return self.moment_sums()[1]
 
+    @_full_precision
     def moment_sums(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(grad_sum, grad_sq_sum), with a process group reduced together in ONE all-reduce of
         2P + 1 numbers when neither was reduced yet (what GSNRAccumulator reads)."""
@@ -173,10 +196,12 @@ class GradientStats:
                 self.local_grad_sum, local_sq, count=True)
         return self.grad_sum, self.grad_sq_sum
 
+    @_full_precision
     def dots(self, reference: dict[str, Tensor]) -> Tensor:
         """(B,) <g_i, R> for a reference gradient R given as {param name: tensor}."""
         return self._sum_over_params(lambda name, g: g.dots(reference[name]))
 
+    @_full_precision
     def weighted_sum(self, w: Tensor | None) -> dict[str, Tensor]:
         """{param name: sum_i w_i g_i} for weights w of shape (B,) (None: all ones). With a
         process group each rank passes its own samples' weights and gets the sum over every

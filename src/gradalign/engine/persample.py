@@ -17,9 +17,15 @@ to every parameter-sized tensor. `merge(other)` combines two calls of the same m
 (shared weights in one forward): the per-sample gradient of a module applied twice is
 the sum of both contributions; two different representations of one parameter (a raw
 parameter used both as a linear map and elementwise) merge into Dense.
+
+Precision: the factors are captured as the forward made them (bfloat16 or float16 under
+autocast or in a half model) and upcast to float32 when a representation is built, so every
+product and sum runs in float32 (a squared norm of float16 numbers would overflow at 65504).
+Statistics come out in float32 (float64 for a float64 model).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -29,6 +35,32 @@ from torch import Tensor
 
 # Materialise per-sample gradients in chunks of at most this many numbers.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def upcast(t: Tensor) -> Tensor:
+    """A floating tensor narrower than float32 (bfloat16, float16) as float32; others as they are."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
+def full_precision(device: torch.device | None):
+    """A context with autocast off on `device` (where it is on): statistics read inside an
+    autocast region are still computed in float32 from the upcast factors."""
+    if device is None or device.type not in ("cpu", "cuda", "xpu", "mps", "hpu") or not _autocast_on(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
+    """A weight shared over T positions: the ghost route costs ~T^2 (n_in + n_out) per sample,
+    materialising the per-sample gradient ~T n_in n_out."""
+    return T * (n_in + n_out) <= n_in * n_out
 
 
 def _sq_norm(t: Tensor) -> Tensor:
@@ -63,6 +95,11 @@ class Factored:
     D: Tensor
     shape: torch.Size
 
+    def __post_init__(self):
+        A, D = upcast(self.A), upcast(self.D)
+        dtype = torch.promote_types(A.dtype, D.dtype)
+        self.A, self.D = A.to(dtype), D.to(dtype)
+
     @property
     def _B(self) -> int:
         return self.A.shape[0]
@@ -78,9 +115,7 @@ class Factored:
         return R.reshape(self.A.shape[1], self.D.shape[3], self.A.shape[3])
 
     def _ghost_is_cheaper(self) -> bool:
-        """Ghost route costs ~T^2 (n_in + n_out) per sample, materialising ~T n_in n_out."""
-        T, n_in, n_out = self.A.shape[2], self.A.shape[3], self.D.shape[3]
-        return T * (n_in + n_out) <= n_in * n_out
+        return ghost_is_cheaper(self.A.shape[2], self.A.shape[3], self.D.shape[3])
 
     def uses_gram(self) -> bool:
         """Whether <g_i, gbar> and |gbar|^2 come from the B x B Gram matrix (T = 1 only):
@@ -123,6 +158,7 @@ class Factored:
         return out
 
     def dots(self, R: Tensor) -> Tensor:
+        R = R.to(self.A.dtype)
         flat = self._flat
         if flat is not None:
             a, d = flat
@@ -181,14 +217,23 @@ class IndexedRows(_FromSum):
     D: Tensor
     num_rows: int
 
-    def _per_sample_rows(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Distinct (sample, row) pairs with their summed gradient rows: (K,), (K,), (K, dim)."""
+    def __post_init__(self):
+        self.D = upcast(self.D)
+
+    def _per_sample_rows(self) -> tuple[Tensor, Tensor]:
+        """Every distinct (sample, row) pair's row and summed gradient, in B T slots (unused
+        slots: row 0, zero gradient): (B T,), (B T, dim). Sorting the pairs instead of
+        torch.unique keeps every shape fixed, so nothing waits for the device."""
         B, T = self.index.shape
         key = torch.arange(B, device=self.index.device).unsqueeze(1) * self.num_rows + self.index
-        unique, inverse = torch.unique(key.reshape(-1), return_inverse=True)
-        rows = self.D.new_zeros(unique.numel(), self.D.shape[-1])
-        rows.index_add_(0, inverse, self.D.reshape(B * T, -1))
-        return unique // self.num_rows, unique % self.num_rows, rows
+        key, order = key.reshape(-1).sort()
+        first = torch.ones_like(key, dtype=torch.bool)
+        first[1:] = key[1:] != key[:-1]
+        slot = first.cumsum(0) - 1  # (B T,) the slot of each entry's (sample, row) pair
+        grads = self.D.new_zeros(B * T, self.D.shape[-1])
+        grads.index_add_(0, slot, self.D.reshape(B * T, -1)[order])
+        rows = torch.zeros_like(key).scatter_(0, slot, key % self.num_rows)
+        return rows, grads
 
     def sq_norms(self) -> Tensor:
         # |g_i|^2 = sum_{t,s} [index_it == index_is] d_it . d_is
@@ -196,7 +241,7 @@ class IndexedRows(_FromSum):
         return (same * (self.D @ self.D.transpose(1, 2))).sum(dim=(1, 2))
 
     def dots(self, R: Tensor) -> Tensor:
-        return (R[self.index] * self.D).sum(dim=(1, 2))
+        return (R.to(self.D.dtype)[self.index] * self.D).sum(dim=(1, 2))
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         D = self.D if w is None else self.D * w.view(-1, 1, 1)
@@ -205,9 +250,9 @@ class IndexedRows(_FromSum):
         return out
 
     def sq_sum(self) -> Tensor:
-        _, row, grads = self._per_sample_rows()
+        rows, grads = self._per_sample_rows()
         out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
-        out.index_add_(0, row, grads.square())
+        out.index_add_(0, rows, grads.square())
         return out
 
     def merge(self, other: "IndexedRows") -> "IndexedRows":
@@ -221,6 +266,9 @@ class Dense(_FromSum):
 
     grads: Tensor
 
+    def __post_init__(self):
+        self.grads = upcast(self.grads)
+
     def _flat(self) -> Tensor:  # (B, P); reshape, as a scalar parameter's grads are (B,)
         return self.grads.reshape(self.grads.shape[0], -1)
 
@@ -229,10 +277,10 @@ class Dense(_FromSum):
         return torch.linalg.vecdot(flat, flat)
 
     def dots(self, R: Tensor) -> Tensor:
-        return self._flat() @ R.reshape(-1)
+        return self._flat() @ R.reshape(-1).to(self.grads.dtype)
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
-        return self.grads.sum(0) if w is None else torch.tensordot(w, self.grads, dims=1)
+        return self.grads.sum(0) if w is None else torch.tensordot(w.to(self.grads.dtype), self.grads, dims=1)
 
     def sq_sum(self) -> Tensor:
         return self.grads.square().sum(0)

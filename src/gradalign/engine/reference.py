@@ -41,8 +41,9 @@ def reference_statistics(model: nn.Module, inputs: Tensor, targets: Tensor, loss
 
 def statistics_of(grads: dict[str, Tensor], weights: Tensor | None = None) -> dict:
     """`reference_statistics` from given per-sample gradients {name: (B, *param.shape)}."""
-    B = next(iter(grads.values())).shape[0]
-    w = torch.ones(B) if weights is None else weights
+    first = next(iter(grads.values()))
+    B = first.shape[0]
+    w = torch.ones(B, device=first.device, dtype=first.dtype) if weights is None else weights
     flat = torch.cat([g.reshape(B, -1) for g in grads.values()], dim=1)  # (B, P)
     mean = flat.mean(0)
     norms = flat.norm(dim=1)

@@ -34,7 +34,9 @@ class _CosineWeighting:
     """Shared mechanism: cosines -> raw weights (subclass) -> normalised weights, with guards.
 
     Degenerate steps (|gbar| = 0, every raw weight 0, or anything non-finite) fall back to
-    uniform weights and are counted in `fallbacks`; they never produce NaN.
+    uniform weights and are counted in `fallbacks`; they never produce NaN. The choice is made
+    on the device (torch.where) and counted in a tensor, so a step never waits for the GPU:
+    only reading `fallbacks` (or last_zero_fraction, last_entropy) does.
     """
 
     def __init__(self, gamma: float = 2.0, *, leave_one_out: bool = False):
@@ -43,7 +45,7 @@ class _CosineWeighting:
         self.gamma = float(gamma)
         self.leave_one_out = leave_one_out
         self.steps = 0
-        self.fallbacks = 0
+        self._fallbacks: Tensor | int = 0  # a tensor on the statistics' device after the first step
         self.last_weights: Tensor | None = None
 
     def _raw(self, cosines: Tensor) -> Tensor:
@@ -57,15 +59,18 @@ class _CosineWeighting:
         cosines = leave_one_out_cosines(stats) if self.leave_one_out else stats.cosines
         raw = self._raw(cosines.clamp(-1.0, 1.0))
         total = raw.sum() if reduce is None else reduce(raw.sum())
-        # raw >= 0, so a finite global total means every rank's raw weights are finite
+        # raw >= 0, so a finite (global) total means every rank's raw weights are finite; the
+        # choice stays on the device: no host read per step
         usable = torch.isfinite(raw).all() & torch.isfinite(total) & (total > 0) & (stats.mean_grad_sq_norm > 0)
-        if bool(usable):
-            weights = raw * (B / total)
-        else:
-            self.fallbacks += 1
-            weights = torch.ones_like(raw)
+        weights = torch.where(usable, raw * (B / torch.where(usable, total, 1.0)), 1.0)
+        self._fallbacks = self._fallbacks + (~usable).long()
         self.last_weights = weights
         return weights
+
+    @property
+    def fallbacks(self) -> int:
+        """Steps that fell back to uniform weights (reading it waits for the device)."""
+        return int(self._fallbacks)
 
     @property
     def last_zero_fraction(self) -> float:

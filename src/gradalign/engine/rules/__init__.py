@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from gradalign.engine.rules.attention import (attention_capture, attention_check_call, attention_output,
                                               attention_rule, transformer_batch_dim)
 from gradalign.engine.rules.conv import conv_rule
+from gradalign.engine.rules.conv_transpose import conv_transpose_rule
 from gradalign.engine.rules.embedding import embedding_check, embedding_rule
 from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_rule
 from gradalign.engine.rules.linear import linear_rule
@@ -97,7 +98,7 @@ def _most_specific(table: dict, module: nn.Module):
 
 def default_registry() -> RuleRegistry:
     """A fresh registry with every built-in rule and the watching / torch.func fallback."""
-    conv = Rule(conv_rule)
+    conv, conv_transpose = Rule(conv_rule), Rule(conv_transpose_rule)
     norm_check = Rule(batch_norm_rule, check=batch_norm_check)
     transformers = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
                     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -106,6 +107,10 @@ def default_registry() -> RuleRegistry:
             nn.Linear: Rule(linear_rule),
             nn.Conv1d: conv,
             nn.Conv2d: conv,
+            nn.Conv3d: conv,
+            nn.ConvTranspose1d: conv_transpose,
+            nn.ConvTranspose2d: conv_transpose,
+            nn.ConvTranspose3d: conv_transpose,
             nn.LayerNorm: Rule(layer_norm_rule),
             nn.GroupNorm: Rule(group_norm_rule),
             nn.modules.batchnorm._BatchNorm: norm_check,
