@@ -12,6 +12,8 @@ one edge per point of use.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,7 +27,7 @@ from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.validate import Served, survey
 from gradalign.engine.watch import Watch
-from gradalign.errors import UnsupportedModuleError
+from gradalign.errors import GradAlignError, UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
 
@@ -41,6 +43,7 @@ class _Call:
     edges: list[GradientEdge]
     finish: Callable[[list], dict]
     grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
+    generation: int = 0        # which forward of the model recorded it
 
 
 @dataclass
@@ -110,6 +113,12 @@ class PerSampleGradients:
         verify: after every backward, check that the per-sample gradients add up to
             autograd's summed gradient (catches parameters used outside their module's
             forward, which no hook can see). Costs one extra weighted sum per layer.
+        max_pending_forwards: how many forwards of the model the engine keeps the records of
+            until a backward uses them (default 8: a backward may sum the losses of several
+            forwards, e.g. of augmented views). Records of older forwards are dropped, with a
+            warning the first time, so forwards that no engine.backward follows (an evaluation
+            with gradients on, a plain loss.backward()) cannot grow memory; `clear()` and
+            `paused()` avoid the warning.
         process_group: data parallel (torch.distributed, e.g. `dist.group.WORLD`): every
             statistic becomes global. With R ranks holding B_r samples each, cosines are to
             the mean gradient over all sum_r B_r samples, GASW/GDSW weights are normalised
@@ -129,12 +138,19 @@ class PerSampleGradients:
     """
 
     def __init__(self, model: nn.Module, *, registry: RuleRegistry | None = None, verify: bool = False,
-                 process_group=None):
+                 max_pending_forwards: int = 8, process_group=None):
+        if not (isinstance(max_pending_forwards, int) and max_pending_forwards >= 1):
+            raise ValueError(f"max_pending_forwards must be an integer >= 1, got {max_pending_forwards!r}")
         self.model = model
         self.registry = registry if registry is not None else default_registry()
         self.verify = verify
+        self.max_pending_forwards = max_pending_forwards
         self.process_group = resolve_group(model, process_group)
         self._capturing = True
+        self._removed = False
+        self._generation = 0   # training forwards of the model so far
+        self._oldest: int | None = None  # the oldest generation with a record
+        self._warned_dropped = False
         self._hooked: dict[str, _Hooked] = {}
         self._params: dict[str, nn.Parameter] = {}  # every hooked trainable parameter, by full name
         self._layout: list[int] = []  # batch dims of the transformers whose forward is running
@@ -161,11 +177,16 @@ class PerSampleGradients:
                 stack.pop()  # and return None: a forward hook's result would replace the output
             return _eager(hook)
 
-        if any(h.rule.watch for h in self._hooked.values()):
-            def root_pre(module, args, kwargs):
+        watched = any(h.rule.watch for h in self._hooked.values())
+
+        def root_pre(module, args, kwargs):
+            if self._capturing and torch.is_grad_enabled():
+                self._generation += 1
+            if watched:
                 self._root_batch.append(_batch_of(args, kwargs, root_dim))
-            self._handles += [self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True),
-                              self.model.register_forward_hook(pop(self._root_batch), always_call=True)]
+        self._handles.append(self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True))
+        if watched:
+            self._handles.append(self.model.register_forward_hook(pop(self._root_batch), always_call=True))
         for module, bd in layouts:
             def push(*_, bd=bd):
                 self._layout.append(bd)
@@ -222,7 +243,7 @@ class PerSampleGradients:
                 if output is None:  # the forward raised
                     return None
                 if watch.stopped is None:  # watch.edges is live: uses after the forward still count
-                    hooked.calls.append(_Call(path, watch.batch, watch.edges, watch.per_sample))
+                    self._append(hooked, _Call(path, watch.batch, watch.edges, watch.per_sample))
                     return None
                 reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
                 if reason:  # the torch.func fallback cannot serve it either
@@ -268,7 +289,46 @@ class PerSampleGradients:
                 return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
             return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
 
-        hooked.calls.append(_Call(path, batch, edges, finish))
+        self._append(hooked, _Call(path, batch, edges, finish))
+
+    def _append(self, hooked: _Hooked, call: _Call) -> None:
+        """Keep a record; drop those of forwards older than the last `max_pending_forwards`."""
+        call.generation = self._generation
+        hooked.calls.append(call)
+        keep_from = self._generation - self.max_pending_forwards + 1
+        if self._oldest is None:
+            self._oldest = self._generation
+        if self._oldest >= keep_from:
+            return
+        for h in self._hooked.values():
+            h.calls[:] = [c for c in h.calls if c.generation >= keep_from]
+        self._oldest = keep_from
+        if not self._warned_dropped:
+            self._warned_dropped = True
+            warnings.warn(
+                f"PerSampleGradients: more than {self.max_pending_forwards} forwards of the model ran with "
+                "gradients on since the last engine.backward(); the records of the older ones were dropped to "
+                "bound memory. Run evaluations under torch.no_grad() or `with engine.paused():`, call "
+                "engine.clear() after forwards no engine.backward() will use, and step with engine.backward() "
+                "rather than loss.backward() while the engine is attached (or raise max_pending_forwards)",
+                RuntimeWarning, stacklevel=4)
+
+    def clear(self) -> None:
+        """Forget every recorded forward (their inputs are freed); the next backward uses only
+        forwards that come after this."""
+        for h in self._hooked.values():
+            h.calls.clear()
+        self._oldest = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside this block are not recorded (e.g. an evaluation with gradients on,
+        or a step taken with a plain loss.backward())."""
+        was, self._capturing = self._capturing, False
+        try:
+            yield self
+        finally:
+            self._capturing = was
 
     def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
@@ -290,6 +350,9 @@ class PerSampleGradients:
         if not losses.requires_grad:
             raise ValueError("losses does not require grad: compute it from the model's output "
                              "with gradients enabled")
+        if self._removed:
+            raise GradAlignError("this engine was removed (engine.remove()), so it recorded nothing: create a "
+                                 "new ga.PerSampleGradients(model) to use it again")
         B = losses.shape[0]
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
@@ -298,8 +361,7 @@ class PerSampleGradients:
                 per_sample = self._per_sample_grads(B, params)
             rtol = self._verify_rtol()
         finally:
-            for h in self._hooked.values():
-                h.calls.clear()
+            self.clear()
         stats = self._stats(per_sample, B, losses.device, params)
         if self.verify:
             self._verify(stats, losses, rtol)
@@ -398,7 +460,7 @@ class PerSampleGradients:
         """(B,) weights in the statistics' precision (at least float32). Finiteness is checked
         where that costs no host sync (weights on the CPU) or with verify=True."""
         B = losses.shape[0]
-        dtype = torch.promote_types(losses.dtype, torch.float32)
+        dtype = stats.dtype  # the statistics' precision, whatever the losses' dtype
         if weights is None:
             return torch.ones(B, device=losses.device, dtype=dtype)
         w = weights(stats) if callable(weights) else weights
@@ -415,23 +477,40 @@ class PerSampleGradients:
         return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
 
     def _verify(self, stats: GradientStats, losses: Tensor, rtol: float) -> None:
-        """Check the per-sample gradients against autograd's gradient of the mean loss."""
+        """Check the per-sample gradients against autograd: their mean against the gradient of
+        the mean loss (catches a parameter used where no hook sees it), and the first sample's
+        and the largest one's squared norm against a backward of that sample's loss alone
+        (catches a module that mixes samples or gets its batch on another dim, e.g. a (T, B, ...)
+        input with T == B, which the sum alone cannot tell)."""
         local_mean = {n: s / stats.batch_size for n, s in stats.local_grad_sum.items()}  # this rank's samples
         names = list(local_mean)
         params = [self._params[n] for n in names]
-        expected = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+        expected = torch.autograd.grad(losses.mean(), params, allow_unused=True, retain_graph=True)
         for name, mean, exp in zip(names, local_mean.values(), expected):
             exp = torch.zeros_like(mean) if exp is None else exp.to(mean.dtype)
             if not torch.allclose(mean, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
                 raise UnsupportedModuleError(
                     f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
                     "used outside its module's forward, or a module mixes samples")
+        samples = sorted({0, int(stats.sq_norms.argmax())})
+        for k, i in enumerate(samples):
+            own = torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=k + 1 < len(samples))
+            exact = sum(g.double().square().sum() for g in own if g is not None)
+            got = stats.sq_norms[i].double()
+            if not torch.isclose(got, torch.as_tensor(float(exact), dtype=torch.float64), rtol=10 * rtol,
+                                 atol=rtol * float(stats.sq_norms.max())):
+                raise UnsupportedModuleError(
+                    f"the per-sample gradient of sample {i} has |g|^2 = {float(got):.6g}, but a backward of its "
+                    f"loss alone gives {float(exact):.6g}: a module mixes the samples of a batch, or a layer got "
+                    "its batch on another dim than the one the engine uses (the batch must be dim 0 of every "
+                    "hooked module's input, dim 1 inside an nn.Transformer* with batch_first=False)")
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before the engine was created."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.clear()
         for h in self._hooked.values():
-            h.calls.clear()
             h.pending.clear()
+        self._removed = True

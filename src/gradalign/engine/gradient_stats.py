@@ -73,6 +73,11 @@ class GradientStats:
         self._global_batch: int | None = None if process_group is not None else batch_size
         self._sq_sum_reduced: dict[str, Tensor] | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the statistics: float32, or float64 for a float64 model."""
+        return functools.reduce(torch.promote_types, (g.dtype for g in self._per_sample.values()), torch.float32)
+
     def _sum_over_params(self, term) -> Tensor:
         total = None
         for name, grads in self._per_sample.items():

@@ -95,6 +95,10 @@ class Factored:
     D: Tensor
     shape: torch.Size
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
     def __post_init__(self):
         A, D = upcast(self.A), upcast(self.D)
         dtype = torch.promote_types(A.dtype, D.dtype)
@@ -217,6 +221,10 @@ class IndexedRows(_FromSum):
     D: Tensor
     num_rows: int
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.D.dtype
+
     def __post_init__(self):
         self.D = upcast(self.D)
 
@@ -266,6 +274,10 @@ class Dense(_FromSum):
 
     grads: Tensor
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.grads.dtype
+
     def __post_init__(self):
         self.grads = upcast(self.grads)
 
@@ -303,6 +315,10 @@ class RowBlocks:
     blocks: list
     sizes: list[int]
     shape: torch.Size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].dtype
 
     def _split(self, R: Tensor) -> tuple[Tensor, ...]:
         return R.reshape(self.shape).split(self.sizes)
