@@ -101,6 +101,8 @@ class SharedTwice(nn.Module):
         self.bn = nn.BatchNorm1d(d).eval()
         self.bn.running_mean.normal_()
         self.bn.running_var.uniform_(0.5, 2.0)
+        nn.init.uniform_(self.bn.weight, 0.5, 1.5)
+        nn.init.normal_(self.bn.bias)
         self.shared = nn.Linear(d, d)
         self.scale = Scale(d)
         self.act = nn.ReLU(inplace=True)
@@ -111,6 +113,75 @@ class SharedTwice(nn.Module):
         h = self.act(self.shared(h))
         h = self.act(self.shared(h))
         return self.head(self.scale(h))
+
+
+class SinglePositionGroups(nn.Module):
+    """Grouped convolutions whose kernel covers the whole input: one output position (T = 1)
+    and G = 2 groups, the Factored case that is neither the 2-D fast path nor a sum over positions."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.c1d = nn.Conv1d(4, 6, 5, groups=2)  # on (B, 4, 5): n_in 10, n_out 3
+        self.c2d = nn.Conv2d(8, 32, 3, groups=2)  # on (B, 8, 3, 3): n_in 36, n_out 16, Gram route for B <= 11
+        self.head = nn.Linear(6 + 32, classes)
+
+    def forward(self, x):  # (B, 8, 3, 3)
+        seq = x[:, :4].flatten(2)[:, :, :5]  # (B, 4, 5)
+        return self.head(torch.tanh(torch.cat([self.c1d(seq).flatten(1), self.c2d(x).flatten(1)], 1)))
+
+
+class Conv2dBatchNormEval(nn.Module):
+    """Conv2d with string padding, reflect and replicate padding, stride, dilation and groups; eval
+    BatchNorm2d with random running statistics and affine parameters (eps large enough to matter);
+    a Conv2d whose weight is frozen (bias only); a Linear without bias."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(8, eps=0.25).eval()
+        self.bn.running_mean.normal_()
+        self.bn.running_var.uniform_(0.05, 2.0)
+        nn.init.uniform_(self.bn.weight, 0.5, 1.5)
+        nn.init.normal_(self.bn.bias)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, dilation=2, padding=1, padding_mode="replicate", groups=2,
+                            bias=False)  # 6x6 -> 2x2: T = 4, n_in 36, n_out 8
+        self.c3 = nn.Conv2d(16, 6, 2)  # 2x2 -> 1x1
+        self.c3.weight.requires_grad_(False)
+        self.head = nn.Linear(6, classes, bias=False)
+
+    def forward(self, x):  # (B, 3, 6, 6)
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.relu(self.c2(h))
+        return self.head(torch.tanh(self.c3(h)).flatten(1))
+
+
+class SharedEmbeddingTokens(nn.Module):
+    """Tokens on a (B, 2, 3) grid: an Embedding without padding_idx called twice, LayerNorm without
+    bias, LayerNorm with a frozen weight, Linear layers over (B, 2, 3, in) inputs: one with a frozen
+    weight (bias only), one narrow enough that materialising beats the ghost route, one without bias."""
+
+    def __init__(self, vocab=20, dim=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.shift = nn.Linear(dim, dim)
+        self.shift.weight.requires_grad_(False)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm2.weight.requires_grad_(False)
+        self.narrow = nn.Linear(dim, 3)  # T = 6: 6 (8 + 3) > 8 * 3
+        self.out = nn.Linear(3, vocab, bias=False)
+
+    def forward(self, tokens):  # (B, 2, 3) -> (B, 6, vocab)
+        # one Embedding, two calls; the tanh gives the two calls different output gradients
+        h = self.embed(tokens) + torch.tanh(self.embed(tokens.flip(2)))
+        h = self.norm2(self.shift(self.norm(h)))
+        return self.out(torch.tanh(self.narrow(h))).flatten(1, 2)
+
+
+def grid_token_batch(vocab=20):
+    def make(B, gen):
+        return torch.randint(0, vocab, (B, 2, 3), generator=gen), torch.randint(0, vocab, (B, 6), generator=gen)
+    return make
 
 
 def seed_mlp():
@@ -124,6 +195,10 @@ ARCHITECTURES = {
     "conv2d_groupnorm": lambda: (Conv2dGroupNorm(), classification_batch(3, 8, 6, classes=5), cross_entropy),
     "sequence": lambda: (TinySequenceModel(), token_batch(), token_cross_entropy),
     "shared_bn_fallback": lambda: (SharedTwice(), classification_batch(16, classes=4), cross_entropy),
+    "single_position_groups": lambda: (SinglePositionGroups(), classification_batch(8, 3, 3, classes=5),
+                                       cross_entropy),
+    "conv2d_bn_eval": lambda: (Conv2dBatchNormEval(), classification_batch(3, 6, 6, classes=5), cross_entropy),
+    "shared_embedding_tokens": lambda: (SharedEmbeddingTokens(), grid_token_batch(), token_cross_entropy),
 }
 
 
