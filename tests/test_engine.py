@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine_models import ARCHITECTURES, random_architecture
+from engine_models import ARCHITECTURES, PERSAMPLE_ROUTES, random_architecture, recording_engine, route_labels
 from gradalign.engine import PerSampleGradients, per_sample_gradients, reference_statistics
 
 
@@ -116,3 +116,16 @@ def test_evaluation_forwards_are_not_recorded():
     per_sample_gradients(model, x[:2], y[:2], loss_fn)  # torch.func calls on the hooked model
     stats = engine.backward(loss_fn(model(x), y))
     assert stats.norms.shape == (8,)
+
+
+@pytest.mark.parametrize("label", sorted(PERSAMPLE_ROUTES))
+def test_architectures_take_the_listed_routes(label):
+    """The parameter that engine_models.PERSAMPLE_ROUTES names for a route takes that route, so
+    that a change to the cost rules cannot move the tested architectures off a route unnoticed."""
+    arch, B, name = PERSAMPLE_ROUTES[label]
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ARCHITECTURES[arch]()
+    engine, record = recording_engine(model)
+    x, y = make_batch(B, torch.Generator().manual_seed(0))
+    engine.backward(loss_fn(model(x), y))
+    assert label in route_labels(record[name]), route_labels(record[name])
