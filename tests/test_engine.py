@@ -34,9 +34,16 @@ def compare_all(model, make_batch, loss_fn, B, seed=0):
         close(grads[name], ref["mean_grad"][name])
         close(stats.mean_grad[name], ref["mean_grad"][name])
     close(stats.weights, torch.ones(B))
-    _, weighted = run_engine(model, x, y, loss_fn, weights=weights)
+    reread, weighted = run_engine(model, x, y, loss_fn, weights=weights)
     for name, expected in ref["weighted_grad"].items():
         close(weighted[name], expected)
+    # The same statistics read the other way round, |gbar|^2 and <g_i, gbar> before any norm:
+    # where a layer takes the Gram route, |g_i|^2 then comes from the Gram diagonal.
+    mean_sq_norm = sum(m.square().sum() for m in ref["mean_grad"].values())
+    close(reread.mean_grad_sq_norm, mean_sq_norm)
+    close(reread.dots_with_mean, ref["cosines"] * ref["norms"] * mean_sq_norm.sqrt())
+    close(reread.norms, ref["norms"])
+    close(reread.cosines, ref["cosines"], rtol=1e-3)
     return stats
 
 
