@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from engine_models import ARCHITECTURES, PERSAMPLE_ROUTES, random_architecture, recording_engine, route_labels
+from engine_models import (ARCHITECTURES, PERSAMPLE_ROUTES, classification_batch, cross_entropy, random_architecture,
+                           recording_engine, route_labels, seed_mlp)
 from gradalign.engine import PerSampleGradients, per_sample_gradients, reference_statistics
 
 
@@ -96,7 +97,6 @@ def test_conv_ghost_and_materialised_routes_agree(channels, length):
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Conv1d(channels, 4, 3), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * (length - 2), 3))
-    from engine_models import classification_batch, cross_entropy
     compare_all(model, classification_batch(channels, length, classes=3), cross_entropy, B=6)
 
 
@@ -136,3 +136,53 @@ def test_architectures_take_the_listed_routes(label):
     x, y = make_batch(B, torch.Generator().manual_seed(0))
     engine.backward(loss_fn(model(x), y))
     assert label in route_labels(record[name]), route_labels(record[name])
+
+
+def weights_reading_cosines(stats):
+    return 1 + stats.cosines
+
+
+def weights_reading_dots_first(stats):
+    stats.dots_with_mean  # the Gram matrix is formed here, before any norm
+    return 1 + stats.cosines
+
+
+READ_FIRST = {
+    "norms": lambda stats: stats.norms,
+    "dots_with_mean": lambda stats: stats.dots_with_mean,
+    "mean_grad_sq_norm": lambda stats: stats.mean_grad_sq_norm,
+    "cosines": lambda stats: stats.cosines,
+    "grad_sq_sum": lambda stats: stats.grad_sq_sum,
+}
+
+
+@pytest.mark.parametrize("first", sorted(READ_FIRST) + ["weights reading cosines", "weights reading dots first"])
+def test_every_read_order_on_the_gram_route(first):
+    """On the seed MLP at B = 16 (its 40x256 and 256x256 layers take the Gram route), every
+    statistic matches the torch.func reference whichever is read first, including from inside a
+    weights callable (which runs before p.grad is written)."""
+    torch.manual_seed(5)
+    model, B = seed_mlp(), 16
+    x, y = classification_batch(40)(B, torch.Generator().manual_seed(5))
+    grads = per_sample_gradients(model, x, y, cross_entropy)
+    flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
+    mean = flat.mean(0)
+    cosines = torch.nn.functional.cosine_similarity(flat, mean.expand_as(flat), dim=1)
+    engine, record = recording_engine(model)
+    weights = {"weights reading cosines": weights_reading_cosines,
+               "weights reading dots first": weights_reading_dots_first}.get(first)
+    stats = engine.backward(cross_entropy(model(x), y), weights=weights)
+    assert record["0.weight"][0].uses_gram() and record["2.weight"][0].uses_gram()
+    if weights is None:
+        READ_FIRST[first](stats)
+    close(stats.sq_norms, flat.square().sum(1))
+    close(stats.norms, flat.norm(dim=1))
+    close(stats.dots_with_mean, flat @ mean)
+    close(stats.mean_grad_sq_norm, mean.square().sum())
+    close(stats.cosines, cosines, rtol=1e-3)
+    expected_w = torch.ones(B) if weights is None else 1 + cosines
+    close(stats.weights, expected_w, rtol=1e-3)
+    for name, p in model.named_parameters():
+        close(stats.grad_sq_sum[name], grads[name].square().sum(0))
+        close(stats.mean_grad[name], grads[name].mean(0))
+        close(p.grad, torch.tensordot(expected_w, grads[name], dims=1) / B, rtol=1e-3)
