@@ -186,3 +186,28 @@ def test_every_read_order_on_the_gram_route(first):
         close(stats.grad_sq_sum[name], grads[name].square().sum(0))
         close(stats.mean_grad[name], grads[name].mean(0))
         close(p.grad, torch.tensordot(expected_w, grads[name], dims=1) / B, rtol=1e-3)
+
+
+def test_materialised_route_in_several_chunks(monkeypatch):
+    """The materialised route (every conv of the conv1d net) gives the same statistics when it
+    builds the per-sample gradients a few samples at a time, the last chunk shorter."""
+    # 200 numbers: chunks of 5, 2 and 1 samples for c1 (40 per sample), c2 (96) and c3 (144)
+    monkeypatch.setattr("gradalign.engine.persample._CHUNK_ELEMENTS", 200)
+    torch.manual_seed(6)
+    model, make_batch, loss_fn = ARCHITECTURES["conv1d"]()
+    compare_all(model, make_batch, loss_fn, B=13, seed=6)
+
+
+def test_embedding_frozen_after_the_engine_was_created():
+    """An Embedding frozen after the engine was created contributes nothing (its output needs no
+    gradient, so its call is not recorded); the rest matches the reference with it frozen."""
+    torch.manual_seed(7)
+    model, make_batch, loss_fn = ARCHITECTURES["shared_embedding_tokens"]()
+    engine = PerSampleGradients(model)
+    model.embed.weight.requires_grad_(False)
+    x, y = make_batch(5, torch.Generator().manual_seed(7))
+    stats = engine.backward(loss_fn(model(x), y))
+    assert "embed.weight" not in stats.grad_sq_sum and model.embed.weight.grad is None
+    ref = reference_statistics(model, x, y, loss_fn)
+    close(stats.norms, ref["norms"])
+    close(stats.cosines, ref["cosines"], rtol=1e-3)
