@@ -8,7 +8,7 @@ engine, so that a change to one route cannot break it silently:
 gradalign.engine.persample (PERSAMPLE_ROUTES below names one parameter per route, and
 test_engine.py::test_architectures_take_the_listed_routes checks that it takes it):
     Factored, 2-D case (G = T = 1, nn.Linear on (B, in)): seed_mlp, residual_mlp, every head
-        <g_i, S>, |S|^2 from the B x B Gram matrix: seed_mlp "2.weight" at every B; at B = 1, 7
+        <g_i, S>, |S|^2 from the B x B Gram matrix: seed_mlp "2.weight" at B <= 127; at B = 1, 7
             most 2-D layers. |g_i|^2 from the Gram diagonal when read after them: the
             dots-first read order of test_engine.py, and leave-one-out GASW/GDSW (test_weighting.py)
         <g_i, S>, |S|^2 from S: seed_mlp "0.weight" and "4.weight" at B = 64
