@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from gradalign.errors import GradAlignError
 from gradalign.experiments.config import ArmConfig, ExperimentConfig
-from gradalign.experiments.data import split_sizes
+from gradalign.experiments.data import data_sizes
 from gradalign.experiments.rundir import cell
 from gradalign.experiments.train import TrainingDiverged, train_run
 
@@ -82,7 +82,7 @@ def count_finished(study: optuna.Study) -> int:
 
 def _warmup(config: ExperimentConfig) -> int:
     """Evaluations before a trial may be pruned: the first third of a tuning run (at least one)."""
-    _, n_train, _ = split_sizes(config.data.num_samples, config.data.val_fraction)
+    _, n_train, _ = data_sizes(config.data)
     evaluations = math.ceil(config.train.budget(n_train) / config.train.eval_interval(n_train))
     return max(1, evaluations // 3)
 
@@ -101,13 +101,14 @@ def open_study(config: ExperimentConfig, arm: ArmConfig, storage: str) -> optuna
 
 
 def tune_arm(config: ExperimentConfig, arm: ArmConfig, splits, *, storage: str, trials: int | None = None,
-             on_trial=None, progress_factory=None) -> TuneResult:
+             on_trial=None, progress_factory=None, device="cpu") -> TuneResult:
     """Run the arm's missing trials and return its best parameters.
 
     Args:
         trials: target number of finished trials (default ``config.tune.trials``).
         on_trial: called with the finished FrozenTrial after each trial run here.
         progress_factory: callable(description, total samples) -> a tqdm-like bar, or None.
+        device: where the trials train (device.py).
     Raises:
         GradAlignError: every finished trial failed (diverged): narrow the search space.
     """
@@ -134,7 +135,8 @@ def tune_arm(config: ExperimentConfig, arm: ArmConfig, splits, *, storage: str, 
                 raise optuna.TrialPruned()
 
         try:
-            result = train_run(config, arm, params, t.seed, splits, eval_split="val", on_eval=report, progress=bar)
+            result = train_run(config, arm, params, t.seed, splits, eval_split="val", on_eval=report, progress=bar,
+                               device=device)
         except optuna.TrialPruned:
             frozen = study.tell(trial, state=TrialState.PRUNED)
         except TrainingDiverged as e:
