@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -63,8 +64,10 @@ def set_rng_state(state: dict) -> None:
 class RunCheckpoint:
     """The checkpoint folder of one run, tied to a key that identifies what the run computes."""
 
-    def __init__(self, folder: Path | str, key: str):
+    def __init__(self, folder: Path | str, key: str, *, root: Path | str | None = None):
+        """root: a folder above `folder` (e.g. <run>/checkpoints) whose emptied subfolders clear() removes."""
         self.folder, self.key = Path(folder), key
+        self.root = Path(root) if root is not None else None
         self._saved_epochs = 0          # GWA epoch files the current state.pt counts
 
     @property
@@ -91,7 +94,7 @@ class RunCheckpoint:
             monitor["sample_ids"] = [a["ids"] for a in arrays]
             monitor["sample_scores"] = [a["scores"] for a in arrays]
             self._saved_epochs = len(arrays)
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
             log.warning("%s cannot be read (%s); starting the run from the beginning", self.folder, e)
             self.clear()
             return None
@@ -119,3 +122,9 @@ class RunCheckpoint:
         """Remove the checkpoint (the run finished, or the checkpoint is stale)."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self._saved_epochs = 0
+        if self.root is not None and self.root in self.folder.parents:
+            for parent in [*self.folder.relative_to(self.root).parents][:-1] + [Path(".")]:
+                try:
+                    (self.root / parent).rmdir()             # only when empty
+                except OSError:
+                    break

@@ -285,7 +285,8 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
                     "of validation accuracy (arms trained on the carved training split only); AUROC of the negative "
                     "mean alignment over epochs for 'label was flipped' (noisy runs only).", ""]
             out += selection_table(summary) + [""]
-            out += stats_table(summary, _available(summary, gwa[3:])) + [""]
+            if _available(summary, gwa[3:]):
+                out += stats_table(summary, _available(summary, gwa[3:])) + [""]
         for name in plots.get(variant, []):
             out += [f"![{name}]({name})", ""]
     return "\n".join(out)

@@ -201,7 +201,7 @@ def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], 
             path = rundir.run_path(run_dir, config.variant, arm.name, seed)
             params = tuned[arm.name].params
             checkpoint = RunCheckpoint(run_dir / "checkpoints" / rundir.cell(config.variant, arm.name) / f"seed{seed}",
-                                       run_key(config.arm_hash(arm), params, seed))
+                                       run_key(config.arm_hash(arm), params, seed), root=run_dir / "checkpoints")
             if rundir.finished_run(path, config.arm_hash(arm), params):
                 checkpoint.clear()                  # killed after writing the run, before removing it
                 continue
