@@ -89,8 +89,8 @@ def _common(p: argparse.ArgumentParser, *, experiment: bool = True, threads: boo
                             "cifar-100-python.tar.gz, or their extracted folders), from "
                             "https://www.cs.toronto.edu/~kriz/cifar.html; never downloaded (default: ./data)")
         p.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
-                       help="where to train: auto (a CUDA GPU when torch sees one, else the CPU; default), "
-                            "cpu, cuda or cuda:N")
+                       help="where to train: auto (default: a CUDA GPU for the CIFAR experiments when torch sees "
+                            "one, else the CPU; mnist1d stays on the CPU), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
 

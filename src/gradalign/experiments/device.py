@@ -1,6 +1,6 @@
 """The training device, mixed precision, and the GPU settings a run switches on.
 
-    dev = resolve_device("auto")            # cuda when torch sees one, else cpu; "cpu", "cuda", "cuda:1"
+    dev = resolve_device("auto")            # cuda when torch sees one (CIFAR), else cpu; "cpu", "cuda:1"
     ctx = autocast(dev, "auto")             # a callable giving the forward's context: bf16 autocast
                                             # on a GPU that supports it, else nothing (float32)
     with gpu_settings(dev): ...             # cudnn.benchmark on for the run (restored afterwards)
@@ -26,13 +26,17 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """The torch.device for "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
+def resolve_device(name: str | torch.device | None, *, small: bool = False) -> torch.device:
+    """The torch.device for "auto", "cpu", "cuda" or "cuda:N".
+
+    "auto": cuda when torch sees a GPU, else cpu; with ``small`` (the mnist1d experiments, whose
+    tiny models run faster on a CPU and whose published numbers are CPU numbers) always cpu.
+    """
     if isinstance(name, torch.device):
         name = str(name)
     name = "cpu" if name is None else name
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and not small else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:

@@ -13,7 +13,7 @@ and resumes from there; the checkpoint is removed once the run is written.
 
 Data: ``data_dir`` is where CIFAR archives are read from (cifar.py); they are read, and a
 missing or malformed archive refused, before anything is written. ``device``: "auto"
-(a GPU when there is one), "cpu" or "cuda" (device.py).
+(a GPU when there is one, for CIFAR; the CPU for mnist1d), "cpu" or "cuda" (device.py).
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
 def _check_inputs(config: ExperimentConfig, data_dir, device):
     """The device, after reading every variant's data once (cached), so that missing CIFAR
     archives or a missing GPU are refused before the run folder is touched."""
-    dev = resolve_device(device)
+    dev = resolve_device(device, small=all(v.data.dataset == "mnist1d" for v in config.variants()))
     for v in config.variants():
         if v.data.dataset != "mnist1d":
             load_splits(v.data, data_dir)
@@ -265,7 +265,7 @@ def run_single(name_or_path, arm_name: str, params: dict, seed: int, *, quick: b
     config = config.variant_configs[0] if config.variant_configs else config
     arm = config.arm(arm_name)
     check_params(arm, params)
-    dev = resolve_device(device)
+    dev = resolve_device(device, small=config.data.dataset == "mnist1d")
     splits = load_splits(config.data, data_dir)
     n = len(splits.train if eval_split == "val" else getattr(splits, arm.train_split))
     with tqdm(total=config.train.budget(n), desc=f"{arm.name} seed {seed}", unit=_unit(config), unit_scale=True,
