@@ -13,6 +13,8 @@ on B images counts B). "eval" is the per-epoch evaluation: a forward of the mode
 under the same autocast, per image.
 
     resnet18   SGD (one view, augmented)              gvr-cifar100's "sgd" arm
+               two views, plain                        CE(view 1) + CE(view 2) (the head penalty, recorded
+                                                        from the logits, costs next to nothing)
                two views, alpha = 0 (control)          its "two_view" arm: separate subset forwards,
                                                         penalty computed for the record, no double backprop
                GVR faithful                            its "gvr" arm: separate subset forwards, autograd
@@ -47,7 +49,10 @@ MODELS = {  # kind: (classes, options, optimizer, lr, batch) as in gvr-cifar100 
 }
 GVR = {"gvr_mode": "autograd", "gvr_layers": "last_stage", "subset": 32, "subset_forward": "separate"}
 VARIANTS = {
-    "resnet18": {"SGD": ("baseline", {}), "two views, alpha = 0": ("two_view", {**GVR, "alpha": 0.0}),
+    "resnet18": {"SGD": ("baseline", {}),
+                 "two views, plain": ("two_view", {"gvr_mode": "closed_form", "gvr_layers": "head", "subset": 32,
+                                                   "subset_forward": "shared"}),
+                 "two views, alpha = 0 (control)": ("two_view", {**GVR}),
                  "GVR faithful": ("gvr", {**GVR, "alpha": 0.01}),
                  "GVR closed form": ("gvr", {"gvr_mode": "closed_form", "gvr_layers": "head", "subset": 32,
                                              "subset_forward": "shared", "alpha": 0.01})},

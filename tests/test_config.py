@@ -160,7 +160,7 @@ def test_cifar_configs_match_the_issue():
     assert [a.train_split for a in gwa.arms] == ["train_full", "train"] and gwa.data.val_fraction == 0.1
     for name in ("gvr-cifar100", "gwa-cifar10"):
         quick = load_config(name, quick=True)
-        assert all(v.data.train_size == 2000 and v.data.test_size == 1000 for v in quick.variants())
+        assert all(v.data.train_size in (1000, 2000) and v.data.test_size == 1000 for v in quick.variants())
 
 
 def test_variants_merge_and_overrides_apply_to_each():
