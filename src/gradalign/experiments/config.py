@@ -52,12 +52,12 @@ from typing import Any
 
 from gradalign.errors import ConfigError
 from gradalign.experiments import checks
-from gradalign.experiments.arms import METHODS
 from gradalign.experiments.checks import check_keys as _check_keys, check_values as _check_values
 from gradalign.experiments.checks import config_error as _err
 from gradalign.experiments.augment import NORMALIZE
 from gradalign.experiments.cifar import DATASETS
-from gradalign.experiments.config_arms import ArmConfig, SearchParam, check_params, parse_arm, resolve_params
+from gradalign.experiments.config_arms import (  # noqa: F401  (SearchParam, check_params: re-exported)
+    ArmConfig, SearchParam, check_params, parse_arm, resolve_params)
 from gradalign.experiments.config_sources import apply_overrides, merge, read_toml
 from gradalign.experiments.data import data_sizes
 from gradalign.experiments.models import MODELS, SIGNAL_MODELS

@@ -49,6 +49,8 @@ def resolve_device(name: str | torch.device | None, *, small: bool = False) -> t
                               "use --device cpu or auto")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is None:                            # "cuda" -> "cuda:N", so tensors' devices compare equal
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
