@@ -75,6 +75,23 @@ class TinySequenceModel(nn.Module):
         return self.out(torch.relu(self.mix(h)))
 
 
+class TiedLM(nn.Module):
+    """A tiny language model whose output layer shares the input embedding's matrix (tied
+    weights: the Embedding's rows and the Linear's factors add up in one parameter)."""
+
+    def __init__(self, vocab=20, dim=12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.mix = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):  # (B, T) -> (B, T, vocab)
+        h = self.embed(tokens)
+        return self.out(self.norm(h + torch.tanh(self.mix(h))))
+
+
 def token_batch(vocab=20, T=6):
     def make(B, gen):
         return torch.randint(0, vocab, (B, T), generator=gen), torch.randint(0, vocab, (B, T), generator=gen)
@@ -123,6 +140,7 @@ ARCHITECTURES = {
     "conv1d": lambda: (Conv1dNet(), classification_batch(40), cross_entropy),
     "conv2d_groupnorm": lambda: (Conv2dGroupNorm(), classification_batch(3, 8, 6, classes=5), cross_entropy),
     "sequence": lambda: (TinySequenceModel(), token_batch(), token_cross_entropy),
+    "tied_lm": lambda: (TiedLM(), token_batch(), token_cross_entropy),
     "shared_bn_fallback": lambda: (SharedTwice(), classification_batch(16, classes=4), cross_entropy),
 }
 

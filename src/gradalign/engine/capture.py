@@ -23,6 +23,7 @@ from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
+from gradalign.engine.summed import combine
 from gradalign.engine.validate import Served, survey
 from gradalign.engine.watch import Watch
 from gradalign.errors import UnsupportedModuleError
@@ -350,8 +351,8 @@ class PerSampleGradients:
         outside its module, which no hook sees.
         """
         calls = [call for h in self._hooked.values() for call in h.calls]
-        unseen = [params[n] for h in self._hooked.values() if not any(c.edges for c in h.calls)
-                  for n in h.param_names.values() if n in params]
+        seen = {n for h in self._hooked.values() if any(c.edges for c in h.calls) for n in h.param_names.values()}
+        unseen = [p for n, p in params.items() if n not in seen]  # a tied parameter: seen by any of its modules
         edges = [e for call in calls for e in call.edges]
         if not edges and not unseen:
             return
@@ -389,7 +390,7 @@ class PerSampleGradients:
                         name = h.param_names[local]
                         if name not in params:  # frozen since the engine was created
                             continue
-                        out[name] = grads if name not in out else out[name].merge(grads)
+                        out[name] = grads if name not in out else combine(out[name], grads)  # tied, or called twice
         finally:
             self._capturing = True
         return out
