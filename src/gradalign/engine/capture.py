@@ -25,7 +25,7 @@ from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.summed import combine
 from gradalign.engine.validate import Served, survey
-from gradalign.engine.watch import Watch
+from gradalign.engine.watch import Watch, watch_shared_output
 from gradalign.errors import UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
@@ -162,7 +162,7 @@ class PerSampleGradients:
                 stack.pop()  # and return None: a forward hook's result would replace the output
             return _eager(hook)
 
-        if any(h.rule.watch for h in self._hooked.values()):
+        if self._hooked:  # B for watched modules and for rule-served modules called without the batch
             def root_pre(module, args, kwargs):
                 self._root_batch.append(_batch_of(args, kwargs, root_dim))
             self._handles += [self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True),
@@ -228,14 +228,14 @@ class PerSampleGradients:
                 reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
                 if reason:  # the torch.func fallback cannot serve it either
                     raise UnsupportedModuleError(watch.refusal(reason))
-            self._record(path, hooked, module, args, kwargs, output, captured)
-            return None
+            return self._record(path, hooked, module, args, kwargs, output, captured)
 
         return hook
 
     def _record(self, path: str, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict, output,
-                captured: tuple | None) -> None:
-        """Record one call of a rule's module: its output edges and how to finish it."""
+                captured: tuple | None):
+        """Record one call of a rule's module: its output edges and how to finish it. Returns None,
+        or the output to hand on in its place (a module called without the batch: watched)."""
         rule = hooked.rule
         if not self._capturing or not torch.is_grad_enabled() or (rule.capture and captured is None):
             return
@@ -260,6 +260,12 @@ class PerSampleGradients:
                 captured = (captured[0].movedim(batch_dim, 0), *captured[1:])
         first = captured[0] if captured else None
         batch = first.shape[0] if isinstance(first, Tensor) and first.dim() else None
+        B = self._root_batch[-1] if self._root_batch else None
+        if B is not None and batch != B and isinstance(first, Tensor) and not (rule.output or rule.capture):
+            watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
+                                                rule.compute, captured, output, B, batch_dim)
+            hooked.calls.append(_Call(path, B, watch.edges, watch.per_sample))
+            return shared
         n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
         edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
 
