@@ -179,7 +179,7 @@ class PerSampleGradients:
             raise UnsupportedModuleError(
                 "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
         for s in served:
-            self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names)
+            self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names, s.shared)
             self._params.update({full: s.module.get_parameter(local) for local, full in s.param_names.items()})
 
     def _active(self, args: tuple, kwargs: dict) -> bool:
@@ -261,7 +261,7 @@ class PerSampleGradients:
         first = captured[0] if captured else None
         batch = first.shape[0] if isinstance(first, Tensor) and first.dim() else None
         B = self._root_batch[-1] if self._root_batch else None
-        if B is not None and batch != B and isinstance(first, Tensor) and not (rule.output or rule.capture):
+        if B is not None and (batch != B or hooked.shared) and isinstance(first, Tensor) and not (rule.output or rule.capture):
             watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
                                                 rule.compute, captured, output, B, batch_dim)
             hooked.calls.append(_Call(path, B, watch.edges, watch.per_sample))
@@ -422,17 +422,24 @@ class PerSampleGradients:
         return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
 
     def _verify(self, stats: GradientStats, losses: Tensor, rtol: float) -> None:
-        """Check the per-sample gradients against autograd's gradient of the mean loss."""
-        local_mean = {n: s / stats.batch_size for n, s in stats.local_grad_sum.items()}  # this rank's samples
-        names = list(local_mean)
+        """Check sum_i v_i g_i against autograd's gradient of sum_i v_i l_i, for weights v that
+        tell the samples apart (so a gradient given to the wrong sample is caught too)."""
+        B = stats.batch_size
+        v = torch.rand(B, generator=torch.Generator().manual_seed(0)) + 0.5
+        v = v.to(losses.device, torch.promote_types(losses.dtype, torch.float32))
+        with full_precision(losses.device):
+            local = {n: g.weighted_sum(v) / B for n, g in stats._per_sample.items()}  # this rank's samples
+        names = list(local)
         params = [self._params[n] for n in names]
-        expected = torch.autograd.grad(losses.mean(), params, allow_unused=True)
-        for name, mean, exp in zip(names, local_mean.values(), expected):
-            exp = torch.zeros_like(mean) if exp is None else exp.to(mean.dtype)
-            if not torch.allclose(mean, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
+        expected = torch.autograd.grad((losses * v.to(losses.dtype)).sum() / B, params, allow_unused=True)
+        for name, mine, exp in zip(names, local.values(), expected):
+            exp = torch.zeros_like(mine) if exp is None else exp.to(mine.dtype)
+            if not torch.allclose(mine, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
                 raise UnsupportedModuleError(
-                    f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
-                    "used outside its module's forward, or a module mixes samples")
+                    f"per-sample gradients of {name} do not add up to autograd's gradient: the parameter is "
+                    "used outside its module's forward, a module mixes samples, or a module's input has the "
+                    "batch size on its batch dim without carrying the batch (declare such a module with "
+                    "RuleRegistry.register_shared)")
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before the engine was created."""

@@ -21,6 +21,7 @@ class Served:
     module: nn.Module
     rule: Rule
     param_names: dict[str, str]  # local name ("weight", or "child.weight" for a child the rule owns) -> full name
+    shared: bool = False  # declared to be called on inputs shared by all samples (RuleRegistry.register_shared)
 
 
 def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list[str]]:
@@ -33,8 +34,10 @@ def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list
     """
     full_names = {id(p): n for n, p in model.named_parameters()}  # a tied parameter: its first name
     owned: list[str] = []  # paths of children served by a parent's rule
+    shared: set[str] = set()  # paths of children declared shared by their parent's type
     served, problems = [], []
     for path, module in model.named_modules():
+        shared.update(f"{path}.{c}" if path else c for c in registry.shared_children(module))
         if any(path == o or path.startswith(o + ".") for o in owned):
             continue
         rule = registry.rule_for(module)
@@ -49,7 +52,7 @@ def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list
         if reason:
             problems.append(f"{where}: {reason}")
             continue
-        served.append(Served(path, module, rule, {local: full_names[id(p)] for local, p in own.items()}))
+        served.append(Served(path, module, rule, {local: full_names[id(p)] for local, p in own.items()}, path in shared))
     return served, problems
 
 

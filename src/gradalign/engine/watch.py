@@ -55,9 +55,10 @@ _LINEAR = {  # name -> (argument names as positions, {keyword: role}); roles: in
 }
 _EMBEDDING = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 _LAYER_NORM = ("input", "normalized_shape", "weight", "bias", "eps")
+_SDPA = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _TYPE_ONLY = frozenset("type_as to new_zeros new_ones new_empty new_full zeros_like ones_like empty_like".split())
 _FOLLOWS = ("elementwise operations, expand/repeat, F.linear/matmul/mm/addmm with the parameter as the weight, "
-            "F.embedding and F.layer_norm")
+            "F.embedding, F.layer_norm, and scaled_dot_product_attention's float attn_mask")
 
 
 def _run(func, args: tuple, kwargs: dict):
@@ -180,6 +181,8 @@ class Watch:
             return self._embedding(func, name, args, kwargs, watched)
         if name == "layer_norm":
             return self._layer_norm(func, name, args, kwargs, watched)
+        if name == "scaled_dot_product_attention":
+            return self._attention_bias(func, name, args, kwargs, watched)
         if name in _ELEMENTWISE and others:
             return self._elementwise(func, name, args, kwargs, tensors, watched)
         if name in _TYPE_ONLY or not any(self._carries_batch(t) for t in others):
@@ -310,6 +313,21 @@ class Watch:
         self._use(NormUse(get_gradient_edge(result), x.detach(), shape, bound.get("eps", 1e-5), *sources))
         return result
 
+    def _attention_bias(self, func, name: str, args: tuple, kwargs: dict, watched: list):
+        """F.scaled_dot_product_attention with a watched float attn_mask (T5's relative position
+        bias under SDPA): the mask is added to the scores, so it is an elementwise use."""
+        bound = _bind(_SDPA, args, kwargs)
+        mask, query = bound.get("attn_mask"), bound["query"]
+        if (not isinstance(mask, _Watched) or any(isinstance(bound.get(k), _Watched) for k in ("query", "key", "value"))
+                or not self._carries_batch(query) or self._size_at_batch_dim(mask, query.dim()) != 1):
+            if any(self._carries_batch(t) for t in (bound.get(k) for k in ("query", "key", "value"))
+                   if isinstance(t, Tensor) and not isinstance(t, _Watched)):
+                self._stop(name, watched)
+                return _run(func, args, kwargs)
+            return self._derived(func, name, args, kwargs, watched)
+        bound["attn_mask"] = self._batched(mask, query.dim())
+        return _run(func, (), bound)
+
     def _stop(self, name: str, watched: list, why: str = "") -> None:
         """Stop watching this call (the torch.func fallback will serve it), or raise if it cannot."""
         self.stopped = f"{watched[0]._ga_source.label} meets the batch in {name}" + (f" ({why})" if why else "")
@@ -342,8 +360,8 @@ def watch_shared_output(module: nn.Module, where: str, compute: Callable, captur
         return compute(module, (xs, *captured[1:]), g.reshape(B, *per_sample_shape))
 
     watch = Watch(module, where, {}, {}, batch, batch_dim, can_fall_back=False)
-    watch.no_fallback = (f"its output is shared by all samples (its input has {'size ' + str(size) if size else 'no'} "
-                         f"batch dim where the batch has {batch})")
+    has = "no batch dim" if size is None else f"{size} on its batch dim"
+    watch.no_fallback = f"its output is shared by all samples (its input has {has}, the batch {batch})"
     watch.fix = ("give the module's input the batch (e.g. position_ids.expand(B, -1)), or use its output only in "
                  "operations the engine follows")
     label = f"the output of {where}, shared by all samples,"

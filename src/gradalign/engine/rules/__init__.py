@@ -70,6 +70,11 @@ class RuleRegistry:
 
     `layouts` maps module types to `module -> batch dim (or None)` for modules that move the
     batch off dim 0 for everything they call (nn.Transformer* with batch_first=False: dim 1).
+
+    `register_shared(parent type, child names)` declares children that are always called on
+    inputs shared by all samples, whatever their sizes: a module called on a tensor whose batch
+    dim does not have size B is recognised as shared anyway, but one whose input has size B
+    there by coincidence (T5's relative-position buckets, (T, T), when T == B) is not.
     """
 
     def __init__(self, rules: dict[type | str, Rule] | None = None, fallback: Rule | None = None,
@@ -77,12 +82,20 @@ class RuleRegistry:
         self._rules: dict[type | str, Rule] = dict(rules or {})
         self.fallback = fallback
         self._layouts = dict(layouts or {})
+        self._shared: dict[type | str, tuple[str, ...]] = {}
 
     def register(self, module_type: type | str, rule: Rule) -> None:
         self._rules[module_type] = rule
 
     def register_layout(self, module_type: type, batch_dim: Callable[[nn.Module], int | None]) -> None:
         self._layouts[module_type] = batch_dim
+
+    def register_shared(self, parent_type: type | str, *children: str) -> None:
+        self._shared[parent_type] = self._shared.get(parent_type, ()) + children
+
+    def shared_children(self, module: nn.Module) -> tuple[str, ...]:
+        """Names of `module`'s children that are called on inputs shared by all samples."""
+        return _most_specific(self._shared, module) or ()
 
     def rule_for(self, module: nn.Module) -> Rule | None:
         found = _most_specific(self._rules, module, own_forward=True)
@@ -112,7 +125,7 @@ def default_registry() -> RuleRegistry:
     norm_check = Rule(batch_norm_rule, check=batch_norm_check)
     transformers = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
                     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-    return RuleRegistry(
+    registry = RuleRegistry(
         {
             nn.Linear: Rule(linear_rule),
             nn.Conv1d: conv,
@@ -132,6 +145,16 @@ def default_registry() -> RuleRegistry:
         fallback=Rule(fallback_rule, check_call=fallback_check_call, capture=fallback_capture, watch=True),
         layouts=dict.fromkeys(transformers, transformer_batch_dim),
     )
+    for attention in _T5_FAMILY:  # relative-position buckets (T_q, T_k), the same for every sample
+        registry.register_shared(f"transformers.models.{attention}", "relative_attention_bias")
+    return registry
+
+
+_T5_FAMILY = ("t5.modeling_t5.T5Attention", "mt5.modeling_mt5.MT5Attention", "umt5.modeling_umt5.UMT5Attention",
+              "longt5.modeling_longt5.LongT5Attention", "longt5.modeling_longt5.LongT5LocalAttention",
+              "longt5.modeling_longt5.LongT5TransientGlobalAttention", "pop2piano.modeling_pop2piano.Pop2PianoAttention",
+              "switch_transformers.modeling_switch_transformers.SwitchTransformersAttention",
+              "pix2struct.modeling_pix2struct.Pix2StructTextAttention", "udop.modeling_udop.UdopAttention")
 
 
 __all__ = ["Rule", "RuleRegistry", "default_registry"]
