@@ -107,25 +107,62 @@ def test_verify_catches_partial_use_outside_the_module():
         engine.backward(model(torch.randn(4, 3)).sum(1))
 
 
-def test_raw_parameter_in_an_unfollowed_op_of_a_two_input_module_is_refused_with_the_fix():
-    class TwoInputs(nn.Module):
+def test_raw_parameter_in_an_unfollowed_op_of_a_module_with_a_cache_is_refused_with_the_fix():
+    class Cache:  # state the module changes: the torch.func fallback cannot run it again
+        def __init__(self):
+            self.seen = []
+
+    class WithCache(nn.Module):
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.ones(3))
 
-        def forward(self, x, y):
-            return F.prelu(x, self.w) + y  # not an operation the watch follows
+        def forward(self, x, cache=None):
+            cache.seen.append(x)
+            return F.prelu(x, self.w)  # not an operation the watch follows
 
     model = nn.Sequential()
-    model.add_module("block", TwoInputs())
+    model.add_module("block", WithCache())
     engine = PerSampleGradients(model.block)
     with pytest.raises(ga.UnsupportedModuleError) as err:
-        model.block(torch.randn(2, 3), torch.randn(2, 3))
+        model.block(torch.randn(2, 3), cache=Cache())
     message = str(err.value)
-    for part in ("(TwoInputs)", "parameter w", "prelu", "one tensor", "Fix:", "register a rule", "freeze"):
+    for part in ("(WithCache)", "parameter w", "prelu", "Cache among its arguments", "use_cache=False", "Fix:",
+                 "register a rule", "freeze"):
         assert part in message, (part, message)
     assert isinstance(model.block.w, nn.Parameter)  # the parameter is back in place after the error
     engine.remove()
+
+
+def test_raw_parameter_in_an_unfollowed_op_of_a_module_with_keywords_and_several_tensors():
+    class Gated(nn.Module):  # two tensors, a keyword mask shared by all samples, a tuple out
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.rand(3) + 0.5)
+            self.v = nn.Parameter(torch.randn(3))
+
+        def forward(self, x, gate, *, mask=None, scale=1.0):
+            h = torch.clamp(x, min=self.w - 1) * torch.sigmoid(gate) * mask  # clamp: not followed
+            return h * scale, torch.einsum("btd,d->bt", gate, self.v)  # einsum: not followed either
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.gated, self.head = nn.Linear(3, 3), Gated(), nn.Linear(3, 2)
+
+        def forward(self, x):  # (B, T, 3)
+            mask = torch.ones(1, x.shape[1], 1)
+            mask[:, 0] = 0.5
+            h, g = self.gated(torch.tanh(self.inp(x)), x.flip(-1), mask=mask, scale=2.0)
+            return self.head(h.mean(1)) + g.mean(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = Net()
+    loss = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    for B in (1, 7):
+        x, y = torch.randn(B, 4, 3), torch.randint(0, 2, (B,))
+        errors = ga.compare_with_reference(model, x, y, loss)
+        assert max(errors.values()) < 1e-5, errors
 
 
 def test_raw_parameter_meeting_the_batch_in_an_unfollowed_op_falls_back_to_torch_func():

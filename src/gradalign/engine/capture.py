@@ -197,12 +197,14 @@ class PerSampleGradients:
                 if not rule.watch:
                     state = rule.capture(module, args, kwargs, batch_dim)
                 else:  # (the output is not known yet: the first argument stands in for it)
-                    can_fall_back = not (rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None))
+                    no_fallback = rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None)
+                    can_fall_back = not no_fallback
                     captured = rule.capture(module, args, kwargs, batch_dim) if rule.capture and can_fall_back else None
                     params = {local: p for local, full in hooked.param_names.items()
                               if (p := module._parameters.get(local)) is self._params[full] and p.requires_grad}
                     batch = self._root_batch[-1] if self._root_batch else _batch_of(args, kwargs, batch_dim)
                     state = (Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back), captured)
+                    state[0].no_fallback = no_fallback or state[0].no_fallback
                     state[0].start()
             hooked.pending.append(state)
             return None

@@ -105,7 +105,7 @@ class Watch:
         self.stopped: str | None = None  # the operation it could not follow
         self.fix = ("compute this step in a submodule that has a rule (nn.Linear, nn.LayerNorm, ...), register a rule "
                     "for this module type (gradalign.engine.default_registry().register), or freeze the parameter")
-        self.no_fallback = "the torch.func fallback needs a module called with one tensor and returning one tensor"
+        self.no_fallback = "the torch.func fallback cannot serve this call"  # replaced by the fallback's reason
 
     def start(self) -> None:
         for name, p in self.params.items():
@@ -235,7 +235,7 @@ class Watch:
             # the batch comes from the other operands: substitute w_b for every watched operand
             args, kwargs = tree_map(lambda t: self._batched(t, ndim) if isinstance(t, _Watched) else t, (args, kwargs))
             return _run(func, args, kwargs)
-        self._stop(name, watched, "its own dim there has the batch size")
+        self._stop(name, watched, "its own dim there has the batch size", ambiguous=True)
         return _run(func, args, kwargs)
 
     def _expand(self, func, name: str, args: tuple, kwargs: dict):
@@ -328,11 +328,13 @@ class Watch:
         bound["attn_mask"] = self._batched(mask, query.dim())
         return _run(func, (), bound)
 
-    def _stop(self, name: str, watched: list, why: str = "") -> None:
-        """Stop watching this call (the torch.func fallback will serve it), or raise if it cannot."""
+    def _stop(self, name: str, watched: list, why: str = "", ambiguous: bool = False) -> None:
+        """Stop watching this call (the torch.func fallback will serve it), or raise if it cannot
+        (ambiguous: which dim is the batch is unknown, so a per-sample forward is not defined either)."""
         self.stopped = f"{watched[0]._ga_source.label} meets the batch in {name}" + (f" ({why})" if why else "")
-        if not self.can_fall_back:
-            raise UnsupportedModuleError(self.refusal(self.no_fallback))
+        if not self.can_fall_back or ambiguous:
+            raise UnsupportedModuleError(self.refusal(
+                "no per-sample forward is defined for it" if ambiguous else self.no_fallback))
 
 
 def watch_shared_output(module: nn.Module, where: str, compute: Callable, captured: tuple, output: Tensor,

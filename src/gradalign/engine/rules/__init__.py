@@ -21,7 +21,7 @@ from gradalign.engine.rules.conv import conv_rule
 from gradalign.engine.rules.conv_transpose import conv_transpose_rule
 from gradalign.engine.rules.embedding import embedding_check, embedding_rule
 from gradalign.engine.rules.hf_conv1d import hf_conv1d_rule
-from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_rule
+from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_output, fallback_rule
 from gradalign.engine.rules.linear import linear_rule
 from gradalign.engine.rules.norm import batch_norm_check, batch_norm_rule, group_norm_rule, layer_norm_rule
 
@@ -142,7 +142,8 @@ def default_registry() -> RuleRegistry:
             nn.MultiheadAttention: Rule(attention_rule, check_call=attention_check_call, capture=attention_capture,
                                         output=attention_output, owns=("out_proj",)),
         },
-        fallback=Rule(fallback_rule, check_call=fallback_check_call, capture=fallback_capture, watch=True),
+        fallback=Rule(fallback_rule, check_call=fallback_check_call, capture=fallback_capture,
+                      output=fallback_output, watch=True),
         layouts=dict.fromkeys(transformers, transformer_batch_dim),
     )
     for attention in _T5_FAMILY:  # relative-position buckets (T_q, T_k), the same for every sample
