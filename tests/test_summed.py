@@ -83,3 +83,33 @@ def test_factored_cross_term_does_not_materialise(monkeypatch):
     a, b = rows(), factored()
     grads = combine(a, b)
     grads.sq_norms(), grads.sq_sum(), grads.dots_with_sum(lambda: torch.randn(V, D))
+
+
+@pytest.mark.parametrize("T", [3, 40])  # 40 > 4 dim: (sample, row) sums first instead of the T x T match
+def test_indexed_rows_norms_on_both_routes(T):
+    grads = rows(T=T)
+    expected = materialise(grads)
+    torch.testing.assert_close(grads.sq_norms(), expected.reshape(B, -1).square().sum(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads.sq_sum(), expected.square().sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_tied_parameter_used_by_one_of_its_modules_only():
+    """An LM fed embeddings directly: the tied matrix is seen through the output layer alone."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import gradalign as ga
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = nn.Embedding(V, D), nn.Linear(D, V, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, x):  # (B, T, D) embeddings, not ids
+            return self.out(torch.tanh(x)).mean(1)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, D), torch.randint(0, V, (4,))
+    errors = ga.compare_with_reference(LM(), x, y, lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    assert max(errors.values()) < 1e-5, errors
