@@ -269,3 +269,38 @@ def test_materialised_route_is_chunked(monkeypatch):
     full = torch.einsum("bgto,bgti->boi", D, A)
     torch.testing.assert_close(grads.sq_norms(), full.flatten(1).square().sum(1))
     torch.testing.assert_close(grads.sq_sum(), full.square().sum(0))
+
+
+def test_a_shared_value_meeting_the_batch_in_an_unfollowed_op_is_refused_with_the_fix():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos, self.head = nn.Embedding(5, 3), nn.Linear(3, 2)
+
+        def forward(self, x):  # (B, T, 3); positions (1, T): shared by all samples
+            shared = self.pos(torch.arange(x.shape[1]).unsqueeze(0))
+            return self.head(torch.einsum("btd,otd->bd", x, shared))  # einsum: not followed
+
+    model = Net()
+    PerSampleGradients(model)
+    with pytest.raises(ga.UnsupportedModuleError) as err:
+        model(torch.randn(4, 3, 3))
+    message = str(err.value)
+    for part in ("pos (Embedding)", "shared by all samples", "einsum", "1 on its batch dim", "Fix:",
+                 "position_ids.expand(B, -1)"):
+        assert part in message, (part, message)
+
+
+def test_a_shared_value_fed_to_a_module_with_a_rule_is_refused_with_the_fix():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos, self.norm, self.head = nn.Embedding(5, 3), nn.LayerNorm(3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(x + self.norm(self.pos(torch.arange(x.shape[1]).unsqueeze(0))))
+
+    model = Net()
+    PerSampleGradients(model)
+    with pytest.raises(ga.UnsupportedModuleError, match=r"norm \(LayerNorm\): its input is the output of pos"):
+        model(torch.randn(4, 3, 3))

@@ -25,7 +25,7 @@ from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.summed import combine
 from gradalign.engine.validate import Served, survey
-from gradalign.engine.watch import Watch, watch_shared_output
+from gradalign.engine.watch import Watch, refuse_watched_input, watch_shared_output
 from gradalign.errors import UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
@@ -256,6 +256,7 @@ class PerSampleGradients:
             if check:
                 raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
         batch_dim = self._layout[-1] if self._layout else 0
+        refuse_watched_input(args, f"{path or '<model>'} ({type(module).__name__})")
         if captured is None:  # default: the positional inputs, batch first
             captured = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             if batch_dim and captured and isinstance(captured[0], Tensor):

@@ -1,32 +1,44 @@
-"""Raw parameters: per-sample gradients of a parameter used directly in its module's forward.
+"""Raw parameters and shared values: per-sample gradients where a value shared by all samples
+meets the batch.
 
 A module without a rule (a ViT's root owning the cls token and position embedding, a
-layer-scale gamma, a learned temperature) has its trainable parameters watched while its own
-forward runs: each is swapped for an alias of itself, a tensor subclass that sees every torch
-operation touching it and nothing else (operations on other tensors and the forwards of
-children run as before, at no extra cost). Where a watched tensor meets the batch is its point
-of use, and the gradient is captured there:
+layer-scale gamma, a learned temperature, an nn.Embedding subclass with its own forward) has
+its trainable parameters watched while its own forward runs: each is swapped for an alias of
+itself, a tensor subclass that sees every torch operation touching it and nothing else
+(operations on other tensors and the forwards of children run as before, at no extra cost).
+Where a watched tensor meets the batch is its point of use, and the gradient is captured there
+(engine/uses.py):
 
-  elementwise (x + pos, x * gamma, torch.where, ...): the watched operand w is replaced by
-      w_b, w reshaped with leading 1s and expanded to B on the batch dim. The result is
-      unchanged, and the gradient at w_b, (B, ...), holds the per-sample gradients of w.
+  elementwise (x + pos, x * gamma, torch.where, ..., and a float attn_mask of
+      scaled_dot_product_attention): the watched operand w is replaced by w_b, w reshaped with
+      leading 1s and expanded to B on the batch dim. The result is unchanged, and the gradient
+      at w_b, (B, ...), holds the per-sample gradients of w.
   expand (cls.expand(B, -1, -1), broadcast_to, expand_as, repeat): likewise, the batch dim
       expanded first.
   linear (F.linear(x, W, b), x @ W, torch.mm, torch.addmm(b, x, W) as in GPT-2's Conv1D):
       the gradient D at the op's output and its input x give g_i(W) = sum_t D_it x_it^T, kept
       factored (ghost norms), and g_i(b) = sum_t D_it.
+  F.embedding(ids, W): rows, g_i(W) = sum_t onehot(ids_it) D_it^T (IndexedRows).
+  F.layer_norm(x, shape, w, b): g_i(w) = sum_t D_it * xhat_it, g_i(b) = sum_t D_it.
 
 Operations on watched tensors alone, or with tensors that do not carry the batch, give derived
 watched tensors (pos[:, :T], gamma[:, None, None], temperature.exp()); per-sample gradients at
-a derived tensor are mapped back to the parameters by one batched vector-Jacobian product of
-that short chain (parameter-sized work per sample, no recompute of the model).
+a derived tensor are mapped back to its roots by one batched vector-Jacobian product of that
+short chain (parameter-sized work per sample, no recompute of the model).
+
+The same mechanism serves values that are not parameters but are shared by all samples
+(`Watch.share`): the output of a module with a rule called without the batch (a position
+embedding looked up with (1, T) ids, `watch_shared_output`) and an F.embedding lookup of a
+watched table with ids without the batch. Each is a root with its own map from the per-sample
+gradients at it to per-sample parameter gradients (the rule run on its inputs expanded over
+the batch; the rows of the table).
 
 The batch contract: B is the size of the batch dim (0; 1 inside a batch_first=False
 transformer) of the first tensor argument of the model's forward, and a tensor carries the
 batch when its batch dim has size B. Any other operation meeting the batch stops the watch:
-the engine then serves the module with the torch.func fallback when it takes one tensor and
-returns one, and otherwise raises UnsupportedModuleError naming the module, the parameter,
-the operation and the fix.
+the engine then serves the module with the torch.func fallback where it can (engine/rules/
+fallback.py), and otherwise raises UnsupportedModuleError naming the module, the parameter or
+value, the operation and the fix.
 """
 from __future__ import annotations
 
@@ -368,3 +380,16 @@ def watch_shared_output(module: nn.Module, where: str, compute: Callable, captur
                  "operations the engine follows")
     label = f"the output of {where}, shared by all samples,"
     return watch, watch.share(output, to_grads, label)
+
+
+def refuse_watched_input(args: tuple, where: str) -> None:
+    """A module with a rule fed a watched value (a raw parameter, or another module's output shared
+    by all samples) directly: not supported (its per-sample gradients and those of the value's
+    own parameters would have to flow through one watch); raises with the way out."""
+    for a in args:
+        if isinstance(a, _Watched):
+            raise UnsupportedModuleError(
+                f"{where}: its input is {a._ga_source.label.rstrip(',')}, a value shared by all samples that does "
+                "not carry the batch; per-sample gradients of both are not supported this way. Fix: expand the "
+                "value over the batch first (e.g. value.expand(B, -1, -1)), or freeze one of them")
+
