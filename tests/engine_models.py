@@ -109,8 +109,8 @@ class SharedPositions(nn.Module):
 
     def forward(self, tokens):  # (B, T) -> (B, T, vocab)
         T = tokens.shape[1]
-        positions = torch.arange(T).unsqueeze(0)  # (1, T): the same for every sample
-        h = self.embed(tokens) + self.pos(positions) + self.pos_flat(torch.arange(T))
+        positions = torch.arange(T, device=tokens.device).unsqueeze(0)  # (1, T): the same for every sample
+        h = self.embed(tokens) + self.pos(positions) + self.pos_flat(positions[0])
         h = h * torch.sigmoid(self.query_proj(self.queries))  # (T, dim) broadcast over the batch
         return self.out(self.norm(torch.tanh(h)) + self.pos(positions[:, :1]))
 
@@ -133,7 +133,7 @@ class TablePositions(nn.Module):
         self.table = nn.Parameter(torch.randn(T + 3, dim))
 
     def forward(self, x):
-        return x + F.embedding(torch.arange(x.shape[1]).unsqueeze(0), self.table, padding_idx=1)
+        return x + F.embedding(torch.arange(x.shape[1], device=x.device).unsqueeze(0), self.table, padding_idx=1)
 
 
 class SubclassedLayers(nn.Module):

@@ -15,8 +15,9 @@ route for that layer. Every representation answers the same six questions:
 sum rather than the mean gbar = S / B: the 1/B is applied once to the (B,) results, not
 to every parameter-sized tensor. `merge(other)` combines two calls of the same module
 (shared weights in one forward): the per-sample gradient of a module applied twice is
-the sum of both contributions; two different representations of one parameter (a raw
-parameter used both as a linear map and elementwise) merge into Dense.
+the sum of both contributions. Contributions of different kinds (tied weights: an Embedding's
+rows and a Linear's factors; a raw parameter used both as a linear map and elementwise) are
+combined by engine/summed.py, with exact cross terms.
 
 Precision: the factors are captured as the forward made them (bfloat16 or float16 under
 autocast or in a half model) and upcast to float32 when a representation is built, so every
