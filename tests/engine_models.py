@@ -129,6 +129,79 @@ class TinySequenceModel(nn.Module):
         return self.out(torch.relu(self.mix(h)))
 
 
+class TiedLM(nn.Module):
+    """A tiny language model whose output layer shares the input embedding's matrix (tied
+    weights: the Embedding's rows and the Linear's factors add up in one parameter)."""
+
+    def __init__(self, vocab=20, dim=12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.mix = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):  # (B, T) -> (B, T, vocab)
+        h = self.embed(tokens)
+        return self.out(self.norm(h + torch.tanh(self.mix(h))))
+
+
+class SharedPositions(nn.Module):
+    """Values shared by all samples meeting the per-sample stream: position embeddings looked up
+    with (1, T) ids (as BERT and GPT-2 do) and with (T,) ids, a Linear on a (T, D) table of
+    learned queries, and one lookup used twice: each module with a rule called without the batch."""
+
+    def __init__(self, vocab=20, dim=12, T=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(T + 2, dim)
+        self.pos_flat = nn.Embedding(T, dim)
+        self.queries = nn.Parameter(torch.randn(T, dim), requires_grad=False)  # frozen: only the Linear trains
+        self.query_proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):  # (B, T) -> (B, T, vocab)
+        T = tokens.shape[1]
+        positions = torch.arange(T, device=tokens.device).unsqueeze(0)  # (1, T): the same for every sample
+        h = self.embed(tokens) + self.pos(positions) + self.pos_flat(positions[0])
+        h = h * torch.sigmoid(self.query_proj(self.queries))  # (T, dim) broadcast over the batch
+        return self.out(self.norm(torch.tanh(h)) + self.pos(positions[:, :1]))
+
+
+class ScaledEmbedding(nn.Embedding):  # its own forward: watched, not served by the Embedding rule
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class FloatLayerNorm(nn.LayerNorm):  # its own forward: F.layer_norm followed by the watch
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class TablePositions(nn.Module):
+    """A raw table looked up with F.embedding and ids without the batch, inside its module."""
+
+    def __init__(self, T=6, dim=12):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(T + 3, dim))
+
+    def forward(self, x):
+        return x + F.embedding(torch.arange(x.shape[1], device=x.device).unsqueeze(0), self.table, padding_idx=1)
+
+
+class SubclassedLayers(nn.Module):
+    def __init__(self, vocab=20, dim=12):
+        super().__init__()
+        self.embed = ScaledEmbedding(vocab, dim, padding_idx=0)
+        self.positions = TablePositions(dim=dim)
+        self.norm = FloatLayerNorm(dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        return self.out(self.norm(self.positions(self.embed(tokens))))
+
+
 def token_batch(vocab=20, T=6):
     def make(B, gen):
         return torch.randint(0, vocab, (B, T), generator=gen), torch.randint(0, vocab, (B, T), generator=gen)
@@ -248,6 +321,9 @@ ARCHITECTURES = {
     "conv1d": lambda: (Conv1dNet(), classification_batch(40), cross_entropy),
     "conv2d_groupnorm": lambda: (Conv2dGroupNorm(), classification_batch(3, 8, 6, classes=5), cross_entropy),
     "sequence": lambda: (TinySequenceModel(), token_batch(), token_cross_entropy),
+    "tied_lm": lambda: (TiedLM(), token_batch(), token_cross_entropy),
+    "shared_positions": lambda: (SharedPositions(), token_batch(), token_cross_entropy),
+    "subclassed_layers": lambda: (SubclassedLayers(), token_batch(), token_cross_entropy),
     "shared_bn_fallback": lambda: (SharedTwice(), classification_batch(16, classes=4), cross_entropy),
     "single_position_groups": lambda: (SinglePositionGroups(), classification_batch(8, 3, 3, classes=5),
                                        cross_entropy),

@@ -195,10 +195,10 @@ class WeightedStep(Step):
         self.engine.remove()
 
     def state_dict(self) -> dict:
-        return {"steps": self.weighting.steps, "fallbacks": self.weighting.fallbacks}
+        return self.weighting.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.weighting.steps, self.weighting.fallbacks = state["steps"], state["fallbacks"]
+        self.weighting.load_state_dict(state)
 
 
 class GDSWStep(WeightedStep):

@@ -67,6 +67,13 @@ class _CosineWeighting:
         self.last_weights = weights
         return weights
 
+    def state_dict(self) -> dict:
+        """What resuming a run needs: the step and fallback counts."""
+        return {"steps": self.steps, "fallbacks": self.fallbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self._fallbacks = int(state["steps"]), int(state["fallbacks"])
+
     @property
     def fallbacks(self) -> int:
         """Steps that fell back to uniform weights (reading it waits for the device)."""
