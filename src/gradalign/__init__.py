@@ -9,8 +9,11 @@ from gradalign.engine import (
     default_registry,
     per_sample_gradients,
     reference_statistics,
+    replace_batchnorm,
+    token_losses,
     validate,
 )
+from gradalign.engine import distributed  # ga.distributed.broadcast_parameters, all_reduce_flat
 from gradalign.errors import ConfigError, GradAlignError, RunFolderError, UnsupportedModuleError
 from gradalign.methods import GASW, GDSW, GVR, GSNRAccumulator, GWAMonitor, gwa_alignment, gwa_score
 
@@ -18,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError", "RunFolderError",
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "UnsupportedModuleError",
-    "check_model", "compare_with_reference", "default_registry", "gwa_alignment", "gwa_score",
-    "per_sample_gradients", "reference_statistics", "validate",
+    "check_model", "compare_with_reference", "default_registry", "distributed", "gwa_alignment", "gwa_score",
+    "per_sample_gradients", "reference_statistics", "replace_batchnorm", "token_losses", "validate",
 ]

@@ -6,6 +6,8 @@
     gradalign report runs/gaga              # rewrite summary.md, summary.json and the plots
     gradalign train gasw --arm gasw --param lr=0.0045 --param gamma=2.09
     gradalign tune gaga --arm gaga --trials 10
+    gradalign train gasw --arm gasw --param lr=0.003 --nproc 2     # data parallel, 2 processes
+    gradalign reproduce gvr-cifar100 --data-dir ~/data --device cuda   # CIFAR archives, a GPU
 
 Exit codes: 0 success, 1 a run failed (e.g. every trial diverged, a disk error), 2 a bad
 option, configuration or run folder (damaged, or in use by another process), 130 interrupted
@@ -24,8 +26,9 @@ from gradalign.errors import ConfigError, GradAlignError
 
 log = logging.getLogger("gradalign")
 
-EPILOG = ("Bundled experiments: gasw, gaga, gwa, gvr, noise (and demo); `gradalign list` describes them. "
-          "Any path to a TOML file with the same schema works too.")
+EPILOG = ("Bundled experiments: gasw, gaga, gwa, gvr, noise (and demo) on mnist1d; gvr-cifar100 and gwa-cifar10 "
+          "on CIFAR (--data-dir); `gradalign list` describes them. Any path to a TOML file with the same schema works "
+          "too.")
 
 
 class _TqdmHandler(logging.Handler):
@@ -84,14 +87,48 @@ def _common(p: argparse.ArgumentParser, *, experiment: bool = True, threads: boo
         p.add_argument("--set", dest="overrides", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                        help="override one configuration value, e.g. --set train.epochs=10 or "
                             "--set arms.gasw.params.gamma=1.5 (values are TOML; repeatable; applied after --quick)")
+        p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                       help="folder with the CIFAR 'python version' archives (cifar-10-python.tar.gz, "
+                            "cifar-100-python.tar.gz, or their extracted folders), from "
+                            "https://www.cs.toronto.edu/~kriz/cifar.html; never downloaded (default: ./data)")
+        p.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
+                       help="where to train: auto (default: a CUDA GPU for the CIFAR experiments when torch sees "
+                            "one, else the CPU; mnist1d stays on the CPU), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+
+
+TUNE_EPILOG = """\
+Many workers on one study: start the same command anywhere with the same --storage; the
+study ends with exactly --trials finished trials per arm, none run twice.
+
+  many machines, one PostgreSQL server (pip install "gradalign[postgres]"):
+    createdb -h dbhost gradalign                       # once
+    gradalign tune gasw --storage postgresql://user:pw@dbhost/gradalign --out runs/gasw   # on each machine
+  a worker that dies (killed, machine lost) stops its heartbeat; after 2 x --heartbeat
+  seconds its trial is marked FAIL and retried with the same parameters by another worker.
+
+  several workers on one machine, no server: a journal file (Optuna's JournalFileBackend)
+    gradalign tune gasw --storage journal:runs/gasw/journal.log --out runs/gasw   # in each terminal
+  (no heartbeat: a killed worker's trial stays RUNNING and is not counted; each worker
+  runs until the count is reached, so the total can overshoot by one per extra worker)
+
+Then `gradalign reproduce gasw --storage <the same URL> --out runs/gasw` trains the final
+seeds with the tuned parameters (finished trials are not run again).
+"""
+
+
+def _heartbeat(p: argparse.ArgumentParser) -> None:
+    from gradalign.experiments.storage import DEFAULT_HEARTBEAT
+    p.add_argument("--heartbeat", type=_pos_int, default=DEFAULT_HEARTBEAT, metavar="SECONDS",
+                   help=f"database storages: seconds between a worker's heartbeats (default {DEFAULT_HEARTBEAT}); "
+                        "the trial of a worker silent for twice this is failed and retried")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradalign", description="Train and diagnose networks through their per-sample gradients: "
-        "run the bundled experiments (GASW/GDSW, GAGA, GWA, GVR on mnist1d) and report them.",
+        "run the bundled experiments (GASW/GDSW, GAGA, GWA, GVR on mnist1d; GVR and GWA on CIFAR) and report them.",
         epilog=EPILOG)
     from gradalign import __version__
     parser.add_argument("--version", action="version", version=f"gradalign {__version__}")
@@ -107,14 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="tune, train over seeds and report one experiment", epilog=EPILOG,
                        description="Run an experiment end to end: tune every arm with Optuna on a validation split "
                        "carved from the training set, train every arm with its best settings on the same seeds, and "
-                       "write the report. Re-running with the same --out resumes: finished trials and seeds are skipped.")
-    p.add_argument("experiment", help="gasw, gaga, gwa, gvr or noise, or a path to a TOML experiment file")
+                       "write the report. Re-running with the same --out resumes: finished trials and seeds are skipped, and a "
+                       "run in progress continues from its last epoch (its checkpoint).")
+    p.add_argument("experiment", help="gasw, gaga, gwa, gvr, noise, gvr-cifar100 or gwa-cifar10, or a path to a TOML "
+                   "experiment file")
     p.add_argument("--trials", type=_nonneg_int, help="completed Optuna trials per tuned arm (overrides the config; "
                    "0 skips tuning and uses the fixed settings)")
     p.add_argument("--seeds", type=_pos_int, help="final seeds per arm (overrides the config)")
     p.add_argument("--storage", help="Optuna storage URL, e.g. sqlite:///studies.db or postgresql://... "
                    "(default: sqlite:///<out>/study.db); several workers can share one")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<experiment>, or runs/<experiment>-quick)")
+    _heartbeat(p)
     _common(p)
 
     p = sub.add_parser("train", help="train one arm once with given parameters and print its evaluations",
@@ -128,13 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test: train on the full training set, evaluate on test (default); "
                         "val: train on the carved training split, evaluate on validation")
     p.add_argument("--csv", type=Path, help="also write every evaluation to this CSV file")
+    p.add_argument("--nproc", type=_pos_int, default=1,
+                   help="data-parallel processes on this machine (default 1): relaunches the command with "
+                        "torchrun (gloo on CPU, nccl on GPU); every rank trains on its shard of the same global "
+                        "batches, only rank 0 prints and writes. Same as `torchrun --nproc_per_node N -m "
+                        "gradalign.cli train ...`")
     _common(p)
 
-    p = sub.add_parser("tune", help="tune arms with Optuna only, print the best parameters", epilog=EPILOG)
+    p = sub.add_parser("tune", help="tune arms with Optuna only, print the best parameters",
+                       epilog=TUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", help="experiment name or TOML path")
     p.add_argument("--arm", action="append", default=[], help="arm to tune (repeatable; default: every tuned arm)")
     p.add_argument("--trials", type=_nonneg_int, help="completed trials per arm (overrides the config)")
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/study.db): "
+                   "postgresql://user@host/db for many machines, journal:<file> for many workers on one")
+    _heartbeat(p)
     p.add_argument("--out", type=Path, help="folder for the default study.db and tuning.json "
                    "(default: runs/<experiment>, or runs/<experiment>-quick)")
     _common(p)
@@ -162,9 +210,12 @@ def _print_tables(result: dict, run_dir: Path) -> None:
 
 def _cmd_reproduce(args, experiment: str | None = None) -> int:
     from gradalign.experiments.runner import reproduce
+    from gradalign.experiments.storage import DEFAULT_HEARTBEAT
     done = reproduce(experiment or args.experiment, args.out, quick=args.quick, trials=getattr(args, "trials", None),
                      seeds=args.seeds, storage=getattr(args, "storage", None), overrides=dict(args.overrides),
-                     progress=not args.no_progress, threads=args.threads)
+                     progress=not args.no_progress, threads=args.threads,
+                     heartbeat=getattr(args, "heartbeat", None) or DEFAULT_HEARTBEAT,
+                     data_dir=args.data_dir, device=args.device)
     _print_tables(done.summary, done.run_dir)
     return 0
 
@@ -185,13 +236,25 @@ def _writable_file(path: Path, option: str) -> None:
 
 
 def _cmd_train(args) -> int:
+    from gradalign.experiments import parallel as par
     from gradalign.experiments.rundir import columns, rows_to_csv, write_atomic
     from gradalign.experiments.runner import run_single
     if args.csv:
         _writable_file(args.csv, "--csv")
-    result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
-                        overrides=dict(args.overrides), eval_split=args.split, progress=not args.no_progress,
-                        threads=args.threads)
+    if args.nproc > 1 and not par.launched_by_torchrun():
+        return par.relaunch(args.nproc, args.argv)
+    parallel = par.init_from_env()
+    try:
+        result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
+                            overrides=dict(args.overrides), eval_split=args.split,
+                            progress=not args.no_progress and (parallel is None or parallel.rank == 0),
+                            threads=args.threads, parallel=parallel, data_dir=args.data_dir, device=args.device)
+    finally:
+        if parallel is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if parallel is not None and parallel.rank != 0:      # only rank 0 prints and writes
+        return 0
     keys = ("epoch", "samples", "train_loss", "train_acc", "val_acc", "test_acc", "gwa")
     print("  ".join(f"{k:>10}" for k in keys))
     for row in result.rows:
@@ -208,7 +271,8 @@ def _cmd_tune(args) -> int:
     from gradalign.experiments.runner import tune_only
     run_dir, storage, results = tune_only(args.experiment, args.out, arms=args.arm, quick=args.quick,
                                           trials=args.trials, storage=args.storage, overrides=dict(args.overrides),
-                                          progress=not args.no_progress, threads=args.threads)
+                                          progress=not args.no_progress, threads=args.threads,
+                                          heartbeat=args.heartbeat, data_dir=args.data_dir, device=args.device)
     for key, r in results.items():
         print(f"{key}: best {r['params']} (val acc {r['value']:.4f}; {r['complete']} complete, {r['pruned']} pruned, "
               f"{r['failed']} diverged)")
@@ -227,7 +291,7 @@ def _cmd_list(args) -> int:
     from gradalign.experiments.config_sources import bundled_names
     for name in bundled_names():
         cfg = load_config(name)
-        print(f"{name:10} {cfg.description}")
+        print(f"{name:13} {cfg.description}")
     return 0
 
 
@@ -238,7 +302,9 @@ COMMANDS = {"demo": _cmd_demo, "reproduce": _cmd_reproduce, "train": _cmd_train,
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     _setup_logging(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args)

@@ -4,9 +4,16 @@ The forward hooks record each hooked module's inputs and the autograd edge of it
 one backward of sum_i losses[i], asked only for the gradients at those edges, gives every
 output gradient d. The per-layer rules turn (inputs, d) into factored per-sample gradients;
 statistics and the (re-)weighted p.grad come from those, never from a (B, P) matrix.
+
+Every recorded call is the same thing to the backward: a few gradient edges and a function
+from the gradients there to per-sample gradients. A rule's call has the edges of its outputs;
+a watched module's call (engine/watch.py: raw parameters, captured at their point of use) has
+one edge per point of use.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,36 +21,66 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
-from gradalign.engine.persample import PerSampleGrad
+from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
+from gradalign.engine.summed import combine
 from gradalign.engine.validate import Served, survey
-from gradalign.errors import UnsupportedModuleError
+from gradalign.engine.watch import Watch, refuse_watched_input, watch_shared_output
+from gradalign.errors import GradAlignError, UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
 
 
 @dataclass
 class _Call:
-    """One recorded call of a hooked module: its inputs, the autograd edge of its output
-    and, after the backward, the gradient of the summed losses w.r.t. that output."""
+    """One recorded call of a hooked module: the autograd edges where its gradients are taken
+    (fixed at the forward: later in-place ops on an output don't move them), how many samples
+    it saw, and `finish`, which turns the gradients there into {local name: per-sample grad}."""
 
     path: str
-    args: tuple
-    edge: GradientEdge  # fixed at the forward: later in-place ops on the output don't move it
-    grad_output: Tensor | None = None
+    batch: int | None
+    edges: list[GradientEdge]
+    finish: Callable[[list], dict]
+    grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
+    generation: int = 0        # which forward of the model recorded it
 
 
 @dataclass
 class _Hooked(Served):
-    """A served module and the calls recorded since the last backward."""
+    """A served module, the calls recorded since the last backward, and what the pre-forward
+    hook left for each forward in progress (a Watch, a rule's capture, or None)."""
 
     calls: list[_Call] = field(default_factory=list)
+    pending: list = field(default_factory=list)
+
+
+def _eager(hook):
+    """Under torch.compile every engine hook runs eagerly (a graph break at each hooked layer):
+    it needs the autograd edges of real tensors and mutates the engine's Python state."""
+    return torch.compiler.disable(hook)
 
 
 def _inside_torch_func(t: Tensor) -> bool:
     """True for a tensor inside a torch.func transform (vmap, grad): not a training forward."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for a in args:  # a loop, not a generator: this runs at every hooked call
+        if isinstance(a, Tensor):
+            return a
+    for a in kwargs.values():
+        if isinstance(a, Tensor):
+            return a
+    return None
+
+
+def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
+    """The batch contract: B is the size of the batch dim of the first tensor argument."""
+    t = _first_tensor(args, kwargs)
+    return t.shape[batch_dim] if t is not None and t.dim() > batch_dim else None
 
 
 class PerSampleGradients:
@@ -58,27 +95,101 @@ class PerSampleGradients:
     The engine is the one writer of p.grad: `backward` adds the (weighted) mean gradient,
     `set_grad` replaces it (e.g. with GSNRAccumulator's accumulated mean).
 
+    Which route serves a module: its rule if the registry has one (Linear, Conv, norms,
+    Embedding, MultiheadAttention with its out_proj, ...); otherwise its parameters are watched
+    at their point of use during its forward (raw parameters: cls tokens, position
+    embeddings, layer-scale gammas; engine/watch.py); and only where watching meets an
+    operation it cannot follow, the torch.func fallback (a vmap over that module's forward)
+    or, for a module that does not take one tensor and return one, UnsupportedModuleError.
+
+    The batch contract: the batch is dim 0 of the model's first tensor argument and of every
+    module's inputs and outputs, dim 1 inside an nn.Transformer* with batch_first=False
+    (`RuleRegistry.register_layout` declares other such modules).
+
     Args:
         model: the network. Checked at once (`ga.validate` runs the same walk): every
             unsupported module is listed in one UnsupportedModuleError.
-        registry: per-layer rules (default: `default_registry()`, with the torch.func fallback).
+        registry: per-layer rules (default: `default_registry()`, with watching and the
+            torch.func fallback for modules without a rule).
         verify: after every backward, check that the per-sample gradients add up to
             autograd's summed gradient (catches parameters used outside their module's
             forward, which no hook can see). Costs one extra weighted sum per layer.
+        max_pending_forwards: how many forwards of the model the engine keeps the records of
+            until a backward uses them (default 8: a backward may sum the losses of several
+            forwards, e.g. of augmented views). Records of older forwards are dropped, with a
+            warning the first time, so forwards that no engine.backward follows (an evaluation
+            with gradients on, a plain loss.backward()) cannot grow memory; `clear()` and
+            `paused()` avoid the warning.
+        process_group: data parallel (torch.distributed, e.g. `dist.group.WORLD`): every
+            statistic becomes global. With R ranks holding B_r samples each, cosines are to
+            the mean gradient over all sum_r B_r samples, GASW/GDSW weights are normalised
+            over that global batch, and p.grad = (1/B) sum over ALL samples of w_i g_i, the
+            same on every rank and equal to one process on the concatenated batch (to float
+            tolerance). Norms, cosines and weights of a rank's own samples stay on that rank.
+            Communication per backward (P = trainable parameters; one flattened all-reduce
+            per line): plain mean gradient: P + 1 numbers; GASW/GDSW: P + 1 (S and B), 1
+            (the weights' normaliser), P (the weighted gradient), i.e. two parameter-sized
+            calls and a scalar; GAGA (write_grad=False, GSNRAccumulator): 2P + 1 (S,
+            sum g**2, B); norms only: none. None (default): no communication at all, as in
+            a single process. A model wrapped in DistributedDataParallel uses its own
+            process group when none is given: DDP's reducer never runs on the engine's
+            backward (autograd is asked for layer-output gradients, not parameter ones), so
+            the engine's reduction is the only one and nothing is reduced twice. Every rank
+            must call backward in step (same model, same statistics read).
     """
 
-    def __init__(self, model: nn.Module, *, registry: RuleRegistry | None = None, verify: bool = False):
+    def __init__(self, model: nn.Module, *, registry: RuleRegistry | None = None, verify: bool = False,
+                 max_pending_forwards: int = 8, process_group=None):
+        if not (isinstance(max_pending_forwards, int) and max_pending_forwards >= 1):
+            raise ValueError(f"max_pending_forwards must be an integer >= 1, got {max_pending_forwards!r}")
         self.model = model
         self.registry = registry if registry is not None else default_registry()
         self.verify = verify
+        self.max_pending_forwards = max_pending_forwards
+        self.process_group = resolve_group(model, process_group)
         self._capturing = True
+        self._removed = False
+        self._generation = 0   # training forwards of the model so far
+        self._oldest: int | None = None  # the oldest generation with a record
+        self._warned_dropped = False
         self._hooked: dict[str, _Hooked] = {}
         self._params: dict[str, nn.Parameter] = {}  # every hooked trainable parameter, by full name
+        self._layout: list[int] = []  # batch dims of the transformers whose forward is running
+        self._root_batch: list[int | None] = []  # B of each forward of the model in progress
         self._check_and_collect()
-        self._handles = [
-            h.module.register_forward_hook(self._make_hook(path, h), with_kwargs=True)
-            for path, h in self._hooked.items()
-        ]
+        self._handles = []
+        for path, h in self._hooked.items():
+            if h.rule.watch or h.rule.capture:
+                self._handles.append(h.module.register_forward_pre_hook(_eager(self._make_pre_hook(path, h)),
+                                                                        with_kwargs=True))
+            self._handles.append(h.module.register_forward_hook(
+                _eager(self._make_hook(path, h)), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture)))
+        self._hook_layouts()
+
+    def _hook_layouts(self) -> None:
+        """Batch dims: a stack pushed by transformers that move the batch (batch_first=False),
+        and B itself from the model's first tensor argument (for watched modules and modules
+        called without the batch), with the count of training forwards. Their pre-hooks run
+        before every other hook of a module, their post-hooks after."""
+        layouts = [(m, bd) for m in self.model.modules() if (bd := self.registry.batch_dim_for(m)) is not None]
+        root_dim = self.registry.batch_dim_for(self.model) or 0
+
+        def pop(stack: list):
+            def hook(*_):
+                stack.pop()  # and return None: a forward hook's result would replace the output
+            return _eager(hook)
+
+        def root_pre(module, args, kwargs):  # the forward's generation, and B for the watches
+            if self._capturing and torch.is_grad_enabled():
+                self._generation += 1
+            self._root_batch.append(_batch_of(args, kwargs, root_dim))
+        self._handles += [self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True),
+                          self.model.register_forward_hook(pop(self._root_batch), always_call=True)]
+        for module, bd in layouts:
+            def push(*_, bd=bd):
+                self._layout.append(bd)
+            self._handles += [module.register_forward_pre_hook(_eager(push), prepend=True),
+                              module.register_forward_hook(pop(self._layout), always_call=True)]
 
     def _check_and_collect(self) -> None:
         served, problems = survey(self.model, self.registry)
@@ -86,24 +197,145 @@ class PerSampleGradients:
             raise UnsupportedModuleError(
                 "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
         for s in served:
-            self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names)
-            self._params.update({full: getattr(s.module, local) for local, full in s.param_names.items()})
+            self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names, s.shared)
+            self._params.update({full: s.module.get_parameter(local) for local, full in s.param_names.items()})
 
-    def _make_hook(self, path: str, hooked: _Hooked):
-        def hook(module, args, kwargs, output):
-            if not self._capturing or not torch.is_grad_enabled():
-                return None
-            if not isinstance(output, Tensor) or not output.requires_grad or _inside_torch_func(output):
-                return None
-            for check in (hooked.rule.reason(module),
-                          hooked.rule.check_call(module, args, kwargs, output) if hooked.rule.check_call else None):
-                if check:
-                    raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
-            args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            hooked.calls.append(_Call(path, args, get_gradient_edge(output)))
+    def _active(self, args: tuple, kwargs: dict) -> bool:
+        """A training forward: capturing, gradients on, not inside a torch.func transform."""
+        first = _first_tensor(args, kwargs)
+        return self._capturing and torch.is_grad_enabled() and not (first is not None and _inside_torch_func(first))
+
+    def _make_pre_hook(self, path: str, hooked: _Hooked):
+        rule, where = hooked.rule, f"{path or '<model>'} ({type(hooked.module).__name__})"
+
+        def pre_hook(module, args, kwargs):
+            state = None
+            if self._active(args, kwargs):
+                batch_dim = self._layout[-1] if self._layout else 0
+                if not rule.watch:
+                    state = rule.capture(module, args, kwargs, batch_dim)
+                else:  # (the output is not known yet: the first argument stands in for it)
+                    no_fallback = rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None)
+                    can_fall_back = not no_fallback
+                    captured = rule.capture(module, args, kwargs, batch_dim) if rule.capture and can_fall_back else None
+                    params = {local: p for local, full in hooked.param_names.items()
+                              if (p := module._parameters.get(local)) is self._params[full] and p.requires_grad}
+                    batch = self._root_batch[-1] if self._root_batch else _batch_of(args, kwargs, batch_dim)
+                    state = (Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back), captured)
+                    state[0].no_fallback = no_fallback or state[0].no_fallback
+                    state[0].start()
+            hooked.pending.append(state)
             return None
 
+        return pre_hook
+
+    def _make_hook(self, path: str, hooked: _Hooked):
+        rule = hooked.rule
+
+        def hook(module, args, kwargs, output):
+            state = hooked.pending.pop() if rule.watch or rule.capture else None
+            captured = state
+            if rule.watch:
+                if state is None:
+                    return None
+                watch, captured = state
+                watch.stop()
+                if output is None:  # the forward raised
+                    return None
+                if watch.stopped is None:  # watch.edges is live: uses after the forward still count
+                    self._append(hooked, _Call(path, watch.batch, watch.edges, watch.per_sample))
+                    return None
+                reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
+                if reason:  # the torch.func fallback cannot serve it either
+                    raise UnsupportedModuleError(watch.refusal(reason))
+            return self._record(path, hooked, module, args, kwargs, output, captured)
+
         return hook
+
+    def _record(self, path: str, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict, output,
+                captured: tuple | None):
+        """Record one call of a rule's module: its output edges and how to finish it. Returns None,
+        or the output to hand on in its place (a module called without the batch: watched)."""
+        rule = hooked.rule
+        if not self._capturing or not torch.is_grad_enabled() or (rule.capture and captured is None):
+            return
+        if rule.output is None:  # the common case, without the loops below
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            outputs, live = (output,), [0]
+        else:
+            outputs = rule.output(output)
+            live = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
+            if not live:
+                return
+        if _inside_torch_func(outputs[live[0]]):
+            return
+        for check in (rule.reason(module), rule.check_call(module, args, kwargs, output) if rule.check_call else None):
+            if check:
+                raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
+        batch_dim = self._layout[-1] if self._layout else 0
+        refuse_watched_input(args, f"{path or '<model>'} ({type(module).__name__})")
+        if captured is None:  # default: the positional inputs, batch first
+            captured = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            if batch_dim and captured and isinstance(captured[0], Tensor):
+                captured = (captured[0].movedim(batch_dim, 0), *captured[1:])
+        first = captured[0] if captured else None
+        batch = first.shape[0] if isinstance(first, Tensor) and first.dim() else None
+        B = self._root_batch[-1] if self._root_batch else None
+        if B is not None and (batch != B or hooked.shared) and isinstance(first, Tensor) and not (rule.output or rule.capture):
+            watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
+                                                rule.compute, captured, output, B, batch_dim)
+            self._append(hooked, _Call(path, B, watch.edges, watch.per_sample))
+            return shared
+        n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
+        edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
+
+        def finish(grads: list) -> dict:
+            if rule.output:  # every declared output's gradient, in the module's own layout
+                by_output = dict(zip(live, grads))
+                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
+            return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
+
+        self._append(hooked, _Call(path, batch, edges, finish))
+
+    def _append(self, hooked: _Hooked, call: _Call) -> None:
+        """Keep a record; drop those of forwards older than the last `max_pending_forwards`."""
+        call.generation = self._generation
+        hooked.calls.append(call)
+        keep_from = self._generation - self.max_pending_forwards + 1
+        if self._oldest is None:
+            self._oldest = self._generation
+        if self._oldest >= keep_from:
+            return
+        for h in self._hooked.values():
+            h.calls[:] = [c for c in h.calls if c.generation >= keep_from]
+        self._oldest = keep_from
+        if not self._warned_dropped:
+            self._warned_dropped = True
+            warnings.warn(
+                f"PerSampleGradients: more than {self.max_pending_forwards} forwards of the model ran with "
+                "gradients on since the last engine.backward(); the records of the older ones were dropped to "
+                "bound memory. Run evaluations under torch.no_grad() or `with engine.paused():`, call "
+                "engine.clear() after forwards no engine.backward() will use, and step with engine.backward() "
+                "rather than loss.backward() while the engine is attached (or raise max_pending_forwards)",
+                RuntimeWarning, stacklevel=4)
+
+    def clear(self) -> None:
+        """Forget every recorded forward (their inputs are freed); the next backward uses only
+        forwards that come after this."""
+        for h in self._hooked.values():
+            h.calls.clear()
+        self._oldest = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside this block are not recorded (e.g. an evaluation with gradients on,
+        or a step taken with a plain loss.backward())."""
+        was, self._capturing = self._capturing, False
+        try:
+            yield self
+        finally:
+            self._capturing = was
 
     def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
@@ -125,24 +357,35 @@ class PerSampleGradients:
         if not losses.requires_grad:
             raise ValueError("losses does not require grad: compute it from the model's output "
                              "with gradients enabled")
+        if self._removed:
+            raise GradAlignError("this engine was removed (engine.remove()), so it recorded nothing: create a "
+                                 "new ga.PerSampleGradients(model) to use it again")
         B = losses.shape[0]
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
-            self._backward_to_outputs(losses, params, retain_graph=self.verify)
-            per_sample = self._per_sample_grads(B, params)
+            with full_precision(losses.device):  # backward and rules in float32, also inside autocast
+                self._backward_to_outputs(losses, params, retain_graph=self.verify)
+                per_sample = self._per_sample_grads(B, params)
+            rtol = self._verify_rtol()
         finally:
-            for h in self._hooked.values():
-                h.calls.clear()
-        stats = GradientStats(per_sample, B, device=losses.device)
+            self.clear()
+        stats = self._stats(per_sample, B, losses.device, params)
         if self.verify:
-            self._verify(stats, losses)
+            self._verify(stats, losses, rtol)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
         if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
+            B = stats.global_batch_size                                      # B without a process group
             update = ({n: s / B for n, s in stats.grad_sum.items()} if weights is None
                       else stats.weighted_sum(w / B))                        # (1/B) sum_i w_i g_i
             self._write_grad(update, add=True)
         return stats
+
+    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter]) -> GradientStats:
+        if self.process_group is None:
+            return GradientStats(per_sample, B, device=device)
+        shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
+        return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes)
 
     def set_grad(self, grads: dict[str, Tensor]) -> None:
         """p.grad = grads[name] for every hooked parameter named (cast to the parameter's dtype).
@@ -159,88 +402,130 @@ class PerSampleGradients:
         absent from `grads` (outside the losses) keep their grad, as in autograd."""
         for name, g in grads.items():
             p = self._params[name]
+            g = g if g.dtype == p.dtype else g.to(p.dtype)  # statistics are float32, p may be half
             if add and p.grad is not None:
                 p.grad.add_(g)
             else:
-                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                p.grad = g
 
     def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
-        """One backward of sum(losses) that fills every call's grad_output.
+        """One backward of sum(losses) that fills every call's gradients.
 
-        Autograd is asked for the gradients at the recorded layer-output edges, not the
-        parameters, so it skips every weight-gradient product (the engine forms p.grad from
-        the factors instead). An edge is the output as the forward produced it, so an
-        in-place op after the layer does not change what is captured, and no output tensor
-        is kept alive. Parameters of modules that recorded no call are asked for too: a
-        gradient there means the parameter was used outside its module, which no hook sees.
+        Autograd is asked for the gradients at the recorded edges, not the parameters, so it
+        skips every weight-gradient product (the engine forms p.grad from the factors instead).
+        An edge is a tensor as the forward produced it, so an in-place op after the layer does
+        not change what is captured, and no output tensor is kept alive. Parameters of modules
+        that recorded no call are asked for too: a gradient there means the parameter was used
+        outside its module, which no hook sees.
         """
         calls = [call for h in self._hooked.values() for call in h.calls]
-        unseen = [params[n] for h in self._hooked.values() if not h.calls for n in h.param_names.values()
-                  if n in params]
-        if not calls and not unseen:
+        seen = {n for h in self._hooked.values() if any(c.edges for c in h.calls) for n in h.param_names.values()}
+        unseen = [p for n, p in params.items() if n not in seen]  # a tied parameter: seen by any of its modules
+        edges = [e for call in calls for e in call.edges]
+        if not edges and not unseen:
             return
-        grads = torch.autograd.grad(losses.sum(), [c.edge for c in calls] + unseen,
-                                    allow_unused=True, retain_graph=retain_graph)
-        for call, g in zip(calls, grads):
-            call.grad_output = g
+        grads = torch.autograd.grad(losses.sum(), edges + unseen, allow_unused=True, retain_graph=retain_graph)
+        start = 0
+        for call in calls:
+            call.grads = list(grads[start:start + len(call.edges)])
+            start += len(call.edges)
         names = {id(p): n for n, p in params.items()}
-        for p, g in zip(unseen, grads[len(calls):]):
-            if g is not None and bool(g.any()):
+        for p, g in zip(unseen, grads[start:]):
+            if g is not None:  # the loss depends on p, yet no use of it was seen: no host read needed
+                compiled = "" if edges else (
+                    "; no hooked module recorded a call: if the model was compiled (torch.compile) and run "
+                    "before this engine was created, the compiled code skips the engine's hooks, so create "
+                    "the engine before the first compiled call (or call torch._dynamo.reset())")
                 raise UnsupportedModuleError(
-                    f"parameter {names[id(p)]} has a gradient but its module's forward was not seen; a "
-                    "parameter used outside its own module (e.g. F.linear(x, m.weight)) is not supported")
+                    f"parameter {names[id(p)]} has a gradient but the engine saw no use of it in its module's "
+                    "forward; a parameter used outside its own module (e.g. F.linear(x, m.weight)), or, in a "
+                    "module without a rule, only inside a custom autograd.Function or a reentrant checkpoint, "
+                    f"is not supported{compiled}")
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
-        self._capturing = False  # a rule may run the module again (torch.func fallback)
+        self._capturing = False  # a rule may run the module again (torch.func fallback, attention)
         try:
             for h in self._hooked.values():
                 for call in h.calls:
-                    if call.grad_output is None:  # this call did not contribute to the losses
+                    if call.grads is None or call.grads.count(None) == len(call.grads):  # no part in the losses
                         continue
-                    batch = call.args[0].shape[0] if call.args and isinstance(call.args[0], Tensor) else None
-                    if batch != B:
+                    if call.batch != B:
                         raise ValueError(
-                            f"{call.path} saw a batch of {batch} samples but losses has {B} entries; "
+                            f"{call.path} saw a batch of {call.batch} samples but losses has {B} entries; "
                             "the engine needs batch-first inputs and one loss per sample")
-                    for local, grads in h.rule.compute(h.module, call.args, call.grad_output).items():
+                    for local, grads in call.finish(call.grads).items():
                         name = h.param_names[local]
                         if name not in params:  # frozen since the engine was created
                             continue
-                        out[name] = grads if name not in out else out[name].merge(grads)
+                        out[name] = grads if name not in out else combine(out[name], grads)  # tied, or called twice
         finally:
             self._capturing = True
         return out
 
-    @staticmethod
-    def _resolve_weights(weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
+    def _resolve_weights(self, weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
+        """(B,) weights in the statistics' precision (at least float32). Finiteness is checked
+        where that costs no host sync (weights on the CPU) or with verify=True."""
         B = losses.shape[0]
+        dtype = stats.dtype  # the statistics' precision, whatever the losses' dtype
         if weights is None:
-            return torch.ones(B, device=losses.device, dtype=losses.dtype)
+            return torch.ones(B, device=losses.device, dtype=dtype)
         w = weights(stats) if callable(weights) else weights
         if not isinstance(w, Tensor) or w.shape != (B,):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
             raise ValueError(f"weights must be a tensor of shape ({B},), got {got}")
-        if not bool(torch.isfinite(w).all()):
+        if (w.device.type == "cpu" or self.verify) and not bool(torch.isfinite(w).all()):
             raise ValueError("weights contain NaN or infinite values")
-        return w.detach().to(device=losses.device, dtype=losses.dtype)
+        return w.detach().to(device=losses.device, dtype=dtype)
 
-    def _verify(self, stats: GradientStats, losses: Tensor) -> None:
-        """Check the per-sample gradients against autograd's gradient of the mean loss."""
-        names = list(stats.mean_grad)
+    def _verify_rtol(self) -> float:
+        """Tolerance of `verify`: looser when layers ran in bfloat16 or float16."""
+        dtypes = {g.dtype for h in self._hooked.values() for c in h.calls for g in (c.grads or []) if g is not None}
+        return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
+
+    def _verify(self, stats: GradientStats, losses: Tensor, rtol: float) -> None:
+        """Check the per-sample gradients against autograd, twice: sum_i v_i g_i against the
+        gradient of sum_i v_i l_i for weights v that tell the samples apart (catches a parameter
+        used where no hook sees it, or a gradient given to the wrong sample), and the first
+        sample's and the largest one's squared norm against a backward of that sample's loss
+        alone (catches a module that mixes samples or gets its batch on another dim, e.g. a
+        (T, B, ...) input with T == B)."""
+        B = stats.batch_size
+        v = torch.rand(B, generator=torch.Generator().manual_seed(0)) + 0.5
+        v = v.to(losses.device, torch.promote_types(losses.dtype, torch.float32))
+        with full_precision(losses.device):
+            local = {n: g.weighted_sum(v) / B for n, g in stats._per_sample.items()}  # this rank's samples
+        names = list(local)
         params = [self._params[n] for n in names]
-        expected = torch.autograd.grad(losses.mean(), params, allow_unused=True)
-        for name, mean, exp in zip(names, stats.mean_grad.values(), expected):
-            exp = torch.zeros_like(mean) if exp is None else exp
-            if not torch.allclose(mean, exp, rtol=1e-4, atol=1e-5 * (1 + exp.abs().max().item())):
+        expected = torch.autograd.grad((losses * v.to(losses.dtype)).sum() / B, params, allow_unused=True,
+                                       retain_graph=True)
+        for name, mine, exp in zip(names, local.values(), expected):
+            exp = torch.zeros_like(mine) if exp is None else exp.to(mine.dtype)
+            if not torch.allclose(mine, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
                 raise UnsupportedModuleError(
-                    f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
-                    "used outside its module's forward, or a module mixes samples")
+                    f"per-sample gradients of {name} do not add up to autograd's gradient: the parameter is "
+                    "used outside its module's forward, a module mixes samples, or a module's input has the "
+                    "batch size on its batch dim without carrying the batch (declare such a module with "
+                    "RuleRegistry.register_shared)")
+        samples = sorted({0, int(stats.sq_norms.argmax())})
+        for k, i in enumerate(samples):
+            own = torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=k + 1 < len(samples))
+            exact = sum(g.double().square().sum() for g in own if g is not None)
+            got = stats.sq_norms[i].double()
+            if not torch.isclose(got, torch.as_tensor(float(exact), dtype=torch.float64), rtol=10 * rtol,
+                                 atol=rtol * float(stats.sq_norms.max())):
+                raise UnsupportedModuleError(
+                    f"the per-sample gradient of sample {i} has |g|^2 = {float(got):.6g}, but a backward of its "
+                    f"loss alone gives {float(exact):.6g}: a module mixes the samples of a batch, or a layer got "
+                    "its batch on another dim than the one the engine uses (the batch must be dim 0 of every "
+                    "hooked module's input, dim 1 inside an nn.Transformer* with batch_first=False)")
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before the engine was created."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.clear()
         for h in self._hooked.values():
-            h.calls.clear()
+            h.pending.clear()
+        self._removed = True

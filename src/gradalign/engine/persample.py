@@ -1,6 +1,6 @@
 """Per-sample gradients of ONE parameter, kept in factored form.
 
-Each layer rule returns, per parameter, one of three representations of the B per-sample
+Each layer rule returns, per parameter, one of four representations of the B per-sample
 gradients g_i (i = 1..B). None of them stores a (B, P) matrix unless that is the cheapest
 route for that layer. Every representation answers the same six questions:
 
@@ -15,10 +15,18 @@ route for that layer. Every representation answers the same six questions:
 sum rather than the mean gbar = S / B: the 1/B is applied once to the (B,) results, not
 to every parameter-sized tensor. `merge(other)` combines two calls of the same module
 (shared weights in one forward): the per-sample gradient of a module applied twice is
-the sum of both contributions.
+the sum of both contributions. Contributions of different kinds (tied weights: an Embedding's
+rows and a Linear's factors; a raw parameter used both as a linear map and elementwise) are
+combined by engine/summed.py, with exact cross terms.
+
+Precision: the factors are captured as the forward made them (bfloat16 or float16 under
+autocast or in a half model) and upcast to float32 when a representation is built, so every
+product and sum runs in float32 (a squared norm of float16 numbers would overflow at 65504).
+Statistics come out in float32 (float64 for a float64 model).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -28,6 +36,32 @@ from torch import Tensor
 
 # Materialise per-sample gradients in chunks of at most this many numbers.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def upcast(t: Tensor) -> Tensor:
+    """A floating tensor narrower than float32 (bfloat16, float16) as float32; others as they are."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
+def full_precision(device: torch.device | None):
+    """A context with autocast off on `device` (where it is on): statistics read inside an
+    autocast region are still computed in float32 from the upcast factors."""
+    if device is None or device.type not in ("cpu", "cuda", "xpu", "mps", "hpu") or not _autocast_on(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
+    """A weight shared over T positions: the ghost route costs ~T^2 (n_in + n_out) per sample,
+    materialising the per-sample gradient ~T n_in n_out."""
+    return T * (n_in + n_out) <= n_in * n_out
 
 
 def _sq_norm(t: Tensor) -> Tensor:
@@ -63,6 +97,15 @@ class Factored:
     shape: torch.Size
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    def __post_init__(self):
+        A, D = upcast(self.A), upcast(self.D)
+        dtype = torch.promote_types(A.dtype, D.dtype)
+        self.A, self.D = A.to(dtype), D.to(dtype)
+
+    @property
     def _B(self) -> int:
         return self.A.shape[0]
 
@@ -77,9 +120,7 @@ class Factored:
         return R.reshape(self.A.shape[1], self.D.shape[3], self.A.shape[3])
 
     def _ghost_is_cheaper(self) -> bool:
-        """Ghost route costs ~T^2 (n_in + n_out) per sample, materialising ~T n_in n_out."""
-        T, n_in, n_out = self.A.shape[2], self.A.shape[3], self.D.shape[3]
-        return T * (n_in + n_out) <= n_in * n_out
+        return ghost_is_cheaper(self.A.shape[2], self.A.shape[3], self.D.shape[3])
 
     def uses_gram(self) -> bool:
         """Whether <g_i, gbar> and |gbar|^2 come from the B x B Gram matrix (T = 1 only):
@@ -122,6 +163,7 @@ class Factored:
         return out
 
     def dots(self, R: Tensor) -> Tensor:
+        R = R.to(self.A.dtype)
         flat = self._flat
         if flat is not None:
             a, d = flat
@@ -159,8 +201,14 @@ class Factored:
             total += g.square().sum(0)
         return total.reshape(self.shape)
 
-    def merge(self, other: "Factored") -> "Factored":
+    def merge(self, other: "PerSampleGrad") -> "PerSampleGrad":
+        if not isinstance(other, Factored):
+            return self.dense().merge(other)
         return Factored(torch.cat([self.A, other.A], dim=2), torch.cat([self.D, other.D], dim=2), self.shape)
+
+    def dense(self) -> "Dense":
+        """The per-sample gradients themselves, (B, *shape)."""
+        return Dense(torch.einsum("bgto,bgti->bgoi", self.D, self.A).reshape(self._B, *self.shape))
 
 
 @dataclass
@@ -174,22 +222,40 @@ class IndexedRows(_FromSum):
     D: Tensor
     num_rows: int
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.D.dtype
+
+    def __post_init__(self):
+        self.D = upcast(self.D)
+
     def _per_sample_rows(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Distinct (sample, row) pairs with their summed gradient rows: (K,), (K,), (K, dim)."""
+        """Every distinct (sample, row) pair's sample, row and summed gradient, in B T slots (unused
+        slots: sample 0, row 0, zero gradient): (B T,), (B T,), (B T, dim). Sorting the pairs
+        instead of torch.unique keeps every shape fixed, so nothing waits for the device."""
         B, T = self.index.shape
         key = torch.arange(B, device=self.index.device).unsqueeze(1) * self.num_rows + self.index
-        unique, inverse = torch.unique(key.reshape(-1), return_inverse=True)
-        rows = self.D.new_zeros(unique.numel(), self.D.shape[-1])
-        rows.index_add_(0, inverse, self.D.reshape(B * T, -1))
-        return unique // self.num_rows, unique % self.num_rows, rows
+        key, order = key.reshape(-1).sort()
+        first = torch.ones_like(key, dtype=torch.bool)
+        first[1:] = key[1:] != key[:-1]
+        slot = first.cumsum(0) - 1  # (B T,) the slot of each entry's (sample, row) pair
+        grads = self.D.new_zeros(B * T, self.D.shape[-1])
+        grads.index_add_(0, slot, self.D.reshape(B * T, -1)[order])
+        rows = torch.zeros_like(key).scatter_(0, slot, key % self.num_rows)
+        samples = torch.zeros_like(key).scatter_(0, slot, key // self.num_rows)
+        return samples, rows, grads
 
     def sq_norms(self) -> Tensor:
+        B, T = self.index.shape
+        if T > 4 * self.D.shape[-1]:  # many lookups of short rows (T5's (T, T) relative-position buckets):
+            samples, _, grads = self._per_sample_rows()  # sum each (sample, row) first, B T dim not B T^2
+            return grads.new_zeros(B).index_add_(0, samples, torch.linalg.vecdot(grads, grads))
         # |g_i|^2 = sum_{t,s} [index_it == index_is] d_it . d_is
         same = (self.index.unsqueeze(2) == self.index.unsqueeze(1)).to(self.D.dtype)
         return (same * (self.D @ self.D.transpose(1, 2))).sum(dim=(1, 2))
 
     def dots(self, R: Tensor) -> Tensor:
-        return (R[self.index] * self.D).sum(dim=(1, 2))
+        return (R.to(self.D.dtype)[self.index] * self.D).sum(dim=(1, 2))
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         D = self.D if w is None else self.D * w.view(-1, 1, 1)
@@ -198,9 +264,9 @@ class IndexedRows(_FromSum):
         return out
 
     def sq_sum(self) -> Tensor:
-        _, row, grads = self._per_sample_rows()
+        _, rows, grads = self._per_sample_rows()
         out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
-        out.index_add_(0, row, grads.square())
+        out.index_add_(0, rows, grads.square())
         return out
 
     def merge(self, other: "IndexedRows") -> "IndexedRows":
@@ -214,21 +280,91 @@ class Dense(_FromSum):
 
     grads: Tensor
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.grads.dtype
+
+    def __post_init__(self):
+        self.grads = upcast(self.grads)
+
+    def _flat(self) -> Tensor:  # (B, P); reshape, as a scalar parameter's grads are (B,)
+        return self.grads.reshape(self.grads.shape[0], -1)
+
     def sq_norms(self) -> Tensor:
-        flat = self.grads.flatten(1)
+        flat = self._flat()
         return torch.linalg.vecdot(flat, flat)
 
     def dots(self, R: Tensor) -> Tensor:
-        return self.grads.flatten(1) @ R.flatten()
+        return self._flat() @ R.reshape(-1).to(self.grads.dtype)
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
-        return self.grads.sum(0) if w is None else torch.tensordot(w, self.grads, dims=1)
+        return self.grads.sum(0) if w is None else torch.tensordot(w.to(self.grads.dtype), self.grads, dims=1)
 
     def sq_sum(self) -> Tensor:
         return self.grads.square().sum(0)
 
-    def merge(self, other: "Dense") -> "Dense":
-        return Dense(self.grads + other.grads)
+    def merge(self, other: "PerSampleGrad") -> "Dense":
+        return Dense(self.grads + (other.grads if isinstance(other, Dense) else other.dense().grads))
+
+    def dense(self) -> "Dense":
+        return self
 
 
-PerSampleGrad = Factored | IndexedRows | Dense
+@dataclass
+class RowBlocks:
+    """g_i = cat_k g_i^(k) along dim 0: a parameter whose row blocks are served separately
+    (nn.MultiheadAttention's packed in_proj_weight when query and key/value differ).
+
+    blocks: per-sample gradients of each row block, of `sizes[k]` rows each; shape: the whole.
+    """
+
+    blocks: list
+    sizes: list[int]
+    shape: torch.Size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].dtype
+
+    def _split(self, R: Tensor) -> tuple[Tensor, ...]:
+        return R.reshape(self.shape).split(self.sizes)
+
+    def sq_norms(self) -> Tensor:
+        return sum(b.sq_norms() for b in self.blocks)
+
+    def dots(self, R: Tensor) -> Tensor:
+        return sum(b.dots(r) for b, r in zip(self.blocks, self._split(R)))
+
+    def _parts(self, total: Callable[[], Tensor]) -> list[Callable[[], Tensor]]:
+        split = {}  # S is split once, and only if some block asks for it
+
+        def part(k: int) -> Tensor:
+            if not split:
+                split.update(enumerate(self._split(total())))
+            return split[k]
+        return [lambda k=k: part(k) for k in range(len(self.blocks))]
+
+    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
+        return sum(b.dots_with_sum(t) for b, t in zip(self.blocks, self._parts(total)))
+
+    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
+        return sum(b.sum_sq_norm(t) for b, t in zip(self.blocks, self._parts(total)))
+
+    def weighted_sum(self, w: Tensor | None) -> Tensor:
+        return torch.cat([b.weighted_sum(w).reshape(n, -1) for b, n in zip(self.blocks, self.sizes)]).reshape(self.shape)
+
+    def sq_sum(self) -> Tensor:
+        return torch.cat([b.sq_sum().reshape(n, -1) for b, n in zip(self.blocks, self.sizes)]).reshape(self.shape)
+
+    def dense(self) -> Dense:
+        grads = [b.dense().grads for b in self.blocks]
+        return Dense(torch.cat([g.reshape(g.shape[0], n, -1) for g, n in zip(grads, self.sizes)], 1)
+                     .reshape(-1, *self.shape))
+
+    def merge(self, other: "PerSampleGrad") -> "PerSampleGrad":
+        if isinstance(other, RowBlocks) and other.sizes == self.sizes:
+            return RowBlocks([a.merge(b) for a, b in zip(self.blocks, other.blocks)], self.sizes, self.shape)
+        return self.dense().merge(other)
+
+
+PerSampleGrad = Factored | IndexedRows | Dense | RowBlocks

@@ -23,6 +23,7 @@ and the clean-and-retrain grid (clean.py).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -99,7 +100,11 @@ def parse_levels(entries) -> tuple[NoiseLevel, ...]:
 
 def describe(variant: str) -> str:
     """A variant name as a heading: 'noise0.2' -> 'symmetric noise 20%', 'pair0.2' -> 'pair noise 20%',
-    'noise0' -> 'no label noise'; other names are returned as they are."""
+    'noise0' -> 'no label noise', 'vit-noise0.2' -> 'vit, symmetric noise 20%'; other names are
+    returned as they are."""
+    head, _, variant = variant.rpartition("-")
+    if head:
+        return f"{head}, {describe(variant)}"
     for kind, prefix in _PREFIX.items():
         if variant.startswith(prefix):
             try:
@@ -143,13 +148,14 @@ def flip_labels(y: np.ndarray, rate: float, rng: np.random.Generator, kind: str 
 # ---------------------------------------------------------------- memorisation
 
 @torch.no_grad()
-def memorisation(model: nn.Module, splits, train_set) -> dict:
+def memorisation(model: nn.Module, splits, train_set, *, prepare=None, autocast=None) -> dict:
     """How the final model classifies the training samples it trained on, flipped or not.
 
     flipped_acc_noisy: accuracy on the flipped samples w.r.t. their NOISY labels (how much
     noise was memorised); flipped_acc_clean: w.r.t. their CLEAN labels (how much was
     recovered); clean_train_acc: accuracy on the samples that were not flipped. Empty
-    when the training set holds no flipped sample.
+    when the training set holds no flipped sample. prepare, autocast: as for train.evaluate
+    (stored inputs -> model inputs; the forward's context).
     """
     if splits.flipped_clean is None or not len(splits.flipped_ids):
         return {}
@@ -160,7 +166,12 @@ def memorisation(model: nn.Module, splits, train_set) -> dict:
         return {}
     was_training = model.training
     model.eval()
-    pred = torch.cat([model(train_set.x[i:i + 2048]).argmax(1) for i in range(0, len(train_set), 2048)]).cpu().numpy()
+    pred = []
+    for i in range(0, len(train_set), 2048):
+        x = train_set.x[i:i + 2048]
+        with (autocast or contextlib.nullcontext)():
+            pred.append(model(prepare(x) if prepare is not None else x).argmax(1))
+    pred = torch.cat(pred).cpu().numpy()
     model.train(was_training)
     y = train_set.y.cpu().numpy()
     clean_of = dict(zip(flipped_ids.tolist(), splits.flipped_clean.cpu().numpy().tolist()))

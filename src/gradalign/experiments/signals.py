@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 import gradalign as ga
+from gradalign.errors import ConfigError
 from gradalign.experiments.steps import Forward, Step
 from gradalign.methods.weighting import leave_one_out_cosines
 
@@ -71,9 +72,12 @@ class SignalStep(Step):
         self._batch: tuple[Tensor, Tensor] | None = None
         self._kept: dict[str, list[Tensor]] = {k: [] for k in ("ids", "label", "correct") + FLOAT_RECORDS}
 
-    def __call__(self, x: Tensor, y: Tensor, ids: Tensor, samples_done: int) -> float:
+    def __call__(self, x: Tensor, y: Tensor, ids: Tensor, samples_done: int, **kw) -> float:
+        if self.world > 1:
+            raise ConfigError("the 'signals' method records every training sample's signals in one process; "
+                              "run its arm without --nproc")
         self._batch = (y, ids)
-        return super().__call__(x, y, ids, samples_done)
+        return super().__call__(x, y, ids, samples_done, **kw)
 
     def update(self, out: Forward) -> int:
         stats = self.engine.backward(out.graph)                  # p.grad = mean gradient, as the baseline
@@ -85,6 +89,13 @@ class SignalStep(Step):
         for k, v in kept.items():
             self._kept[k].append(v.detach().to("cpu"))
         return len(logits)
+
+    def state_dict(self) -> dict:
+        """The records so far: a run resumed from a checkpoint keeps the epochs before it."""
+        return {"kept": {k: list(v) for k, v in self._kept.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._kept = {k: list(v) for k, v in state["kept"].items()}
 
     def records(self) -> dict[str, np.ndarray]:
         if not self._kept["ids"]:

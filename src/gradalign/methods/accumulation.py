@@ -19,6 +19,14 @@ rule="per_sample" (the GAGA proposal's wording): snr = mean_j m_j^2 / (v_j + eps
     r_j as n grows, so it mostly stops at the first increment or runs to the cap. Parameters
     with v_j = 0 give m_j^2 / eps (huge when m_j != 0, 0 when m_j = 0): eps decides.
 
+Data parallel: give the ENGINE the process group (`PerSampleGradients(model,
+process_group=...)`); its statistics then carry sum g and sum g**2 over every rank's
+samples (one all-reduce of 2P + 1 numbers per increment, via `GradientStats.moment_sums`)
+and the global sample count, so every rank's accumulator holds the same sums, takes the
+same decision at the same SNR, and `mean_grad()` is the same on every rank: exactly a
+single process fed the concatenated increments. An increment is then the global batch
+(e.g. 2 ranks x 16 samples for increment=32).
+
 References: Byrd, Chin, Nocedal, Wu, "Sample size selection in optimization methods for
 machine learning", Math. Programming 2012; McCandlish, Kaplan, Amodei, "An Empirical Model
 of Large-Batch Training", arXiv:1812.06162; Liu et al., "Understanding Why Neural Networks
@@ -94,12 +102,14 @@ class GSNRAccumulator:
         """
         if self._closed:
             self.reset()
-        for name, total in stats.grad_sum.items():
-            add, add_sq = total.double(), stats.grad_sq_sum[name].double()
+        moments = getattr(stats, "moment_sums", None)   # one all-reduce for both under data parallel
+        sums, sq_sums = moments() if moments is not None else (stats.grad_sum, stats.grad_sq_sum)
+        for name, total in sums.items():
+            add, add_sq = total.double(), sq_sums[name].double()
             self._dtype[name] = total.dtype
             self._sum[name] = self._sum[name] + add if name in self._sum else add
             self._sum_sq[name] = self._sum_sq[name] + add_sq if name in self._sum_sq else add_sq
-        self.n += stats.batch_size
+        self.n += getattr(stats, "global_batch_size", stats.batch_size)
         self.last_snr = self.snr()
         ready = self.n >= self.max_samples or self.last_snr > self.tau
         if ready:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradalign.engine.distributed import all_gather_rows
 from gradalign.errors import GradAlignError
 from gradalign.methods.head import HeadRecorder, is_head_output, label_distribution, residual
 
@@ -184,6 +185,13 @@ class GWAMonitor:
         best = monitor.best_epoch("scratch")
         monitor.remove()
 
+    Args:
+        head: the classifier's final nn.Linear (inside a DDP wrapper: `ddp.module.head`).
+        process_group: data parallel: at end_epoch() every rank's scores and sample ids are
+            gathered (two all_gathers per epoch: the counts, then an (n, 2) float64 table),
+            so GWA_T, the best epoch and sample_scores() are those of the whole data set and
+            the same on every rank. None: this process's samples only.
+
     Attributes:
         epoch_scores: GWA_T per epoch (nan: not selectable, see `unselectable`).
         epoch_mean_alignment: mean a_i per epoch (the paper compares runs by its maximum).
@@ -191,9 +199,10 @@ class GWAMonitor:
         unselectable: {epoch: reason} for every epoch whose GWA_T is nan.
     """
 
-    def __init__(self, head: nn.Linear):
+    def __init__(self, head: nn.Linear, *, process_group=None):
         self._recorder = HeadRecorder(head, detach=True, grad_only=True)
         self.head = head
+        self.process_group = process_group
         self.epoch_scores: list[float] = []
         self.epoch_mean_alignment: list[float] = []
         self.epoch_kurtosis: list[float] = []
@@ -219,6 +228,8 @@ class GWAMonitor:
                                  "forward (with grad enabled) and before the next one")
         if z.dim() != 2:
             raise ValueError(f"GWAMonitor needs a head whose input is (B, D), got {tuple(z.shape)}")
+        if z.dtype in (torch.float16, torch.bfloat16):       # under autocast: |z_i| in float32
+            z = z.float()
         ids = _sample_ids(sample_ids, z.device)
         B, C = z.shape[0], self.head.out_features
         if ids.numel() != B or logits.shape[0] != B:
@@ -239,6 +250,16 @@ class GWAMonitor:
                                    torch.linalg.vector_norm(self.head.weight.detach()),
                                    None if bias is None else bias.detach().clone()))
 
+    def update_recorded(self, targets: Tensor, sample_ids) -> bool:
+        """update() with the head's own recorded output as the logits (for callbacks that see
+        the batch but not the model's output, e.g. Lightning's). False when no training
+        forward was recorded since the last update (nothing to do)."""
+        z, logits = self._recorder.peek()
+        if z is None:
+            return False
+        self.update(logits, targets, sample_ids)
+        return True
+
     def last_scores(self) -> Tensor:
         """(B,) float64 alignment scores of the latest update() of the current epoch."""
         if not self._pending:
@@ -246,8 +267,9 @@ class GWAMonitor:
         return _step_scores(self._pending[-1:], self.head.out_features)
 
     def end_epoch(self) -> float:
-        """Close the epoch: GWA_T over every score since the previous end_epoch()."""
-        if not self._pending:
+        """Close the epoch: GWA_T over every score since the previous end_epoch() (with a
+        process group: over every rank's scores; a rank without updates contributes none)."""
+        if not self._pending and self.process_group is None:
             raise GradAlignError("end_epoch() with no update() since the previous epoch")
         for k, step in enumerate(self._pending):
             if not step.targets.is_floating_point():
@@ -256,9 +278,21 @@ class GWAMonitor:
                 except ValueError as e:
                     self._pending = []               # the epoch is lost, the monitor is not stuck
                     raise ValueError(f"update() #{k + 1} of this epoch: {e}; the epoch's scores are dropped") from None
-        ids = torch.cat([step.ids for step in self._pending]).cpu().numpy()
-        scores = _step_scores(self._pending, self.head.out_features)
+        if self._pending:
+            ids = torch.cat([step.ids for step in self._pending])
+            scores = _step_scores(self._pending, self.head.out_features)
+        else:
+            device = self.head.weight.device
+            ids, scores = torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.float64,
+                                                                                        device=device)
         self._pending = []
+        if self.process_group is not None:          # the whole data set's scores, in rank order
+            table = all_gather_rows(torch.stack([ids.to(scores.device, torch.float64), scores], 1),
+                                    self.process_group)
+            ids, scores = table[:, 0].round().long(), table[:, 1].contiguous()
+            if ids.numel() == 0:
+                raise GradAlignError("end_epoch() with no update() on any rank since the previous epoch")
+        ids = ids.cpu().numpy()
         mean, kurtosis = _mean_and_kurtosis(scores)
         score, reason = _score(mean, kurtosis)
         epoch = len(self.epoch_scores)
@@ -272,6 +306,25 @@ class GWAMonitor:
         self._scores.append(scores.float().cpu().numpy())
         return score
 
+    def state_dict(self) -> dict:
+        """Everything the monitor has recorded, for a checkpoint; call it between epochs (after
+        end_epoch(), before the next update()). Per-epoch sample ids and scores are lists of
+        numpy arrays, one per epoch, so a checkpoint can store each epoch once."""
+        if self._pending:
+            raise GradAlignError("state_dict() in the middle of an epoch: call it after end_epoch()")
+        return {"epoch_scores": list(self.epoch_scores), "epoch_mean_alignment": list(self.epoch_mean_alignment),
+                "epoch_kurtosis": list(self.epoch_kurtosis), "unselectable": dict(self.unselectable),
+                "sample_ids": list(self._ids), "sample_scores": list(self._scores)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() gave (the monitor then continues as if never stopped)."""
+        self.epoch_scores = list(state["epoch_scores"])
+        self.epoch_mean_alignment = list(state["epoch_mean_alignment"])
+        self.epoch_kurtosis = list(state["epoch_kurtosis"])
+        self.unselectable = {int(k): v for k, v in state["unselectable"].items()}
+        self._ids, self._scores = list(state["sample_ids"]), list(state["sample_scores"])
+        self._pending = []
+
     def sample_scores(self) -> dict[str, np.ndarray]:
         """Every finished epoch's per-sample scores: {"sample_id", "epoch", "score"}, equal lengths."""
         counts = [len(i) for i in self._ids]
@@ -281,7 +334,8 @@ class GWAMonitor:
             "score": np.concatenate(self._scores) if counts else np.zeros(0, np.float32),
         }
 
-    def best_epoch(self, mode: str = "scratch", skip_fraction: float | None = None) -> int:
+    def best_epoch(self, mode: str = "scratch", skip_fraction: float | None = None, *,
+                   skip_epochs: int | None = None) -> int:
         """The 0-based epoch the paper's early-stopping rule selects; nan epochs never count.
 
         mode="scratch": skip the first `skip_fraction` (default 0.1) of epochs, i.e. the
@@ -290,6 +344,8 @@ class GWAMonitor:
         mode="finetune": skip the first `skip_fraction` (default 0) of epochs, find the first
             local minimum j of GWA_T (the first epoch followed by a larger score, or the last
             epoch if the scores never rise) and take the argmax over epochs >= j.
+        skip_epochs: skip this many epochs instead of a fraction (e.g. 10% of the PLANNED
+            epochs while training is still running; at least one epoch stays).
         Ties go to the earliest epoch.
         """
         if mode not in SELECTION_MODES:
@@ -301,7 +357,8 @@ class GWAMonitor:
         n = len(self.epoch_scores)
         if n == 0:
             raise GradAlignError("best_epoch() before any end_epoch()")
-        skip = min(int(math.floor(skip_fraction * n + 1e-9)), n - 1)
+        skip = int(math.floor(skip_fraction * n + 1e-9)) if skip_epochs is None else int(skip_epochs)
+        skip = min(skip, n - 1)
         epochs = [e for e in range(skip, n) if math.isfinite(self.epoch_scores[e])]
         if not epochs:
             raise GradAlignError(f"no selectable epoch after skipping {skip} of {n}: "

@@ -63,6 +63,10 @@ class HeadRecorder:
         self._input, self._output = (z.detach(), output.detach()) if self.detach else (z, output)
         self._forwards += 1
 
+    def peek(self) -> tuple[Tensor | None, Tensor | None]:
+        """(latest input z, latest output) since the previous take(), without clearing them."""
+        return self._input, self._output
+
     def take(self) -> tuple[Tensor | None, Tensor | None, int]:
         """(latest input z, latest output, forwards recorded) since the previous take(); clears them."""
         out = self._input, self._output, self._forwards

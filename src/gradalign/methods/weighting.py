@@ -5,6 +5,11 @@ GASW: w_i = max(0, s_i)^gamma      (weight the consensus)
 GDSW: w_i = (1 - s_i)^gamma        (weight the disagreement)
 then w <- B w / sum_j w_j, and the update direction is (1/B) sum_i w_i g_i.
 
+Data parallel (an engine with a process group): s_i is the cosine to the mean over every
+rank's samples, B and sum_j w_j are global (sum_j w_j costs one scalar all-reduce), so the
+weights of all ranks together sum to the global B; each rank keeps its own samples' weights,
+and the fallback decision is the same on every rank.
+
 Use as `engine.backward(losses, weights=GASW(gamma=2.0))`: the engine forms the weighted
 gradient from the same backward, with no (B, P) matrix and no second backward.
 
@@ -29,7 +34,9 @@ class _CosineWeighting:
     """Shared mechanism: cosines -> raw weights (subclass) -> normalised weights, with guards.
 
     Degenerate steps (|gbar| = 0, every raw weight 0, or anything non-finite) fall back to
-    uniform weights and are counted in `fallbacks`; they never produce NaN.
+    uniform weights and are counted in `fallbacks`; they never produce NaN. The choice is made
+    on the device (torch.where) and counted in a tensor, so a step never waits for the GPU:
+    only reading `fallbacks` (or last_zero_fraction, last_entropy) does.
     """
 
     def __init__(self, gamma: float = 2.0, *, leave_one_out: bool = False):
@@ -38,27 +45,39 @@ class _CosineWeighting:
         self.gamma = float(gamma)
         self.leave_one_out = leave_one_out
         self.steps = 0
-        self.fallbacks = 0
+        self._fallbacks: Tensor | int = 0  # a tensor on the statistics' device after the first step
         self.last_weights: Tensor | None = None
 
     def _raw(self, cosines: Tensor) -> Tensor:
         raise NotImplementedError
 
     def __call__(self, stats: GradientStats) -> Tensor:
-        """(B,) weights summing to B for the batch whose statistics are `stats`."""
-        B = stats.batch_size
+        """(B,) weights summing to B for the batch whose statistics are `stats` (data parallel:
+        this rank's samples' weights; summed over ranks they give the global B)."""
+        B, reduce = _global_batch(stats), getattr(stats, "sum_over_ranks", None)
         self.steps += 1
         cosines = leave_one_out_cosines(stats) if self.leave_one_out else stats.cosines
         raw = self._raw(cosines.clamp(-1.0, 1.0))
-        total = raw.sum()
-        usable = torch.isfinite(raw).all() & (total > 0) & (stats.mean_grad_sq_norm > 0)
-        if bool(usable):
-            weights = raw * (B / total)
-        else:
-            self.fallbacks += 1
-            weights = torch.ones_like(raw)
+        total = raw.sum() if reduce is None else reduce(raw.sum())
+        # raw >= 0, so a finite (global) total means every rank's raw weights are finite; the
+        # choice stays on the device: no host read per step
+        usable = torch.isfinite(raw).all() & torch.isfinite(total) & (total > 0) & (stats.mean_grad_sq_norm > 0)
+        weights = torch.where(usable, raw * (B / torch.where(usable, total, 1.0)), 1.0)
+        self._fallbacks = self._fallbacks + (~usable).long()
         self.last_weights = weights
         return weights
+
+    def state_dict(self) -> dict:
+        """What resuming a run needs: the step and fallback counts."""
+        return {"steps": self.steps, "fallbacks": self.fallbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self._fallbacks = int(state["steps"]), int(state["fallbacks"])
+
+    @property
+    def fallbacks(self) -> int:
+        """Steps that fell back to uniform weights (reading it waits for the device)."""
+        return int(self._fallbacks)
 
     @property
     def last_zero_fraction(self) -> float:
@@ -102,14 +121,19 @@ class GDSW(_CosineWeighting):
         return (1 - cosines).pow(self.gamma)
 
 
+def _global_batch(stats) -> int:
+    """B over every rank's samples (GradientStats.global_batch_size; batch_size otherwise)."""
+    return getattr(stats, "global_batch_size", stats.batch_size)
+
+
 def leave_one_out_cosines(stats: GradientStats) -> Tensor:
     """(B,) cos(g_i, gbar_-i), gbar_-i = (B gbar - g_i)/(B - 1), from norms and <g_i, gbar>.
 
     <g_i, gbar_-i> = (B <g_i, gbar> - |g_i|^2) / (B - 1)
     |gbar_-i|^2    = (B^2 |gbar|^2 - 2 B <g_i, gbar> + |g_i|^2) / (B - 1)^2
-    A batch of one has no reference: its cosine is 0.
+    A batch of one has no reference: its cosine is 0. Data parallel: B and gbar are global.
     """
-    B = stats.batch_size
+    B = _global_batch(stats)
     if B < 2:
         return torch.zeros_like(stats.norms)
     dots = stats.dots_with_mean.double()

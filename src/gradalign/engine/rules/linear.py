@@ -4,13 +4,13 @@ g_i(W) = sum_t d_it a_it^T (one position, T = 1, for (B, in) inputs), g_i(b) = s
 """
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, Factored
+from gradalign.engine.persample import Dense, Factored, upcast
 
 
 def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
     a = args[0]
     B = a.shape[0]
-    d = grad_output.reshape(B, 1, -1, module.out_features)  # (B, 1, T, out)
+    d = upcast(grad_output).reshape(B, 1, -1, module.out_features)  # (B, 1, T, out), float32 under autocast
     grads = {}
     if module.weight.requires_grad:
         grads["weight"] = Factored(a.reshape(B, 1, -1, module.in_features), d, module.weight.shape)

@@ -2,13 +2,14 @@
 
 With xhat the normalised input and d the output gradient, summed over every position that
 shares an affine entry: g_i(gamma) = sum_t d_it * xhat_it, g_i(beta) = sum_t d_it.
-These parameters are small, so the per-sample gradients are kept dense: (B, C).
+These parameters are small, so the per-sample gradients are kept dense: (B, C). Low-precision
+inputs and output gradients (autocast, half models) are upcast to float32 first.
 """
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense
+from gradalign.engine.persample import Dense, upcast
 
 
 def _affine_grads(module: nn.Module, xhat: Tensor, d: Tensor, channel_shape) -> dict:
@@ -22,7 +23,7 @@ def _affine_grads(module: nn.Module, xhat: Tensor, d: Tensor, channel_shape) -> 
 
 
 def layer_norm_rule(module: nn.LayerNorm, args: tuple, grad_output: Tensor) -> dict:
-    x = args[0]
+    x, grad_output = upcast(args[0]), upcast(grad_output)
     shape = module.normalized_shape
     xhat = F.layer_norm(x, shape, eps=module.eps)
     B = x.shape[0]
@@ -35,7 +36,7 @@ def _channels_last(t: Tensor) -> Tensor:
 
 
 def group_norm_rule(module: nn.GroupNorm, args: tuple, grad_output: Tensor) -> dict:
-    x = args[0]
+    x, grad_output = upcast(args[0]), upcast(grad_output)
     xhat = F.group_norm(x, module.num_groups, eps=module.eps)
     return _affine_grads(module, _channels_last(xhat), _channels_last(grad_output), (x.shape[1],))
 
@@ -43,14 +44,15 @@ def group_norm_rule(module: nn.GroupNorm, args: tuple, grad_output: Tensor) -> d
 def batch_norm_check(module: nn.modules.batchnorm._BatchNorm) -> str | None:
     if module.training or module.running_mean is None:
         return ("BatchNorm in training mode mixes the samples of a batch, so per-sample "
-                "gradients are undefined; use nn.GroupNorm, or put this module in eval mode "
-                "(module.eval()) so it normalises with its running statistics")
+                "gradients are undefined; use nn.GroupNorm (ga.replace_batchnorm(model) swaps every "
+                "BatchNorm for one), or put this module in eval mode (module.eval()) so it normalises "
+                "with its running statistics")
     return None
 
 
 def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, args: tuple, grad_output: Tensor) -> dict:
     """Eval-mode BatchNorm is a fixed per-channel affine map of each sample."""
-    x = args[0]
+    x, grad_output = upcast(args[0]), upcast(grad_output)
     view = (1, -1) + (1,) * (x.dim() - 2)
     xhat = (x - module.running_mean.view(view)) * torch.rsqrt(module.running_var.view(view) + module.eps)
     if x.dim() == 2:
