@@ -91,7 +91,9 @@ class SignalStep(Step):
         return len(logits)
 
     def state_dict(self) -> dict:
-        """The records so far: a run resumed from a checkpoint keeps the epochs before it."""
+        """The records so far, one tensor per record (a run resumed from a checkpoint keeps the
+        epochs before it); the lists are compacted too, so each checkpoint saves a few tensors."""
+        self._kept = {k: [torch.cat(v)] if len(v) > 1 else v for k, v in self._kept.items()}
         return {"kept": {k: list(v) for k, v in self._kept.items()}}
 
     def load_state_dict(self, state: dict) -> None:
