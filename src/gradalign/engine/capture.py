@@ -82,6 +82,43 @@ def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
     return t.shape[batch_dim] if t is not None and t.dim() > batch_dim else None
 
 
+def _rescale(calls: list[_Call]) -> Tensor | None:
+    """Divide the output gradients of one backward (every call's `grads`) by one power of two near
+    their largest magnitude, and return it (a 0-d float32 tensor, on their device; no host read).
+
+    Every per-sample gradient is linear in these gradients, so the representations then hold
+    g_i / scale, and the squares the statistics form (|a|^2 |d|^2, Gram products, |S|^2) stay
+    far from float32's overflow (|g_i| > 1.8e19) and underflow (|g_i| < 1e-19) although |g_i|
+    itself fits: losses scaled by 1e20 or 1e-30 give the same cosines. A power of two changes
+    no rounding. Cost: one min/max pass and one multiply pass over the gradients. None (no
+    scaling) when a gradient is float16 (its range cannot need it, and scaling could push its
+    small values below float16's normal range) or float64.
+    """
+    grads = [g for c in calls for g in (c.grads or ()) if g is not None]
+    if not grads or any(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
+        return None
+    # |x| = mantissa * 2^exponent, mantissa in [0.5, 1) (exponent 0 for 0, inf and nan): the
+    # largest exponent of every gradient's min and max gives a scale above the largest |x|
+    _, exponents = torch.frexp(torch.stack([m for g in grads for m in g.aminmax()]))
+    scale = torch.exp2(exponents.amax().clamp(-126, 126))  # an int exponent: float32, exact
+    # in place where that is safe (a tensor owning its storage, seen once); out of place for views
+    # (an expanded seed, a view of another gradient), and first, before any storage they share changes
+    owned, views, seen = [], [], set()
+    for g in grads:
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        (owned if g._base is None and g.is_contiguous() else views).append(g)
+    scaled = dict(zip(map(id, views), torch._foreach_div(views, scale))) if views else {}
+    if owned:
+        torch._foreach_div_(owned, scale)
+    if scaled:
+        for c in calls:
+            if c.grads:
+                c.grads = [None if g is None else scaled.get(id(g), g) for g in c.grads]
+    return scale
+
+
 class PerSampleGradients:
     """Hooks every module of `model` that owns trainable parameters.
 
@@ -358,27 +395,28 @@ class PerSampleGradients:
         try:
             with full_precision(losses.device):  # backward and rules in float32, also inside autocast
                 self._backward_to_outputs(losses, params, retain_graph=self.verify)
+                rtol = self._verify_rtol()
+                scale = _rescale([c for h in self._hooked.values() for c in h.calls])
                 per_sample = self._per_sample_grads(B, params)
-            rtol = self._verify_rtol()
         finally:
             self.clear()
-        stats = self._stats(per_sample, B, losses.device, params)
+        stats = self._stats(per_sample, B, losses.device, params, scale)
         if self.verify:
             self._verify(stats, losses, rtol)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
         if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
-            B = stats.global_batch_size                                      # B without a process group
-            update = ({n: s / B for n, s in stats.grad_sum.items()} if weights is None
-                      else stats.weighted_sum(w / B))                        # (1/B) sum_i w_i g_i
+            update = (stats._mean_update() if weights is None                    # (1/B) sum_i g_i
+                      else stats.weighted_sum(w, factor=1.0 / stats.global_batch_size))  # (1/B) sum_i w_i g_i
             self._write_grad(update, add=True)
         return stats
 
-    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter]) -> GradientStats:
+    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale) -> GradientStats:
         if self.process_group is None:
-            return GradientStats(per_sample, B, device=device)
+            return GradientStats(per_sample, B, device=device, scale=scale)
         shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
-        return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes)
+        return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes,
+                             scale=scale)
 
     def set_grad(self, grads: dict[str, Tensor]) -> None:
         """p.grad = grads[name] for every hooked parameter named (cast to the parameter's dtype).
@@ -441,7 +479,7 @@ class PerSampleGradients:
         try:
             for h in self._hooked.values():
                 for call in h.calls:
-                    if call.grads is None or call.grads.count(None) == len(call.grads):  # no part in the losses
+                    if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
                         continue
                     if call.batch != B:
                         raise ValueError(
@@ -492,13 +530,14 @@ class PerSampleGradients:
                 raise UnsupportedModuleError(
                     f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
                     "used outside its module's forward, or a module mixes samples")
-        samples = sorted({0, int(stats.sq_norms.argmax())})
+        norms = stats.norms.double()
+        samples = sorted({0, int(norms.argmax())})
         for k, i in enumerate(samples):
             own = torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=k + 1 < len(samples))
             exact = sum(g.double().square().sum() for g in own if g is not None)
-            got = stats.sq_norms[i].double()
+            got = norms[i].square()
             if not torch.isclose(got, torch.as_tensor(float(exact), dtype=torch.float64), rtol=10 * rtol,
-                                 atol=rtol * float(stats.sq_norms.max())):
+                                 atol=rtol * float(norms.max().square())):
                 raise UnsupportedModuleError(
                     f"the per-sample gradient of sample {i} has |g|^2 = {float(got):.6g}, but a backward of its "
                     f"loss alone gives {float(exact):.6g}: a module mixes the samples of a batch, or a layer got "

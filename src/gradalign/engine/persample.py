@@ -79,6 +79,11 @@ class _FromSum:
         return _sq_norm(total())
 
 
+def _one(t: Tensor) -> Tensor:
+    """A 0-d 1 of t's dtype and device: the bias's column of ones, added where a product is formed."""
+    return torch.ones((), dtype=t.dtype, device=t.device)
+
+
 @dataclass
 class Factored:
     """g_i = sum_t D[i, g, t]^T A[i, g, t], one (n_out, n_in) block per group g.
@@ -89,6 +94,11 @@ class Factored:
     laid out group-major as (G * n_out, n_in) (nn.Linear: G = T = 1 or T = tokens;
     nn.Conv: T = output positions, n_in = in_channels/groups * kernel size).
     The common case G = T = 1 runs on 2-D views a (B, n_in), d (B, n_out).
+
+    A bias added to this map's output (`bias()`, g_i(b) = sum_t D_it) is a column of ones in
+    A: the methods taking `bias=True` answer for the weight and that bias together, with one
+    product where the two parameters apart would need two (|g_i|^2 = (|a_i|^2 + 1) |d_i|^2,
+    K = (A A^T + 1) * (D D^T), d_i^T (S_W a_i + S_b)). `GradientStats` pairs them.
     """
 
     A: Tensor
@@ -101,8 +111,28 @@ class Factored:
 
     def __post_init__(self):
         A, D = upcast(self.A), upcast(self.D)
-        dtype = torch.promote_types(A.dtype, D.dtype)
-        self.A, self.D = A.to(dtype), D.to(dtype)
+        if A.dtype != D.dtype:
+            dtype = torch.promote_types(A.dtype, D.dtype)
+            A, D = A.to(dtype), D.to(dtype)
+        self.A, self.D = A, D
+
+    @classmethod
+    def rows(cls, a: Tensor, d: Tensor, shape: torch.Size) -> "Factored":
+        """From a (B, ..., n_in) and d (B, ..., n_out), positions in the middle dims (nn.Linear);
+        (B, n_in), (B, n_out) stay 2-D views with no copies or extra operator calls."""
+        B = a.shape[0]
+        if a.dim() != 2:
+            return cls(a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1]), shape)
+        a, d = upcast(a), upcast(d)
+        if a.dtype != d.dtype:
+            dtype = torch.promote_types(a.dtype, d.dtype)
+            a, d = a.to(dtype), d.to(dtype)
+        out = cls(a.view(B, 1, 1, a.shape[1]), d.view(B, 1, 1, d.shape[1]), shape)
+        out.__dict__["_flat"] = (a, d)
+        return out
+
+    def _shaped(self, t: Tensor) -> Tensor:
+        return t if t.shape == self.shape else t.reshape(self.shape)
 
     @property
     def _B(self) -> int:
@@ -115,24 +145,58 @@ class Factored:
             return self.A[:, 0, 0], self.D[:, 0, 0]
         return None
 
+    def bias(self) -> "FactoredBias":
+        """The per-sample gradients of a bias added to this map's output (G * n_out numbers)."""
+        return FactoredBias(self)
+
     def _as_matrix(self, R: Tensor) -> Tensor:  # (G, n_out, n_in)
         return R.reshape(self.A.shape[1], self.D.shape[3], self.A.shape[3])
 
     def _ghost_is_cheaper(self) -> bool:
         return ghost_is_cheaper(self.A.shape[2], self.A.shape[3], self.D.shape[3])
 
+    # ------------------------------------------------------------ route costs (multiply-adds)
+
+    def product_cost(self) -> int:
+        """One weight-gradient-sized product over the batch (S = D^T A, or D S): B G T n_in n_out."""
+        B, G, T, n_in = self.A.shape
+        return B * G * T * n_in * self.D.shape[3]
+
+    def gram_cost(self) -> int | None:
+        """The (B, B) Gram matrix, K_ij = <g_i, g_j>: B^2 G (n_in + n_out); None for T > 1, where
+        it would pair every position of every sample (B^2 T^2: never the cheaper route)."""
+        B, G, T, n_in = self.A.shape
+        return B * B * G * (n_in + self.D.shape[3]) if T == 1 else None
+
+    def gram_is_cheaper(self, have_sum: bool) -> bool:
+        """Whether <g_i, S> and |S|^2 are cheaper from the Gram matrix than from the factors: the
+        factor route costs D S, plus forming S unless it exists already (the full cost of what is
+        asked: with S given, one product; without, two)."""
+        gram = self.gram_cost()
+        return gram is not None and gram < self.product_cost() * (1 if have_sum else 2)
+
     def uses_gram(self) -> bool:
-        """Whether <g_i, gbar> and |gbar|^2 come from the B x B Gram matrix (T = 1 only):
-        it costs B^2 (n_in + n_out) against B n_in n_out for forming gbar and d_i^T gbar a_i."""
-        B, _, T, n_in = self.A.shape
-        n_out = self.D.shape[3]
-        return T == 1 and B * (n_in + n_out) < n_in * n_out
+        """Whether `dots_with_sum` and `sum_sq_norm` (the per-parameter interface) use the Gram matrix."""
+        return self.gram_is_cheaper(have_sum=False)
 
     @cached_property
     def gram(self) -> Tensor:
         """(B, B) K_ij = <g_i, g_j> = sum_g (a_i.a_j)(d_i.d_j), for T = 1."""
+        return self.add_gram(None)
+
+    def add_gram(self, K: Tensor | None, bias: bool = False) -> Tensor:
+        """K + this parameter's (B, B) Gram matrix (with bias=True, of the weight and its bias:
+        (a_i.a_j + 1)(d_i.d_j)), T = 1; K is updated in place (None: a new matrix)."""
+        flat = self._flat
+        if flat is not None:
+            a, d = flat
+            aa = torch.addmm(_one(a), a, a.T) if bias else a @ a.T
+            dd = d @ d.T
+            return aa.mul_(dd) if K is None else K.addcmul_(aa, dd)
         a, d = self.A[:, :, 0].transpose(0, 1), self.D[:, :, 0].transpose(0, 1)  # (G, B, n)
-        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum(0)
+        aa = torch.baddbmm(_one(a), a, a.transpose(1, 2)) if bias else a @ a.transpose(1, 2)
+        term = (aa.mul_(d @ d.transpose(1, 2))).sum(0)
+        return term if K is None else K.add_(term)
 
     def _materialised_chunks(self):
         """Yield (start, (b, G, n_out, n_in)) chunks of the per-sample gradients."""
@@ -142,34 +206,63 @@ class Factored:
             a, d = self.A[start:start + step], self.D[start:start + step]
             yield start, torch.einsum("bgto,bgti->bgoi", d, a)
 
-    def sq_norms(self) -> Tensor:
+    # ------------------------------------------------------------ statistics
+
+    def sq_norms(self, bias: bool = False) -> Tensor:
+        """(B,) |g_i|^2 (with bias=True: of the weight and its bias together)."""
         A, D = self.A, self.D
-        if "gram" in self.__dict__:
+        if "gram" in self.__dict__ and not bias:
             return self.gram.diagonal()
         flat = self._flat
-        if flat is not None:  # |d a^T|^2 = |a|^2 |d|^2
+        if flat is not None:  # |d a^T|^2 = |a|^2 |d|^2; with the bias (|a|^2 + 1) |d|^2
             a, d = flat
-            return torch.linalg.vecdot(a, a) * torch.linalg.vecdot(d, d)
+            aa, dd = torch.linalg.vecdot(a, a), torch.linalg.vecdot(d, d)
+            return torch.addcmul(dd, aa, dd) if bias else aa * dd
+        B = self._B
         if A.shape[2] == 1:
-            return (A.square().sum(-1) * D.square().sum(-1)).sum(dim=(1, 2))
-        if self._ghost_is_cheaper():  # <A A^T, D D^T> per sample and group
-            gram_a = A @ A.transpose(-1, -2)  # (B, G, T, T)
-            gram_d = D @ D.transpose(-1, -2)
-            return (gram_a * gram_d).sum(dim=(1, 2, 3))
-        out = A.new_empty(self._B)
+            aa = A.square().sum(-1)
+            return ((aa + 1 if bias else aa) * D.square().sum(-1)).sum(dim=(1, 2))
+        if self._ghost_is_cheaper():  # <A A^T (+ 1), D D^T> per sample and group
+            AA = A @ A.transpose(-1, -2)  # (B, G, T, T)
+            if bias:
+                AA += 1
+            return torch.linalg.vecdot(AA.reshape(B, -1), (D @ D.transpose(-1, -2)).reshape(B, -1))
+        out = A.new_empty(B)
         for start, g in self._materialised_chunks():
             out[start:start + g.shape[0]] = g.square().sum(dim=(1, 2, 3))
+        if bias:
+            b = D.sum(2).reshape(B, -1)
+            out += torch.linalg.vecdot(b, b)
         return out
 
-    def dots(self, R: Tensor) -> Tensor:
-        R = R.to(self.A.dtype)
+    def dots(self, R: Tensor, Rb: Tensor | None = None) -> Tensor:
+        """(B,) <g_i, R> = sum_t d_it^T R a_it; with Rb (the bias's R), plus <g_i(b), Rb>."""
+        dtype = self.A.dtype
+        R = R if R.dtype == dtype else R.to(dtype)
+        if Rb is not None and Rb.dtype != dtype:
+            Rb = Rb.to(dtype)
+        B, G, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
         flat = self._flat
-        if flat is not None:
+        if flat is not None:  # <u_i, d_i>, u_i = R a_i (+ Rb)
             a, d = flat
-            return torch.linalg.vecdot(d @ R.reshape(d.shape[1], a.shape[1]), a)
+            Rm = R if R.dim() == 2 else R.reshape(n_out, n_in)
+            if Rb is None and n_in < n_out:  # the narrower intermediate: d R
+                return torch.linalg.vecdot(d @ Rm, a)
+            return torch.linalg.vecdot(torch.addmm(Rb, a, Rm.T) if Rb is not None else a @ Rm.T, d)
+        if G == 1:  # u_it = R a_it (+ Rb), then <u_it, d_it> summed over positions
+            Rm = R.reshape(n_out, n_in)
+            a = self.A.reshape(B * T, n_in)
+            if Rb is None and n_in < n_out:  # the narrower intermediate: d R
+                return torch.linalg.vecdot((self.D.reshape(B * T, n_out) @ Rm).view(B, -1), self.A.reshape(B, -1))
+            u = torch.addmm(Rb.reshape(-1), a, Rm.T) if Rb is not None else a @ Rm.T
+            return torch.linalg.vecdot(u.view(B, -1), self.D.reshape(B, -1))
         # <d a^T, R> = d^T R a, summed over positions and groups
         DR = torch.einsum("bgto,goi->bgti", self.D, self._as_matrix(R))
-        return (DR * self.A).sum(dim=(1, 2, 3))
+        out = (DR * self.A).sum(dim=(1, 2, 3))
+        if Rb is not None:
+            out = out + self.D.sum(2).reshape(B, -1) @ Rb.reshape(-1)
+        return out
 
     def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
         """<g_i, S> = sum_j K_ij on the Gram route, else d_i^T S a_i."""
@@ -179,26 +272,43 @@ class Factored:
         """|S|^2 = sum_ij K_ij on the Gram route, else from S itself."""
         return self.gram.sum() if self.uses_gram() else _sq_norm(total())
 
-    def weighted_sum(self, w: Tensor | None) -> Tensor:
-        flat = self._flat
-        if flat is not None:
-            a, d = flat
+    def weighted_sums(self, w: Tensor | None, bias: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(sum_i w_i g_i(W), sum_i w_i g_i(b) or None without bias); w = None: all ones."""
+        B, G, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
+        if G == 1:
+            a, d = self._flat or (self.A.reshape(B * T, n_in), self.D.reshape(B * T, n_out))
             if w is None:
-                return d.T.mm(a).reshape(self.shape)
-            if d.shape[1] <= a.shape[1]:  # scale the narrower factor
-                return (d * w.unsqueeze(1)).T.mm(a).reshape(self.shape)
-            return d.T.mm(a * w.unsqueeze(1)).reshape(self.shape)
-        D = self.D if w is None else self.D * w.view(-1, 1, 1, 1)
-        return torch.einsum("bgto,bgti->goi", D, self.A).reshape(self.shape)
+                return self._shaped(d.T.mm(a)), (d.sum(0) if bias else None)
+            w = w.to(a.dtype) if w.dtype != a.dtype else w
+            if T == 1 and n_in < n_out:  # scale the narrower factor
+                return self._shaped(d.T.mm(a * w[:, None])), (w @ d if bias else None)
+            dw = d * w[:, None] if T == 1 else (self.D * w.view(-1, 1, 1, 1)).reshape(B * T, n_out)
+            return self._shaped(dw.T.mm(a)), (dw.sum(0) if bias else None)
+        D = self.D if w is None else self.D * w.to(self.D.dtype).view(-1, 1, 1, 1)
+        return (torch.einsum("bgto,bgti->goi", D, self.A).reshape(self.shape),
+                D.sum(dim=(0, 2)).reshape(-1) if bias else None)
 
-    def sq_sum(self) -> Tensor:
+    def weighted_sum(self, w: Tensor | None) -> Tensor:
+        return self.weighted_sums(w)[0]
+
+    def sq_sums(self, bias: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(sum_i g_i(W)**2, sum_i g_i(b)**2 or None without bias), elementwise."""
         A, D = self.A, self.D
+        bias_sq = None
         if A.shape[2] == 1:  # sum_i (d_i a_i^T)^2 = (d^2)^T (a^2)
-            return torch.einsum("bgo,bgi->goi", D[:, :, 0].square(), A[:, :, 0].square()).reshape(self.shape)
+            d2 = D[:, :, 0].square()
+            weight = torch.einsum("bgo,bgi->goi", d2, A[:, :, 0].square()).reshape(self.shape)
+            return weight, (d2.sum(0).reshape(-1) if bias else None)
         total = A.new_zeros(A.shape[1], D.shape[3], A.shape[3])
         for _, g in self._materialised_chunks():
             total += g.square().sum(0)
-        return total.reshape(self.shape)
+        if bias:
+            bias_sq = D.sum(2).square().sum(0).reshape(-1)
+        return total.reshape(self.shape), bias_sq
+
+    def sq_sum(self) -> Tensor:
+        return self.sq_sums()[0]
 
     def merge(self, other: "PerSampleGrad") -> "PerSampleGrad":
         if not isinstance(other, Factored):
@@ -208,6 +318,47 @@ class Factored:
     def dense(self) -> "Dense":
         """The per-sample gradients themselves, (B, *shape)."""
         return Dense(torch.einsum("bgto,bgti->bgoi", self.D, self.A).reshape(self._B, *self.shape))
+
+
+@dataclass(eq=False)
+class FactoredBias(_FromSum):
+    """g_i(b) = sum_t D[i, g, t] (all groups, group-major): the bias added to the output of the
+    Factored map `of` (nn.Linear's, a convolution's on its ghost route). On its own it is Dense
+    (its gradients are formed on first use); next to `of` in one GradientStats, the pair is served
+    by `of` alone with bias=True (the bias as a column of ones in A), and this is never formed."""
+
+    of: Factored
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.of.dtype
+
+    @cached_property
+    def grads(self) -> Tensor:  # (B, G * n_out)
+        if self.of._flat is not None:
+            return self.of._flat[1]
+        D = self.of.D
+        return (D[:, :, 0] if D.shape[2] == 1 else D.sum(2)).reshape(D.shape[0], -1)
+
+    def dense(self) -> "Dense":
+        return Dense(self.grads)
+
+    def sq_norms(self) -> Tensor:
+        return torch.linalg.vecdot(self.grads, self.grads)
+
+    def dots(self, R: Tensor) -> Tensor:
+        return self.grads @ R.reshape(-1).to(self.grads.dtype)
+
+    def weighted_sum(self, w: Tensor | None) -> Tensor:
+        return self.grads.sum(0) if w is None else w.to(self.grads.dtype) @ self.grads
+
+    def sq_sum(self) -> Tensor:
+        return self.grads.square().sum(0)
+
+    def merge(self, other: "PerSampleGrad") -> "PerSampleGrad":
+        if isinstance(other, FactoredBias):
+            return FactoredBias(self.of.merge(other.of))
+        return self.dense().merge(other)
 
 
 @dataclass
@@ -361,4 +512,4 @@ class RowBlocks:
         return self.dense().merge(other)
 
 
-PerSampleGrad = Factored | IndexedRows | Dense | RowBlocks
+PerSampleGrad = Factored | FactoredBias | IndexedRows | Dense | RowBlocks
