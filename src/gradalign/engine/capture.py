@@ -82,6 +82,11 @@ def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
     return t.shape[batch_dim] if t is not None and t.dim() > batch_dim else None
 
 
+# Output gradients whose largest magnitude lies in [2^-SAFE, 2^SAFE] are left as they are on the CPU
+# (their squares, summed over up to 2^40 numbers, stay far inside float32's range).
+_SAFE_EXPONENT = 32
+
+
 def _rescale(calls: list[_Call]) -> Tensor | None:
     """Divide the output gradients of one backward (every call's `grads`) by one power of two near
     their largest magnitude, and return it (a 0-d float32 tensor, on their device; no host read).
@@ -90,9 +95,11 @@ def _rescale(calls: list[_Call]) -> Tensor | None:
     g_i / scale, and the squares the statistics form (|a|^2 |d|^2, Gram products, |S|^2) stay
     far from float32's overflow (|g_i| > 1.8e19) and underflow (|g_i| < 1e-19) although |g_i|
     itself fits: losses scaled by 1e20 or 1e-30 give the same cosines. A power of two changes
-    no rounding. Cost: one min/max pass and one multiply pass over the gradients. None (no
-    scaling) when a gradient is float16 (its range cannot need it, and scaling could push its
-    small values below float16's normal range) or float64.
+    no rounding. Cost: one min/max pass over the gradients, and one multiply pass where the
+    scaling is needed (always on an accelerator, which must not wait for the host to decide).
+    None (no scaling) when a gradient is float16 (its range cannot need it, and scaling could
+    push its small values below float16's normal range) or float64, or, on the CPU, when the
+    largest magnitude is within 2^-32 .. 2^32.
     """
     grads = [g for c in calls for g in (c.grads or ()) if g is not None]
     if not grads or any(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
@@ -100,7 +107,10 @@ def _rescale(calls: list[_Call]) -> Tensor | None:
     # |x| = mantissa * 2^exponent, mantissa in [0.5, 1) (exponent 0 for 0, inf and nan): the
     # largest exponent of every gradient's min and max gives a scale above the largest |x|
     _, exponents = torch.frexp(torch.stack([m for g in grads for m in g.aminmax()]))
-    scale = torch.exp2(exponents.amax().clamp(-126, 126))  # an int exponent: float32, exact
+    exponent = exponents.amax()
+    if grads[0].device.type == "cpu" and -_SAFE_EXPONENT <= int(exponent) <= _SAFE_EXPONENT:
+        return None  # on the CPU a host read is free: skip the multiply pass when squares are safe anyway
+    scale = torch.exp2(exponent.clamp(-126, 126))  # an int exponent: float32, exact
     # in place where that is safe (a tensor owning its storage, seen once); out of place for views
     # (an expanded seed, a view of another gradient), and first, before any storage they share changes
     owned, views, seen = [], [], set()
@@ -505,9 +515,12 @@ class PerSampleGradients:
         if not isinstance(w, Tensor) or w.shape != (B,):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
             raise ValueError(f"weights must be a tensor of shape ({B},), got {got}")
-        if (w.device.type == "cpu" or self.verify) and not bool(torch.isfinite(w).all()):
+        # (a weighting that guarantees finite weights, e.g. GASW with its fallback, says so)
+        checked = (w.device.type == "cpu" or self.verify) and not getattr(weights, "finite_weights", False)
+        if checked and not bool(torch.isfinite(w).all()):
             raise ValueError("weights contain NaN or infinite values")
-        return w.detach().to(device=losses.device, dtype=dtype)
+        w = w.detach() if w.requires_grad else w
+        return w if w.device == losses.device and w.dtype == dtype else w.to(device=losses.device, dtype=dtype)
 
     def _verify_rtol(self) -> float:
         """Tolerance of `verify`: looser when layers ran in bfloat16 or float16."""

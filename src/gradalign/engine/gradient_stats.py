@@ -92,7 +92,7 @@ class GradientStats:
     @cached_property
     def dtype(self) -> torch.dtype:
         """The precision of the statistics: float32, or float64 for a float64 model."""
-        return functools.reduce(torch.promote_types, (g.dtype for g in self._per_sample.values()), torch.float32)
+        return functools.reduce(torch.promote_types, {g.dtype for g in self._per_sample.values()}, torch.float32)
 
     @property
     def scale(self) -> Tensor:

@@ -31,6 +31,7 @@ from functools import cached_property
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Materialise per-sample gradients in chunks of at most this many numbers.
@@ -190,8 +191,9 @@ class Factored:
         flat = self._flat
         if flat is not None:
             a, d = flat
-            aa = torch.addmm(_one(a), a, a.T) if bias else a @ a.T
-            dd = d @ d.T
+            aa, dd = F.linear(a, a), F.linear(d, d)  # a a^T, d d^T (F.linear: no transpose call)
+            if bias:
+                aa += 1
             return aa.mul_(dd) if K is None else K.addcmul_(aa, dd)
         a, d = self.A[:, :, 0].transpose(0, 1), self.D[:, :, 0].transpose(0, 1)  # (G, B, n)
         aa = torch.baddbmm(_one(a), a, a.transpose(1, 2)) if bias else a @ a.transpose(1, 2)
@@ -249,7 +251,7 @@ class Factored:
             Rm = R if R.dim() == 2 else R.reshape(n_out, n_in)
             if Rb is None and n_in < n_out:  # the narrower intermediate: d R
                 return torch.linalg.vecdot(d @ Rm, a)
-            return torch.linalg.vecdot(torch.addmm(Rb, a, Rm.T) if Rb is not None else a @ Rm.T, d)
+            return torch.linalg.vecdot(F.linear(a, Rm, Rb), d)
         if G == 1:  # u_it = R a_it (+ Rb), then <u_it, d_it> summed over positions
             Rm = R.reshape(n_out, n_in)
             a = self.A.reshape(B * T, n_in)
@@ -281,8 +283,12 @@ class Factored:
             if w is None:
                 return self._shaped(d.T.mm(a)), (d.sum(0) if bias else None)
             w = w.to(a.dtype) if w.dtype != a.dtype else w
-            if T == 1 and n_in < n_out:  # scale the narrower factor
-                return self._shaped(d.T.mm(a * w[:, None])), (w @ d if bias else None)
+            if n_in < n_out:  # scale the narrower factor (less memory traffic than scaling d)
+                aw = a * w[:, None] if T == 1 else (self.A * w.view(-1, 1, 1, 1)).reshape(B * T, n_in)
+                bias_sum = None
+                if bias:
+                    bias_sum = w @ (d if T == 1 else self.D.sum(2).view(B, n_out))
+                return self._shaped(d.T.mm(aw)), bias_sum
             dw = d * w[:, None] if T == 1 else (self.D * w.view(-1, 1, 1, 1)).reshape(B * T, n_out)
             return self._shaped(dw.T.mm(a)), (dw.sum(0) if bias else None)
         D = self.D if w is None else self.D * w.to(self.D.dtype).view(-1, 1, 1, 1)

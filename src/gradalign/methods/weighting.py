@@ -39,6 +39,8 @@ class _CosineWeighting:
     only reading `fallbacks` (or last_zero_fraction, last_entropy) does.
     """
 
+    finite_weights = True  # never NaN or infinite (degenerate steps fall back): the engine skips its check
+
     def __init__(self, gamma: float = 2.0, *, leave_one_out: bool = False):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
@@ -61,10 +63,10 @@ class _CosineWeighting:
         raw = self._raw(cosines)
         total = raw.sum() if reduce is None else reduce(raw.sum())
         # raw >= 0, so a finite (global) total means every rank's raw weights are finite; the
-        # choice stays on the device: no host read per step. |gbar| rather than |gbar|^2, which
-        # underflows to 0 for tiny (e.g. loss-scaled) gradients although |gbar| is not 0
-        mean_norm = getattr(stats, "mean_grad_norm", None)
-        nonzero = (mean_norm if mean_norm is not None else stats.mean_grad_sq_norm) > 0
+        # choice stays on the device: no host read per step. |S|^2 over the statistics' scale
+        # rather than |gbar|^2, which underflows to 0 for tiny (e.g. loss-scaled) gradients
+        scaled = getattr(stats, "scaled_sums", None)
+        nonzero = (scaled()[2] if scaled is not None else stats.mean_grad_sq_norm) > 0
         usable = torch.isfinite(total) & (total > 0) & nonzero
         weights = torch.where(usable, raw * (B / total), 1.0)  # (B / total is masked where unusable)
         self._usable = self._usable + usable
