@@ -13,6 +13,7 @@ one edge per point of use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +45,8 @@ class _Call:
     finish: Callable[[list], dict]
     grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
     generation: int = 0        # which forward of the model recorded it
+    gram: bool = False         # its cosines come from the Gram matrix even when S exists (Rule.gram_route)
+    full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
 
 
 @dataclass
@@ -57,8 +60,17 @@ class _Hooked(Served):
 
 def _eager(hook):
     """Under torch.compile every engine hook runs eagerly (a graph break at each hooked layer):
-    it needs the autograd edges of real tensors and mutates the engine's Python state."""
-    return torch.compiler.disable(hook)
+    it needs the autograd edges of real tensors and mutates the engine's Python state. Outside
+    torch.compile the hook is called directly: the disabling wrapper costs several microseconds
+    per call (dynamo's frame callback is swapped out and back), at every hooked layer."""
+    disabled = torch.compiler.disable(hook)
+
+    @functools.wraps(hook)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # being traced: break the graph, run the hook eagerly
+            return disabled(*args, **kwargs)
+        return hook(*args, **kwargs)
+    return run
 
 
 def _inside_torch_func(t: Tensor) -> bool:
@@ -336,7 +348,9 @@ class PerSampleGradients:
                 return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
             return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
 
-        self._append(hooked, _Call(path, batch, edges, finish))
+        gram = bool(rule.gram_route and rule.gram_route(module, captured))
+        full = outputs[live[0]].dtype in (torch.float32, torch.float64)
+        self._append(hooked, _Call(path, batch, edges, finish, gram=gram, full=full))
 
     def _append(self, hooked: _Hooked, call: _Call) -> None:
         """Keep a record; drop those of forwards older than the last `max_pending_forwards`."""
@@ -404,13 +418,14 @@ class PerSampleGradients:
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
             with full_precision(losses.device):  # backward and rules in float32, also inside autocast
-                self._backward_to_outputs(losses, params, retain_graph=self.verify)
+                wanted = self._sums_wanted(weights, write_grad, params)
+                sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
                 rtol = self._verify_rtol()
                 scale = _rescale([c for h in self._hooked.values() for c in h.calls])
                 per_sample = self._per_sample_grads(B, params)
         finally:
             self.clear()
-        stats = self._stats(per_sample, B, losses.device, params, scale)
+        stats = self._stats(per_sample, B, losses.device, params, scale, sums)
         if self.verify:
             self._verify(stats, losses, rtol)
         w = self._resolve_weights(weights, stats, losses)
@@ -421,12 +436,36 @@ class PerSampleGradients:
             self._write_grad(update, add=True)
         return stats
 
-    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale) -> GradientStats:
+    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale, sums) -> GradientStats:
+        sums = {n: s for n, s in sums.items() if n in per_sample}
         if self.process_group is None:
-            return GradientStats(per_sample, B, device=device, scale=scale)
+            return GradientStats(per_sample, B, device=device, scale=scale, sums=sums)
         shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
         return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes,
-                             scale=scale)
+                             scale=scale, sums=sums)
+
+    def _sums_wanted(self, weights: Weights, write_grad: bool, params: dict[str, nn.Parameter]) -> list[str]:
+        """Parameters whose gradient sum S autograd should form in the backward itself, where
+        each layer's output gradient is still in cache (the plain step's weight-gradient
+        products), because this backward will use S: for p.grad = S / B (no weights), and for
+        the cosines of a weighting that declares it reads them (`needs`, e.g. GASW), on the
+        layers whose cosines come from S rather than from the Gram matrix (`Rule.gram_route`).
+        Not for watched parameters (their derived tensors are differentiated after the backward)
+        nor for layers that ran in bfloat16 or float16 (there S is formed in float32 from the
+        upcast factors, more precisely than autograd's low-precision product)."""
+        cosines = "cosines" in getattr(weights, "needs", ())
+        if not (cosines or (weights is None and write_grad)):
+            return []
+        wanted = []
+        for h in self._hooked.values():
+            if h.rule.watch or not all(c.full for c in h.calls):
+                continue
+            if weights is None:
+                wanted += [n for n in h.param_names.values() if n in params]
+                continue
+            gram = self.process_group is None and all(c.gram for c in h.calls) and len(h.calls) == 1
+            wanted += [n for local, n in h.param_names.items() if n in params and not (gram and local in h.rule.gram_params)]
+        return wanted
 
     def set_grad(self, grads: dict[str, Tensor]) -> None:
         """p.grad = grads[name] for every hooked parameter named (cast to the parameter's dtype).
@@ -449,11 +488,14 @@ class PerSampleGradients:
             else:
                 p.grad = g
 
-    def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
-        """One backward of sum(losses) that fills every call's gradients.
+    def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], wanted: list[str],
+                             retain_graph: bool) -> dict[str, Tensor]:
+        """One backward of sum(losses) that fills every call's gradients; returns {name: S} for
+        the `wanted` parameters.
 
-        Autograd is asked for the gradients at the recorded edges, not the parameters, so it
-        skips every weight-gradient product (the engine forms p.grad from the factors instead).
+        Autograd is asked for the gradients at the recorded edges, and for the parameters only
+        where S is wanted, so it skips every other weight-gradient product (the engine forms
+        p.grad from the factors instead).
         An edge is a tensor as the forward produced it, so an in-place op after the layer does
         not change what is captured, and no output tensor is kept alive. Parameters of modules
         that recorded no call are asked for too: a gradient there means the parameter was used
@@ -464,8 +506,13 @@ class PerSampleGradients:
                   for n in h.param_names.values() if n in params]
         edges = [e for call in calls for e in call.edges]
         if not edges and not unseen:
-            return
-        grads = torch.autograd.grad(losses.sum(), edges + unseen, allow_unused=True, retain_graph=retain_graph)
+            return {}
+        unseen_ids = {id(p) for p in unseen}
+        wanted = [n for n in wanted if id(params[n]) not in unseen_ids]
+        grads = torch.autograd.grad(losses.sum(), edges + unseen + [params[n] for n in wanted], allow_unused=True,
+                                    retain_graph=retain_graph)
+        sums = {n: g for n, g in zip(wanted, grads[len(grads) - len(wanted):]) if g is not None}
+        grads = grads[:len(grads) - len(wanted)]
         start = 0
         for call in calls:
             call.grads = list(grads[start:start + len(call.edges)])
@@ -482,6 +529,7 @@ class PerSampleGradients:
                     "forward; a parameter used outside its own module (e.g. F.linear(x, m.weight)), or, in a "
                     "module without a rule, only inside a custom autograd.Function or a reentrant checkpoint, "
                     f"is not supported{compiled}")
+        return sums
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
@@ -533,7 +581,7 @@ class PerSampleGradients:
         and the largest one's squared norm against a backward of that sample's loss alone
         (catches a module that mixes samples or gets its batch on another dim, e.g. a (T, B, ...)
         input with T == B, which the sum alone cannot tell)."""
-        local_mean = {n: s / stats.batch_size for n, s in stats.local_grad_sum.items()}  # this rank's samples
+        local_mean = {n: s / stats.batch_size for n, s in stats._representation_sums().items()}  # this rank's
         names = list(local_mean)
         params = [self._params[n] for n in names]
         expected = torch.autograd.grad(losses.mean(), params, allow_unused=True, retain_graph=True)

@@ -75,8 +75,9 @@ class GradientStats:
     def __init__(self, per_sample: dict[str, PerSampleGrad], batch_size: int, *,
                  device: torch.device | None = None, process_group=None,
                  param_shapes: dict[str, tuple[torch.Size, torch.dtype]] | None = None,
-                 scale: Tensor | None = None):
+                 scale: Tensor | None = None, sums: dict[str, Tensor] | None = None):
         self._per_sample = per_sample
+        self._given = sums or {}  # {name: S} that autograd formed in the backward (unscaled)
         self._units = units_.plan(per_sample)
         self._device = device
         self._scale = scale  # None: the representations hold g_i itself
@@ -101,18 +102,19 @@ class GradientStats:
     def _zeros(self) -> Tensor:
         return torch.zeros(self.batch_size, device=self._device, dtype=self.dtype)
 
-    def _by_name(self, per_unit) -> dict[str, Tensor]:
-        """{name: tensor} from a function unit -> [tensor per name]."""
+    def _by_name(self, per_unit, units: list | None = None) -> dict[str, Tensor]:
+        """{name: tensor} from a function unit -> [tensor per name] (over `units`, default all)."""
         out = {}
-        for unit in self._units:
+        for unit in self._units if units is None else units:
             out.update(zip(unit.names, per_unit(unit)))
         return out
 
     def _unscaled(self, tensors: dict[str, Tensor], power: int = 1, divide: float = 1.0) -> dict[str, Tensor]:
-        """{name: t * scale**power / divide} in one operator call (new tensors)."""
+        """{name: t * scale**power / divide} in one operator call (new tensors; the same ones
+        when there is nothing to multiply)."""
         if not tensors:
             return {}
-        factor = 1.0 / divide if self._scale is None else (self._scale ** power) / divide
+        factor = 1.0 / divide if self._scale is None or power == 0 else (self._scale ** power) / divide
         if isinstance(factor, float) and factor == 1.0:
             return tensors
         return dict(zip(tensors, torch._foreach_mul(list(tensors.values()), factor)))
@@ -166,14 +168,34 @@ class GradientStats:
     @cached_property
     @_full_precision
     def _local_sums(self) -> dict[str, Tensor]:
-        """{name: S / scale} over this rank's samples (each unit forms its S once)."""
-        return self._by_name(lambda u: u.sums())
+        """{name: S / scale} over this rank's samples: S as autograd gave it where it did (one
+        operator call rescales them all), else formed once per unit from its factors."""
+        out = {}
+        for unit in self._units:
+            if all(n in self._given for n in unit.names):
+                continue
+            out.update(zip(unit.names, unit.sums()))
+        given = self._unscaled(self._given, power=-1) if self._given else {}
+        return {**given, **out}
+
+    def _unit_sums(self, unit) -> list[Tensor] | None:
+        """The unit's S / scale if it exists already (autograd's, or formed before), else None."""
+        if "_local_sums" in self.__dict__ or all(n in self._given for n in unit.names):
+            return [self._local_sums[n] for n in unit.names]
+        return None
 
     @cached_property
     @_full_precision
     def local_grad_sum(self) -> dict[str, Tensor]:
         """{param name: sum_i g_i} over this rank's samples (= grad_sum without a group)."""
+        if self._given and all(n in self._given for n in self._per_sample):
+            return dict(self._given)
         return self._unscaled(self._local_sums)
+
+    def _representation_sums(self) -> dict[str, Tensor]:
+        """{name: S} from the per-sample representations themselves (what verify checks
+        against autograd), whatever autograd gave."""
+        return self._unscaled(self._by_name(lambda u: u.sums()))
 
     @cached_property
     @_full_precision
@@ -202,16 +224,22 @@ class GradientStats:
     @_full_precision
     def mean_grad(self) -> dict[str, Tensor]:
         if self.process_group is None:
-            return self._unscaled(self._local_sums, divide=self.batch_size)
+            return self._unscaled(self.local_grad_sum, power=0, divide=self.batch_size)
         return self._unscaled(self.grad_sum, power=0, divide=self.global_batch_size)
 
     def _mean_update(self) -> dict[str, Tensor]:
-        """Fresh tensors gbar for p.grad (never the cached statistics a caller may hold): the
-        sum with every weight 1/B, so the 1/B (and the scale) multiply the narrower factor,
-        not a parameter-sized result."""
-        if self.process_group is None:
-            return self.weighted_sum(None, factor=1.0 / self.batch_size)
-        return dict(zip(self.grad_sum, torch._foreach_div(list(self.grad_sum.values()), self.global_batch_size)))
+        """Fresh tensors gbar for p.grad (never the cached statistics a caller may hold): S / B
+        where autograd gave S, else the sum with every weight 1/B (the 1/B and the scale then
+        multiply the narrower factor, not a parameter-sized result)."""
+        if self.process_group is not None:
+            return dict(zip(self.grad_sum, torch._foreach_div(list(self.grad_sum.values()), self.global_batch_size)))
+        given = [u for u in self._units if all(n in self._given for n in u.names)]
+        out = dict(zip(self._given, torch._foreach_div(list(self._given.values()), self.batch_size))) \
+            if given else {}
+        if len(given) < len(self._units):
+            out.update(self.weighted_sum(None, factor=1.0 / self.batch_size,
+                                         units=[u for u in self._units if not any(u is g for g in given)]))
+        return {n: out[n] for n in self._per_sample}
 
     # ------------------------------------------------------------ <g_i, S>, |S|^2 (scaled)
 
@@ -232,16 +260,19 @@ class GradientStats:
                 dots.append(u.dots(refs))
                 squares += refs
         else:
-            have_sum = "_local_sums" in self.__dict__
             K, gram_units = None, []
             for u in self._units:
-                if u.gram_is_cheaper(have_sum):
+                refs = self._unit_sums(u)
+                if u.gram_is_cheaper(refs is not None):
                     K = u.add_gram(K)
                     gram_units.append(u)
-                    continue
-                d, s = u.cosine_terms()
-                dots.append(d)
-                (squares.extend if isinstance(s, list) else scalars.append)(s)
+                elif refs is not None:
+                    dots.append(u.dots(refs))
+                    squares += refs
+                else:
+                    d, s = u.cosine_terms()
+                    dots.append(d)
+                    (squares.extend if isinstance(s, list) else scalars.append)(s)
             if K is not None:
                 self._gram = (K, gram_units)
                 row_sums = K.sum(1)
@@ -323,7 +354,7 @@ class GradientStats:
         return total if self._scale is None else total * self._scale
 
     @_full_precision
-    def weighted_sum(self, w: Tensor | None, *, factor: float = 1.0) -> dict[str, Tensor]:
+    def weighted_sum(self, w: Tensor | None, *, factor: float = 1.0, units: list | None = None) -> dict[str, Tensor]:
         """{param name: factor * sum_i w_i g_i} for weights w of shape (B,) (None: all ones).
         With a process group each rank passes its own samples' weights and gets the sum over
         every rank's samples (one all-reduce of P numbers)."""
@@ -334,7 +365,7 @@ class GradientStats:
                  else torch.full((self.batch_size,), factor, device=self._device, dtype=self.dtype))
         elif not (isinstance(factor, float) and factor == 1.0):
             w = w * factor
-        local = self._by_name(lambda u: u.weighted(w))
+        local = self._by_name(lambda u: u.weighted(w), units)
         if self.process_group is None:
             return local
         return self._reduce(local, count=False)[0]

@@ -64,6 +64,13 @@ def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
     return T * (n_in + n_out) <= n_in * n_out
 
 
+def gram_is_cheaper(B: int, n_in: int, n_out: int, have_sum: bool) -> bool:
+    """For one position (T = 1): the (B, B) Gram matrix costs B^2 (n_in + n_out) multiply-adds;
+    the factor route costs D S (B n_in n_out), plus forming S unless it exists already (the
+    full cost of what is asked: with S given, one product; without, two)."""
+    return B * (n_in + n_out) < n_in * n_out * (1 if have_sum else 2)
+
+
 def _sq_norm(t: Tensor) -> Tensor:
     """|t|^2 as one dot product (no squared copy of t)."""
     flat = t.reshape(-1)
@@ -156,25 +163,12 @@ class Factored:
     def _ghost_is_cheaper(self) -> bool:
         return ghost_is_cheaper(self.A.shape[2], self.A.shape[3], self.D.shape[3])
 
-    # ------------------------------------------------------------ route costs (multiply-adds)
-
-    def product_cost(self) -> int:
-        """One weight-gradient-sized product over the batch (S = D^T A, or D S): B G T n_in n_out."""
-        B, G, T, n_in = self.A.shape
-        return B * G * T * n_in * self.D.shape[3]
-
-    def gram_cost(self) -> int | None:
-        """The (B, B) Gram matrix, K_ij = <g_i, g_j>: B^2 G (n_in + n_out); None for T > 1, where
-        it would pair every position of every sample (B^2 T^2: never the cheaper route)."""
-        B, G, T, n_in = self.A.shape
-        return B * B * G * (n_in + self.D.shape[3]) if T == 1 else None
+    # ------------------------------------------------------------ routes
 
     def gram_is_cheaper(self, have_sum: bool) -> bool:
-        """Whether <g_i, S> and |S|^2 are cheaper from the Gram matrix than from the factors: the
-        factor route costs D S, plus forming S unless it exists already (the full cost of what is
-        asked: with S given, one product; without, two)."""
-        gram = self.gram_cost()
-        return gram is not None and gram < self.product_cost() * (1 if have_sum else 2)
+        """Whether <g_i, S> and |S|^2 are cheaper from the Gram matrix than from the factors."""
+        B, G, T, n_in = self.A.shape
+        return T == 1 and gram_is_cheaper(B, n_in, self.D.shape[3], have_sum)
 
     def uses_gram(self) -> bool:
         """Whether `dots_with_sum` and `sum_sq_norm` (the per-parameter interface) use the Gram matrix."""

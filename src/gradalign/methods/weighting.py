@@ -40,6 +40,7 @@ class _CosineWeighting:
     """
 
     finite_weights = True  # never NaN or infinite (degenerate steps fall back): the engine skips its check
+    needs = frozenset({"norms", "cosines"})  # what it reads: the engine's backward prepares S for it
 
     def __init__(self, gamma: float = 2.0, *, leave_one_out: bool = False):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):

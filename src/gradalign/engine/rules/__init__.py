@@ -21,7 +21,7 @@ from gradalign.engine.rules.conv import conv_rule
 from gradalign.engine.rules.conv_transpose import conv_transpose_rule
 from gradalign.engine.rules.embedding import embedding_check, embedding_rule
 from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_rule
-from gradalign.engine.rules.linear import linear_rule
+from gradalign.engine.rules.linear import linear_gram_route, linear_rule
 from gradalign.engine.rules.norm import batch_norm_check, batch_norm_rule, group_norm_rule, layer_norm_rule
 
 
@@ -46,6 +46,8 @@ class Rule:
         (nn.MultiheadAttention's out_proj). Names are then "child.param".
     watch: the module's parameters are watched at their point of use during its forward
         (engine/watch.py); compute (and check_call) serve a call only where watching stops.
+    gram_route(module, args) -> bool: whether this call's `gram_params` will take the Gram route
+        for the cosines even when S exists (then the backward need not form their S).
     """
 
     compute: Callable[[nn.Module, tuple, Tensor], dict]
@@ -55,6 +57,8 @@ class Rule:
     output: Callable[[object], tuple] | None = None
     owns: tuple[str, ...] = ()
     watch: bool = False
+    gram_route: Callable[[nn.Module, tuple], bool] | None = None
+    gram_params: tuple[str, ...] = ()
 
     def reason(self, module: nn.Module) -> str | None:
         return self.check(module) if self.check else None
@@ -104,7 +108,7 @@ def default_registry() -> RuleRegistry:
                     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     return RuleRegistry(
         {
-            nn.Linear: Rule(linear_rule),
+            nn.Linear: Rule(linear_rule, gram_route=linear_gram_route, gram_params=("weight", "bias")),
             nn.Conv1d: conv,
             nn.Conv2d: conv,
             nn.Conv3d: conv,

@@ -5,7 +5,7 @@ bias is a column of ones in a, so it is served by the weight's factors (persampl
 """
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Factored
+from gradalign.engine.persample import Factored, gram_is_cheaper
 
 
 def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
@@ -16,3 +16,11 @@ def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
     if module.bias is not None and module.bias.requires_grad:
         grads["bias"] = factored.bias()
     return grads
+
+
+def linear_gram_route(module: nn.Linear, args: tuple) -> bool:
+    """Whether the cosines of a (B, in) call come from the Gram matrix even with S given."""
+    a = args[0]
+    if not isinstance(a, Tensor) or a.dim() != 2:
+        return False
+    return gram_is_cheaper(a.shape[0], module.in_features, module.out_features, have_sum=True)
