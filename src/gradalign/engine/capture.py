@@ -45,7 +45,7 @@ class _Call:
     finish: Callable[[list], dict]
     grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
     generation: int = 0        # which forward of the model recorded it
-    gram: bool = False         # its cosines come from the Gram matrix even when S exists (Rule.gram_route)
+    gram: bool = False         # its cosines come from the Gram matrix (Rule.gram_route)
     full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
 
 

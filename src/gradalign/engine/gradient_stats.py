@@ -175,12 +175,17 @@ class GradientStats:
             if all(n in self._given for n in unit.names):
                 continue
             out.update(zip(unit.names, unit.sums()))
-        given = self._unscaled(self._given, power=-1) if self._given else {}
-        return {**given, **out}
+        return {**self._given_scaled, **out}
+
+    @cached_property
+    def _given_scaled(self) -> dict[str, Tensor]:
+        return self._unscaled(self._given, power=-1) if self._given else {}
 
     def _unit_sums(self, unit) -> list[Tensor] | None:
         """The unit's S / scale if it exists already (autograd's, or formed before), else None."""
-        if "_local_sums" in self.__dict__ or all(n in self._given for n in unit.names):
+        if all(n in self._given for n in unit.names):
+            return [self._given_scaled[n] for n in unit.names]
+        if "_local_sums" in self.__dict__:
             return [self._local_sums[n] for n in unit.names]
         return None
 

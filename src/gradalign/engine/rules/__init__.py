@@ -46,8 +46,8 @@ class Rule:
         (nn.MultiheadAttention's out_proj). Names are then "child.param".
     watch: the module's parameters are watched at their point of use during its forward
         (engine/watch.py); compute (and check_call) serve a call only where watching stops.
-    gram_route(module, args) -> bool: whether this call's `gram_params` will take the Gram route
-        for the cosines even when S exists (then the backward need not form their S).
+    gram_route(module, args) -> bool: whether this call's `gram_params` take the Gram route for
+        the cosines (then the backward need not form their S for them).
     """
 
     compute: Callable[[nn.Module, tuple, Tensor], dict]
