@@ -12,6 +12,12 @@ module (raw parameters, watched at their point of use), `vit_plain` the same wit
 raw parameters and the extra token apart. `--interleave` times the models' variants together,
 round by round, and adds each variant's ratio to the same variant of the first model.
     python benchmarks/engine.py --models resnet_gn   # a small ResNet with GroupNorm, B = 32
+    python benchmarks/engine.py --models gpt2 --variants norms gasw --threads 1   # needs transformers
+
+`gpt2` is a Hugging Face GPT2LMHeadModel from a small config (4 layers, d = 128, 4 heads, vocab
+1000, 64 tokens, input and output embeddings tied, SDPA attention), B = 16, with per-sample
+losses averaged over each sample's next-token predictions (ga.token_losses); skipped, with a
+message, where transformers is not installed.
 
 Variants, each on its own copy of the model (same weights, same batch):
   plain        forward, mean cross-entropy, backward
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import sys
@@ -50,12 +57,14 @@ from gradalign.experiments.models import build_model  # noqa: E402
 MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (experiments.models)",
           "wide_mlp": "MLP 784-1024-1024-10 (arithmetic-bound)",
           "vit_linear": "ViT-style, attention from nn.Linear: 4 blocks, D=64, T=16 patch tokens, 4 heads, MLP 256",
+          "gpt2": "Hugging Face GPT2LMHeadModel: 4 layers, d=128, 4 heads, vocab 1000, T=64, tied embeddings, SDPA",
           "vit": "ViT D=64, 4 layers, 16 patches, cls token + position embedding",
           "vit_plain": "the same ViT without cls token and position embedding",
           "vit_embedding": "the same ViT, cls token and positions from nn.Embedding children",
           "resnet_gn": "ResNet with GroupNorm: 3 stages of one basic block, 16-32-64 channels, 32x32 RGB"}
-BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "wide_mlp": (256,), "vit_linear": (64,), "vit": (64,), "vit_plain": (64,), "vit_embedding": (64,),
-           "resnet_gn": (32,)}
+BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "wide_mlp": (256,), "vit_linear": (64,), "vit": (64,),
+           "vit_plain": (64,), "vit_embedding": (64,), "resnet_gn": (32,), "gpt2": (16,)}
+GPT2_T = 64
 
 
 class ViT(torch.nn.Module):
@@ -164,8 +173,31 @@ class ResNetGN(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
+class GPT2Logits(nn.Module):
+    """A tiny-config GPT-2 language model from transformers (no download), ids -> logits."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+        config = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1000, n_positions=GPT2_T, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+        self.lm = GPT2LMHeadModel(config)
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def per_sample_losses(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,): cross-entropy; for the language model, averaged over each sample's next-token predictions."""
+    if kind == "gpt2":
+        return ga.token_losses(out, y, shift=True)
+    return F.cross_entropy(out, y, reduction="none")
+
+
 def build(kind: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """(model, shape of one input sample)."""
+    if kind == "gpt2":
+        return GPT2Logits(), (GPT2_T,)
     if kind == "resnet_gn":
         return ResNetGN(), (3, 32, 32)
     if kind == "wide_mlp":
@@ -203,15 +235,19 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
     torch.manual_seed(0)
     base, sample_shape = build(kind)
     base = base.to(device)
-    x = torch.randn(B, *sample_shape, device=device)
-    y = torch.randint(0, 10, (B,), device=device)
+    if kind == "gpt2":  # token ids, the targets the same ids (shifted inside the loss)
+        x = torch.randint(0, 1000, (B, *sample_shape), device=device)
+        y = x
+    else:
+        x = torch.randn(B, *sample_shape, device=device)
+        y = torch.randint(0, 10, (B,), device=device)
     variants = {}
 
     plain = copy.deepcopy(base)
 
     def plain_step():
         plain.zero_grad(set_to_none=True)
-        F.cross_entropy(plain(x), y).backward()
+        per_sample_losses(kind, plain(x), y).mean().backward()
     variants["plain"] = plain_step
 
     def engine_step(statistic):
@@ -220,7 +256,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
 
         def step():
             model.zero_grad(set_to_none=True)
-            losses = F.cross_entropy(model(x), y, reduction="none")
+            losses = per_sample_losses(kind, model(x), y)
             statistic(engine, losses)
         return step
 
@@ -231,7 +267,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
 
     vmap_model = copy.deepcopy(base)
     vmap_params = dict(vmap_model.named_parameters())
-    loss = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    loss = functools.partial(per_sample_losses, kind)
     variants["vmap gasw"] = lambda: gasw_from_materialised(
         ga.per_sample_gradients(vmap_model, x, y, loss), vmap_params)
 
@@ -307,6 +343,9 @@ def main() -> None:
         kind, B, name = args.measure_memory
         print(json.dumps(measure_memory(kind, int(B), name, device)))
         return
+    if "gpt2" in args.models and importlib.util.find_spec("transformers") is None:
+        print("gpt2 skipped: transformers is not installed (pip install -e '.[test]')", file=sys.stderr)
+        args.models = [m for m in args.models if m != "gpt2"]
     rounds = 5 if args.quick else args.rounds
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"{rounds} rounds; median ms per step and ratio to plain\n")

@@ -106,3 +106,36 @@ def test_console_script_help():
     assert result.returncode == 0
     for option in ("--quick", "--trials", "--seeds", "--storage", "--out", "--set", "--threads", "--no-progress"):
         assert option in result.stdout
+
+
+CIFAR_TINY = {   # fake archives; shrink --quick further: fewer images and epochs
+    "gvr-cifar100": ["--set", "data.train_size=200", "--set", "data.test_size=100", "--set", "train.epochs=1",
+                     "--set", "model.options.width=4"],
+    "gwa-cifar10": ["--set", "data.train_size=100", "--set", "data.test_size=50", "--set", "train.epochs=3"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_TINY))
+def test_reproduce_cifar_quick(tmp_path, capsys, name):
+    from fake_cifar import write_fake_cifar
+    dataset = "cifar100" if "100" in name else "cifar10"
+    write_fake_cifar(tmp_path / "data", dataset, n_train=300, n_test=100)
+    out = tmp_path / name
+    args = ["reproduce", name, "--quick", "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--out", str(out),
+            "--no-progress", "-q"] + CIFAR_TINY[name]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    md = (out / "summary.md").read_text()
+    if name == "gwa-cifar10":
+        assert set(summary["variants"]) == {"vit", "convnext"} and "## Results (convnext)" in md
+        assert "epoch chosen by" in md and (out / "gwa_vit.png").exists()
+        rows = summary["variants"]["vit"]["selection"]["rows"]
+        assert {(r["arm"], r["metric"]) for r in rows} >= {("full", "test_acc@gwa"), ("split", "test_acc@val")}
+    else:
+        arms = summary["variants"][""]["arms"]
+        assert set(arms) == {"sgd", "two_view", "gvr"} and arms["gvr"]["params"]["subset_forward"] == "separate"
+        assert "data: cifar100, 200 training images" in md and "GVR (separate" in printed
+    for variant in summary["variants"].values():
+        assert all(arm["seeds"] == [0, 1] for arm in variant["arms"].values())
+    assert not (out / "checkpoints").exists()

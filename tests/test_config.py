@@ -14,7 +14,7 @@ def minimal(**over):
     return raw
 
 
-@pytest.mark.parametrize("name", ["gasw", "gaga", "gwa", "gvr", "demo"])
+@pytest.mark.parametrize("name", ["gasw", "gaga", "gwa", "gvr", "demo", "gvr-cifar100", "gwa-cifar10"])
 @pytest.mark.parametrize("quick", [False, True])
 def test_bundled_configs_parse(name, quick):
     cfg = load_config(name, quick=quick)
@@ -138,3 +138,67 @@ def test_files_and_names(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('name = "g"\n[[arms]]\nname = "a"\nmethod = "baseline"\n')
     assert load_config(good).arms[0].name == "a"
+
+
+def test_cifar_configs_match_the_issue():
+    gvr = load_config("gvr-cifar100")
+    t = gvr.train
+    assert (gvr.data.dataset, gvr.model.kind, gvr.model.options) == ("cifar100", "resnet18", {"width": 64})
+    assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.batch_size, t.epochs, t.schedule) == \
+        ("sgd", 0.05, 0.9, 5e-4, 128, 200, "cosine_epoch")
+    assert (gvr.data.crop_padding, gvr.data.flip, gvr.data.cutout, gvr.data.cutout_p) == (4, True, 16, 0.5)
+    assert [a.method for a in gvr.arms] == ["baseline", "two_view", "gvr"] and gvr.tune.trials == 0
+    faithful = gvr.arm("gvr").params
+    assert faithful == {"alpha": 0.01, "gvr_mode": "autograd", "gvr_layers": "last_stage", "subset": 32,
+                        "subset_forward": "separate"}
+    gwa = load_config("gwa-cifar10")
+    vit, convnext = gwa.variants()
+    assert (vit.variant, vit.model.kind, vit.train.lr, vit.train.batch_size, vit.train.epochs) == ("vit", "vit", 1e-4, 256, 200)
+    assert (convnext.model.kind, convnext.train.lr, convnext.train.batch_size, convnext.train.epochs) == \
+        ("convnext", 1e-3, 512, 103)
+    assert convnext.model.options["dims"] == [64, 128, 256, 512] and vit.model.options["width"] == 512
+    assert [a.train_split for a in gwa.arms] == ["train_full", "train"] and gwa.data.val_fraction == 0.1
+    for name in ("gvr-cifar100", "gwa-cifar10"):
+        quick = load_config(name, quick=True)
+        assert all(v.data.train_size in (1000, 2000) and v.data.test_size == 1000 for v in quick.variants())
+
+
+def test_variants_merge_and_overrides_apply_to_each():
+    raw = minimal(variants={"a": {"train": {"epochs": 3, "lr": 0.01}}, "b": {"model": {"hidden": 8}}})
+    cfg = parse_config(raw)
+    a, b = cfg.variants()
+    assert (a.variant, a.train.epochs, a.train.lr, a.model.hidden) == ("a", 3, 0.01, 256)
+    assert (b.variant, b.train.epochs, b.model.hidden) == ("b", 2, 8)
+    over = parse_config(raw, overrides={"train.epochs": 5, "variants.b.model.hidden": 4})
+    assert [v.train.epochs for v in over.variants()] == [5, 5] and over.variants()[1].model.hidden == 4
+    noisy = parse_config({**raw, "experiment": {"noise_levels": [0.0, 0.2]}})
+    assert [v.variant for v in noisy.variants()] == ["a-noise0", "a-noise0.2", "b-noise0", "b-noise0.2"]
+    quick = parse_config({**raw, "quick": {"variants": {"a": {"train": {"epochs": 1}}}}}, quick=True)
+    assert quick.variants()[0].train.epochs == 1
+    with pytest.raises(ConfigError, match=r"\[variants.a\]: unknown key 'arms'"):
+        parse_config(minimal(variants={"a": {"arms": []}}))
+    with pytest.raises(ConfigError, match=r"\[variants.a\] \[train\] lr: expected a number > 0"):
+        parse_config(minimal(variants={"a": {"train": {"lr": -1}}}))
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    ({"data": {"dataset": "cifar11"}}, "dataset: expected one of 'mnist1d', 'cifar10', 'cifar100'"),
+    ({"data": {"dataset": "cifar10"}}, "'mlp' does not take cifar10 inputs; use resnet18, vit, convnext"),
+    ({"model": {"kind": "vit"}}, "'vit' does not take mnist1d inputs; use mlp, resmlp, conv1d"),
+    ({"train": {"epochs": 2, "schedule": "step"}}, "expected one of 'none', 'cosine', 'cosine_epoch'"),
+    ({"train": {"epochs": 2, "precision": "fp16"}}, "expected one of 'auto', 'fp32', 'bf16'"),
+    ({"data": {"dataset": "cifar10", "cutout_p": 2}, "model": {"kind": "resnet18"}}, "cutout_p: expected a number in"),
+])
+def test_bad_cifar_settings(mutate, needle):
+    with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
+        parse_config(minimal(**mutate))
+
+
+def test_new_keys_at_their_defaults_keep_old_hashes():
+    """Run folders made before the CIFAR keys existed stay valid: those keys enter the hash only when set."""
+    cfg = parse_config(minimal())
+    assert set(cfg.data.identity()) == {"num_samples", "seed", "val_fraction", "label_noise", "noise_seed"}
+    assert "precision" not in cfg.train.identity()
+    assert cfg.arm_hash(cfg.arms[1]) == "ead5a25b30dc"     # the hash this config had before them (commit 3b3df50)
+    changed = parse_config(minimal(train={"epochs": 2, "precision": "fp32"}))
+    assert changed.arm_hash(changed.arms[1]) != cfg.arm_hash(cfg.arms[1])

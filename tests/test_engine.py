@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from engine_models import ARCHITECTURES, random_architecture
+from engine_models import (ARCHITECTURES, PERSAMPLE_ROUTES, classification_batch, cross_entropy, random_architecture,
+                           recording_engine, route_labels, seed_mlp)
 from gradalign.engine import PerSampleGradients, per_sample_gradients, reference_statistics
 
 
@@ -36,9 +37,16 @@ def compare_all(model, make_batch, loss_fn, B, seed=0, reference=reference_stati
         close(grads[name], ref["mean_grad"][name])
         close(stats.mean_grad[name], ref["mean_grad"][name])
     close(stats.weights, torch.ones(B))
-    _, weighted = run_engine(model, x, y, loss_fn, weights=weights, forward_seed=forward_seed)
+    reread, weighted = run_engine(model, x, y, loss_fn, weights=weights, forward_seed=forward_seed)
     for name, expected in ref["weighted_grad"].items():
         close(weighted[name], expected)
+    # The same statistics read the other way round, |gbar|^2 and <g_i, gbar> before any norm:
+    # where a layer takes the Gram route, |g_i|^2 then comes from the Gram diagonal.
+    mean_sq_norm = sum(m.square().sum() for m in ref["mean_grad"].values())
+    close(reread.mean_grad_sq_norm, mean_sq_norm)
+    close(reread.dots_with_mean, ref["cosines"] * ref["norms"] * mean_sq_norm.sqrt())
+    close(reread.norms, ref["norms"])
+    close(reread.cosines, ref["cosines"], rtol=1e-3)
     return stats
 
 
@@ -91,7 +99,6 @@ def test_conv_ghost_and_materialised_routes_agree(channels, length):
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Conv1d(channels, 4, 3), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * (length - 2), 3))
-    from engine_models import classification_batch, cross_entropy
     compare_all(model, classification_batch(channels, length, classes=3), cross_entropy, B=6)
 
 
@@ -118,3 +125,101 @@ def test_evaluation_forwards_are_not_recorded():
     per_sample_gradients(model, x[:2], y[:2], loss_fn)  # torch.func calls on the hooked model
     stats = engine.backward(loss_fn(model(x), y))
     assert stats.norms.shape == (8,)
+
+
+@pytest.mark.parametrize("label", sorted(PERSAMPLE_ROUTES))
+def test_architectures_take_the_listed_routes(label):
+    """The parameter that engine_models.PERSAMPLE_ROUTES names for a route takes that route, so
+    that a change to the cost rules cannot move the tested architectures off a route unnoticed."""
+    arch, B, name = PERSAMPLE_ROUTES[label]
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ARCHITECTURES[arch]()
+    engine, record = recording_engine(model)
+    x, y = make_batch(B, torch.Generator().manual_seed(0))
+    engine.backward(loss_fn(model(x), y))
+    assert label in route_labels(record[name]), route_labels(record[name])
+
+
+def weights_reading_cosines(stats):
+    return 1 + stats.cosines
+
+
+def weights_reading_dots_first(stats):
+    stats.dots_with_mean  # the Gram matrix is formed here, before any norm
+    return 1 + stats.cosines
+
+
+READ_FIRST = {
+    "norms": lambda stats: stats.norms,
+    "dots_with_mean": lambda stats: stats.dots_with_mean,
+    "mean_grad_sq_norm": lambda stats: stats.mean_grad_sq_norm,
+    "cosines": lambda stats: stats.cosines,
+    "grad_sq_sum": lambda stats: stats.grad_sq_sum,
+}
+
+
+@pytest.mark.parametrize("first", sorted(READ_FIRST) + ["weights reading cosines", "weights reading dots first"])
+def test_every_read_order_on_the_gram_route(first):
+    """On the seed MLP at B = 16 (its 40x256 and 256x256 layers take the Gram route), every
+    statistic matches the torch.func reference whichever is read first, including from inside a
+    weights callable (which runs before p.grad is written)."""
+    torch.manual_seed(5)
+    model, B = seed_mlp(), 16
+    x, y = classification_batch(40)(B, torch.Generator().manual_seed(5))
+    grads = per_sample_gradients(model, x, y, cross_entropy)
+    flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
+    mean = flat.mean(0)
+    cosines = torch.nn.functional.cosine_similarity(flat, mean.expand_as(flat), dim=1)
+    engine, record = recording_engine(model)
+    weights = {"weights reading cosines": weights_reading_cosines,
+               "weights reading dots first": weights_reading_dots_first}.get(first)
+    stats = engine.backward(cross_entropy(model(x), y), weights=weights)
+    assert record["0.weight"][0].uses_gram() and record["2.weight"][0].uses_gram()
+    if weights is None:
+        READ_FIRST[first](stats)
+    close(stats.sq_norms, flat.square().sum(1))
+    close(stats.norms, flat.norm(dim=1))
+    close(stats.dots_with_mean, flat @ mean)
+    close(stats.mean_grad_sq_norm, mean.square().sum())
+    close(stats.cosines, cosines, rtol=1e-3)
+    expected_w = torch.ones(B) if weights is None else 1 + cosines
+    close(stats.weights, expected_w, rtol=1e-3)
+    for name, p in model.named_parameters():
+        close(stats.grad_sq_sum[name], grads[name].square().sum(0))
+        close(stats.mean_grad[name], grads[name].mean(0))
+        close(p.grad, torch.tensordot(expected_w, grads[name], dims=1) / B, rtol=1e-3)
+
+
+def test_materialised_route_in_several_chunks(monkeypatch):
+    """The materialised route (the narrow Linear over tokens of shared_embedding_tokens) gives the
+    same statistics when it builds the per-sample gradients a few samples at a time, the last
+    chunk shorter."""
+    from gradalign.engine.persample import Factored
+    monkeypatch.setattr("gradalign.engine.persample._CHUNK_ELEMENTS", 50)   # narrow: 24 numbers a sample
+    chunks = []
+    real = Factored._materialised_chunks
+
+    def counted(self):
+        for start, g in real(self):
+            chunks.append(g.shape[0])
+            yield start, g
+    monkeypatch.setattr(Factored, "_materialised_chunks", counted)
+    torch.manual_seed(6)
+    model, make_batch, loss_fn = ARCHITECTURES["shared_embedding_tokens"]()
+    compare_all(model, make_batch, loss_fn, B=7, seed=6)
+    assert chunks[:4] == [2, 2, 2, 1]                 # 7 samples in chunks of 2: the last one shorter
+
+
+def test_embedding_frozen_after_the_engine_was_created():
+    """An Embedding frozen after the engine was created contributes nothing (its output needs no
+    gradient, so its call is not recorded); the rest matches the reference with it frozen."""
+    torch.manual_seed(7)
+    model, make_batch, loss_fn = ARCHITECTURES["shared_embedding_tokens"]()
+    engine = PerSampleGradients(model)
+    model.embed.weight.requires_grad_(False)
+    x, y = make_batch(5, torch.Generator().manual_seed(7))
+    stats = engine.backward(loss_fn(model(x), y))
+    assert "embed.weight" not in stats.grad_sq_sum and model.embed.weight.grad is None
+    ref = reference_statistics(model, x, y, loss_fn)
+    close(stats.norms, ref["norms"])
+    close(stats.cosines, ref["cosines"], rtol=1e-3)

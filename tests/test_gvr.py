@@ -150,3 +150,80 @@ def test_auto_uses_the_closed_form_only_for_the_layer_that_gives_the_logits():
     explicit = GVR(5.0, layers=hidden, subset=8, mode="closed_form")
     with pytest.raises(GradAlignError, match="not the model's logits|output is not"):
         explicit.loss(net, x1, x2, y)
+
+
+# ---------------------------------------------------------------- subset_forward="separate"
+
+class BNNet(nn.Module):
+    """A small train-mode BatchNorm net: the subset's own batch statistics enter its logits."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 8),
+                                  nn.BatchNorm1d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def bn_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("mode", ["autograd", "closed_form"])
+@pytest.mark.parametrize("make", [Net, BNNet])
+def test_separate_forwards_match_the_authors_step(mode, make):
+    """Penalty and gradients equal separate subset forwards (the reference); BatchNorm's
+    running statistics move exactly once per step, by the first view's full batch."""
+    net, (x1, x2, y) = make(), views(16)
+    layers = [net.head] if mode == "closed_form" else [net.body[-3] if make is BNNet else net.body[2], net.head]
+    before = bn_state(net)
+    with torch.no_grad():                      # the reference's own forwards must not move the statistics
+        expected_state = None
+        if make is BNNet:
+            probe = BNNet()
+            probe.load_state_dict(net.state_dict())
+            probe(x1)                                   # one train-mode forward of view 1
+            expected_state = bn_state(probe)
+    from gradalign.methods.gvr import frozen_batchnorm_stats
+    with frozen_batchnorm_stats(net):
+        ref_penalty, ref_grads = reference(net, layers, x1, x2, y, alpha=3.0, subset=8, seed=5)
+    assert bn_state(net).keys() == before.keys() and all(torch.equal(bn_state(net)[k], v) for k, v in before.items())
+    gvr = GVR(3.0, layers=layers, subset=8, mode=mode, generator=torch.Generator().manual_seed(5),
+              subset_forward="separate")
+    _, info, grads = gvr_grads(net, gvr, x1, x2, y)
+    assert info["penalty"] == pytest.approx(ref_penalty, rel=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    expected_idx = torch.randperm(16, generator=torch.Generator().manual_seed(5))[:8]
+    assert torch.equal(info["subset"], expected_idx)
+    if expected_state is not None:
+        for k, v in bn_state(net).items():
+            torch.testing.assert_close(v, expected_state[k], rtol=0, atol=0)
+
+
+def test_shared_and_separate_differ_only_with_batchnorm():
+    for make, differ in ((Net, False), (BNNet, True)):
+        x1, x2, y = views(16)
+        penalties = []
+        for route in ("shared", "separate"):
+            net = make()
+            gvr = GVR(1.0, layers=net.head, subset=8, generator=torch.Generator().manual_seed(2), subset_forward=route)
+            total, info = gvr.loss(net, x1, x2, y)
+            penalties.append(info["penalty"])
+            assert info["subset"].shape == (8,)
+        assert (abs(penalties[0] - penalties[1]) > 1e-4 * penalties[0]) == differ, (make.__name__, penalties)
+
+
+def test_separate_mode_leaves_the_full_view2_forward_last_for_a_monitor():
+    import gradalign as ga
+    net, (x1, x2, y) = BNNet(), views(16)
+    monitor = ga.GWAMonitor(net.head)
+    gvr = GVR(1.0, layers=net.head, subset=8, subset_forward="separate")
+    _, info = gvr.loss(net, x1, x2, y)
+    monitor.update(info["logits2"], y, torch.arange(16))        # the latest head input is the full view 2
+    assert monitor.last_scores().shape == (16,)
+    with pytest.raises(ValueError, match="subset_forward"):
+        GVR(layers=net.head, subset_forward="both")

@@ -6,9 +6,9 @@ from torch import nn
 
 import gradalign as ga
 from gradalign.errors import ConfigError
-from gradalign.experiments.models import MODELS, build_model
+from gradalign.experiments.models import SIGNAL_MODELS, build_model
 
-KINDS = sorted(MODELS)
+KINDS = sorted(SIGNAL_MODELS)          # the image models: tests/test_vision_models.py
 
 
 def n_params(model):

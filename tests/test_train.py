@@ -107,6 +107,32 @@ def test_cosine_schedule_reaches_zero(splits):
     assert result.rows[0]["lr"] < 1e-2 and result.rows[-1]["lr"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_cosine_epoch_schedule_is_cosine_annealing_per_epoch(splits, monkeypatch):
+    """CosineAnnealingLR(T_max = epochs) stepped once per epoch: constant within an epoch."""
+    cfg = config(schedule="cosine_epoch", epochs=4, optimizer="sgd", eval_every=1)
+    seen = []
+    from gradalign.experiments import steps
+    real = steps.Optimizer.step
+
+    def spy(self, samples_done):
+        real(self, samples_done)
+        seen.append((samples_done, self.lr))
+    monkeypatch.setattr(steps.Optimizer, "step", spy)
+    train_run(cfg, cfg.arm("baseline"), {"lr": 0.1}, 0, splits)
+    n = len(splits.train_full)
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    expected = []
+    for _ in range(4):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for samples_done, lr in seen:
+        assert lr == pytest.approx(expected[(samples_done - 1) // n], rel=1e-12, abs=1e-15)
+    assert len({lr for _, lr in seen}) == 4 and seen[-1][1] > 0          # one value per epoch, never 0
+
+
 def test_divergence_raises_a_clear_error(splits):
     cfg = config(optimizer="sgd")
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):

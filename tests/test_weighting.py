@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import gradalign as ga
-from engine_models import ARCHITECTURES
+from engine_models import ARCHITECTURES, recording_engine
+from gradalign.engine.persample import Factored
 from gradalign.methods import leave_one_out_cosines, normalised_entropy
 
 
@@ -62,12 +63,17 @@ def test_entropy():
     assert normalised_entropy(torch.tensor([4.0, 0, 0, 0])) == pytest.approx(0.0, abs=1e-9)
 
 
+# At B = 48 the seed MLP's 40x256 and 256x256 layers take the Gram route (the residual MLP's do
+# not: its 32x48 and 48x48 layers take it only below B = 39 and 48), and leave-one-out reads <g_i, gbar> before |g_i|^2: the norms come from the Gram diagonal.
+@pytest.mark.parametrize("arch", ["residual_mlp", "seed_mlp"])
 @pytest.mark.parametrize("method", [ga.GASW, ga.GDSW])
 @pytest.mark.parametrize("leave_one_out", [False, True])
-def test_weighted_update_matches_torch_func(method, leave_one_out):
+def test_weighted_update_matches_torch_func(method, leave_one_out, arch):
+    """Weights and update against cosines (to the mean, or leave-one-out to the mean of the
+    others) computed from the materialised per-sample gradients."""
     torch.manual_seed(0)
-    model, make_batch, loss_fn = ARCHITECTURES["residual_mlp"]()
-    x, y = make_batch(24, torch.Generator().manual_seed(0))
+    model, make_batch, loss_fn = ARCHITECTURES[arch]()
+    x, y = make_batch(48, torch.Generator().manual_seed(0))
     grads = ga.per_sample_gradients(model, x, y, loss_fn)
     flat = torch.cat([g.flatten(1) for g in grads.values()], 1).double()
     B = flat.shape[0]
@@ -75,8 +81,10 @@ def test_weighted_update_matches_torch_func(method, leave_one_out):
     cos = torch.nn.functional.cosine_similarity(flat, reference, dim=1)
     raw = cos.clamp_min(0).pow(1.5) if method is ga.GASW else (1 - cos).pow(1.5)
     expected_w = (raw * B / raw.sum()).float()
-    engine = ga.PerSampleGradients(model)
+    engine, record = recording_engine(model)
     stats = engine.backward(loss_fn(model(x), y), weights=method(gamma=1.5, leave_one_out=leave_one_out))
+    gram = [n for n, calls in record.items() if isinstance(calls[0], Factored) and calls[0].uses_gram()]
+    assert gram == (["0.weight", "2.weight"] if arch == "seed_mlp" else [])
     torch.testing.assert_close(stats.weights, expected_w, rtol=1e-3, atol=1e-4)
     for name, p in model.named_parameters():
         expected = torch.tensordot(expected_w, grads[name], dims=1) / B

@@ -10,6 +10,7 @@ from gradalign.engine import (
     per_sample_gradients,
     reference_statistics,
     replace_batchnorm,
+    token_losses,
     validate,
 )
 from gradalign.engine import distributed  # ga.distributed.broadcast_parameters, all_reduce_flat
@@ -21,5 +22,5 @@ __all__ = [
     "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError", "RunFolderError",
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "UnsupportedModuleError",
     "check_model", "compare_with_reference", "default_registry", "distributed", "gwa_alignment", "gwa_score",
-    "per_sample_gradients", "reference_statistics", "replace_batchnorm", "validate",
+    "per_sample_gradients", "reference_statistics", "replace_batchnorm", "token_losses", "validate",
 ]

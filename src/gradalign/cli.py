@@ -7,6 +7,7 @@
     gradalign train gasw --arm gasw --param lr=0.0045 --param gamma=2.09
     gradalign tune gaga --arm gaga --trials 10
     gradalign train gasw --arm gasw --param lr=0.003 --nproc 2     # data parallel, 2 processes
+    gradalign reproduce gvr-cifar100 --data-dir ~/data --device cuda   # CIFAR archives, a GPU
 
 Exit codes: 0 success, 1 a run failed (e.g. every trial diverged, a disk error), 2 a bad
 option, configuration or run folder (damaged, or in use by another process), 130 interrupted
@@ -25,8 +26,8 @@ from gradalign.errors import ConfigError, GradAlignError
 
 log = logging.getLogger("gradalign")
 
-EPILOG = ("Bundled experiments: gasw, gaga, gwa, gvr (and demo); `gradalign list` describes them. "
-          "Any path to a TOML file with the same schema works too.")
+EPILOG = ("Bundled experiments: gasw, gaga, gwa, gvr (and demo) on mnist1d; gvr-cifar100 and gwa-cifar10 on "
+          "CIFAR (--data-dir); `gradalign list` describes them. Any path to a TOML file with the same schema works too.")
 
 
 class _TqdmHandler(logging.Handler):
@@ -85,6 +86,13 @@ def _common(p: argparse.ArgumentParser, *, experiment: bool = True, threads: boo
         p.add_argument("--set", dest="overrides", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                        help="override one configuration value, e.g. --set train.epochs=10 or "
                             "--set arms.gasw.params.gamma=1.5 (values are TOML; repeatable; applied after --quick)")
+        p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                       help="folder with the CIFAR 'python version' archives (cifar-10-python.tar.gz, "
+                            "cifar-100-python.tar.gz, or their extracted folders), from "
+                            "https://www.cs.toronto.edu/~kriz/cifar.html; never downloaded (default: ./data)")
+        p.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
+                       help="where to train: auto (default: a CUDA GPU for the CIFAR experiments when torch sees "
+                            "one, else the CPU; mnist1d stays on the CPU), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
 
@@ -119,7 +127,7 @@ def _heartbeat(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradalign", description="Train and diagnose networks through their per-sample gradients: "
-        "run the bundled experiments (GASW/GDSW, GAGA, GWA, GVR on mnist1d) and report them.",
+        "run the bundled experiments (GASW/GDSW, GAGA, GWA, GVR on mnist1d; GVR and GWA on CIFAR) and report them.",
         epilog=EPILOG)
     from gradalign import __version__
     parser.add_argument("--version", action="version", version=f"gradalign {__version__}")
@@ -135,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="tune, train over seeds and report one experiment", epilog=EPILOG,
                        description="Run an experiment end to end: tune every arm with Optuna on a validation split "
                        "carved from the training set, train every arm with its best settings on the same seeds, and "
-                       "write the report. Re-running with the same --out resumes: finished trials and seeds are skipped.")
-    p.add_argument("experiment", help="gasw, gaga, gwa or gvr, or a path to a TOML experiment file")
+                       "write the report. Re-running with the same --out resumes: finished trials and seeds are skipped, and a "
+                       "run in progress continues from its last epoch (its checkpoint).")
+    p.add_argument("experiment", help="gasw, gaga, gwa, gvr, gvr-cifar100 or gwa-cifar10, or a path to a TOML "
+                   "experiment file")
     p.add_argument("--trials", type=_nonneg_int, help="completed Optuna trials per tuned arm (overrides the config; "
                    "0 skips tuning and uses the fixed settings)")
     p.add_argument("--seeds", type=_pos_int, help="final seeds per arm (overrides the config)")
@@ -203,7 +213,8 @@ def _cmd_reproduce(args, experiment: str | None = None) -> int:
     done = reproduce(experiment or args.experiment, args.out, quick=args.quick, trials=getattr(args, "trials", None),
                      seeds=args.seeds, storage=getattr(args, "storage", None), overrides=dict(args.overrides),
                      progress=not args.no_progress, threads=args.threads,
-                     heartbeat=getattr(args, "heartbeat", None) or DEFAULT_HEARTBEAT)
+                     heartbeat=getattr(args, "heartbeat", None) or DEFAULT_HEARTBEAT,
+                     data_dir=args.data_dir, device=args.device)
     _print_tables(done.summary, done.run_dir)
     return 0
 
@@ -236,7 +247,7 @@ def _cmd_train(args) -> int:
         result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
                             overrides=dict(args.overrides), eval_split=args.split,
                             progress=not args.no_progress and (parallel is None or parallel.rank == 0),
-                            threads=args.threads, parallel=parallel)
+                            threads=args.threads, parallel=parallel, data_dir=args.data_dir, device=args.device)
     finally:
         if parallel is not None:
             import torch.distributed as dist
@@ -260,7 +271,7 @@ def _cmd_tune(args) -> int:
     run_dir, storage, results = tune_only(args.experiment, args.out, arms=args.arm, quick=args.quick,
                                           trials=args.trials, storage=args.storage, overrides=dict(args.overrides),
                                           progress=not args.no_progress, threads=args.threads,
-                                          heartbeat=args.heartbeat)
+                                          heartbeat=args.heartbeat, data_dir=args.data_dir, device=args.device)
     for key, r in results.items():
         print(f"{key}: best {r['params']} (val acc {r['value']:.4f}; {r['complete']} complete, {r['pruned']} pruned, "
               f"{r['failed']} diverged)")
@@ -279,7 +290,7 @@ def _cmd_list(args) -> int:
     from gradalign.experiments.config_sources import bundled_names
     for name in bundled_names():
         cfg = load_config(name)
-        print(f"{name:10} {cfg.description}")
+        print(f"{name:13} {cfg.description}")
     return 0
 
 

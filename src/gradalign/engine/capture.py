@@ -26,8 +26,9 @@ from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
+from gradalign.engine.summed import combine
 from gradalign.engine.validate import Served, survey
-from gradalign.engine.watch import Watch
+from gradalign.engine.watch import Watch, refuse_watched_input, watch_shared_output
 from gradalign.errors import GradAlignError, UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
@@ -47,6 +48,7 @@ class _Call:
     generation: int = 0        # which forward of the model recorded it
     gram: bool = False         # its cosines come from the Gram matrix (Rule.gram_route)
     full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
+    watched: bool = False      # served through a watch (engine/watch.py): its S is not asked of autograd
 
 
 @dataclass
@@ -99,7 +101,7 @@ def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
 _SAFE_EXPONENT = 32
 
 
-def _rescale(calls: list[_Call]) -> Tensor | None:
+def _rescale(calls: list[_Call], sums: dict[str, Tensor]) -> Tensor | None:
     """Divide the output gradients of one backward (every call's `grads`) by one power of two near
     their largest magnitude, and return it (a 0-d float32 tensor, on their device; no host read).
 
@@ -123,14 +125,16 @@ def _rescale(calls: list[_Call]) -> Tensor | None:
     if grads[0].device.type == "cpu" and -_SAFE_EXPONENT <= int(exponent) <= _SAFE_EXPONENT:
         return None  # on the CPU a host read is free: skip the multiply pass when squares are safe anyway
     scale = torch.exp2(exponent.clamp(-126, 126))  # an int exponent: float32, exact
-    # in place where that is safe (a tensor owning its storage, seen once); out of place for views
-    # (an expanded seed, a view of another gradient), and first, before any storage they share changes
+    # in place where that is safe (a tensor owning its storage, seen once, not autograd's S for some
+    # parameter); out of place for views (an expanded seed, a view of another gradient) and those,
+    # and first, before any storage they share changes
     owned, views, seen = [], [], set()
+    keep = {id(t) for s in sums.values() for t in (s, s._base) if t is not None}
     for g in grads:
         if id(g) in seen:
             continue
         seen.add(id(g))
-        (owned if g._base is None and g.is_contiguous() else views).append(g)
+        (owned if g._base is None and g.is_contiguous() and id(g) not in keep else views).append(g)
     scaled = dict(zip(map(id, views), torch._foreach_div(views, scale))) if views else {}
     if owned:
         torch._foreach_div_(owned, scale)
@@ -226,8 +230,9 @@ class PerSampleGradients:
 
     def _hook_layouts(self) -> None:
         """Batch dims: a stack pushed by transformers that move the batch (batch_first=False),
-        and B itself from the model's first tensor argument when some module is watched. Their
-        pre-hooks run before every other hook of a module, their post-hooks after."""
+        and B itself from the model's first tensor argument (for watched modules and modules
+        called without the batch), with the count of training forwards. Their pre-hooks run
+        before every other hook of a module, their post-hooks after."""
         layouts = [(m, bd) for m in self.model.modules() if (bd := self.registry.batch_dim_for(m)) is not None]
         root_dim = self.registry.batch_dim_for(self.model) or 0
 
@@ -236,16 +241,12 @@ class PerSampleGradients:
                 stack.pop()  # and return None: a forward hook's result would replace the output
             return _eager(hook)
 
-        watched = any(h.rule.watch for h in self._hooked.values())
-
-        def root_pre(module, args, kwargs):
+        def root_pre(module, args, kwargs):  # the forward's generation, and B for the watches
             if self._capturing and torch.is_grad_enabled():
                 self._generation += 1
-            if watched:
-                self._root_batch.append(_batch_of(args, kwargs, root_dim))
-        self._handles.append(self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True))
-        if watched:
-            self._handles.append(self.model.register_forward_hook(pop(self._root_batch), always_call=True))
+            self._root_batch.append(_batch_of(args, kwargs, root_dim))
+        self._handles += [self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True),
+                          self.model.register_forward_hook(pop(self._root_batch), always_call=True)]
         for module, bd in layouts:
             def push(*_, bd=bd):
                 self._layout.append(bd)
@@ -258,7 +259,7 @@ class PerSampleGradients:
             raise UnsupportedModuleError(
                 "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
         for s in served:
-            self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names)
+            self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names, s.shared)
             self._params.update({full: s.module.get_parameter(local) for local, full in s.param_names.items()})
 
     def _active(self, args: tuple, kwargs: dict) -> bool:
@@ -276,12 +277,14 @@ class PerSampleGradients:
                 if not rule.watch:
                     state = rule.capture(module, args, kwargs, batch_dim)
                 else:  # (the output is not known yet: the first argument stands in for it)
-                    can_fall_back = not (rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None))
+                    no_fallback = rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None)
+                    can_fall_back = not no_fallback
                     captured = rule.capture(module, args, kwargs, batch_dim) if rule.capture and can_fall_back else None
                     params = {local: p for local, full in hooked.param_names.items()
                               if (p := module._parameters.get(local)) is self._params[full] and p.requires_grad}
                     batch = self._root_batch[-1] if self._root_batch else _batch_of(args, kwargs, batch_dim)
                     state = (Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back), captured)
+                    state[0].no_fallback = no_fallback or state[0].no_fallback
                     state[0].start()
             hooked.pending.append(state)
             return None
@@ -302,19 +305,19 @@ class PerSampleGradients:
                 if output is None:  # the forward raised
                     return None
                 if watch.stopped is None:  # watch.edges is live: uses after the forward still count
-                    self._append(hooked, _Call(path, watch.batch, watch.edges, watch.per_sample))
+                    self._append(hooked, _Call(path, watch.batch, watch.edges, watch.per_sample, watched=True))
                     return None
                 reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
                 if reason:  # the torch.func fallback cannot serve it either
                     raise UnsupportedModuleError(watch.refusal(reason))
-            self._record(path, hooked, module, args, kwargs, output, captured)
-            return None
+            return self._record(path, hooked, module, args, kwargs, output, captured)
 
         return hook
 
     def _record(self, path: str, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict, output,
-                captured: tuple | None) -> None:
-        """Record one call of a rule's module: its output edges and how to finish it."""
+                captured: tuple | None):
+        """Record one call of a rule's module: its output edges and how to finish it. Returns None,
+        or the output to hand on in its place (a module called without the batch: watched)."""
         rule = hooked.rule
         if not self._capturing or not torch.is_grad_enabled() or (rule.capture and captured is None):
             return
@@ -333,12 +336,19 @@ class PerSampleGradients:
             if check:
                 raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
         batch_dim = self._layout[-1] if self._layout else 0
+        refuse_watched_input(args, f"{path or '<model>'} ({type(module).__name__})")
         if captured is None:  # default: the positional inputs, batch first
             captured = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             if batch_dim and captured and isinstance(captured[0], Tensor):
                 captured = (captured[0].movedim(batch_dim, 0), *captured[1:])
         first = captured[0] if captured else None
         batch = first.shape[0] if isinstance(first, Tensor) and first.dim() else None
+        B = self._root_batch[-1] if self._root_batch else None
+        if B is not None and (batch != B or hooked.shared) and isinstance(first, Tensor) and not (rule.output or rule.capture):
+            watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
+                                                rule.compute, captured, output, B, batch_dim)
+            self._append(hooked, _Call(path, B, watch.edges, watch.per_sample, watched=True))
+            return shared
         n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
         edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
 
@@ -421,7 +431,7 @@ class PerSampleGradients:
                 wanted = self._sums_wanted(weights, write_grad, params)
                 sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
                 rtol = self._verify_rtol()
-                scale = _rescale([c for h in self._hooked.values() for c in h.calls])
+                scale = _rescale([c for h in self._hooked.values() for c in h.calls], sums)
                 per_sample = self._per_sample_grads(B, params)
         finally:
             self.clear()
@@ -450,21 +460,30 @@ class PerSampleGradients:
         products), because this backward will use S: for p.grad = S / B (no weights), and for
         the cosines of a weighting that declares it reads them (`needs`, e.g. GASW), on the
         layers whose cosines come from S rather than from the Gram matrix (`Rule.gram_route`).
-        Not for watched parameters (their derived tensors are differentiated after the backward)
-        nor for layers that ran in bfloat16 or float16 (there S is formed in float32 from the
-        upcast factors, more precisely than autograd's low-precision product)."""
+        Not for a parameter with a watched use (a raw parameter, a module called without the
+        batch: their per-sample gradients are mapped after the backward), nor with a use that ran
+        in bfloat16 or float16 (there S is formed in float32 from the upcast factors, more
+        precisely than autograd's low-precision product). A tied parameter (several modules, or
+        one module called twice) never takes the Gram route, so its S is wanted with the cosines."""
         cosines = "cosines" in getattr(weights, "needs", ())
         if not (cosines or (weights is None and write_grad)):
             return []
-        wanted = []
+        uses: dict[str, list[tuple[str, _Call]]] = {}  # name -> (local name, call) for every use
+        blocked = set()
         for h in self._hooked.values():
-            if h.rule.watch or not all(c.full for c in h.calls):
+            for local, n in h.param_names.items():
+                if h.rule.watch:
+                    blocked.add(n)
+                uses.setdefault(n, []).extend((local, c) for c in h.calls)
+        wanted = []
+        for n, calls in uses.items():
+            if n not in params or n in blocked or any(c.watched or not c.full for _, c in calls):
                 continue
-            if weights is None:
-                wanted += [n for n in h.param_names.values() if n in params]
-                continue
-            gram = self.process_group is None and all(c.gram for c in h.calls) and len(h.calls) == 1
-            wanted += [n for local, n in h.param_names.items() if n in params and not (gram and local in h.rule.gram_params)]
+            if weights is not None and self.process_group is None and len(calls) == 1:
+                (local, call), = calls
+                if call.gram and local in self._hooked[call.path].rule.gram_params:
+                    continue  # its cosines come from the Gram matrix
+            wanted.append(n)
         return wanted
 
     def set_grad(self, grads: dict[str, Tensor]) -> None:
@@ -502,8 +521,8 @@ class PerSampleGradients:
         outside its module, which no hook sees.
         """
         calls = [call for h in self._hooked.values() for call in h.calls]
-        unseen = [params[n] for h in self._hooked.values() if not any(c.edges for c in h.calls)
-                  for n in h.param_names.values() if n in params]
+        seen = {n for h in self._hooked.values() if any(c.edges for c in h.calls) for n in h.param_names.values()}
+        unseen = [p for n, p in params.items() if n not in seen]  # a tied parameter: seen by any of its modules
         edges = [e for call in calls for e in call.edges]
         if not edges and not unseen:
             return {}
@@ -547,7 +566,7 @@ class PerSampleGradients:
                         name = h.param_names[local]
                         if name not in params:  # frozen since the engine was created
                             continue
-                        out[name] = grads if name not in out else out[name].merge(grads)
+                        out[name] = grads if name not in out else combine(out[name], grads)  # tied, or called twice
         finally:
             self._capturing = True
         return out
@@ -576,22 +595,31 @@ class PerSampleGradients:
         return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
 
     def _verify(self, stats: GradientStats, losses: Tensor, rtol: float) -> None:
-        """Check the per-sample gradients against autograd: their mean against the gradient of
-        the mean loss (catches a parameter used where no hook sees it), and the first sample's
-        and the largest one's squared norm against a backward of that sample's loss alone
-        (catches a module that mixes samples or gets its batch on another dim, e.g. a (T, B, ...)
-        input with T == B, which the sum alone cannot tell)."""
-        local_mean = {n: s / stats.batch_size for n, s in stats._representation_sums().items()}  # this rank's
-        names = list(local_mean)
+        """Check the per-sample gradients against autograd, twice: sum_i v_i g_i against the
+        gradient of sum_i v_i l_i for weights v that tell the samples apart (catches a parameter
+        used where no hook sees it, or a gradient given to the wrong sample), and the first
+        sample's and the largest one's squared norm against a backward of that sample's loss
+        alone (catches a module that mixes samples or gets its batch on another dim, e.g. a
+        (T, B, ...) input with T == B)."""
+        B = stats.batch_size
+        v = torch.rand(B, generator=torch.Generator().manual_seed(0)) + 0.5
+        v = v.to(losses.device, torch.promote_types(losses.dtype, torch.float32))
+        with full_precision(losses.device):  # the representations hold g_i / scale
+            vs = v * (stats.scale.to(v.dtype) / B)
+            local = {n: g.weighted_sum(vs) for n, g in stats._per_sample.items()}  # this rank's samples
+        names = list(local)
         params = [self._params[n] for n in names]
-        expected = torch.autograd.grad(losses.mean(), params, allow_unused=True, retain_graph=True)
-        for name, mean, exp in zip(names, local_mean.values(), expected):
-            exp = torch.zeros_like(mean) if exp is None else exp.to(mean.dtype)
-            if not torch.allclose(mean, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
+        expected = torch.autograd.grad((losses * v.to(losses.dtype)).sum() / B, params, allow_unused=True,
+                                       retain_graph=True)
+        for name, mine, exp in zip(names, local.values(), expected):
+            exp = torch.zeros_like(mine) if exp is None else exp.to(mine.dtype)
+            if not torch.allclose(mine, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
                 raise UnsupportedModuleError(
-                    f"per-sample gradients of {name} do not add up to its gradient: the parameter is "
-                    "used outside its module's forward, or a module mixes samples")
-        norms = stats.norms.double()
+                    f"per-sample gradients of {name} do not add up to autograd's gradient: the parameter is "
+                    "used outside its module's forward, a module mixes samples, or a module's input has the "
+                    "batch size on its batch dim without carrying the batch (declare such a module with "
+                    "RuleRegistry.register_shared)")
+        norms = stats.norms.double()  # not sq_norms: |g_i|^2 may overflow float32 where |g_i| does not
         samples = sorted({0, int(norms.argmax())})
         for k, i in enumerate(samples):
             own = torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=k + 1 < len(samples))

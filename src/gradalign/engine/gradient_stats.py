@@ -197,11 +197,6 @@ class GradientStats:
             return dict(self._given)
         return self._unscaled(self._local_sums)
 
-    def _representation_sums(self) -> dict[str, Tensor]:
-        """{name: S} from the per-sample representations themselves (what verify checks
-        against autograd), whatever autograd gave."""
-        return self._unscaled(self._by_name(lambda u: u.sums()))
-
     @cached_property
     @_full_precision
     def grad_sum(self) -> dict[str, Tensor]:

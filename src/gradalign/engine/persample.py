@@ -15,8 +15,9 @@ route for that layer. Every representation answers the same six questions:
 sum rather than the mean gbar = S / B: the 1/B is applied once to the (B,) results, not
 to every parameter-sized tensor. `merge(other)` combines two calls of the same module
 (shared weights in one forward): the per-sample gradient of a module applied twice is
-the sum of both contributions; two different representations of one parameter (a raw
-parameter used both as a linear map and elementwise) merge into Dense.
+the sum of both contributions. Contributions of different kinds (tied weights: an Embedding's
+rows and a Linear's factors; a raw parameter used both as a linear map and elementwise) are
+combined by engine/summed.py, with exact cross terms.
 
 Precision: the factors are captured as the forward made them (bfloat16 or float16 under
 autocast or in a half model) and upcast to float32 when a representation is built, so every
@@ -379,10 +380,10 @@ class IndexedRows(_FromSum):
     def __post_init__(self):
         self.D = upcast(self.D)
 
-    def _per_sample_rows(self) -> tuple[Tensor, Tensor]:
-        """Every distinct (sample, row) pair's row and summed gradient, in B T slots (unused
-        slots: row 0, zero gradient): (B T,), (B T, dim). Sorting the pairs instead of
-        torch.unique keeps every shape fixed, so nothing waits for the device."""
+    def _per_sample_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every distinct (sample, row) pair's sample, row and summed gradient, in B T slots (unused
+        slots: sample 0, row 0, zero gradient): (B T,), (B T,), (B T, dim). Sorting the pairs
+        instead of torch.unique keeps every shape fixed, so nothing waits for the device."""
         B, T = self.index.shape
         key = torch.arange(B, device=self.index.device).unsqueeze(1) * self.num_rows + self.index
         key, order = key.reshape(-1).sort()
@@ -392,9 +393,14 @@ class IndexedRows(_FromSum):
         grads = self.D.new_zeros(B * T, self.D.shape[-1])
         grads.index_add_(0, slot, self.D.reshape(B * T, -1)[order])
         rows = torch.zeros_like(key).scatter_(0, slot, key % self.num_rows)
-        return rows, grads
+        samples = torch.zeros_like(key).scatter_(0, slot, key // self.num_rows)
+        return samples, rows, grads
 
     def sq_norms(self) -> Tensor:
+        B, T = self.index.shape
+        if T > 4 * self.D.shape[-1]:  # many lookups of short rows (T5's (T, T) relative-position buckets):
+            samples, _, grads = self._per_sample_rows()  # sum each (sample, row) first, B T dim not B T^2
+            return grads.new_zeros(B).index_add_(0, samples, torch.linalg.vecdot(grads, grads))
         # |g_i|^2 = sum_{t,s} [index_it == index_is] d_it . d_is
         same = (self.index.unsqueeze(2) == self.index.unsqueeze(1)).to(self.D.dtype)
         return (same * (self.D @ self.D.transpose(1, 2))).sum(dim=(1, 2))
@@ -409,7 +415,7 @@ class IndexedRows(_FromSum):
         return out
 
     def sq_sum(self) -> Tensor:
-        rows, grads = self._per_sample_rows()
+        _, rows, grads = self._per_sample_rows()
         out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
         out.index_add_(0, rows, grads.square())
         return out

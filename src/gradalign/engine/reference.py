@@ -16,8 +16,14 @@ from torch.func import functional_call, grad, vmap
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (output, targets) -> (B,) per-sample losses
 
 
-def per_sample_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> dict[str, Tensor]:
-    """{param name: (B, *param.shape)} with g_i = grad of loss_fn(model(x_i), y_i)."""
+def per_sample_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
+                         vectorize: bool = True) -> dict[str, Tensor]:
+    """{param name: (B, *param.shape)} with g_i = grad of loss_fn(model(x_i), y_i).
+
+    vectorize=False runs torch.func.grad one sample at a time instead of vmap over the batch: for
+    models whose forward vmap cannot batch (data-dependent control flow, e.g. Hugging Face models
+    that check their attention masks), at the cost of B forwards.
+    """
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n: b for n, b in model.named_buffers()}
@@ -26,17 +32,20 @@ def per_sample_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, loss
         out = functional_call(model, {**p, **frozen, **buffers}, (x.unsqueeze(0),))
         return loss_fn(out, y.unsqueeze(0)).sum()
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    if vectorize:
+        return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    rows = [grad(sample_loss)(params, x, y) for x, y in zip(inputs, targets)]
+    return {n: torch.stack([r[n] for r in rows]) for n in params}
 
 
 def reference_statistics(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn,
-                         weights: Tensor | None = None) -> dict:
+                         weights: Tensor | None = None, *, vectorize: bool = True) -> dict:
     """Every statistic of GradientStats, from materialised per-sample gradients.
 
     Returns a dict with norms (B,), cosines (B,), mean_grad {name: tensor},
     grad_sq_sum {name: tensor} and weighted_grad {name: (1/B) sum_i w_i g_i}.
     """
-    return statistics_of(per_sample_gradients(model, inputs, targets, loss_fn), weights)
+    return statistics_of(per_sample_gradients(model, inputs, targets, loss_fn, vectorize=vectorize), weights)
 
 
 def statistics_of(grads: dict[str, Tensor], weights: Tensor | None = None) -> dict:
@@ -59,8 +68,10 @@ def statistics_of(grads: dict[str, Tensor], weights: Tensor | None = None) -> di
     }
 
 
-def compare_with_reference(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> dict[str, float]:
-    """Largest absolute difference between the engine and the torch.func reference, per statistic.
+def compare_with_reference(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
+                           vectorize: bool = True) -> dict[str, float]:
+    """Largest absolute difference between the engine and the torch.func reference, per statistic
+    (vectorize=False: the reference one sample at a time, see `per_sample_gradients`).
 
     Example:
         errors = compare_with_reference(model, x, y, lambda out, y: F.cross_entropy(out, y, reduction="none"))
@@ -68,7 +79,7 @@ def compare_with_reference(model: nn.Module, inputs: Tensor, targets: Tensor, lo
     """
     from gradalign.engine.capture import PerSampleGradients
 
-    ref = reference_statistics(model, inputs, targets, loss_fn)
+    ref = reference_statistics(model, inputs, targets, loss_fn, vectorize=vectorize)
     saved = {n: p.grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = None

@@ -21,19 +21,23 @@ class Served:
     module: nn.Module
     rule: Rule
     param_names: dict[str, str]  # local name ("weight", or "child.weight" for a child the rule owns) -> full name
+    shared: bool = False  # declared to be called on inputs shared by all samples (RuleRegistry.register_shared)
 
 
 def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list[str]]:
     """(served modules, problems as 'path (Type): why') for every module owning trainable parameters.
 
     A module whose rule owns children (nn.MultiheadAttention's out_proj) serves their
-    parameters too, and the children are not served on their own.
+    parameters too, and the children are not served on their own. A parameter tied between
+    modules (a language model's input and output embeddings) is served by each of them under
+    one name, its first in `model.named_parameters()`; the engine adds the contributions.
     """
-    full_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    owner: dict[int, str] = {}
+    full_names = {id(p): n for n, p in model.named_parameters()}  # a tied parameter: its first name
     owned: list[str] = []  # paths of children served by a parent's rule
+    shared: set[str] = set()  # paths of children declared shared by their parent's type
     served, problems = [], []
     for path, module in model.named_modules():
+        shared.update(f"{path}.{c}" if path else c for c in registry.shared_children(module))
         if any(path == o or path.startswith(o + ".") for o in owned):
             continue
         rule = registry.rule_for(module)
@@ -44,16 +48,11 @@ def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list
         if not own:
             continue
         where = f"{path or '<model>'} ({type(module).__name__})"
-        for p in own.values():
-            if id(p) in owner:
-                problems.append(f"{where}: parameter {full_names[id(p)]} is also used by {owner[id(p)] or '<model>'}; "
-                                "tied parameters are not supported, untie or freeze them")
-            owner[id(p)] = path
         reason = "no rule for this module type" if rule is None else rule.reason(module)
         if reason:
             problems.append(f"{where}: {reason}")
             continue
-        served.append(Served(path, module, rule, {local: full_names[id(p)] for local, p in own.items()}))
+        served.append(Served(path, module, rule, {local: full_names[id(p)] for local, p in own.items()}, path in shared))
     return served, problems
 
 

@@ -1,42 +1,57 @@
-"""Raw parameters: per-sample gradients of a parameter used directly in its module's forward.
+"""Raw parameters and shared values: per-sample gradients where a value shared by all samples
+meets the batch.
 
 A module without a rule (a ViT's root owning the cls token and position embedding, a
-layer-scale gamma, a learned temperature) has its trainable parameters watched while its own
-forward runs: each is swapped for an alias of itself, a tensor subclass that sees every torch
-operation touching it and nothing else (operations on other tensors and the forwards of
-children run as before, at no extra cost). Where a watched tensor meets the batch is its point
-of use, and the gradient is captured there:
+layer-scale gamma, a learned temperature, an nn.Embedding subclass with its own forward) has
+its trainable parameters watched while its own forward runs: each is swapped for an alias of
+itself, a tensor subclass that sees every torch operation touching it and nothing else
+(operations on other tensors and the forwards of children run as before, at no extra cost).
+Where a watched tensor meets the batch is its point of use, and the gradient is captured there
+(engine/uses.py):
 
-  elementwise (x + pos, x * gamma, torch.where, ...): the watched operand w is replaced by
-      w_b, w reshaped with leading 1s and expanded to B on the batch dim. The result is
-      unchanged, and the gradient at w_b, (B, ...), holds the per-sample gradients of w.
+  elementwise (x + pos, x * gamma, torch.where, ..., and a float attn_mask of
+      scaled_dot_product_attention): the watched operand w is replaced by w_b, w reshaped with
+      leading 1s and expanded to B on the batch dim. The result is unchanged, and the gradient
+      at w_b, (B, ...), holds the per-sample gradients of w.
   expand (cls.expand(B, -1, -1), broadcast_to, expand_as, repeat): likewise, the batch dim
       expanded first.
   linear (F.linear(x, W, b), x @ W, torch.mm, torch.addmm(b, x, W) as in GPT-2's Conv1D):
       the gradient D at the op's output and its input x give g_i(W) = sum_t D_it x_it^T, kept
       factored (ghost norms), and g_i(b) = sum_t D_it.
+  F.embedding(ids, W): rows, g_i(W) = sum_t onehot(ids_it) D_it^T (IndexedRows).
+  F.layer_norm(x, shape, w, b): g_i(w) = sum_t D_it * xhat_it, g_i(b) = sum_t D_it.
 
 Operations on watched tensors alone, or with tensors that do not carry the batch, give derived
 watched tensors (pos[:, :T], gamma[:, None, None], temperature.exp()); per-sample gradients at
-a derived tensor are mapped back to the parameters by one batched vector-Jacobian product of
-that short chain (parameter-sized work per sample, no recompute of the model).
+a derived tensor are mapped back to its roots by one batched vector-Jacobian product of that
+short chain (parameter-sized work per sample, no recompute of the model).
+
+The same mechanism serves values that are not parameters but are shared by all samples
+(`Watch.share`): the output of a module with a rule called without the batch (a position
+embedding looked up with (1, T) ids, `watch_shared_output`) and an F.embedding lookup of a
+watched table with ids without the batch. Each is a root with its own map from the per-sample
+gradients at it to per-sample parameter gradients (the rule run on its inputs expanded over
+the batch; the rows of the table).
 
 The batch contract: B is the size of the batch dim (0; 1 inside a batch_first=False
 transformer) of the first tensor argument of the model's forward, and a tensor carries the
 batch when its batch dim has size B. Any other operation meeting the batch stops the watch:
-the engine then serves the module with the torch.func fallback when it takes one tensor and
-returns one, and otherwise raises UnsupportedModuleError naming the module, the parameter,
-the operation and the fix.
+the engine then serves the module with the torch.func fallback where it can (engine/rules/
+fallback.py), and otherwise raises UnsupportedModuleError naming the module, the parameter or
+value, the operation and the fix.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_leaves, tree_map
 
-from gradalign.engine.persample import Dense, Factored, PerSampleGrad
+from gradalign.engine.persample import PerSampleGrad
+from gradalign.engine.summed import combine
+from gradalign.engine.uses import AtUse, EmbeddingUse, LinearUse, NormUse, _Source, lookup_grads
 from gradalign.errors import UnsupportedModuleError
 
 _ELEMENTWISE = frozenset(
@@ -50,7 +65,12 @@ _LINEAR = {  # name -> (argument names as positions, {keyword: role}); roles: in
     "mm": (("input", "weight"), {"mat2": "weight"}),
     "addmm": (("bias", "input", "weight"), {"input": "bias", "mat1": "input", "mat2": "weight"}),
 }
+_EMBEDDING = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+_LAYER_NORM = ("input", "normalized_shape", "weight", "bias", "eps")
+_SDPA = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _TYPE_ONLY = frozenset("type_as to new_zeros new_ones new_empty new_full zeros_like ones_like empty_like".split())
+_FOLLOWS = ("elementwise operations, expand/repeat, F.linear/matmul/mm/addmm with the parameter as the weight, "
+            "F.embedding, F.layer_norm, and scaled_dot_product_attention's float attn_mask")
 
 
 def _run(func, args: tuple, kwargs: dict):
@@ -62,7 +82,7 @@ def _run(func, args: tuple, kwargs: dict):
 class _Watched(Tensor):
     """An alias of a watched parameter, or a tensor computed from watched parameters alone."""
 
-    _ga_source: "_Source"
+    _ga_source: _Source
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -71,70 +91,8 @@ class _Watched(Tensor):
         return first._ga_source.watch.on_op(func, args, kwargs)
 
 
-@dataclass(eq=False)
-class _Source:
-    """What a watched tensor is: `plain`, its value as an ordinary tensor, computed from the
-    parameters `names` (the parameter `alias` itself, transposed or not, on the fast path)."""
-
-    watch: "Watch"
-    plain: Tensor
-    names: tuple[str, ...]
-    alias: str | None = None
-    transposed: bool = False
-
-    def back(self, g: Tensor) -> dict[str, PerSampleGrad]:
-        """Per-sample gradients of the parameters from g, (B, *plain.shape) at this tensor."""
-        if self.alias is not None:
-            return {self.alias: Dense(g.transpose(1, 2) if self.transposed else g)}
-        params = [self.watch.params[n] for n in self.names]
-        try:
-            grads = torch.autograd.grad(self.plain, params, g, retain_graph=True, is_grads_batched=True,
-                                        allow_unused=True)
-        except RuntimeError:  # a backward formula vmap cannot batch: one vjp per sample
-            rows = [torch.autograd.grad(self.plain, params, gi, retain_graph=True, allow_unused=True) for gi in g]
-            grads = [None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(params))]
-        return {n: Dense(gr) for n, gr in zip(self.names, grads) if gr is not None}
-
-
-@dataclass(eq=False)
-class _AtUse:
-    """An elementwise or expand point of use: the gradient at w_b (B on the batch dim)."""
-
-    edge: GradientEdge
-    source: _Source
-    shape: torch.Size  # of the watched tensor
-
-    def per_sample(self, g: Tensor, watch: "Watch") -> dict[str, PerSampleGrad]:
-        return self.source.back(g.movedim(watch.batch_dim, 0).reshape(watch.batch, *self.shape))
-
-
-@dataclass(eq=False)
-class _LinearUse:
-    """A linear point of use: the input x and the gradient at the op's output (bias included)."""
-
-    edge: GradientEdge
-    x: Tensor
-    merged: bool  # x is 2-D with the batch and the positions merged in its rows (x.view(-1, n))
-    weight: _Source | None
-    right: bool  # the weight is matmul's right operand, (in, out); else F.linear's (out, in)
-    bias: _Source | None
-
-    def per_sample(self, g: Tensor, watch: "Watch") -> dict[str, PerSampleGrad]:
-        A, D = watch.rows(self.x, self.merged), watch.rows(g, self.merged)  # (B, T, in), (B, T, out)
-        out: dict[str, PerSampleGrad] = {}
-        w = self.weight
-        if w is not None and w.alias is not None:  # g(W) = D^T A for F.linear, A^T D for x @ W
-            swap = self.right != w.transposed
-            shape = watch.params[w.alias].shape
-            out[w.alias] = (Factored(D.unsqueeze(1), A.unsqueeze(1), shape) if swap
-                            else Factored(A.unsqueeze(1), D.unsqueeze(1), shape))
-        elif w is not None:  # a weight computed from parameters: materialised, then mapped back
-            used = torch.einsum("bti,bto->bio", A, D) if self.right else torch.einsum("bto,bti->boi", D, A)
-            out.update(w.back(used))
-        if self.bias is not None:
-            for name, grads in self.bias.back(D.sum(1).reshape(watch.batch, *self.bias.plain.shape)).items():
-                out[name] = grads if name not in out else out[name].merge(grads)
-        return out
+def _bind(positions: tuple, args: tuple, kwargs: dict) -> dict:
+    return {**dict(zip(positions, args)), **kwargs}
 
 
 class Watch:
@@ -154,49 +112,55 @@ class Watch:
         self.batch, self.batch_dim, self.can_fall_back = batch, batch_dim, can_fall_back
         # uses and their edges; both grow until the backward, as a tensor computed from the
         # parameters may leave the forward (returned by it) and meet the batch later
-        self.uses: list[_AtUse | _LinearUse] = []
+        self.uses: list = []
         self.edges: list[GradientEdge] = []
         self.stopped: str | None = None  # the operation it could not follow
+        self.fix = ("compute this step in a submodule that has a rule (nn.Linear, nn.LayerNorm, ...), register a rule "
+                    "for this module type (gradalign.engine.default_registry().register), or freeze the parameter")
+        self.no_fallback = "the torch.func fallback cannot serve this call"  # replaced by the fallback's reason
 
     def start(self) -> None:
         for name, p in self.params.items():
             alias = p.as_subclass(_Watched)
-            alias._ga_source = _Source(self, p, (name,), alias=name)
+            alias._ga_source = _Source(self, p, alias=name, label=f"parameter {self.names[name]}")
             self.module._parameters[name] = alias
 
     def stop(self) -> None:
         for name, p in self.params.items():
             self.module._parameters[name] = p
 
-    def _use(self, use: _AtUse | _LinearUse) -> None:
+    def share(self, value: Tensor, to_grads: Callable[[Tensor], dict], label: str) -> Tensor:
+        """`value`, shared by all samples, watched until it meets the batch: the per-sample gradients
+        G (B, *value.shape) there become parameter gradients through to_grads(G)."""
+        alias = value.as_subclass(_Watched)
+        alias._ga_source = _Source(self, value, to_grads=to_grads, label=label)
+        return alias
+
+    def _use(self, use) -> None:
         self.uses.append(use)
         self.edges.append(use.edge)
 
     def per_sample(self, grads: list[Tensor | None]) -> dict[str, PerSampleGrad]:
+        """Per-sample gradients of the watched parameters from the gradients at the uses; the
+        gradients at each root are summed over its uses first, then mapped once."""
         out: dict[str, PerSampleGrad] = {}
+        at_roots: dict[_Source, Tensor] = {}
         for use, g in zip(self.uses, grads):
             if g is None:
                 continue
-            for name, grad in use.per_sample(g, self).items():
-                out[name] = grad if name not in out else out[name].merge(grad)
+            direct, pulled = use.per_sample(g, self.batch, self.batch_dim)
+            for name, grad in direct.items():
+                out[name] = grad if name not in out else combine(out[name], grad)
+            for root, grad in pulled:
+                at_roots[root] = grad if root not in at_roots else at_roots[root] + grad
+        for root, g in at_roots.items():
+            for name, grad in root.back(g).items():
+                out[name] = grad if name not in out else combine(out[name], grad)
         return out
 
     def refusal(self, why_no_fallback: str) -> str:
-        return (f"{self.where}: {self.stopped}, which the engine cannot follow (it follows elementwise "
-                "operations, expand/repeat, and F.linear/matmul/mm/addmm with the parameter as the weight), "
-                f"and {why_no_fallback}. Fix: compute this step in a submodule that has a rule (nn.Linear, "
-                "nn.LayerNorm, ...), "
-                "register a rule for this module type (gradalign.engine.default_registry().register), or freeze "
-                "the parameter")
-
-    def rows(self, t: Tensor, merged: bool) -> Tensor:
-        """A linear use's input or output gradient as (B, T, n)."""
-        B, n = self.batch, t.shape[-1]
-        if not merged:
-            return t.movedim(self.batch_dim, 0).reshape(B, -1, n)
-        if self.batch_dim == 0:  # rows sample-major: x.view(-1, n) of a (B, ..., n) tensor
-            return t.reshape(B, -1, n)
-        return t.reshape(-1, B, n).transpose(0, 1)
+        return (f"{self.where}: {self.stopped}, which the engine cannot follow (it follows {_FOLLOWS}), "
+                f"and {why_no_fallback}. Fix: {self.fix}")
 
     def _size_at_batch_dim(self, t: Tensor, ndim: int | None = None) -> int | None:
         """t's size on the batch dim, t right-aligned to ndim dims (broadcasting); None if it has none."""
@@ -216,7 +180,7 @@ class Watch:
         others = [t for t in tensors if not isinstance(t, _Watched)]
         name = getattr(func, "__name__", repr(func))
         if any(w._ga_source.watch is not self for w in watched):
-            self._stop(name, watched, "with parameters of another module")
+            self._stop(name, watched, "with a watched tensor of another module")
             return _run(func, args, kwargs)
         if self.batch is None and others:
             self._stop(name, watched, "the batch size is unknown")
@@ -225,6 +189,12 @@ class Watch:
             return self._expand(func, name, args, kwargs)
         if name in _LINEAR:
             return self._linear(func, name, args, kwargs, watched)
+        if name == "embedding":
+            return self._embedding(func, name, args, kwargs, watched)
+        if name == "layer_norm":
+            return self._layer_norm(func, name, args, kwargs, watched)
+        if name == "scaled_dot_product_attention":
+            return self._attention_bias(func, name, args, kwargs, watched)
         if name in _ELEMENTWISE and others:
             return self._elementwise(func, name, args, kwargs, tensors, watched)
         if name in _TYPE_ONLY or not any(self._carries_batch(t) for t in others):
@@ -240,7 +210,7 @@ class Watch:
 
     def _wrap(self, result, watched: list) -> object:
         """A result computed from watched tensors (and tensors without the batch), watched in turn."""
-        names = tuple(dict.fromkeys(n for w in watched for n in w._ga_source.names))
+        roots = tuple(dict.fromkeys(r for w in watched for r in w._ga_source.root_list))
         source = watched[0]._ga_source
 
         def wrap(r):
@@ -248,11 +218,11 @@ class Watch:
                 return r
             alias = r.as_subclass(_Watched)
             p = source.plain
-            if (source.alias is not None and len(names) == 1 and r.dim() == p.dim() == 2 and r.shape == p.shape[::-1]
+            if (source.alias is not None and len(roots) == 1 and r.dim() == p.dim() == 2 and r.shape == p.shape[::-1]
                     and r.stride() == p.stride()[::-1] and r.data_ptr() == p.data_ptr()):  # .t(), .T, transpose
-                alias._ga_source = _Source(self, r, names, source.alias, not source.transposed)
+                alias._ga_source = _Source(self, r, source.alias, not source.transposed, label=source.label)
             else:
-                alias._ga_source = _Source(self, r, names)
+                alias._ga_source = _Source(self, r, roots=roots, label=source.label)
             return alias
         return tree_map(wrap, result)
 
@@ -263,7 +233,7 @@ class Watch:
         sizes[self.batch_dim] = self.batch
         with torch._C.DisableTorchFunctionSubclass():
             w_b = w.reshape(shape).expand(sizes)
-        self._use(_AtUse(get_gradient_edge(w_b), w._ga_source, w.shape))
+        self._use(AtUse(get_gradient_edge(w_b), w._ga_source, w.shape))
         return w_b
 
     def _elementwise(self, func, name: str, args: tuple, kwargs: dict, tensors: list, watched: list):
@@ -277,7 +247,7 @@ class Watch:
             # the batch comes from the other operands: substitute w_b for every watched operand
             args, kwargs = tree_map(lambda t: self._batched(t, ndim) if isinstance(t, _Watched) else t, (args, kwargs))
             return _run(func, args, kwargs)
-        self._stop(name, watched, "the parameter's own dim there has the batch size")
+        self._stop(name, watched, "its own dim there has the batch size", ambiguous=True)
         return _run(func, args, kwargs)
 
     def _expand(self, func, name: str, args: tuple, kwargs: dict):
@@ -313,14 +283,114 @@ class Watch:
                 sources[1] is not None and bias.numel() != result.shape[-1]):
             self._stop(name, watched)
             return result
-        self._use(_LinearUse(get_gradient_edge(result), x.detach(), merged and not batched, sources[0],
-                             name != "linear", sources[1]))
+        self._use(LinearUse(get_gradient_edge(result), x.detach(), merged and not batched, sources[0],
+                            name != "linear", sources[1]))
         return result
 
-    def _stop(self, name: str, watched: list, why: str = "") -> None:
-        """Stop watching this call (the torch.func fallback will serve it), or raise if it cannot."""
-        param = self.names[watched[0]._ga_source.names[0]]
-        self.stopped = f"parameter {param} meets the batch in {name}" + (f" ({why})" if why else "")
-        if not self.can_fall_back:
+    def _embedding(self, func, name: str, args: tuple, kwargs: dict, watched: list):
+        """F.embedding(index, W): with the batch in index, a point of use (IndexedRows); without
+        (position ids shared by all samples), the lookup is a root whose per-sample gradients
+        at the batch are rows of W."""
+        bound = _bind(_EMBEDDING, args, kwargs)
+        index, weight = bound["input"], bound["weight"]
+        w = weight._ga_source if isinstance(weight, _Watched) else None
+        if (w is None or w.alias is None or w.transposed or isinstance(index, _Watched) or bound.get("max_norm")
+                is not None or bound.get("scale_grad_by_freq") or bound.get("sparse")):
+            if self._carries_batch(index) and not isinstance(index, _Watched):
+                self._stop(name, watched)
+                return _run(func, args, kwargs)
+            return self._derived(func, name, args, kwargs, watched)
+        result = _run(func, args, kwargs)
+        padding_idx, num_rows = bound.get("padding_idx"), weight.shape[0]
+        if self._carries_batch(index) and index.dim() > self.batch_dim:
+            self._use(EmbeddingUse(get_gradient_edge(result), index.detach(), w, padding_idx))
+            return result
+        shared = index.detach()
+
+        def to_grads(g: Tensor) -> dict:  # g: (B, *result.shape)
+            return lookup_grads(w.alias, shared.expand(g.shape[0], *shared.shape), g, padding_idx, num_rows)
+        return self.share(result, to_grads, w.label)
+
+    def _layer_norm(self, func, name: str, args: tuple, kwargs: dict, watched: list):
+        bound = _bind(_LAYER_NORM, args, kwargs)
+        x = bound["input"]
+        sources = [t._ga_source if isinstance(t, _Watched) else None for t in (bound.get("weight"), bound.get("bias"))]
+        if isinstance(x, _Watched) or not self._carries_batch(x):
+            return self._derived(func, name, args, kwargs, watched)
+        result = _run(func, args, kwargs)
+        shape = tuple(bound["normalized_shape"])
+        if self.batch_dim >= x.dim() - len(shape):  # the batch among the normalised dims
+            self._stop(name, watched)
+            return result
+        self._use(NormUse(get_gradient_edge(result), x.detach(), shape, bound.get("eps", 1e-5), *sources))
+        return result
+
+    def _attention_bias(self, func, name: str, args: tuple, kwargs: dict, watched: list):
+        """F.scaled_dot_product_attention with a watched float attn_mask (T5's relative position
+        bias under SDPA): the mask is added to the scores, so it is an elementwise use."""
+        bound = _bind(_SDPA, args, kwargs)
+        mask, query = bound.get("attn_mask"), bound["query"]
+        if (not isinstance(mask, _Watched) or any(isinstance(bound.get(k), _Watched) for k in ("query", "key", "value"))
+                or not self._carries_batch(query) or self._size_at_batch_dim(mask, query.dim()) != 1):
+            if any(self._carries_batch(t) for t in (bound.get(k) for k in ("query", "key", "value"))
+                   if isinstance(t, Tensor) and not isinstance(t, _Watched)):
+                self._stop(name, watched)
+                return _run(func, args, kwargs)
+            return self._derived(func, name, args, kwargs, watched)
+        bound["attn_mask"] = self._batched(mask, query.dim())
+        return _run(func, (), bound)
+
+    def _stop(self, name: str, watched: list, why: str = "", ambiguous: bool = False) -> None:
+        """Stop watching this call (the torch.func fallback will serve it), or raise if it cannot
+        (ambiguous: which dim is the batch is unknown, so a per-sample forward is not defined either)."""
+        self.stopped = f"{watched[0]._ga_source.label} meets the batch in {name}" + (f" ({why})" if why else "")
+        if not self.can_fall_back or ambiguous:
             raise UnsupportedModuleError(self.refusal(
-                "the torch.func fallback needs a module called with one tensor and returning one tensor"))
+                "no per-sample forward is defined for it" if ambiguous else self.no_fallback))
+
+
+def watch_shared_output(module: nn.Module, where: str, compute: Callable, captured: tuple, output: Tensor,
+                        batch: int, batch_dim: int) -> tuple[Watch, Tensor]:
+    """A rule-served module called without the batch (BERT's and GPT-2's position embeddings
+    look up (1, T) ids; T5's relative attention bias (T, T) buckets): its output is shared by
+    all samples. It is watched like a raw parameter until it meets the batch; the per-sample
+    gradients G (B, *output.shape) there are exactly those of the module's output for each
+    sample, so the rule runs once on its inputs expanded over the batch with G.
+
+    Returns the watch (its edges and per_sample make the engine's call) and the output to hand on.
+    """
+    x = captured[0]
+    size = x.shape[0] if x.dim() else None  # the batch dim, moved to 0 by the engine
+    expand = size == 1 and output.dim() > batch_dim and output.shape[batch_dim] == 1
+    if not expand and batch_dim != 0:
+        raise UnsupportedModuleError(
+            f"{where}: called without the batch inside a module that puts the batch on dim {batch_dim}; "
+            "give its input the batch (e.g. ids.expand(B, -1)) or a size-1 batch dim")
+    per_sample_shape = [n for k, n in enumerate(output.shape) if k != batch_dim] if expand else list(output.shape)
+
+    def to_grads(g: Tensor) -> dict:  # g: (B, *output.shape), each sample's gradient at the output
+        B = g.shape[0]
+        xs = x.expand(B, *x.shape[1:]) if expand else x.unsqueeze(0).expand(B, *x.shape)
+        return compute(module, (xs, *captured[1:]), g.reshape(B, *per_sample_shape))
+
+    watch = Watch(module, where, {}, {}, batch, batch_dim, can_fall_back=False)
+    has = "no batch dim" if size is None else f"{size} on its batch dim"
+    watch.no_fallback = f"its output is shared by all samples (its input has {has}, the batch {batch})"
+    watch.fix = ("give the module's input the batch (e.g. position_ids.expand(B, -1)), or use its output only in "
+                 "operations the engine follows")
+    label = f"the output of {where}, shared by all samples,"
+    return watch, watch.share(output, to_grads, label)
+
+
+def refuse_watched_input(args: tuple, where: str) -> None:
+    """A module with a rule fed a watched value (a raw parameter, or another module's output shared
+    by all samples) directly: not supported (its per-sample gradients and those of the value's
+    own parameters would have to flow through one watch); raises with the way out."""
+    for a in args:
+        if isinstance(a, _Watched):
+            raise UnsupportedModuleError(
+                f"{where}: its input is {a._ga_source.label.rstrip(',')}, a value shared by all samples that does "
+                "not carry the batch; per-sample gradients of both are not supported this way. Fix: expand the "
+                "value over the batch first (e.g. value.expand(B, -1, -1)), or freeze one of them. If the value "
+                "does carry the batch but not on dim 0 (e.g. (T, B, D)), give the module its input batch-first")
+

@@ -19,7 +19,7 @@ import gradalign as ga
 from gradalign.experiments import checks
 from gradalign.experiments import steps as st
 from gradalign.methods.accumulation import SNR_RULES
-from gradalign.methods.gvr import PENALTY_MODES
+from gradalign.methods.gvr import PENALTY_MODES, SUBSET_FORWARDS
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,9 @@ class MethodTable:
 _WEIGHTING = (Param("gamma", default_of(ga.GASW, "gamma"), checks.nonneg),
               Param("leave_one_out", default_of(ga.GASW, "leave_one_out"), checks.boolean))
 _VIEWS = (Param("gvr_mode", default_of(ga.GVR, "mode"), checks.one_of(*PENALTY_MODES)),
-          Param("gvr_layers", "head", checks.one_of("head", "last_stage")),
-          Param("subset", default_of(ga.GVR, "subset"), checks.pos_int, integer=True))
+          Param("gvr_layers", "head", checks.one_of("head", "last_stage")),   # a group of model.module_groups()
+          Param("subset", default_of(ga.GVR, "subset"), checks.pos_int, integer=True),
+          Param("subset_forward", default_of(ga.GVR, "subset_forward"), checks.one_of(*SUBSET_FORWARDS)))
 
 METHODS = MethodTable([
     Method("baseline", st.Step),

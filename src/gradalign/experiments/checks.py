@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from gradalign.errors import ConfigError
+
 Check = Callable[[Any], "str | None"]
 
 
@@ -63,3 +65,28 @@ def word(v):
     """A name usable in folder and study names."""
     ok = isinstance(v, str) and v and v.replace("_", "").replace("-", "").isalnum()
     return None if ok else "a non-empty word of letters, digits, _ or -"
+
+
+# ---------------------------------------------------------------- tables
+
+def config_error(where: str, msg: str) -> ConfigError:
+    """The ConfigError "<where>: <msg>"."""
+    return ConfigError(f"{where}: {msg}")
+
+
+def check_keys(where: str, table, valid) -> None:
+    """Refuse a non-table or unknown keys, listing the valid ones."""
+    if not isinstance(table, dict):
+        raise config_error(where, f"expected a table, got {table!r}")
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        raise config_error(where, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                          f"valid keys: {', '.join(valid)}")
+
+
+def check_values(prefix: str, table: dict, spec: dict) -> None:
+    """Check every value of `table` against spec {key: check}; errors name `prefix` + key."""
+    for key, value in table.items():
+        problem = spec[key](value) if spec[key] else None
+        if problem:
+            raise config_error(f"{prefix}{key}", f"expected {problem}, got {value!r}")

@@ -8,25 +8,39 @@ Schema (defaults in brackets)::
 
     name = "gasw"                      # required; names the studies and the run folder
     description = "..."                # one line for the report
-    [data]       num_samples [4000], seed [42], val_fraction [0.2], label_noise [0.0], noise_seed [0]
-    [model]      kind ["mlp"|"resmlp"|"conv1d"], hidden [256], options [{}] (kind-specific kwargs)
+    [data]       dataset ["mnist1d"|"cifar10"|"cifar100"], seed [42], val_fraction [0.2],
+                 label_noise [0.0], noise_seed [0]; mnist1d: num_samples [4000]; CIFAR (read
+                 from --data-dir, cifar.py): train_size [0 = all], test_size [0 = all] (stratified
+                 subsets), augmentation (augment.py) normalize ["dataset"|"symmetric"],
+                 crop_padding [4], flip [true], cutout [16] (0: off), cutout_p [0.5]
+    [model]      kind ["mlp"|"resmlp"|"conv1d" for mnist1d; "resnet18"|"vit"|"convnext" for CIFAR],
+                 hidden [256] (1-D models), options [{}] (kind-specific kwargs, models.build_model)
     [train]      optimizer ["adam"|"sgd"], lr [1e-3], momentum [0.0], weight_decay [0.0],
                  batch_size [32], epochs [50] OR budget_samples, eval_every [1] (epochs, or
-                 samples with budget_samples), schedule ["none"|"cosine"]
+                 samples with budget_samples), schedule ["none"|"cosine" (per step, over the
+                 budget)|"cosine_epoch" (per epoch, torch's CosineAnnealingLR with T_max = epochs)],
+                 precision ["auto" (bf16 autocast on a GPU that supports it, else fp32)|"fp32"|"bf16"]
     [tune]       trials [20] (completed trials per arm), objective ["final"|"best"|"mean_last"],
                  last_k [3], sampler_seed [0], seed [1000] (training seed of every trial),
                  pruning [true] (median pruner), startup_trials [5]
     [final]      seeds [5], first_seed [0], reference [first arm] (the arm differences are taken to)
     [experiment] noise_levels [[]] (one sub-experiment per label-noise rate), gwa_mode
                  ["scratch"|"finetune"], gwa_skip_fraction [0.1], stability_last [10]
-    [quick]      tables of the same shape, merged over the above by ``--quick``
+    [variants.<name>]  tables data, model, train, experiment merged over the above: one
+                 sub-experiment per name, with its own runs and report section (gwa-cifar10:
+                 ViT and ConvNeXt); --set values still apply to every variant
+    [quick]      tables of the same shape (variants included), merged over the above by ``--quick``
     [[arms]]     name, method (a name in arms.METHODS), label, train_split ["train_full"|"train"],
                  params {fixed}, search {param = {low, high, log, type} | {choices = [...]}}
 
 Arm parameters (fixed or searched) are the method's, as declared in arms.METHODS: lr,
 momentum, weight_decay, batch_size, augment (every method); gamma, leave_one_out (gasw,
-gdsw); tau, increment, max_samples, rule (gaga); alpha, gvr_mode, gvr_layers, subset (gvr;
-two_view takes the same except alpha, which is 0).
+gdsw); tau, increment, max_samples, rule (gaga); alpha, gvr_mode, gvr_layers, subset,
+subset_forward (gvr; two_view takes the same except alpha, which is 0).
+
+An arm's runs are keyed by a hash of what decides them (``arm_hash``); keys added after a
+run folder was made are left out of it at their defaults (``identity()``), so such folders
+stay valid.
 """
 from __future__ import annotations
 
@@ -38,13 +52,20 @@ from typing import Any
 
 from gradalign.errors import ConfigError
 from gradalign.experiments import checks
-from gradalign.experiments.arms import METHODS
+from gradalign.experiments.checks import check_keys as _check_keys, check_values as _check_values
+from gradalign.experiments.checks import config_error as _err
+from gradalign.experiments.augment import NORMALIZE
+from gradalign.experiments.cifar import DATASETS
+from gradalign.experiments.config_arms import (  # noqa: F401  (SearchParam, check_params: re-exported)
+    ArmConfig, SearchParam, check_params, parse_arm, resolve_params)
 from gradalign.experiments.config_sources import apply_overrides, merge, read_toml
-from gradalign.experiments.data import split_sizes
-from gradalign.experiments.models import MODELS
+from gradalign.experiments.data import data_sizes
+from gradalign.experiments.models import MODELS, SIGNAL_MODELS
 
 OBJECTIVES = ("final", "best", "mean_last")
 TABLES = ("data", "model", "train", "tune", "final", "experiment")
+VARIANT_TABLES = ("data", "model", "train", "experiment")
+_MNIST1D_KEYS = ("num_samples", "seed", "val_fraction", "label_noise", "noise_seed")
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,21 @@ class DataConfig:
     val_fraction: float = 0.2
     label_noise: float = 0.0
     noise_seed: int = 0
+    dataset: str = "mnist1d"
+    train_size: int = 0
+    test_size: int = 0
+    normalize: str = "dataset"
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 16
+    cutout_p: float = 0.5
+
+    def identity(self) -> dict:
+        """The keys that decide the data: mnist1d's five, or every key but num_samples for CIFAR."""
+        d = asdict(self)
+        if self.dataset == "mnist1d":
+            return {k: d[k] for k in _MNIST1D_KEYS}
+        return {k: v for k, v in d.items() if k != "num_samples"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +110,11 @@ class TrainConfig:
     budget_samples: int | None = None
     eval_every: int = 1
     schedule: str = "none"
+    precision: str = "auto"
+
+    def identity(self) -> dict:
+        """Every key, precision left out at its default "auto" (device-dependent by design)."""
+        return {k: v for k, v in asdict(self).items() if not (k == "precision" and v == "auto")}
 
     def budget(self, n_train: int) -> int:
         """Training budget in samples for a training set of n_train samples."""
@@ -111,39 +152,6 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
-class SearchParam:
-    """One Optuna distribution: float/int in [low, high] (log scale optional) or choices."""
-
-    name: str
-    type: str = "float"
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: tuple = ()
-
-    def suggest(self, trial):
-        if self.type == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
-
-
-@dataclass(frozen=True)
-class ArmConfig:
-    name: str
-    method: str
-    label: str = ""
-    train_split: str = "train_full"
-    params: dict = field(default_factory=dict)
-    search: tuple = ()
-
-    @property
-    def title(self) -> str:
-        return self.label or self.name
-
-
-@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     description: str = ""
@@ -155,6 +163,7 @@ class ExperimentConfig:
     experiment: AnalysisConfig = AnalysisConfig()
     arms: tuple = ()
     variant: str = ""
+    variant_configs: tuple = ()   # the [variants.<name>] sub-experiments, parsed
 
     def arm(self, name: str) -> ArmConfig:
         for a in self.arms:
@@ -163,16 +172,19 @@ class ExperimentConfig:
         raise ConfigError(f"no arm named {name!r}; arms: {', '.join(a.name for a in self.arms)}")
 
     def variants(self) -> list[ExperimentConfig]:
-        """One config per label-noise level in [experiment] noise_levels, else [self]."""
-        if not self.experiment.noise_levels:
-            return [self]
-        return [replace(self, data=replace(self.data, label_noise=float(r)), variant=f"noise{r:g}")
-                for r in self.experiment.noise_levels]
+        """The sub-experiments: one per [variants.<name>] (else self), each split into one per
+        label-noise level in its [experiment] noise_levels ("noise0.1", or "<name>-noise0.1")."""
+        out = []
+        for base in self.variant_configs or (self,):
+            levels = base.experiment.noise_levels
+            out += [replace(base, data=replace(base.data, label_noise=float(r)),
+                            variant="-".join(filter(None, (base.variant, f"noise{r:g}")))) for r in levels] or [base]
+        return out
 
     def arm_hash(self, arm: ArmConfig, *, tuning: bool = False) -> str:
         """Hash of everything that decides an arm's runs: data, model, train and the arm; with
         tuning=True also the tuning settings that decide its trials (not their number)."""
-        parts = {"data": asdict(self.data), "model": asdict(self.model), "train": asdict(self.train),
+        parts = {"data": self.data.identity(), "model": asdict(self.model), "train": self.train.identity(),
                  "arm": {k: v for k, v in asdict(arm).items() if k != "label"}}
         if tuning:
             t = asdict(self.tune)
@@ -188,12 +200,16 @@ class ExperimentConfig:
 
 _SPECS = {  # table -> {key: check}; an entry None means "validated elsewhere"
     "data": {"num_samples": checks.pos_int, "seed": checks.nonneg_int, "val_fraction": checks.unit_open,
-             "label_noise": checks.unit_closed, "noise_seed": checks.nonneg_int},
+             "label_noise": checks.unit_closed, "noise_seed": checks.nonneg_int, "dataset": checks.one_of(*DATASETS),
+             "train_size": checks.nonneg_int, "test_size": checks.nonneg_int, "normalize": checks.one_of(*NORMALIZE),
+             "crop_padding": checks.nonneg_int, "flip": checks.boolean, "cutout": checks.nonneg_int,
+             "cutout_p": checks.unit_closed},
     "model": {"kind": checks.one_of(*MODELS), "hidden": checks.pos_int, "options": None},
     "train": {"optimizer": checks.one_of("adam", "sgd"), "lr": checks.positive, "momentum": checks.unit_right_open,
               "weight_decay": checks.nonneg, "batch_size": checks.pos_int, "epochs": checks.pos_int,
               "budget_samples": checks.pos_int, "eval_every": checks.pos_int,
-              "schedule": checks.one_of("none", "cosine")},
+              "schedule": checks.one_of("none", "cosine", "cosine_epoch"),
+              "precision": checks.one_of("auto", "fp32", "bf16")},
     "tune": {"trials": checks.nonneg_int, "objective": checks.one_of(*OBJECTIVES), "last_k": checks.pos_int,
              "sampler_seed": checks.nonneg_int, "seed": checks.nonneg_int, "pruning": checks.boolean,
              "startup_trials": checks.nonneg_int},
@@ -201,30 +217,7 @@ _SPECS = {  # table -> {key: check}; an entry None means "validated elsewhere"
     "experiment": {"noise_levels": None, "gwa_mode": checks.one_of("scratch", "finetune"),
                    "gwa_skip_fraction": checks.unit_right_open, "stability_last": checks.pos_int},
 }
-TOP_KEYS = ("name", "description", "quick", "arms") + TABLES
-_ARM_KEYS = ("name", "method", "label", "train_split", "params", "search")
-_SEARCH_KEYS = ("low", "high", "log", "type", "choices")
-
-
-def _err(where: str, msg: str) -> ConfigError:
-    return ConfigError(f"{where}: {msg}")
-
-
-def _check_keys(where: str, table, valid) -> None:
-    if not isinstance(table, dict):
-        raise _err(where, f"expected a table, got {table!r}")
-    unknown = sorted(set(table) - set(valid))
-    if unknown:
-        raise _err(where, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                          f"valid keys: {', '.join(valid)}")
-
-
-def _check_values(prefix: str, table: dict, spec: dict) -> None:
-    """Check every value of `table` against spec {key: check}; errors name `prefix` + key."""
-    for key, value in table.items():
-        problem = spec[key](value) if spec[key] else None
-        if problem:
-            raise _err(f"{prefix}{key}", f"expected {problem}, got {value!r}")
+TOP_KEYS = ("name", "description", "quick", "arms", "variants") + TABLES
 
 
 def _check_table(src: str, name: str, table: dict) -> dict:
@@ -239,76 +232,6 @@ def override(raw: dict, overrides: dict[str, Any]) -> dict:
     return apply_overrides(raw, overrides, tables=TABLES, top_keys=TOP_KEYS)
 
 
-def _parse_search(where: str, param, spec) -> SearchParam:
-    if not isinstance(spec, dict):
-        raise _err(where, "expected a table like {low = 1e-4, high = 1e-2, log = true} or {choices = [...]}")
-    _check_keys(where, spec, _SEARCH_KEYS)
-    check, name = param.check, param.name
-    if "choices" in spec:
-        extra = sorted(set(spec) - {"choices", "type"})
-        if extra or not isinstance(spec["choices"], list) or not spec["choices"]:
-            raise _err(where, "choices must be a non-empty list and comes without low/high/log")
-        for c in spec["choices"]:
-            if check(c):
-                raise _err(where, f"choice {c!r} is not {check(c)}")
-        return SearchParam(name, "categorical", choices=tuple(spec["choices"]))
-    kind = spec.get("type", "int" if param.integer else "float")
-    if kind not in ("float", "int"):
-        raise _err(where, f"type must be 'float' or 'int', got {kind!r}")
-    if "low" not in spec or "high" not in spec:
-        raise _err(where, "needs low and high")
-    low, high, log = spec["low"], spec["high"], spec.get("log", False)
-    for bound in (low, high):
-        problem = check(bound) if kind == "float" or checks.is_int(bound) else "an integer"
-        if problem:
-            raise _err(where, f"bound {bound!r} is not {problem}")
-    if not low < high:
-        raise _err(where, f"needs low < high, got low={low!r}, high={high!r}")
-    if not isinstance(log, bool) or (log and low <= 0):
-        raise _err(where, "log must be true or false, and log scale needs low > 0")
-    return SearchParam(name, kind, float(low), float(high), log)
-
-
-def _parse_arm(src: str, index: int, raw) -> ArmConfig:
-    where = f"{src} [[arms]] #{index + 1}"
-    _check_keys(where, raw, _ARM_KEYS)
-    name, method = raw.get("name"), raw.get("method")
-    if checks.word(name):
-        raise _err(where, f"name must be {checks.word(name)}, got {name!r}")
-    where = f"{src} arm {name!r}"
-    if method not in METHODS:
-        raise _err(where, f"method must be one of {', '.join(METHODS.names())}, got {method!r}")
-    if raw.get("train_split", "train_full") not in ("train_full", "train"):
-        raise _err(where, f"train_split must be 'train_full' or 'train', got {raw['train_split']!r}")
-    if not isinstance(raw.get("label", ""), str):
-        raise _err(where, "label must be a string")
-    declared = METHODS[method].all_params
-    params = raw.get("params", {})
-    _check_keys(f"{where} params", params, declared)
-    _check_values(f"{where} params.", params, {k: declared[k].check for k in params})
-    search = raw.get("search", {})
-    _check_keys(f"{where} search", search, declared)
-    both = sorted(set(params) & set(search))
-    if both:
-        raise _err(where, f"{', '.join(both)} is both fixed (params) and searched (search); keep one")
-    space = tuple(_parse_search(f"{where} search.{k}", declared[k], v) for k, v in search.items())
-    return ArmConfig(name, method, raw.get("label", ""), raw.get("train_split", "train_full"), dict(params), space)
-
-
-def check_params(arm: ArmConfig, params: dict) -> dict:
-    """Validate parameters given for an arm (e.g. on the command line); returns them."""
-    where = f"arm {arm.name!r} ({arm.method})"
-    declared = METHODS[arm.method].all_params
-    _check_keys(f"{where} parameters", params, declared)
-    _check_values(f"{where} ", params, {k: declared[k].check for k in params})
-    return params
-
-
-def resolve_params(config: ExperimentConfig, arm: ArmConfig, params: dict | None = None) -> dict:
-    """Every setting a run uses: method defaults ([train] for the common ones) < arm params < tuned."""
-    return {**METHODS[arm.method].defaults(config.train), **arm.params, **(params or {})}
-
-
 def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
                  overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Validate a raw TOML dict and build the ExperimentConfig.
@@ -317,11 +240,31 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
     """
     _check_keys(source, raw, TOP_KEYS)
     quick_raw = raw.get("quick", {})
-    _check_keys(f"{source} [quick]", quick_raw, TABLES)
+    _check_keys(f"{source} [quick]", quick_raw, TABLES + ("variants",))
     if quick:
         raw = merge(raw, quick_raw)
     if overrides:
         raw = override(raw, overrides)
+    cfg = _parse_one(raw, source, quick_raw)
+    variants = raw.get("variants", {})
+    _check_keys(f"{source} [variants]", variants, list(variants))
+    if not variants:
+        return cfg
+    base = {k: v for k, v in raw.items() if k not in ("variants", "quick")}
+    common = {k: v for k, v in (overrides or {}).items() if not k.startswith("variants.")}
+    subs = []
+    for name, tables in variants.items():
+        where = f"{source} [variants.{name}]"
+        if checks.word(name):
+            raise _err(where, f"a variant name must be {checks.word(name)}")
+        _check_keys(where, tables, VARIANT_TABLES)
+        merged = merge(base, tables)
+        subs.append(replace(_parse_one(override(merged, common) if common else merged, where, {}), variant=name))
+    return replace(cfg, variant_configs=tuple(subs))
+
+
+def _parse_one(raw: dict, source: str, quick_raw: dict) -> ExperimentConfig:
+    """The ExperimentConfig of one raw dict (its [variants] aside)."""
     name = raw.get("name")
     if checks.word(name):
         raise _err(source, f"name must be {checks.word(name)}, got {name!r}")
@@ -344,7 +287,7 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
     arms_raw = raw.get("arms", [])
     if not isinstance(arms_raw, list) or not arms_raw:
         raise _err(source, "needs at least one [[arms]] table")
-    arms = tuple(_parse_arm(source, i, a) for i, a in enumerate(arms_raw))
+    arms = tuple(parse_arm(source, i, a) for i, a in enumerate(arms_raw))
     names = [a.name for a in arms]
     if len(set(names)) < len(names):
         raise _err(source, f"arm names must be unique, got {names}")
@@ -362,11 +305,16 @@ def parse_config(raw: dict, *, source: str = "config", quick: bool = False,
 
 
 def _check_sizes(source: str, cfg: ExperimentConfig) -> None:
-    """Cross-field checks: the data splits exist and evaluation points fall inside the budget."""
+    """Cross-field checks: the model fits the data, the data splits exist and evaluation points
+    fall inside the budget."""
     d, t = cfg.data, cfg.train
-    if d.num_samples % 10 or d.num_samples < 20:
+    signal = d.dataset == "mnist1d"
+    if (cfg.model.kind in SIGNAL_MODELS) != signal:
+        fits = ", ".join(k for k in MODELS if (k in SIGNAL_MODELS) == signal)
+        raise _err(f"{source} [model] kind", f"{cfg.model.kind!r} does not take {d.dataset} inputs; use {fits}")
+    if signal and (d.num_samples % 10 or d.num_samples < 20):
         raise _err(f"{source} [data] num_samples", f"must be a multiple of 10 and >= 20, got {d.num_samples}")
-    n_full, n_train, n_val = split_sizes(d.num_samples, d.val_fraction)
+    n_full, n_train, n_val = data_sizes(d)
     if not 1 <= n_val < n_full:
         raise _err(f"{source} [data] val_fraction", f"leaves {n_val} of {n_full} training samples for validation")
     if t.epochs is not None and t.eval_every > t.epochs:

@@ -1,10 +1,14 @@
-"""mnist1d splits with optional symmetric label noise, shuffled batches, and augmentation.
+"""Data splits with optional symmetric label noise, shuffled batches, and 1-D augmentation.
 
-The data set is generated procedurally by the ``mnist1d`` package from a seed (same seed,
-same bytes); nothing is downloaded and nothing is cached on disk. Every sample carries an
-integer id so that per-sample records (GWA scores, flipped labels) can be joined later:
-training samples are numbered ``0 .. N_train - 1`` in the generator's order and test
-samples ``N_train .. N_train + N_test - 1``.
+``load_splits(config.data, data_dir)`` builds the splits of any supported data set
+(``[data] dataset``): "mnist1d", generated procedurally by the ``mnist1d`` package from a
+seed (same seed, same bytes; nothing is downloaded or cached on disk), or "cifar10" /
+"cifar100", read from the standard archives in ``data_dir`` (cifar.py; never downloaded).
+Every sample carries an integer id so that per-sample records (GWA scores, flipped labels)
+can be joined later: training samples are numbered ``0 .. N_train - 1`` in the source's
+order and test samples ``N_train .. N_train + N_test - 1``. Validation splits, label noise
+and the Splits object are built the same way for every data set (``assemble``).
+Image augmentation lives in augment.py.
 
 Example:
     >>> splits = make_mnist1d(num_samples=4000, seed=42, label_noise=0.2)
@@ -17,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -29,7 +33,8 @@ NUM_CLASSES = 10  # mnist1d digits; the generator makes num_samples // 10 sample
 
 @dataclass(frozen=True)
 class Split:
-    """One split: inputs ``x`` (N, 40) float32, labels ``y`` (N,) long, sample ids (N,) long."""
+    """One split: inputs ``x`` (N, ...) (mnist1d: (N, 40) float32; CIFAR: (N, 3, 32, 32) uint8,
+    prepared for the model by augment.py), labels ``y`` (N,) long, sample ids (N,) long."""
 
     x: Tensor
     y: Tensor
@@ -37,12 +42,18 @@ class Split:
 
     def __post_init__(self):
         n = self.x.shape[0]
-        if self.x.ndim != 2 or self.y.shape != (n,) or self.ids.shape != (n,):
-            raise ValueError(f"Split expects x (N, L), y (N,), ids (N,); got x {tuple(self.x.shape)}, "
+        if self.x.ndim < 2 or self.y.shape != (n,) or self.ids.shape != (n,):
+            raise ValueError(f"Split expects x (N, ...), y (N,), ids (N,); got x {tuple(self.x.shape)}, "
                              f"y {tuple(self.y.shape)}, ids {tuple(self.ids.shape)}")
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def to(self, device) -> "Split":
+        """The same split on `device` (self when it is already there)."""
+        if self.x.device == torch.device(device):
+            return self
+        return Split(self.x.to(device), self.y.to(device), self.ids.to(device))
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Splits:
     ``val`` partition it (for tuning). Label noise is applied to ``train_full`` before the
     partition, so ``train`` and ``val`` carry the same noisy labels; ``test`` is never noisy.
     ``flipped_ids`` (K,) long, sorted: ids whose label was replaced; ``noise_rate``: the rate asked for.
+    ``dataset``: its name; ``num_classes``: the number of classes.
     """
 
     train: Split
@@ -61,20 +73,52 @@ class Splits:
     train_full: Split
     flipped_ids: Tensor
     noise_rate: float
+    dataset: str = "mnist1d"
+    num_classes: int = NUM_CLASSES
+
+    def to(self, device) -> "Splits":
+        """Every split on `device` (flipped_ids stay on the CPU); splits that share a tensor
+        are moved once, so train and train_full do not both take device memory twice."""
+        moved: dict[int, Split] = {}
+
+        def move(split: Split) -> Split:
+            if id(split) not in moved:
+                moved[id(split)] = split.to(device)
+            return moved[id(split)]
+        return replace(self, train=move(self.train), val=move(self.val), test=move(self.test),
+                       train_full=move(self.train_full))
 
 
 def split_sizes(num_samples: int, val_fraction: float) -> tuple[int, int, int]:
-    """(train_full, train, val) sizes: the generator keeps 80% for training (the rest is the
-    test set) and ``round(val_fraction * train_full)`` of those are held out for validation."""
+    """mnist1d's (train_full, train, val) sizes: the generator keeps 80% for training (the rest
+    is the test set) and ``round(val_fraction * train_full)`` of those are held out for validation."""
     n_full = int(num_samples * 0.8)
     n_val = round(val_fraction * n_full)
     return n_full, n_full - n_val, n_val
 
 
-def load_splits(data) -> Splits:
-    """The splits an experiment's [data] table (a config.DataConfig) describes."""
-    return make_mnist1d(data.num_samples, data.seed, val_fraction=data.val_fraction,
-                        label_noise=data.label_noise, noise_seed=data.noise_seed)
+def data_sizes(data) -> tuple[int, int, int]:
+    """(train_full, train, val) sizes of an experiment's [data] table (a config.DataConfig),
+    known without reading the data (CIFAR: 50,000 training images, or ``train_size``)."""
+    if data.dataset == "mnist1d":
+        return split_sizes(data.num_samples, data.val_fraction)
+    from gradalign.experiments.cifar import TRAIN_IMAGES
+    n_full = data.train_size or TRAIN_IMAGES
+    n_val = round(data.val_fraction * n_full)
+    return n_full, n_full - n_val, n_val
+
+
+def load_splits(data, data_dir=None) -> Splits:
+    """The splits an experiment's [data] table (a config.DataConfig) describes.
+
+    data_dir: where the CIFAR archives are (cifar.py; unused for mnist1d). Raises
+    cifar.DataError (a ConfigError) when they are missing or malformed.
+    """
+    if data.dataset == "mnist1d":
+        return make_mnist1d(data.num_samples, data.seed, val_fraction=data.val_fraction,
+                            label_noise=data.label_noise, noise_seed=data.noise_seed)
+    from gradalign.experiments.cifar import make_cifar
+    return make_cifar(data, data_dir)
 
 
 def make_mnist1d(num_samples: int = 4000, seed: int = 42, *, val_fraction: float = 0.2,
@@ -101,20 +145,34 @@ def make_mnist1d(num_samples: int = 4000, seed: int = 42, *, val_fraction: float
     """
     _check_args(num_samples, seed, val_fraction, label_noise, noise_seed)
     raw = _generate(num_samples, seed)
-    x_train, y_clean = raw["x"].astype(np.float32), raw["y"].astype(np.int64)
+    return assemble(raw["x"].astype(np.float32), raw["y"].astype(np.int64), raw["x_test"].astype(np.float32),
+                    raw["y_test"].astype(np.int64), num_classes=NUM_CLASSES, seed=seed, val_fraction=val_fraction,
+                    label_noise=label_noise, noise_seed=noise_seed, dataset="mnist1d")
+
+
+def assemble(x_train: np.ndarray, y_clean: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, num_classes: int,
+             seed: int, val_fraction: float, label_noise: float, noise_seed: int, dataset: str,
+             train_ids: np.ndarray | None = None, test_ids: np.ndarray | None = None) -> Splits:
+    """Splits from arrays: label noise on the training part (drawn from ``noise_seed``), then a
+    validation partition stratified by the clean class (drawn from ``seed``).
+
+    train_ids, test_ids: the samples' ids (default ``0 .. N_train - 1`` and ``N_train ..``).
+    """
     n_train = len(y_clean)
-    y_noisy, flipped = _flip_labels(y_clean, label_noise, np.random.default_rng(noise_seed))
-    train_ids = np.arange(n_train)
+    y_noisy, flipped = _flip_labels(y_clean, label_noise, np.random.default_rng(noise_seed), num_classes)
+    train_ids = np.arange(n_train) if train_ids is None else train_ids
+    test_ids = np.arange(n_train, n_train + len(y_test)) if test_ids is None else test_ids
     train_full = _split(x_train, y_noisy, train_ids)
-    val_mask = _stratified_mask(y_clean, val_fraction, np.random.default_rng(seed))
-    test_ids = np.arange(n_train, n_train + len(raw["y_test"]))
+    val_mask = stratified_mask(y_clean, val_fraction, np.random.default_rng(seed))
     return Splits(
         train=_split(x_train[~val_mask], y_noisy[~val_mask], train_ids[~val_mask]),
         val=_split(x_train[val_mask], y_noisy[val_mask], train_ids[val_mask]),
-        test=_split(raw["x_test"].astype(np.float32), raw["y_test"].astype(np.int64), test_ids),
+        test=_split(x_test, y_test, test_ids),
         train_full=train_full,
         flipped_ids=torch.from_numpy(train_ids[flipped]),
         noise_rate=float(label_noise),
+        dataset=dataset,
+        num_classes=num_classes,
     )
 
 
@@ -123,12 +181,13 @@ def batches(split: Split, batch_size: int, generator: torch.Generator, *,
     """One epoch of shuffled mini-batches ``(x (b, L), y (b,), ids (b,))``.
 
     The order is a ``torch.randperm`` drawn from ``generator`` (a CPU generator), so the same
-    generator state gives the same batches. Every sample appears exactly once per epoch; the
-    last batch is smaller unless ``drop_last`` is True, which drops it.
+    generator state gives the same batches on any device (the indices are moved to the
+    split's). Every sample appears exactly once per epoch; the last batch is smaller unless
+    ``drop_last`` is True, which drops it.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    order = torch.randperm(len(split), generator=generator)
+    order = torch.randperm(len(split), generator=generator).to(split.x.device)
     stop = len(split) - len(split) % batch_size if drop_last else len(split)
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
@@ -200,19 +259,20 @@ def _generate(num_samples: int, seed: int) -> dict:
         np.random.set_state(np_state)
 
 
-def _flip_labels(y: np.ndarray, rate: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _flip_labels(y: np.ndarray, rate: float, rng: np.random.Generator,
+                 num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     """Replace exactly round(rate * N) labels by a uniformly drawn different class.
 
     Returns the noisy labels (N,) and the sorted positions that were flipped (K,).
     """
     flipped = np.sort(rng.choice(len(y), size=round(rate * len(y)), replace=False))
     noisy = y.copy()
-    offset = rng.integers(1, NUM_CLASSES, size=len(flipped))  # 1..C-1: never the same class
-    noisy[flipped] = (y[flipped] + offset) % NUM_CLASSES
+    offset = rng.integers(1, num_classes, size=len(flipped))  # 1..C-1: never the same class
+    noisy[flipped] = (y[flipped] + offset) % num_classes
     return noisy, flipped
 
 
-def _stratified_mask(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def stratified_mask(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask (N,) selecting exactly round(fraction * N) samples, stratified by class.
 
     Each class gets floor(fraction * n_c) samples; the remaining slots go to the classes with

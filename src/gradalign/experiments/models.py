@@ -1,7 +1,10 @@
-"""Small classifiers for 1-D signals such as mnist1d (inputs (B, 40)).
+"""Classifiers by name: small ones for 1-D signals such as mnist1d (inputs (B, 40)), and the
+image models of vision_models.py (resnet18, vit, convnext) for CIFAR.
 
 Every model exposes ``.head``, its final ``nn.Linear`` (the layer GWA monitors and GVR
-penalises), takes ``x`` of shape (B, input_dim) and returns logits (B, num_classes). No
+penalises), and ``module_groups()``: named lists of modules for GVR's ``gvr_layers``
+("head", and "last_stage": the last hidden Linear + the head for the 1-D models). The 1-D
+models take ``x`` of shape (B, input_dim) and return logits (B, num_classes); they have no
 BatchNorm (per-sample gradients would be undefined) and no in-place activations.
 
 Example:
@@ -16,6 +19,7 @@ import inspect
 from torch import Tensor, nn
 
 from gradalign.errors import ConfigError
+from gradalign.experiments.vision_models import VISION_MODELS
 
 
 class MLP(nn.Module):
@@ -29,6 +33,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))                               # (B, D) -> (B, C)
+
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        return {"head": [self.head], "last_stage": [self.body[2], self.head]}
 
 
 class ResidualBlock(nn.Module):
@@ -57,6 +64,10 @@ class ResMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.act(self.blocks(self.stem(x))))           # (B, D) -> (B, H) -> (B, C)
 
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        last_hidden = self.blocks[-1].branch[3] if len(self.blocks) else self.stem
+        return {"head": [self.head], "last_stage": [last_hidden, self.head]}
+
 
 class Conv1dNet(nn.Module):
     """Conv1d(1, c, 5, pad 2)-GroupNorm-ReLU, Conv1d(c, c, 3, stride 2, pad 1)-GroupNorm-ReLU,
@@ -77,8 +88,12 @@ class Conv1dNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x.unsqueeze(1)))             # (B, L) -> (B, 1, L) -> (B, C)
 
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        return {"head": [self.head], "last_stage": [self.features[-2], self.head]}
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "resmlp": ResMLP, "conv1d": Conv1dNet}
+
+SIGNAL_MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "resmlp": ResMLP, "conv1d": Conv1dNet}
+MODELS: dict[str, type[nn.Module]] = {**SIGNAL_MODELS, **VISION_MODELS}
 _MIN_SIZE = {"input_dim": 1, "num_classes": 1, "hidden": 1, "blocks": 0, "channels": 1, "groups": 1}
 
 
@@ -88,10 +103,14 @@ def build_model(kind: str, input_dim: int = 40, num_classes: int = 10, hidden: i
 
     Args:
         kind: "mlp" (input_dim-hidden-hidden-num_classes, ReLU; 78,858 parameters at the
-            defaults), "resmlp" (options ``blocks=2``, ``layer_norm=True``) or "conv1d"
-            (options ``channels=32``, ``groups=8`` for GroupNorm).
-        input_dim, num_classes, hidden: positive sizes; ``hidden`` is the head's input width.
-            Sizes must be ints (``blocks`` may be 0).
+            defaults), "resmlp" (options ``blocks=2``, ``layer_norm=True``), "conv1d"
+            (options ``channels=32``, ``groups=8`` for GroupNorm), or an image model:
+            "resnet18" (``width=64``, ``blocks=[2, 2, 2, 2]``), "vit" (``patch=4``, ``width=512``,
+            ``depth=6``, ``mlp_dim=512``, ``heads=8``, ``head_zero_init=true``) or "convnext"
+            (``depths=[2, 2, 6, 2]``, ``dims=[64, 128, 256, 512]``, ``stem=1``); see vision_models.py.
+        input_dim, num_classes, hidden: positive sizes; ``hidden`` is the 1-D models' head input
+            width (image models take their sizes from the options; input_dim and hidden are
+            not theirs). Sizes must be ints (``blocks`` may be 0).
         **kw: the kind-specific options above.
 
     Raises:
@@ -101,14 +120,44 @@ def build_model(kind: str, input_dim: int = 40, num_classes: int = 10, hidden: i
     if kind not in MODELS:
         raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {', '.join(MODELS)}")
     cls = MODELS[kind]
-    options = [p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(kw) - set(options))
+    params = {p.name: p for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(kw) - set(params))
     if unknown:
         raise ConfigError(f"model kind {kind!r} does not take {', '.join(unknown)}; "
-                          f"its options: {', '.join(options) or 'none'}")
+                          f"its options: {', '.join(params) or 'none'}")
+    if kind in VISION_MODELS:
+        return _build_vision(kind, cls, num_classes, params, kw)
     sizes = {"input_dim": input_dim, "num_classes": num_classes, "hidden": hidden, **kw}
     for name, value in sizes.items():
         low = _MIN_SIZE.get(name)
         if low is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ConfigError(f"{name} must be an int >= {low}; got {value!r}")
     return cls(input_dim, num_classes, hidden, **kw)
+
+
+def _build_vision(kind: str, cls, num_classes: int, params: dict, kw: dict) -> nn.Module:
+    """An image model; each option must have the type of its default (int >= 1, bool, list of ints >= 1)."""
+    def _pos_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    options = {}
+    for name, value in kw.items():
+        default = params[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(_pos_int(v) for v in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = _pos_int(value)
+        if not ok:
+            expected = "true or false" if isinstance(default, bool) else \
+                "a non-empty list of ints >= 1" if isinstance(default, tuple) else "an int >= 1"
+            raise ConfigError(f"model kind {kind!r} option {name} must be {expected}; got {value!r}")
+        options[name] = value
+    if not _pos_int(num_classes):
+        raise ConfigError(f"num_classes must be an int >= 1; got {num_classes!r}")
+    try:
+        return cls(num_classes, **options)
+    except ValueError as e:
+        raise ConfigError(f"model kind {kind!r}: {e}") from None

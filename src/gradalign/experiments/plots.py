@@ -122,7 +122,9 @@ def _plot_gwa(plt, path, runs, cfg, labels, variant):
         gwa = np.array([[r["gwa"] for r in rows[:n]] for _, rows in seeds.values()])
         ax.plot(ep, acc.mean(0), color="C0", label="test acc")
         ax2 = ax.twinx()
-        ax2.plot(ep, np.nanmean(gwa, 0), color="C1", label="GWA score")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)          # epochs with no selectable GWA_T (nan)
+            ax2.plot(ep, np.nanmean(gwa, 0), color="C1", label="GWA score")
         ax2.set_ylabel("GWA_T", color="C1")
         for i, (summary, rows) in enumerate(seeds.values()):
             picks = [("gwa", summary.get("gwa_epoch"), "^", "C3")]

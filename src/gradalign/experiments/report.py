@@ -241,15 +241,30 @@ def _declared(cfg: dict, attribute: str) -> list[str]:
     return list(dict.fromkeys(x for names in found for x in names))
 
 
+def _gwa_study(cfg: dict) -> bool:
+    """Whether the report has the GWA section: label-noise levels, or an arm that holds out a validation split."""
+    return bool(cfg["experiment"]["noise_levels"]) or any(a.get("train_split") == "train" for a in cfg["arms"])
+
+
+def _setup_line(cfg: dict) -> str:
+    """Data, model, optimizer and budget of one (sub-)experiment's config dict."""
+    d, t, m = cfg["data"], cfg["train"], cfg["model"]
+    budget = f"{t['budget_samples']} samples" if t["budget_samples"] else f"{t['epochs']} epochs"
+    if d.get("dataset", "mnist1d") == "mnist1d":
+        data, model = f"mnist1d, {d['num_samples']} samples", f"{m['kind']} (hidden {m['hidden']})"
+    else:
+        data = f"{d['dataset']}, {d['train_size'] or 'all'} training images"
+        model = m["kind"] + (f" {m['options']}" if m["options"] else "")
+    lr = "" if d.get("dataset", "mnist1d") == "mnist1d" else f" lr {t['lr']:g}"
+    return f"data: {data} (seed {d['seed']}); model {model}; {t['optimizer']}{lr}, batch {t['batch_size']}, budget {budget}"
+
+
 def markdown(meta: dict, summaries: dict, plots: dict) -> str:
     cfg = meta["config"]
-    budget = (f"{cfg['train']['budget_samples']} samples" if cfg["train"]["budget_samples"]
-              else f"{cfg['train']['epochs']} epochs")
     tune = cfg["tune"]
+    subs = {v["variant"]: v for v in cfg.get("variant_configs", ())}
     out = [f"# {cfg['name']}", "", cfg["description"], "",
-           f"- data: mnist1d, {cfg['data']['num_samples']} samples (seed {cfg['data']['seed']}); "
-           f"model {cfg['model']['kind']} (hidden {cfg['model']['hidden']}); {cfg['train']['optimizer']}, "
-           f"batch {cfg['train']['batch_size']}, budget {budget}",
+           f"- {_setup_line(cfg) if not subs else 'variants: ' + ', '.join(subs)}",
            f"- tuning: Optuna TPE, {tune['trials']} trials per tuned arm on the validation split, objective "
            f"{tune['objective']} validation accuracy; storage {meta['storage']}",
            f"- final runs: {cfg['final']['seeds']} seeds from {cfg['final']['first_seed']}, trained on the full "
@@ -258,9 +273,11 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
     main = ["test_acc", "train_loss", "test_loss", "wall_time"] + _declared(cfg, "report_metrics")
     for variant, summary in summaries.items():
         title = f"noise {variant[5:]}" if variant.startswith("noise") else variant
-        out += [f"## Results{' (' + title + ')' if variant else ''}", ""] + main_table(summary) + [""]
+        out += [f"## Results{' (' + title + ')' if variant else ''}", ""]
+        sub = next((c for name, c in subs.items() if variant == name or variant.startswith(name + "-")), None)
+        out += ([f"- {_setup_line(sub)}", ""] if sub else []) + main_table(summary) + [""]
         out += ["### Statistics over seeds", ""] + stats_table(summary, _available(summary, main)) + [""]
-        if cfg["experiment"]["noise_levels"]:
+        if _gwa_study(cfg):
             gwa = ["test_acc@gwa", "test_acc@val", "test_acc@last", "gwa_spearman", "gwa_pearson", "auroc_flipped"]
             out += ["### GWA: epoch selection, correlation with test accuracy, flipped labels", "",
                     f"GWA epoch: {cfg['experiment']['gwa_mode']} rule (skip the first "
@@ -268,7 +285,8 @@ def markdown(meta: dict, summaries: dict, plots: dict) -> str:
                     "of validation accuracy (arms trained on the carved training split only); AUROC of the negative "
                     "mean alignment over epochs for 'label was flipped' (noisy runs only).", ""]
             out += selection_table(summary) + [""]
-            out += stats_table(summary, _available(summary, gwa[3:])) + [""]
+            if _available(summary, gwa[3:]):
+                out += stats_table(summary, _available(summary, gwa[3:])) + [""]
         for name in plots.get(variant, []):
             out += [f"![{name}]({name})", ""]
     return "\n".join(out)
@@ -286,7 +304,7 @@ def write_report(run_dir) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # scipy on near-identical pairs; degenerate cases are nan
         summaries = {v: summarise_variant(meta, runs[v]) for v in runs}
-    extra = _declared(meta["config"], "plots") + (["gwa"] if meta["config"]["experiment"]["noise_levels"] else [])
+    extra = _declared(meta["config"], "plots") + (["gwa"] if _gwa_study(meta["config"]) else [])
     plots = {v: plot_variant(run_dir, meta, v, runs[v], extra) if any(runs[v].values()) else [] for v in runs}
     tuning = rundir.load_tuning(run_dir)
     result = {"experiment": meta["config"]["name"], "description": meta["config"]["description"],

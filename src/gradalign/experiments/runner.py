@@ -7,7 +7,13 @@
 The run folder's layout and files are rundir.py's. A re-run with the same folder skips
 finished trials (tune.py) and finished runs: a run is finished when its .json exists with
 the same configuration hash and the same parameters; otherwise (configuration changed,
-more trials moved the best parameters) it is trained again.
+more trials moved the best parameters) it is trained again. A final run in progress is
+checkpointed after every evaluation (``checkpoints/[<variant>/]<arm>/seed<k>/``, checkpoint.py)
+and resumes from there; the checkpoint is removed once the run is written.
+
+Data: ``data_dir`` is where CIFAR archives are read from (cifar.py); they are read, and a
+missing or malformed archive refused, before anything is written. ``device``: "auto"
+(a GPU when there is one, for CIFAR; the CPU for mnist1d), "cpu" or "cuda" (device.py).
 """
 from __future__ import annotations
 
@@ -21,8 +27,10 @@ from tqdm.auto import tqdm
 
 from gradalign.errors import ConfigError
 from gradalign.experiments import rundir
+from gradalign.experiments.checkpoint import RunCheckpoint, run_key
 from gradalign.experiments.config import ExperimentConfig, check_params, load_config
 from gradalign.experiments.data import load_splits
+from gradalign.experiments.device import resolve_device
 from gradalign.experiments.report import write_report
 from gradalign.experiments.storage import DEFAULT_HEARTBEAT
 from gradalign.experiments.train import RunResult, train_run
@@ -63,8 +71,8 @@ class Bars:
         self.outer = tqdm(total=total, initial=initial, desc=desc, unit="job", position=0,
                           disable=not enabled, dynamic_ncols=True)
 
-    def inner(self, desc: str, total: int):
-        return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, position=1, leave=False,
+    def inner(self, desc: str, total: int, unit: str = "sample"):
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, position=1, leave=False,
                     disable=not self.enabled, dynamic_ncols=True)
 
     def tick(self, *_):
@@ -96,7 +104,7 @@ def _start(run_dir: Path, config: ExperimentConfig, quick: bool, storage: str | 
 def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = False, trials: int | None = None,
               seeds: int | None = None, storage: str | None = None, overrides: dict | None = None,
               progress: bool = True, report: bool = True, threads: int | None = 1,
-              heartbeat: int | None = DEFAULT_HEARTBEAT) -> Reproduced:
+              heartbeat: int | None = DEFAULT_HEARTBEAT, data_dir=None, device="auto") -> Reproduced:
     """Tune every arm, train every arm on every seed, then write the report. Resumable.
 
     Args:
@@ -113,8 +121,11 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
         threads: torch CPU threads while running (default 1: these small models gain nothing from
             more, and one thread per process stays fast when other processes share the cores);
             None leaves torch's setting alone.
+        data_dir: the folder with the CIFAR archives (default ./data); unused for mnist1d.
+        device: "auto", "cpu", "cuda" or "cuda:N".
     """
     config = resolve(name_or_path, quick=quick, trials=trials, seeds=seeds, overrides=overrides)
+    dev = _check_inputs(config, data_dir, device)
     run_dir = _folder(config, out_dir, quick)
     with rundir.lock(run_dir, exclusive=True):
         storage = _start(run_dir, config, quick, storage, str(name_or_path))
@@ -127,11 +138,25 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
         try:
             with torch_threads(threads):
                 for v in variants:
-                    _run_variant(run_dir, v, seed_list, storage, bars, heartbeat)
+                    _run_variant(run_dir, v, seed_list, storage, bars, heartbeat, data_dir, dev)
         finally:
             bars.close()
         log.info("all runs finished in %.0f s", time.perf_counter() - t0)
         return Reproduced(run_dir, write_report(run_dir) if report else None)
+
+
+def _check_inputs(config: ExperimentConfig, data_dir, device):
+    """The device, after reading every variant's data once (cached), so that missing CIFAR
+    archives or a missing GPU are refused before the run folder is touched."""
+    dev = resolve_device(device, small=all(v.data.dataset == "mnist1d" for v in config.variants()))
+    for v in config.variants():
+        if v.data.dataset != "mnist1d":
+            load_splits(v.data, data_dir)
+    return dev
+
+
+def _unit(config: ExperimentConfig) -> str:
+    return "sample" if config.data.dataset == "mnist1d" else "img"
 
 
 def _plan(run_dir: Path, variants, seed_list, storage) -> tuple[int, int]:
@@ -152,12 +177,12 @@ def _label(config: ExperimentConfig) -> str:
 
 
 def _tune_variant(config: ExperimentConfig, arms, splits, storage: str, bars: Bars,
-                  heartbeat: int | None = DEFAULT_HEARTBEAT) -> dict[str, TuneResult]:
+                  heartbeat: int | None = DEFAULT_HEARTBEAT, device="cpu") -> dict[str, TuneResult]:
     """Tune the given arms of one variant (untuned arms give empty parameters)."""
     tuned = {}
     for arm in arms:
-        result = tune_arm(config, arm, splits, storage=storage, on_trial=bars.tick, progress_factory=bars.inner,
-                          heartbeat=heartbeat)
+        result = tune_arm(config, arm, splits, storage=storage, on_trial=bars.tick, heartbeat=heartbeat,
+                          device=device, progress_factory=lambda desc, total: bars.inner(desc, total, _unit(config)))
         tuned[arm.name] = result
         if arm.search and config.tune.trials:
             log.info("%s %s: best %s (val acc %.4f) after %d complete, %d pruned, %d diverged trials",
@@ -167,12 +192,16 @@ def _tune_variant(config: ExperimentConfig, arms, splits, storage: str, bars: Ba
 
 
 def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], storage: str, bars: Bars,
-                 heartbeat: int | None = DEFAULT_HEARTBEAT) -> None:
+                 heartbeat: int | None = DEFAULT_HEARTBEAT, data_dir=None, device="cpu") -> None:
     label = _label(config)
-    log.info("%s: generating mnist1d (%d samples, label noise %g)", label, config.data.num_samples,
-             config.data.label_noise)
-    splits = load_splits(config.data)
-    tuned = _tune_variant(config, config.arms, splits, storage, bars, heartbeat)
+    if config.data.dataset == "mnist1d":
+        log.info("%s: generating mnist1d (%d samples, label noise %g)", label, config.data.num_samples,
+                 config.data.label_noise)
+    else:
+        log.info("%s: %s from %s (label noise %g) on %s", label, config.data.dataset, data_dir or "data",
+                 config.data.label_noise, device)
+    splits = load_splits(config.data, data_dir).to(device)
+    tuned = _tune_variant(config, config.arms, splits, storage, bars, heartbeat, device)
     for arm in config.arms:
         if arm.search and config.tune.trials:
             rundir.write_json(rundir.tuning_path(run_dir, config.variant, arm.name),
@@ -181,11 +210,16 @@ def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], 
         for arm in config.arms:
             path = rundir.run_path(run_dir, config.variant, arm.name, seed)
             params = tuned[arm.name].params
+            checkpoint = RunCheckpoint(run_dir / "checkpoints" / rundir.cell(config.variant, arm.name) / f"seed{seed}",
+                                       run_key(config.arm_hash(arm), params, seed), root=run_dir / "checkpoints")
             if rundir.finished_run(path, config.arm_hash(arm), params):
+                checkpoint.clear()                  # killed after writing the run, before removing it
                 continue
-            bar = bars.inner(f"{arm.name} seed {seed}", config.train.budget(len(getattr(splits, arm.train_split))))
+            bar = bars.inner(f"{arm.name} seed {seed}", config.train.budget(len(getattr(splits, arm.train_split))),
+                             _unit(config))
             try:
-                result = train_run(config, arm, params, seed, splits, eval_split="test", progress=bar)
+                result = train_run(config, arm, params, seed, splits, eval_split="test", progress=bar,
+                                   device=device, checkpoint=checkpoint)
             finally:
                 bar.close()
             for row in result.rows:
@@ -193,6 +227,7 @@ def _run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], 
             rundir.write_run(path, result.rows, {**result.summary, "variant": config.variant,
                                                  "config_hash": config.arm_hash(arm), "tuned_params": params,
                                                  "label": arm.title})
+            checkpoint.clear()
             last = result.rows[-1]
             log.info("%s %s seed %d: test acc %.4f, train loss %.4f (%.0f s) -> %s", label, arm.name, seed,
                      last["test_acc"], last["train_loss"], result.summary["wall_time"], path.with_suffix(".csv"))
@@ -206,7 +241,7 @@ def _fmt(params: dict) -> str:
 def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str] | None = None,
               quick: bool = False, trials: int | None = None, storage: str | None = None,
               overrides: dict | None = None, progress: bool = True, threads: int | None = 1,
-              heartbeat: int | None = DEFAULT_HEARTBEAT) -> tuple[Path, str, dict]:
+              heartbeat: int | None = DEFAULT_HEARTBEAT, data_dir=None, device="auto") -> tuple[Path, str, dict]:
     """Tune arms only (default: every arm with a search table); returns (run folder, storage,
     {'[variant/]arm': TuneResult.to_dict()}) and writes them to <out>/tuning.json."""
     config = resolve(name_or_path, quick=quick, trials=trials, overrides=overrides)
@@ -215,15 +250,16 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
         config.arm(name)                                   # unknown arm: ConfigError before any work
     if not names:
         raise ConfigError(f"experiment {config.name!r} searches nothing: no arm has a search table")
+    dev = _check_inputs(config, data_dir, device)
     run_dir = _folder(config, out_dir, quick)
     results = {}
     with rundir.lock(run_dir, exclusive=False), torch_threads(threads):   # tuning workers may share a folder
         storage = _start(run_dir, config, quick, storage, str(name_or_path))
         for variant in config.variants():
-            splits = load_splits(variant.data)
+            splits = load_splits(variant.data, data_dir).to(dev)
             bars = Bars(progress, variant.tune.trials * len(names), 0, f"tune {_label(variant)}")
             try:
-                tuned = _tune_variant(variant, [variant.arm(n) for n in names], splits, storage, bars, heartbeat)
+                tuned = _tune_variant(variant, [variant.arm(n) for n in names], splits, storage, bars, heartbeat, dev)
             finally:
                 bars.close()
             results.update({rundir.cell(variant.variant, n): r.to_dict() for n, r in tuned.items()})
@@ -233,14 +269,18 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
 
 def run_single(name_or_path, arm_name: str, params: dict, seed: int, *, quick: bool = False,
                overrides: dict | None = None, eval_split: str = "test", progress: bool = True,
-               threads: int | None = 1, parallel=None) -> RunResult:
-    """Train one arm once with given parameters (the `gradalign train` command); `parallel`
+               threads: int | None = 1, parallel=None, data_dir=None, device="auto") -> RunResult:
+    """Train one arm once with given parameters (the `gradalign train` command; the first
+    variant's data, model and budget when the experiment has [variants]); `parallel`
     (experiments/parallel.py): data parallel, this process's rank."""
-    config = resolve(name_or_path, quick=quick, overrides=overrides)   # noise: [data] label_noise
+    config = resolve(name_or_path, quick=quick, overrides=overrides)    # noise: [data] label_noise
+    config = config.variant_configs[0] if config.variant_configs else config
     arm = config.arm(arm_name)
     check_params(arm, params)
-    splits = load_splits(config.data)
+    dev = resolve_device(device, small=config.data.dataset == "mnist1d")
+    splits = load_splits(config.data, data_dir)
     n = len(splits.train if eval_split == "val" else getattr(splits, arm.train_split))
-    with tqdm(total=config.train.budget(n), desc=f"{arm.name} seed {seed}", unit="sample", unit_scale=True,
+    with tqdm(total=config.train.budget(n), desc=f"{arm.name} seed {seed}", unit=_unit(config), unit_scale=True,
               disable=not progress, leave=False) as bar, torch_threads(threads):
-        return train_run(config, arm, params, seed, splits, eval_split=eval_split, progress=bar, parallel=parallel)
+        return train_run(config, arm, params, seed, splits, eval_split=eval_split, progress=bar, device=dev,
+                         parallel=parallel)

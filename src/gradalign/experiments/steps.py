@@ -6,9 +6,14 @@ and say how many samples to step on) and, when it needs other views or forwards 
 optimizer step, so it reads the pre-update head weight.
 
 Each step class declares `columns`: the per-evaluation diagnostics its `window()` fills.
+Inputs come from the data's pipeline (augment.py): `views` asks it for random training views
+(or the plain model input), and the forward runs under the step's `autocast` context
+(bf16 on a GPU, train.py). `state_dict` / `load_state_dict` carry what a checkpoint needs
+beyond the model, optimizer and generators.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -18,32 +23,54 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gradalign as ga
-from gradalign.experiments import data as data_mod
+from gradalign.errors import ConfigError
+from gradalign.experiments.augment import SignalPipeline
 
 NAN = float("nan")
 
 
 class Optimizer:
-    """The base optimizer (Adam or SGD) with an optional cosine schedule over the sample budget."""
+    """The base optimizer (Adam or SGD) and its learning-rate schedule.
 
-    def __init__(self, model: nn.Module, kind: str, schedule: str, p: dict, budget: int):
+    schedule "none"; "cosine": per step, lr * (1 + cos(pi * samples_done / budget)) / 2;
+    "cosine_epoch": constant within an epoch (epoch_size samples), lr * (1 + cos(pi * e / E)) / 2
+    in epoch e of E = budget / epoch_size, i.e. torch's CosineAnnealingLR(T_max=E) stepped once
+    per epoch (the GVR authors' schedule).
+    """
+
+    def __init__(self, model: nn.Module, kind: str, schedule: str, p: dict, budget: int, epoch_size: int | None = None):
         kw = dict(lr=p["lr"], weight_decay=p["weight_decay"])
         if kind == "sgd":
             self.opt = torch.optim.SGD(model.parameters(), momentum=p["momentum"], **kw)
         else:
             self.opt = torch.optim.Adam(model.parameters(), **kw)
-        self.base_lr, self.cosine, self.budget = p["lr"], schedule == "cosine", budget
+        if schedule == "cosine_epoch" and not epoch_size:
+            raise ValueError("schedule 'cosine_epoch' needs the epoch size")
+        self.base_lr, self.schedule, self.budget, self.epoch_size = p["lr"], schedule, budget, epoch_size
         self.steps = 0
         self.lr = p["lr"]
 
     def step(self, samples_done: int) -> None:
-        if self.cosine:
-            self.lr = self.base_lr * 0.5 * (1 + math.cos(math.pi * min(samples_done / self.budget, 1.0)))
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr
+        if self.schedule == "cosine":
+            self._set_lr(self.base_lr * 0.5 * (1 + math.cos(math.pi * min(samples_done / self.budget, 1.0))))
+        elif self.schedule == "cosine_epoch":
+            epoch = (samples_done - 1) // self.epoch_size                   # the epoch this step belongs to
+            self._set_lr(self.base_lr * 0.5 * (1 + math.cos(math.pi * epoch * self.epoch_size / self.budget)))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.steps += 1
+
+    def _set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "steps": self.steps, "lr": self.lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.steps, self.lr = state["steps"], state["lr"]
 
 
 @dataclass
@@ -67,8 +94,10 @@ class Step:
     world: int = 1                  # ranks in a data-parallel run (train.py sets it)
 
     def __init__(self, model: nn.Module, optim: Optimizer, monitor: ga.GWAMonitor, p: dict,
-                 generators: dict[str, torch.Generator]):
+                 generators: dict[str, torch.Generator], pipeline=None):
         self.model, self.optim, self.monitor, self.p, self.generators = model, optim, monitor, p, generators
+        self.pipeline = pipeline if pipeline is not None else SignalPipeline()
+        self.autocast = contextlib.nullcontext          # train.py sets bf16 autocast on a GPU
         self._step_sizes: list[int] = []
         self.batch_total = 0        # samples in the current global batch (all ranks)
 
@@ -80,13 +109,17 @@ class Step:
     def __call__(self, x: Tensor, y: Tensor, ids: Tensor, samples_done: int, batch_total: int | None = None) -> float:
         """batch_total: samples of the global batch when x is one rank's shard (data parallel)."""
         self.batch_total = len(y) if batch_total is None else batch_total
-        out = self.forward(self.views(x), y)
+        views = self.views(x)
+        with self.autocast():
+            out = self.forward(views, y)
         self.monitor.update(out.logits, y, ids)
         self._step_on(self.update(out), samples_done)
         return out.loss_sum
 
     def views(self, x: Tensor) -> tuple[Tensor, ...]:
-        return (data_mod.augment(x, self.generators["augment"]) if self.p["augment"] else x,)
+        if self.p["augment"]:
+            return (self.pipeline.view(x, self.generators["augment"]),)
+        return (self.pipeline.prepare(x),)
 
     def forward(self, views: tuple[Tensor, ...], y: Tensor) -> Forward:
         logits = self.model(views[0])
@@ -119,6 +152,14 @@ class Step:
 
     def close(self) -> None:
         """Release hooks."""
+
+    def state_dict(self) -> dict | None:
+        """The step's own state for a checkpoint taken right after an evaluation (the window's
+        lists are empty then); None when it holds state a checkpoint cannot carry now."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict gave."""
 
 
 def _mean(values: list[float]) -> float:
@@ -153,6 +194,12 @@ class WeightedStep(Step):
     def close(self) -> None:
         self.engine.remove()
 
+    def state_dict(self) -> dict:
+        return self.weighting.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weighting.load_state_dict(state)
+
 
 class GDSWStep(WeightedStep):
     weighting_class = ga.GDSW
@@ -185,13 +232,17 @@ class AccumulateStep(Step):
     def close(self) -> None:
         self.engine.remove()
 
+    def state_dict(self) -> dict | None:
+        return None if self.pending else {}     # mid-accumulation: the running sums are not saved
+
 
 def _gvr_layers(model: nn.Module, which: str) -> list[nn.Module]:
+    """The modules of the model's group `which` (its module_groups(): "head", "last_stage")."""
     model = getattr(model, "module", model)          # inside a DDP wrapper
-    if which == "head":
-        return [model.head]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-2:]                     # "last_stage": the last hidden Linear and the head
+    groups = model.module_groups()
+    if which not in groups:
+        raise ConfigError(f"gvr_layers {which!r}: {type(model).__name__} declares {', '.join(groups)}")
+    return groups[which]
 
 
 class TwoViewStep(Step):
@@ -206,11 +257,13 @@ class TwoViewStep(Step):
         super().__init__(*args)
         p = self.p
         self.gvr = ga.GVR(p.get("alpha", 0.0), layers=_gvr_layers(self.model, p["gvr_layers"]),
-                          subset=p["subset"], mode=p["gvr_mode"], generator=self.generators["gvr"])
+                          subset=p["subset"], mode=p["gvr_mode"], generator=self.generators["gvr"],
+                          subset_forward=p["subset_forward"])
         self._penalty = []
 
     def views(self, x: Tensor) -> tuple[Tensor, ...]:
-        return data_mod.augment(x, self.generators["augment"]), data_mod.augment(x, self.generators["augment"])
+        g = self.generators["augment"]
+        return self.pipeline.view(x, g), self.pipeline.view(x, g)
 
     def forward(self, views: tuple[Tensor, ...], y: Tensor) -> Forward:
         total, info = self.gvr.loss(self.model, *views, y)

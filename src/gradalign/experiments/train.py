@@ -24,9 +24,22 @@ multiple of the interval in samples consumed (exactly at the multiple when the i
 a multiple of the batch size, as in the bundled experiments), and at the end of the
 budget; for GAGA the samples of an unfinished accumulation count as consumed (the model
 has not stepped on them yet), so every arm is evaluated at the same points.
+
+Device (device.py): the data set is moved to the device once and every batch is transformed
+there by its pipeline (augment.py); the model is built on the CPU from ``seed`` and moved, in
+channels_last for convnets on a GPU; the forward runs under bf16 autocast where [train]
+precision says so. Generators stay on the CPU.
+
+Checkpoints (checkpoint.py, final runs only): after every evaluation the run's whole state
+is saved; ``train_run`` given a checkpoint that holds a state resumes from it: the data
+order of the epoch in progress is replayed from its generator state and the batches already
+trained on are skipped, so on the CPU a resumed run ends with the same numbers as an
+uninterrupted one. A GAGA step in the middle of an accumulation is not saved (the next
+evaluation's is).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -40,8 +53,11 @@ from torch import nn
 
 import gradalign as ga
 from gradalign.errors import GradAlignError
+from gradalign.experiments import checkpoint as ckpt_mod
 from gradalign.experiments import data as data_mod
+from gradalign.experiments import device as device_mod
 from gradalign.experiments.arms import METHODS
+from gradalign.experiments.augment import pipeline_for
 from gradalign.experiments.config import ArmConfig, ExperimentConfig, resolve_params
 from gradalign.experiments.intervals import auroc
 from gradalign.experiments.models import build_model
@@ -64,15 +80,22 @@ class RunResult:
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split, batch_size: int = 2048) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on a whole split (eval mode, no grad)."""
+def evaluate(model: nn.Module, split, batch_size: int = 2048, *, prepare=None, autocast=None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on a whole split (eval mode, no grad).
+
+    prepare: stored inputs -> model inputs (a pipeline's prepare; default: as stored);
+    autocast: a callable giving the forward's context (default: none).
+    """
     was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
     for start in range(0, len(split), batch_size):
         x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
-        logits = model(x)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        if prepare is not None:
+            x = prepare(x)
+        with (autocast or contextlib.nullcontext)():
+            logits = model(x)
+        loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
     return loss / len(split), correct / len(split)
@@ -94,28 +117,33 @@ def _check_finite(model: nn.Module, where: str) -> None:
 
 def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, seed: int, splits, *,
               eval_split: str = "test", on_eval: Callable[[dict], None] | None = None,
-              progress=None, parallel: Parallel | None = None) -> RunResult:
+              progress=None, device=None, checkpoint: ckpt_mod.RunCheckpoint | None = None,
+              parallel: Parallel | None = None) -> RunResult:
     """Train one arm with one seed and evaluate it along the way.
 
     Args:
         config, arm: the experiment and the arm (method and fixed parameters).
         params: tuned values (lr, gamma, ...) that override the arm's; None for none.
         seed: decides initialisation, data order, augmentations and GVR subsets.
-        splits: a data.Splits.
+        splits: a data.Splits (moved to the device here unless it is there already).
         eval_split: "val" (tuning: train on splits.train, never look at test) or "test".
         on_eval: called with each evaluation row as it is made; it may raise (e.g.
             optuna.TrialPruned) to stop the run.
         progress: a tqdm-like bar; it is advanced by the samples consumed.
+        device: "cpu" (default), "cuda", "auto" or a torch.device (device.py).
+        checkpoint: saved after every evaluation; when it holds a state, the run resumes from it.
         parallel: data parallel (parallel.py): every rank trains on its shard of the same
             global batches; the rows and summary are the same on every rank.
     Returns:
-        RunResult(rows, summary).
+        RunResult(rows, summary); summary["resumed_from"] is the sample count it resumed at (0: none).
     Raises:
         TrainingDiverged: a non-finite loss or parameter.
     """
     if eval_split not in ("val", "test"):
         raise ValueError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
+    dev = device_mod.resolve_device(device)
     p = resolve_params(config, arm, params)
+    splits = splits.to(dev)
     train_set = splits.train if eval_split == "val" else getattr(splits, arm.train_split)
     evals = {"train": train_set,
              "val": splits.val if eval_split == "val" or arm.train_split == "train" else None,
@@ -125,20 +153,41 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
     gens = _generators(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(config.model.kind, hidden=config.model.hidden, **config.model.options)
+        model = build_model(config.model.kind, hidden=config.model.hidden, num_classes=splits.num_classes,
+                            **config.model.options)
+    channels_last = dev.type == "cuda" and getattr(model, "channels_last", False)
+    model.to(dev, memory_format=torch.channels_last) if channels_last else model.to(dev)
     model.train()
     net = model                                  # what the step trains: the model, or its DDP wrapper
     if parallel is not None:
         net = nn.parallel.DistributedDataParallel(model, process_group=parallel.group, broadcast_buffers=False)
-    optim = Optimizer(net, config.train.optimizer, config.train.schedule, p, budget)
+    optim = Optimizer(net, config.train.optimizer, config.train.schedule, p, budget, epoch_size=n)
     monitor = ga.GWAMonitor(model.head, process_group=parallel.group if parallel is not None else None)
-    step = METHODS[arm.method].step(net, optim, monitor, p, gens)
+    pipeline = pipeline_for(config.data, channels_last=channels_last)
+    step = METHODS[arm.method].step(net, optim, monitor, p, gens, pipeline)
     step.world = parallel.world if parallel is not None else 1
+    step.autocast = device_mod.autocast(dev, config.train.precision)
     bs = step.batch_size
     cols = columns()
     where = f"arm {arm.name!r} seed {seed} ({', '.join(f'{k}={v:.4g}' for k, v in p.items() if isinstance(v, float))})"
     rows: list[dict] = []
-    samples, next_eval, epoch_count, t0 = 0, interval, 0, time.perf_counter()
+    samples, next_eval, skip, elapsed = 0, interval, 0, 0.0
+    state = checkpoint.load(dev) if checkpoint is not None else None
+    if state is not None:                  # resume: everything as it was right after that evaluation
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        step.load_state_dict(state["step"])
+        monitor.load_state_dict(state["monitor"])
+        for name, g in gens.items():
+            g.set_state(state["generators"][name])
+        gens["order"].set_state(state["order_epoch_start"])     # replay this epoch's order ...
+        ckpt_mod.set_rng_state(state["rng"])
+        rows, samples, next_eval = state["rows"], state["samples"], state["next_eval"]
+        skip, elapsed = state["epoch_pos"], state["elapsed"]    # ... skipping what was trained on
+        if progress is not None:
+            progress.update(samples)
+    resumed_from = samples
+    t0 = time.perf_counter() - elapsed
 
     def record() -> dict:
         with warnings.catch_warnings():
@@ -151,41 +200,59 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
         _check_finite(model, where)
         for name, split in evals.items():
             if split is not None:
-                row[f"{name}_loss"], row[f"{name}_acc"] = evaluate(model, split)
+                row[f"{name}_loss"], row[f"{name}_acc"] = evaluate(model, split, prepare=pipeline.prepare,
+                                                                   autocast=step.autocast)
         if not math.isfinite(row["train_loss"]):
             raise TrainingDiverged(f"{where}: the training loss is {row['train_loss']}; lower the learning rate")
         row["wall_time"] = time.perf_counter() - t0
         rows.append(row)
         return row
 
+    def save(order_epoch_start: torch.Tensor, epoch_pos: int) -> None:
+        step_state = step.state_dict()
+        if checkpoint is None or step_state is None or samples >= budget:
+            return
+        checkpoint.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step_state,
+                         "generators": {k: g.get_state() for k, g in gens.items()},
+                         "order_epoch_start": order_epoch_start, "epoch_pos": epoch_pos, "rng": ckpt_mod.rng_state(),
+                         "rows": rows, "samples": samples, "next_eval": next_eval,
+                         "elapsed": time.perf_counter() - t0}, monitor.state_dict())
+
     try:
-        while samples < budget:
-            epoch_count += 1
-            for x, y, ids in data_mod.batches(train_set, bs, gens["order"]):
-                if samples + len(y) > budget:
-                    x, y, ids = x[:budget - samples], y[:budget - samples], ids[:budget - samples]
-                n_batch = len(y)
-                if parallel is None:
-                    loss_sum = step(x, y, ids, samples + n_batch)
-                else:                            # this rank's shard; the loss summed over ranks
-                    x, y, ids = parallel.shard(x), parallel.shard(y), parallel.shard(ids)
-                    loss_sum = parallel.sum(step(x, y, ids, samples + n_batch, batch_total=n_batch))
-                samples += n_batch
-                if not math.isfinite(loss_sum):
-                    raise TrainingDiverged(f"{where}: the loss became {loss_sum} after {samples} samples; "
-                                           "lower the learning rate")
-                if progress is not None:
-                    progress.update(len(y))
-                if samples >= budget:
-                    step.finish(samples)
-                if samples >= next_eval or samples >= budget:   # GAGA: mid-accumulation is fine
-                    row = record()
-                    next_eval = (samples // interval + 1) * interval
-                    if on_eval is not None:
-                        on_eval(row)
-                if samples >= budget:
-                    break
+        with device_mod.gpu_settings(dev):
+            while samples < budget:
+                order_epoch_start, epoch_pos = gens["order"].get_state(), 0
+                for x, y, ids in data_mod.batches(train_set, bs, gens["order"]):
+                    epoch_pos += len(y)
+                    if skip:                    # resuming: this batch was trained on before the checkpoint
+                        skip -= len(y)
+                        continue
+                    if samples + len(y) > budget:
+                        x, y, ids = x[:budget - samples], y[:budget - samples], ids[:budget - samples]
+                    n_batch = len(y)
+                    if parallel is None:
+                        loss_sum = step(x, y, ids, samples + n_batch)
+                    else:                        # this rank's shard; the loss summed over ranks
+                        x, y, ids = parallel.shard(x), parallel.shard(y), parallel.shard(ids)
+                        loss_sum = parallel.sum(step(x, y, ids, samples + n_batch, batch_total=n_batch))
+                    samples += n_batch
+                    if not math.isfinite(loss_sum):
+                        raise TrainingDiverged(f"{where}: the loss became {loss_sum} after {samples} samples; "
+                                               "lower the learning rate")
+                    if progress is not None:
+                        progress.update(n_batch)
+                    if samples >= budget:
+                        step.finish(samples)
+                    if samples >= next_eval or samples >= budget:   # GAGA: mid-accumulation is fine
+                        row = record()
+                        next_eval = (samples // interval + 1) * interval
+                        if on_eval is not None:
+                            on_eval(row)
+                        save(order_epoch_start, epoch_pos)
+                    if samples >= budget:
+                        break
         summary = _summary(config, arm, p, seed, eval_split, rows, monitor, splits, train_set, optim, t0)
+        summary["resumed_from"] = resumed_from
     finally:
         step.close()
         monitor.remove()
@@ -203,9 +270,10 @@ def _summary(config, arm, p, seed, eval_split, rows, monitor, splits, train_set,
         out["gwa_epoch"] = monitor.best_epoch(config.experiment.gwa_mode, config.experiment.gwa_skip_fraction)
     except GradAlignError:
         out["gwa_epoch"] = None                 # no selectable epoch (every GWA_T nan)
-    flipped = np.isin(train_set.ids.numpy(), splits.flipped_ids.numpy())
+    train_ids = train_set.ids.cpu().numpy()
+    flipped = np.isin(train_ids, splits.flipped_ids.cpu().numpy())
     if flipped.any() and not flipped.all():
-        out["auroc_flipped"] = _flip_auroc(monitor.sample_scores(), train_set.ids.numpy(), flipped)
+        out["auroc_flipped"] = _flip_auroc(monitor.sample_scores(), train_ids, flipped)
     return out
 
 

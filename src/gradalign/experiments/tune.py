@@ -54,7 +54,7 @@ from optuna.trial import TrialState
 
 from gradalign.errors import GradAlignError
 from gradalign.experiments.config import ArmConfig, ExperimentConfig
-from gradalign.experiments.data import split_sizes
+from gradalign.experiments.data import data_sizes
 from gradalign.experiments import storage as storages
 from gradalign.experiments.rundir import cell
 from gradalign.experiments.train import TrainingDiverged, train_run
@@ -102,7 +102,7 @@ def count_finished(study: optuna.Study) -> int:
 
 def _warmup(config: ExperimentConfig) -> int:
     """Evaluations before a trial may be pruned: the first third of a tuning run (at least one)."""
-    _, n_train, _ = split_sizes(config.data.num_samples, config.data.val_fraction)
+    _, n_train, _ = data_sizes(config.data)
     evaluations = math.ceil(config.train.budget(n_train) / config.train.eval_interval(n_train))
     return max(1, evaluations // 3)
 
@@ -156,7 +156,8 @@ def _next_trial(study: optuna.Study, trials: int, heartbeat: bool) -> optuna.Tri
 
 
 def tune_arm(config: ExperimentConfig, arm: ArmConfig, splits, *, storage: str, trials: int | None = None,
-             on_trial=None, progress_factory=None, heartbeat: int | None = storages.DEFAULT_HEARTBEAT) -> TuneResult:
+             on_trial=None, progress_factory=None, heartbeat: int | None = storages.DEFAULT_HEARTBEAT,
+             device="cpu") -> TuneResult:
     """Run the arm's missing trials and return its best parameters.
 
     Args:
@@ -164,6 +165,7 @@ def tune_arm(config: ExperimentConfig, arm: ArmConfig, splits, *, storage: str, 
         heartbeat: seconds between heartbeats on database storages (storage.py).
         on_trial: called with the finished FrozenTrial after each trial run here.
         progress_factory: callable(description, total samples) -> a tqdm-like bar, or None.
+        device: where the trials train (device.py).
     Raises:
         GradAlignError: every finished trial failed (diverged): narrow the search space.
     """
@@ -196,7 +198,7 @@ def tune_arm(config: ExperimentConfig, arm: ArmConfig, splits, *, storage: str, 
         try:
             with storages.Heartbeat(study, trial):
                 result = train_run(config, arm, params, t.seed, splits, eval_split="val", on_eval=report,
-                                   progress=bar)
+                                   progress=bar, device=device)
         except optuna.TrialPruned:
             frozen = study.tell(trial, state=TrialState.PRUNED)
         except TrainingDiverged as e:

@@ -228,6 +228,8 @@ class GWAMonitor:
                                  "forward (with grad enabled) and before the next one")
         if z.dim() != 2:
             raise ValueError(f"GWAMonitor needs a head whose input is (B, D), got {tuple(z.shape)}")
+        if z.dtype in (torch.float16, torch.bfloat16):       # under autocast: |z_i| in float32
+            z = z.float()
         ids = _sample_ids(sample_ids, z.device)
         B, C = z.shape[0], self.head.out_features
         if ids.numel() != B or logits.shape[0] != B:
@@ -303,6 +305,25 @@ class GWAMonitor:
         self._ids.append(ids)
         self._scores.append(scores.float().cpu().numpy())
         return score
+
+    def state_dict(self) -> dict:
+        """Everything the monitor has recorded, for a checkpoint; call it between epochs (after
+        end_epoch(), before the next update()). Per-epoch sample ids and scores are lists of
+        numpy arrays, one per epoch, so a checkpoint can store each epoch once."""
+        if self._pending:
+            raise GradAlignError("state_dict() in the middle of an epoch: call it after end_epoch()")
+        return {"epoch_scores": list(self.epoch_scores), "epoch_mean_alignment": list(self.epoch_mean_alignment),
+                "epoch_kurtosis": list(self.epoch_kurtosis), "unselectable": dict(self.unselectable),
+                "sample_ids": list(self._ids), "sample_scores": list(self._scores)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() gave (the monitor then continues as if never stopped)."""
+        self.epoch_scores = list(state["epoch_scores"])
+        self.epoch_mean_alignment = list(state["epoch_mean_alignment"])
+        self.epoch_kurtosis = list(state["epoch_kurtosis"])
+        self.unselectable = {int(k): v for k, v in state["unselectable"].items()}
+        self._ids, self._scores = list(state["sample_ids"]), list(state["sample_scores"])
+        self._pending = []
 
     def sample_scores(self) -> dict[str, np.ndarray]:
         """Every finished epoch's per-sample scores: {"sample_id", "epoch", "score"}, equal lengths."""

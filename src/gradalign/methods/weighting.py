@@ -74,6 +74,14 @@ class _CosineWeighting:
         self.last_weights = weights
         return weights
 
+    def state_dict(self) -> dict:
+        """What resuming a run needs: the step and fallback counts."""
+        return {"steps": self.steps, "fallbacks": self.fallbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self._usable = self.steps - int(state["fallbacks"])
+
     @property
     def _fallbacks(self) -> Tensor | int:
         """Steps that fell back, on the statistics' device (no host read)."""

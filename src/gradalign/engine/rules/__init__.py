@@ -20,7 +20,8 @@ from gradalign.engine.rules.attention import (attention_capture, attention_check
 from gradalign.engine.rules.conv import conv_rule
 from gradalign.engine.rules.conv_transpose import conv_transpose_rule
 from gradalign.engine.rules.embedding import embedding_check, embedding_rule
-from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_rule
+from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_output, fallback_rule
+from gradalign.engine.rules.hf_conv1d import hf_conv1d_rule
 from gradalign.engine.rules.linear import linear_gram_route, linear_rule
 from gradalign.engine.rules.norm import batch_norm_check, batch_norm_rule, group_norm_rule, layer_norm_rule
 
@@ -65,26 +66,43 @@ class Rule:
 
 
 class RuleRegistry:
-    """Maps module types to rules; the most specific registered base class wins.
+    """Maps module types to rules; the most specific registered base class wins, unless a
+    subclass between them defines its own forward (HF's BartScaledWordEmbedding is an
+    nn.Embedding whose forward scales the lookup): its parameters are then watched like any
+    module without a rule. A type may be registered by its qualified name
+    ("transformers.pytorch_utils.Conv1D"), so a library need not be imported to be served.
 
     `layouts` maps module types to `module -> batch dim (or None)` for modules that move the
     batch off dim 0 for everything they call (nn.Transformer* with batch_first=False: dim 1).
+
+    `register_shared(parent type, child names)` declares children that are always called on
+    inputs shared by all samples, whatever their sizes: a module called on a tensor whose batch
+    dim does not have size B is recognised as shared anyway, but one whose input has size B
+    there by coincidence (T5's relative-position buckets, (T, T), when T == B) is not.
     """
 
-    def __init__(self, rules: dict[type, Rule] | None = None, fallback: Rule | None = None,
+    def __init__(self, rules: dict[type | str, Rule] | None = None, fallback: Rule | None = None,
                  layouts: dict[type, Callable[[nn.Module], int | None]] | None = None):
-        self._rules: dict[type, Rule] = dict(rules or {})
+        self._rules: dict[type | str, Rule] = dict(rules or {})
         self.fallback = fallback
         self._layouts = dict(layouts or {})
+        self._shared: dict[type | str, tuple[str, ...]] = {}
 
-    def register(self, module_type: type, rule: Rule) -> None:
+    def register(self, module_type: type | str, rule: Rule) -> None:
         self._rules[module_type] = rule
 
     def register_layout(self, module_type: type, batch_dim: Callable[[nn.Module], int | None]) -> None:
         self._layouts[module_type] = batch_dim
 
+    def register_shared(self, parent_type: type | str, *children: str) -> None:
+        self._shared[parent_type] = self._shared.get(parent_type, ()) + children
+
+    def shared_children(self, module: nn.Module) -> tuple[str, ...]:
+        """Names of `module`'s children that are called on inputs shared by all samples."""
+        return _most_specific(self._shared, module) or ()
+
     def rule_for(self, module: nn.Module) -> Rule | None:
-        found = _most_specific(self._rules, module)
+        found = _most_specific(self._rules, module, own_forward=True)
         return found if found is not None else self.fallback
 
     def batch_dim_for(self, module: nn.Module) -> int | None:
@@ -93,10 +111,15 @@ class RuleRegistry:
         return None if layout is None else layout(module)
 
 
-def _most_specific(table: dict, module: nn.Module):
+def _most_specific(table: dict, module: nn.Module, own_forward: bool = False):
+    """The entry of the nearest class in the module's MRO (by type or qualified name); with
+    own_forward, None if a nearer class defines its own forward."""
     for cls in type(module).__mro__:
-        if cls in table:
-            return table[cls]
+        found = table.get(cls) or table.get(f"{cls.__module__}.{cls.__qualname__}")
+        if found is not None:
+            return found
+        if own_forward and "forward" in cls.__dict__:
+            return None
     return None
 
 
@@ -106,7 +129,7 @@ def default_registry() -> RuleRegistry:
     norm_check = Rule(batch_norm_rule, check=batch_norm_check)
     transformers = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
                     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-    return RuleRegistry(
+    registry = RuleRegistry(
         {
             nn.Linear: Rule(linear_rule, gram_route=linear_gram_route, gram_params=("weight", "bias")),
             nn.Conv1d: conv,
@@ -119,12 +142,24 @@ def default_registry() -> RuleRegistry:
             nn.GroupNorm: Rule(group_norm_rule),
             nn.modules.batchnorm._BatchNorm: norm_check,
             nn.Embedding: Rule(embedding_rule, check=embedding_check),
+            "transformers.pytorch_utils.Conv1D": Rule(hf_conv1d_rule),  # GPT-2's transposed Linear
             nn.MultiheadAttention: Rule(attention_rule, check_call=attention_check_call, capture=attention_capture,
                                         output=attention_output, owns=("out_proj",)),
         },
-        fallback=Rule(fallback_rule, check_call=fallback_check_call, capture=fallback_capture, watch=True),
+        fallback=Rule(fallback_rule, check_call=fallback_check_call, capture=fallback_capture,
+                      output=fallback_output, watch=True),
         layouts=dict.fromkeys(transformers, transformer_batch_dim),
     )
+    for attention in _T5_FAMILY:  # relative-position buckets (T_q, T_k), the same for every sample
+        registry.register_shared(f"transformers.models.{attention}", "relative_attention_bias")
+    return registry
+
+
+_T5_FAMILY = ("t5.modeling_t5.T5Attention", "mt5.modeling_mt5.MT5Attention", "umt5.modeling_umt5.UMT5Attention",
+              "longt5.modeling_longt5.LongT5Attention", "longt5.modeling_longt5.LongT5LocalAttention",
+              "longt5.modeling_longt5.LongT5TransientGlobalAttention", "pop2piano.modeling_pop2piano.Pop2PianoAttention",
+              "switch_transformers.modeling_switch_transformers.SwitchTransformersAttention",
+              "pix2struct.modeling_pix2struct.Pix2StructTextAttention", "udop.modeling_udop.UdopAttention")
 
 
 __all__ = ["Rule", "RuleRegistry", "default_registry"]
