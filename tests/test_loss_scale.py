@@ -17,9 +17,10 @@ from layer_models import LAYER_ARCHITECTURES
 
 ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}
 # every kind of representation: Linear on features (Gram and factor routes) and on tokens,
-# Embedding, LayerNorm, Conv with GroupNorm, the torch.func fallback, attention, raw parameters
+# Embedding, LayerNorm, Conv with GroupNorm, the torch.func fallback, attention, raw parameters,
+# a tied Embedding + Linear matrix (Summed, its S from autograd), position embeddings shared by all samples
 SOME = ["seed_mlp", "residual_mlp", "sequence", "conv2d_groupnorm", "shared_bn_fallback", "encoder_post_norm",
-        "vit_cls_pos", "raw_parameters"]
+        "vit_cls_pos", "raw_parameters", "tied_lm", "shared_positions"]
 
 
 def scaled(loss_fn, scale):
