@@ -19,26 +19,26 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
+import functools
 import math
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import BATCHES, MODELS, build, clip_weights  # noqa: E402
+from engine import BATCHES, MODELS, build, clip_weights, per_sample_losses  # noqa: E402
 
 import gradalign as ga  # noqa: E402
-from gradalign.engine import persample  # noqa: E402
+from gradalign.engine import capture, persample, units  # noqa: E402
 from gradalign.engine.capture import PerSampleGradients  # noqa: E402
+from gradalign.engine.gradient_stats import GradientStats  # noqa: E402
 
 _PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
              "aten::dot", "aten::vdot", "aten::mkldnn_convolution", "aten::convolution_backward",
              "aten::_convolution", "aten::_slow_conv2d_forward", "aten::_scaled_dot_product_flash_attention_for_cpu"}
-_STATS = ("sq_norms", "dots", "dots_with_sum", "sum_sq_norm", "weighted_sum", "sq_sum")
+_UNIT_STATS = ("sq_norms", "add_gram", "sums", "dots", "cosine_terms", "weighted", "sq_sums")
 
 
 def macs(name: str, shapes: list) -> int:
@@ -85,28 +85,49 @@ def counts(events) -> dict:
             "by op": collections.Counter(e.name for e in ops)}
 
 
-def _label(obj, method: str) -> str:
-    route = persample.route(obj, method) if hasattr(persample, "route") else type(obj).__name__
-    return f"{getattr(obj, '_kind', '?')}: {method} [{route}]"
+def _unit_label(unit, method: str) -> str:
+    """'<layer kind>.<param> [route]: method' for a unit of engine/units.py."""
+    if isinstance(unit, units.Layer):
+        rep = unit.rep
+        T = rep.A.shape[2]
+        route = "2-D" if T == 1 else ("ghost" if rep._ghost_is_cheaper() else "materialised")
+        kind = getattr(rep, "_kind", "Factored") + (" + bias" if unit.bias else "")
+        return f"{kind} [{route}]: {method}"
+    if isinstance(unit, units.DenseBlock):
+        return f"small dense parameters ({len(unit.names)}, one block): {method}"
+    return f"{getattr(unit.rep, '_kind', type(unit.rep).__name__)} [{type(unit.rep).__name__}]: {method}"
 
 
 def instrument() -> None:
-    """Wrap the representations' statistics and the engine's phases in profiler labels."""
-    def wrap(cls, method, label):
-        original = getattr(cls, method)
+    """Wrap the engine's phases, each unit's statistics (engine/units.py) and the weighting in
+    profiler labels; time inside a nested label goes to that label (`where`)."""
+    def wrap(owner, name, label):
+        original = getattr(owner, name)
 
-        def wrapped(self, *args, **kwargs):
-            with record_function("ga/" + label(self, method)):
-                return original(self, *args, **kwargs)
-        setattr(cls, method, wrapped)
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            with record_function("ga/" + label(*args)):
+                return original(*args, **kwargs)
+        setattr(owner, name, wrapped)
 
-    for cls in {c for c in vars(persample).values() if isinstance(c, type) and hasattr(c, "sq_norms")}:
-        for method in _STATS:
+    for cls in (units.Layer, units.DenseBlock, units.Single):
+        for method in _UNIT_STATS:
             if method in vars(cls):
-                wrap(cls, method, _label)
-    wrap(PerSampleGradients, "_backward_to_outputs", lambda *_: "backward to the layer outputs")
-    wrap(PerSampleGradients, "_per_sample_grads", lambda *_: "rules (factors from inputs and output gradients)")
-    wrap(PerSampleGradients, "_write_grad", lambda *_: "write p.grad")
+                wrap(cls, method, lambda unit, *_, _m=method: _unit_label(unit, _m))
+    for name, label in (("_backward_to_outputs", "backward to the layer outputs"),
+                        ("_per_sample_grads", "rules (factors from inputs and output gradients)"),
+                        ("_write_grad", "write p.grad")):
+        wrap(PerSampleGradients, name, lambda *_, _l=label: _l)
+    wrap(capture, "_rescale", lambda *_: "loss scale (one power of two per backward)")
+    for name in ("_cosine_terms", "_sq_norms", "cosines"):  # the per-unit terms summed, the ratios formed
+        prop = vars(GradientStats)[name]
+        inner = prop.func
+
+        def func(self, _inner=inner, _name=name):
+            with record_function(f"ga/statistics: combine units ({_name})"):
+                return _inner(self)
+        prop.func = func
+    wrap(ga.GASW, "__call__", lambda *_: "GASW weights from the cosines")
     # the layer kind that produced each representation: set by the rule wrappers below
     from gradalign.engine import rules as rules_pkg
     registry = rules_pkg.default_registry
@@ -114,7 +135,9 @@ def instrument() -> None:
     def tagged_registry():
         reg = registry()
         for module_type, rule in list(reg._rules.items()):
-            def compute(module, args, grad_output, _compute=rule.compute, _kind=module_type.__name__):
+            kind = module_type.__name__ if isinstance(module_type, type) else module_type.rsplit(".", 1)[-1]
+
+            def compute(module, args, grad_output, _compute=rule.compute, _kind=kind):
                 out = _compute(module, args, grad_output)
                 for name, g in out.items():
                     tag = f"{_kind}.{name.split('.')[-1]}"
@@ -127,19 +150,22 @@ def instrument() -> None:
                 return out
             reg._rules[module_type] = type(rule)(**{**rule.__dict__, "compute": compute})
         return reg
-    import gradalign.engine.capture as capture
     capture.default_registry = tagged_registry
 
 
 def make_step(kind: str, B: int, variant: str):
     torch.manual_seed(0)
     model, shape = build(kind)
-    x, y = torch.randn(B, *shape), torch.randint(0, 10, (B,))
+    if kind == "gpt2":  # token ids, the targets the same ids (shifted inside the loss)
+        x = torch.randint(0, 1000, (B, *shape))
+        y = x
+    else:
+        x, y = torch.randn(B, *shape), torch.randint(0, 10, (B,))
     if variant == "plain":
         def step():
             model.zero_grad(set_to_none=True)
             with record_function("ga/model forward"):
-                loss = F.cross_entropy(model(x), y)
+                loss = per_sample_losses(kind, model(x), y).mean()
             with record_function("ga/plain backward"):
                 loss.backward()
         return step
@@ -152,7 +178,7 @@ def make_step(kind: str, B: int, variant: str):
     def step():
         model.zero_grad(set_to_none=True)
         with record_function("ga/model forward"):
-            losses = F.cross_entropy(model(x), y, reduction="none")
+            losses = per_sample_losses(kind, model(x), y)
         read(engine, losses)
     return step
 

@@ -18,9 +18,10 @@ from layer_models import LAYER_ARCHITECTURES
 ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}
 # every kind of representation: Linear on features (Gram and factor routes) and on tokens,
 # Embedding, LayerNorm, Conv with GroupNorm, the torch.func fallback, attention, raw parameters,
-# a tied Embedding + Linear matrix (Summed, its S from autograd), position embeddings shared by all samples
+# a tied Embedding + Linear matrix (Summed, its S from autograd), position embeddings shared by all samples,
+# layers over many positions whose cosine terms come from per-sample gradients formed once
 SOME = ["seed_mlp", "residual_mlp", "sequence", "conv2d_groupnorm", "shared_bn_fallback", "encoder_post_norm",
-        "vit_cls_pos", "raw_parameters", "tied_lm", "shared_positions"]
+        "vit_cls_pos", "raw_parameters", "tied_lm", "shared_positions", "many_positions"]
 
 
 def scaled(loss_fn, scale):

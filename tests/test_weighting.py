@@ -64,8 +64,9 @@ def test_entropy():
 
 
 # At B = 48 the seed MLP's 40x256 and 256x256 layers take the Gram route (the residual MLP's do
-# not: its 32x48 and 48x48 layers take it only below B = 39 and 48), and leave-one-out reads <g_i, gbar> before |g_i|^2: the norms come from the Gram diagonal.
-@pytest.mark.parametrize("arch", ["residual_mlp", "seed_mlp"])
+# not: its 32x48 and 48x48 layers take it only below B = 39 and 48; many_positions forms its
+# per-sample gradients once for the cosine terms), and leave-one-out reads <g_i, gbar> before |g_i|^2: the norms come from the Gram diagonal.
+@pytest.mark.parametrize("arch", ["residual_mlp", "seed_mlp", "many_positions"])
 @pytest.mark.parametrize("method", [ga.GASW, ga.GDSW])
 @pytest.mark.parametrize("leave_one_out", [False, True])
 def test_weighted_update_matches_torch_func(method, leave_one_out, arch):

@@ -46,7 +46,7 @@ class _Call:
     finish: Callable[[list], dict]
     grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
     generation: int = 0        # which forward of the model recorded it
-    gram: bool = False         # its cosines come from the Gram matrix (Rule.gram_route)
+    own_cosines: bool = False  # its cosine terms come without S (Rule.own_cosines)
     full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
     watched: bool = False      # served through a watch (engine/watch.py): its S is not asked of autograd
 
@@ -358,9 +358,9 @@ class PerSampleGradients:
                 return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
             return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
 
-        gram = bool(rule.gram_route and rule.gram_route(module, captured))
+        own_cosines = bool(rule.own_cosines and rule.own_cosines(module, captured))
         full = outputs[live[0]].dtype in (torch.float32, torch.float64)
-        self._append(hooked, _Call(path, batch, edges, finish, gram=gram, full=full))
+        self._append(hooked, _Call(path, batch, edges, finish, own_cosines=own_cosines, full=full))
 
     def _append(self, hooked: _Hooked, call: _Call) -> None:
         """Keep a record; drop those of forwards older than the last `max_pending_forwards`."""
@@ -459,12 +459,14 @@ class PerSampleGradients:
         each layer's output gradient is still in cache (the plain step's weight-gradient
         products), because this backward will use S: for p.grad = S / B (no weights), and for
         the cosines of a weighting that declares it reads them (`needs`, e.g. GASW), on the
-        layers whose cosines come from S rather than from the Gram matrix (`Rule.gram_route`).
+        layers whose cosine terms come from S (not from the Gram matrix or the per-sample
+        gradients formed once: `Rule.own_cosines`).
         Not for a parameter with a watched use (a raw parameter, a module called without the
         batch: their per-sample gradients are mapped after the backward), nor with a use that ran
         in bfloat16 or float16 (there S is formed in float32 from the upcast factors, more
-        precisely than autograd's low-precision product). A tied parameter (several modules, or
-        one module called twice) never takes the Gram route, so its S is wanted with the cosines."""
+        precisely than autograd's low-precision product). For a parameter with several uses (tied,
+        or one module called twice) no single call's route describes the combined representation,
+        so its S is wanted with the cosines."""
         cosines = "cosines" in getattr(weights, "needs", ())
         if not (cosines or (weights is None and write_grad)):
             return []
@@ -481,8 +483,8 @@ class PerSampleGradients:
                 continue
             if weights is not None and self.process_group is None and len(calls) == 1:
                 (local, call), = calls
-                if call.gram and local in self._hooked[call.path].rule.gram_params:
-                    continue  # its cosines come from the Gram matrix
+                if call.own_cosines and local in self._hooked[call.path].rule.own_cosine_params:
+                    continue  # its cosine terms come without S
             wanted.append(n)
         return wanted
 

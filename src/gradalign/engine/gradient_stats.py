@@ -246,19 +246,19 @@ class GradientStats:
     @cached_property
     @_full_precision
     def _cosine_terms(self) -> tuple[Tensor, Tensor]:
-        """((B,) <g_i, S>, () |S|^2), both / scale^2. Without a process group, each layer takes
-        the cheaper of its Gram matrix (summed over layers into one (B, B) K) and S with the
-        factors; with one, S is global, so <g_i, S> comes from the factors (the Gram matrix
-        only pairs this rank's samples)."""
+        """((B,) <g_i, S>, () |S|^2), both / scale^2. Each layer takes the cheapest of its Gram
+        matrix (summed over layers into one (B, B) K), S with the factors, and its per-sample
+        gradients formed once (units.Layer); with a process group S is global, so the Gram
+        matrix, which only pairs this rank's samples, is not used."""
         dots, squares, scalars = [], [], []
         if self.process_group is not None:
             reduced = self.grad_sum
             inv = None if self._scale is None else 1.0 / self._scale
             local = dict(zip(reduced, reduced.values() if inv is None else torch._foreach_mul(list(reduced.values()), inv)))
             for u in self._units:
-                refs = [local[n] for n in u.names]
-                dots.append(u.dots(refs))
-                squares += refs
+                d, s = u.cosine_terms([local[n] for n in u.names])
+                dots.append(d)
+                (squares.extend if isinstance(s, list) else scalars.append)(s)
         else:
             K, gram_units = None, []
             for u in self._units:
@@ -266,11 +266,8 @@ class GradientStats:
                 if u.gram_is_cheaper(refs is not None):
                     K = u.add_gram(K)
                     gram_units.append(u)
-                elif refs is not None:
-                    dots.append(u.dots(refs))
-                    squares += refs
                 else:
-                    d, s = u.cosine_terms()
+                    d, s = u.cosine_terms(refs)
                     dots.append(d)
                     (squares.extend if isinstance(s, list) else scalars.append)(s)
             if K is not None:

@@ -65,11 +65,34 @@ def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
     return T * (n_in + n_out) <= n_in * n_out
 
 
-def gram_is_cheaper(B: int, n_in: int, n_out: int, have_sum: bool) -> bool:
-    """For one position (T = 1): the (B, B) Gram matrix costs B^2 (n_in + n_out) multiply-adds;
-    the factor route costs D S (B n_in n_out), plus forming S unless it exists already (the
-    full cost of what is asked: with S given, one product; without, two)."""
-    return B * (n_in + n_out) < n_in * n_out * (1 if have_sum else 2)
+# Per-sample gradients formed for the cosine terms: a cache-sized chunk at a time (this many
+# numbers), or a whole layer at once for its Gram matrix (at most this many numbers, and at most
+# twice its factors); a pass over them costs about as much as _PASS_COST multiply-adds per number
+# (measured on a CPU).
+_CACHE_ELEMENTS = 1 << 17
+_FORMED_ELEMENTS = 1 << 22
+_PASS_COST = 4
+
+
+def cosine_route(B: int, G: int, T: int, n_in: int, n_out: int, have_sum: bool) -> str:
+    """The cheapest route to a Factored layer's |g_i|^2, <g_i, S> and |S|^2. Multiply-adds per
+    sample and group, n = n_in n_out, S costing T n unless given:
+      'gram'         T = 1: the (B, B) Gram matrix from the factors, B (n_in + n_out); T > 1: the
+                     per-sample gradients formed (T n) for their Gram matrix (B n), where they fit.
+                     Needs no S.
+      'factors'      S; norms from the ghost or chunked route, min(T^2 (n_in + n_out), T n); and
+                     d S a^T, T n.
+      'materialise'  S; the per-sample gradients formed a cache-sized chunk at a time (T n), each
+                     chunk passed over twice, for its norms and its dots with S."""
+    n = n_in * n_out
+    S = 0 if have_sum else T * n
+    if T == 1:
+        return "gram" if B * (n_in + n_out) < S + n else "factors"
+    costs = {"factors": S + T * n + min(T * T * (n_in + n_out), T * n),
+             "materialise": S + T * n + 2 * _PASS_COST * n}
+    if B * G * n <= _FORMED_ELEMENTS and n <= 2 * T * (n_in + n_out):
+        costs["gram"] = T * n + B * n + _PASS_COST * n
+    return min(costs, key=costs.get)
 
 
 def _sq_norm(t: Tensor) -> Tensor:
@@ -166,14 +189,14 @@ class Factored:
 
     # ------------------------------------------------------------ routes
 
-    def gram_is_cheaper(self, have_sum: bool) -> bool:
-        """Whether <g_i, S> and |S|^2 are cheaper from the Gram matrix than from the factors."""
+    def cosine_route(self, have_sum: bool) -> str:
+        """'gram', 'factors' or 'materialise': the cheapest route to |g_i|^2, <g_i, S> and |S|^2."""
         B, G, T, n_in = self.A.shape
-        return T == 1 and gram_is_cheaper(B, n_in, self.D.shape[3], have_sum)
+        return cosine_route(B, G, T, n_in, self.D.shape[3], have_sum)
 
     def uses_gram(self) -> bool:
         """Whether `dots_with_sum` and `sum_sq_norm` (the per-parameter interface) use the Gram matrix."""
-        return self.gram_is_cheaper(have_sum=False)
+        return self.cosine_route(have_sum=False) == "gram"
 
     @cached_property
     def gram(self) -> Tensor:
@@ -182,7 +205,16 @@ class Factored:
 
     def add_gram(self, K: Tensor | None, bias: bool = False) -> Tensor:
         """K + this parameter's (B, B) Gram matrix (with bias=True, of the weight and its bias:
-        (a_i.a_j + 1)(d_i.d_j)), T = 1; K is updated in place (None: a new matrix)."""
+        (a_i.a_j + 1)(d_i.d_j) for T = 1); K is updated in place (None: a new matrix). For T > 1
+        from the per-sample gradients formed at once, (B, G n_out n_in)."""
+        B, G, T, _ = self.A.shape
+        if T > 1:
+            g = self._formed(self.A, self.D).reshape(B, -1)
+            K = g @ g.T if K is None else K.addmm_(g, g.T)
+            if bias:
+                b = self.D.sum(2).reshape(B, -1)
+                K.addmm_(b, b.T)
+            return K
         flat = self._flat
         if flat is not None:
             a, d = flat
@@ -194,6 +226,43 @@ class Factored:
         aa = torch.baddbmm(_one(a), a, a.transpose(1, 2)) if bias else a @ a.transpose(1, 2)
         term = (aa.mul_(d @ d.transpose(1, 2))).sum(0)
         return term if K is None else K.add_(term)
+
+    @staticmethod
+    def _formed(A: Tensor, D: Tensor, out: Tensor | None = None) -> Tensor:
+        """The per-sample gradients of factors A, D (b samples), (b, G n_out n_in), in `out` if given."""
+        b, G, _, n_in = A.shape
+        n_out = D.shape[3]
+        if G == 1:
+            shaped = None if out is None else out.view(b, n_out, n_in)
+            return torch.bmm(D[:, 0].transpose(1, 2), A[:, 0], out=shaped).view(b, -1)
+        g = torch.einsum("bgto,bgti->bgoi", D, A).reshape(b, -1)
+        return g if out is None else out.copy_(g)
+
+    def cosine_terms(self, bias: bool, S: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(|g_i|^2, <g_i, S>) for S = [S_W(, S_b)], from the per-sample gradients formed a
+        cache-sized chunk of samples at a time (the 'materialise' route): one product per chunk,
+        then its norms and its products with S while it is in cache; the bias (when `bias`)
+        from its own (B, G n_out) gradients sum_t d_it."""
+        B, G, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
+        n = G * n_out * n_in
+        R = S[0].reshape(-1)
+        R = R if R.dtype == self.A.dtype else R.to(self.A.dtype)
+        step = max(1, _CACHE_ELEMENTS // n)
+        buffer = self.A.new_empty(min(step, B), n)
+        norms, dots = self.A.new_empty(B), self.A.new_empty(B)
+        for start in range(0, B, step):
+            a, d = self.A[start:start + step], self.D[start:start + step]
+            g = self._formed(a, d, out=buffer[:a.shape[0]])
+            torch.linalg.vector_norm(g, dim=1, out=norms[start:start + step])
+            torch.mv(g, R, out=dots[start:start + step])
+        sq = norms.square_()
+        if bias:
+            b = self.D.sum(2).reshape(B, -1)
+            Rb = S[1].reshape(-1).to(b.dtype)
+            sq = sq.add_(torch.linalg.vecdot(b, b))
+            dots = dots.add_(b @ Rb)
+        return sq, dots
 
     def _materialised_chunks(self):
         """Yield (start, (b, G, n_out, n_in)) chunks of the per-sample gradients."""

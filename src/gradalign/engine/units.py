@@ -3,10 +3,11 @@ operator calls: `plan(per_sample)` returns units, each serving one or more param
 
     Layer       a Factored weight, with the bias of the same map when both are trainable (the
                 bias a column of ones in A: one product serves both). Its <g_i, S> and |S|^2
-                come from the (B, B) Gram matrix or from S and the factors, whichever is cheaper
-                for what is asked (`Factored.gram_is_cheaper`); the Gram matrices of every Layer
-                on that route are summed into ONE (B, B) matrix, whose diagonal then also gives
-                those layers' |g_i|^2.
+                come from the (B, B) Gram matrix, from S and the factors, or from S and the
+                per-sample gradients formed a chunk at a time, whichever is cheapest for what
+                is asked (`persample.cosine_route`); the Gram matrices of every Layer on that
+                route are summed into ONE (B, B) matrix, whose diagonal then also gives those
+                layers' |g_i|^2, and a layer on the last route keeps its |g_i|^2 from that pass.
     DenseBlock  every small Dense parameter (normalisation affines, unpaired biases) of one
                 dtype, concatenated once into (B, P): each statistic is then one product or
                 reduction for all of them, not one per parameter.
@@ -14,9 +15,9 @@ operator calls: `plan(per_sample)` returns units, each serving one or more param
                 representations), through the per-parameter interface of persample.py.
 
 Every unit answers, for its parameters in the order of `names`:
-    sq_norms() (B,); sums() [S]; dots(refs) (B,) <g_i, R>; cosine_terms() ((B,) <g_i, S>,
-    [tensors whose squared norms add up to |S|^2] or a 0-d |S|^2); weighted(w) [sum_i w_i g_i];
-    sq_sums() [sum_i g_i**2].
+    sq_norms() (B,); sums() [S]; dots(refs) (B,) <g_i, R>; cosine_terms(refs) ((B,) <g_i, S>,
+    [tensors whose squared norms add up to |S|^2] or a 0-d |S|^2; refs: S where it exists, else
+    None); weighted(w) [sum_i w_i g_i]; sq_sums() [sum_i g_i**2].
 `sums()` is cached, so S is formed at most once per unit (for the factor route, the mean
 gradient and p.grad alike).
 """
@@ -39,12 +40,13 @@ class Layer:
 
     def __init__(self, names: tuple[str, ...], rep: Factored):
         self.names, self.rep, self.bias = names, rep, len(names) == 2
+        self._sq: Tensor | None = None  # |g_i|^2 where cosine_terms formed the gradients
 
     def sq_norms(self) -> Tensor:
-        return self.rep.sq_norms(self.bias)
+        return self.rep.sq_norms(self.bias) if self._sq is None else self._sq
 
     def gram_is_cheaper(self, have_sum: bool) -> bool:
-        return self.rep.gram_is_cheaper(have_sum)
+        return self.rep.cosine_route(have_sum) == "gram"
 
     def add_gram(self, K: Tensor | None) -> Tensor:
         return self.rep.add_gram(K, self.bias)
@@ -60,8 +62,11 @@ class Layer:
     def dots(self, refs: list[Tensor]) -> Tensor:
         return self.rep.dots(refs[0], refs[1] if self.bias else None)
 
-    def cosine_terms(self) -> tuple[Tensor, list[Tensor]]:
-        S = self.sums()
+    def cosine_terms(self, refs: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
+        S = self.sums() if refs is None else refs
+        if self.rep.cosine_route(refs is not None) == "materialise":  # and |g_i|^2 from the same pass
+            self._sq, dots = self.rep.cosine_terms(self.bias, S)
+            return dots, S
         return self.dots(S), S
 
     def weighted(self, w: Tensor | None) -> list[Tensor]:
@@ -119,8 +124,8 @@ class DenseBlock:
     def dots(self, refs: list[Tensor]) -> Tensor:
         return self.X @ self._flat(refs)
 
-    def cosine_terms(self) -> tuple[Tensor, Tensor]:
-        S = self._sum
+    def cosine_terms(self, refs: list[Tensor] | None) -> tuple[Tensor, Tensor]:
+        S = self._sum if refs is None else self._flat(refs)
         return self.X @ S, S.dot(S)
 
     def weighted(self, w: Tensor | None) -> list[Tensor]:
@@ -154,7 +159,9 @@ class Single:
     def dots(self, refs: list[Tensor]) -> Tensor:
         return self.rep.dots(refs[0])
 
-    def cosine_terms(self) -> tuple[Tensor, Tensor]:
+    def cosine_terms(self, refs: list[Tensor] | None) -> tuple[Tensor, Tensor | list[Tensor]]:
+        if refs is not None:
+            return self.rep.dots(refs[0]), refs
         total = lambda: self.sums()[0]  # noqa: E731 - formed only if the representation needs S
         return self.rep.dots_with_sum(total), self.rep.sum_sq_norm(total)
 

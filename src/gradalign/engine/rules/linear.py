@@ -5,7 +5,7 @@ bias is a column of ones in a, so it is served by the weight's factors (persampl
 """
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Factored, gram_is_cheaper
+from gradalign.engine.persample import Factored, cosine_route
 
 
 def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
@@ -18,10 +18,11 @@ def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
     return grads
 
 
-def linear_gram_route(module: nn.Linear, args: tuple) -> bool:
-    """Whether the cosines of a (B, in) call are cheaper from the Gram matrix than from S and
-    the factors, S counted as one more product (it is not otherwise needed)."""
+def linear_own_cosines(module: nn.Linear, args: tuple) -> bool:
+    """Whether the cosine terms of this call come from a Gram matrix, without S
+    (`persample.cosine_route`, S counted as one more product: it is not otherwise needed)."""
     a = args[0]
-    if not isinstance(a, Tensor) or a.dim() != 2:
+    if not isinstance(a, Tensor) or a.dim() < 2 or a.numel() == 0:
         return False
-    return gram_is_cheaper(a.shape[0], module.in_features, module.out_features, have_sum=False)
+    T = a.numel() // (a.shape[0] * a.shape[-1])
+    return cosine_route(a.shape[0], 1, T, module.in_features, module.out_features, have_sum=False) == "gram"
