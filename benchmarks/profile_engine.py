@@ -118,7 +118,7 @@ def instrument() -> None:
                         ("_per_sample_grads", "rules (factors from inputs and output gradients)"),
                         ("_write_grad", "write p.grad")):
         wrap(PerSampleGradients, name, lambda *_, _l=label: _l)
-    wrap(capture, "_rescale", lambda *_: "loss scale (one power of two per backward)")
+    wrap(capture, "rescale", lambda *_: "loss scale (one power of two per backward)")
     for name in ("_cosine_terms", "_sq_norms", "cosines"):  # the per-unit terms summed, the ratios formed
         prop = vars(GradientStats)[name]
         inner = prop.func

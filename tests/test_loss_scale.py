@@ -2,7 +2,7 @@
 same cosines and the same GASW weights, although |g_i|^2 (1e40, 1e-60) does not fit float32.
 
 The engine divides the output gradients of one backward by one power of two near their largest
-magnitude (capture._rescale) before any square is formed; these tests compare against a float64
+magnitude (engine/scale.py) before any square is formed; these tests compare against a float64
 reference of the same scaled losses, and against the unscaled engine."""
 import copy
 
@@ -11,7 +11,7 @@ import torch
 
 import gradalign as ga
 from engine_models import ARCHITECTURES
-from gradalign.engine import capture
+from gradalign.engine import scale as scale_module
 from gradalign.engine.reference import statistics_of
 from layer_models import LAYER_ARCHITECTURES
 
@@ -79,7 +79,7 @@ def test_gasw_does_not_fall_back_and_leave_one_out_agrees(scale):
 @pytest.mark.parametrize("arch", sorted(ALL))
 def test_the_scaled_path_matches_torch_func_on_every_architecture(arch, monkeypatch):
     # on the CPU the multiply pass is skipped when it is not needed: force it everywhere
-    monkeypatch.setattr(capture, "_SAFE_EXPONENT", -1000)
+    monkeypatch.setattr(scale_module, "_SAFE_EXPONENT", -1000)
     from test_engine import compare_all
     torch.manual_seed(0)
     model, make_batch, loss_fn = ALL[arch]()
@@ -87,7 +87,7 @@ def test_the_scaled_path_matches_torch_func_on_every_architecture(arch, monkeypa
 
 
 def test_the_scale_is_a_power_of_two_above_the_largest_output_gradient(monkeypatch):
-    monkeypatch.setattr(capture, "_SAFE_EXPONENT", -1000)
+    monkeypatch.setattr(scale_module, "_SAFE_EXPONENT", -1000)
     torch.manual_seed(0)
     model, make_batch, loss_fn = ALL["seed_mlp"]()
     x, y = make_batch(8, torch.Generator().manual_seed(0))

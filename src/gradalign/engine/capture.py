@@ -26,8 +26,9 @@ from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
+from gradalign.engine.scale import rescale
 from gradalign.engine.summed import combine
-from gradalign.engine.validate import Served, survey
+from gradalign.engine.validate import Served, survey, verify, verify_rtol
 from gradalign.engine.watch import Watch, refuse_watched_input, watch_shared_output
 from gradalign.errors import GradAlignError, UnsupportedModuleError
 
@@ -94,55 +95,6 @@ def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
     """The batch contract: B is the size of the batch dim of the first tensor argument."""
     t = _first_tensor(args, kwargs)
     return t.shape[batch_dim] if t is not None and t.dim() > batch_dim else None
-
-
-# Output gradients whose largest magnitude lies in [2^-SAFE, 2^SAFE] are left as they are on the CPU
-# (their squares, summed over up to 2^40 numbers, stay far inside float32's range).
-_SAFE_EXPONENT = 32
-
-
-def _rescale(calls: list[_Call], sums: dict[str, Tensor]) -> Tensor | None:
-    """Divide the output gradients of one backward (every call's `grads`) by one power of two near
-    their largest magnitude, and return it (a 0-d float32 tensor, on their device; no host read).
-
-    Every per-sample gradient is linear in these gradients, so the representations then hold
-    g_i / scale, and the squares the statistics form (|a|^2 |d|^2, Gram products, |S|^2) stay
-    far from float32's overflow (|g_i| > 1.8e19) and underflow (|g_i| < 1e-19) although |g_i|
-    itself fits: losses scaled by 1e20 or 1e-30 give the same cosines. A power of two changes
-    no rounding. Cost: one min/max pass over the gradients, and one multiply pass where the
-    scaling is needed (always on an accelerator, which must not wait for the host to decide).
-    None (no scaling) when a gradient is float16 (its range cannot need it, and scaling could
-    push its small values below float16's normal range) or float64, or, on the CPU, when the
-    largest magnitude is within 2^-32 .. 2^32.
-    """
-    grads = [g for c in calls for g in (c.grads or ()) if g is not None]
-    if not grads or any(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
-        return None
-    # |x| = mantissa * 2^exponent, mantissa in [0.5, 1) (exponent 0 for 0, inf and nan): the
-    # largest exponent of every gradient's min and max gives a scale above the largest |x|
-    _, exponents = torch.frexp(torch.stack([m for g in grads for m in g.aminmax()]))
-    exponent = exponents.amax()
-    if grads[0].device.type == "cpu" and -_SAFE_EXPONENT <= int(exponent) <= _SAFE_EXPONENT:
-        return None  # on the CPU a host read is free: skip the multiply pass when squares are safe anyway
-    scale = torch.exp2(exponent.clamp(-126, 126))  # an int exponent: float32, exact
-    # in place where that is safe (a tensor owning its storage, seen once, not autograd's S for some
-    # parameter); out of place for views (an expanded seed, a view of another gradient) and those,
-    # and first, before any storage they share changes
-    owned, views, seen = [], [], set()
-    keep = {id(t) for s in sums.values() for t in (s, s._base) if t is not None}
-    for g in grads:
-        if id(g) in seen:
-            continue
-        seen.add(id(g))
-        (owned if g._base is None and g.is_contiguous() and id(g) not in keep else views).append(g)
-    scaled = dict(zip(map(id, views), torch._foreach_div(views, scale))) if views else {}
-    if owned:
-        torch._foreach_div_(owned, scale)
-    if scaled:
-        for c in calls:
-            if c.grads:
-                c.grads = [None if g is None else scaled.get(id(g), g) for g in c.grads]
-    return scale
 
 
 class PerSampleGradients:
@@ -430,14 +382,14 @@ class PerSampleGradients:
             with full_precision(losses.device):  # backward and rules in float32, also inside autocast
                 wanted = self._sums_wanted(weights, write_grad, params)
                 sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
-                rtol = self._verify_rtol()
-                scale = _rescale([c for h in self._hooked.values() for c in h.calls], sums)
+                rtol = verify_rtol([g for h in self._hooked.values() for c in h.calls for g in (c.grads or ())])
+                scale = rescale([c for h in self._hooked.values() for c in h.calls], sums)
                 per_sample = self._per_sample_grads(B, params)
         finally:
             self.clear()
         stats = self._stats(per_sample, B, losses.device, params, scale, sums)
         if self.verify:
-            self._verify(stats, losses, rtol)
+            verify(stats, losses, self._params, rtol)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
         if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
@@ -590,50 +542,6 @@ class PerSampleGradients:
             raise ValueError("weights contain NaN or infinite values")
         w = w.detach() if w.requires_grad else w
         return w if w.device == losses.device and w.dtype == dtype else w.to(device=losses.device, dtype=dtype)
-
-    def _verify_rtol(self) -> float:
-        """Tolerance of `verify`: looser when layers ran in bfloat16 or float16."""
-        dtypes = {g.dtype for h in self._hooked.values() for c in h.calls for g in (c.grads or []) if g is not None}
-        return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
-
-    def _verify(self, stats: GradientStats, losses: Tensor, rtol: float) -> None:
-        """Check the per-sample gradients against autograd, twice: sum_i v_i g_i against the
-        gradient of sum_i v_i l_i for weights v that tell the samples apart (catches a parameter
-        used where no hook sees it, or a gradient given to the wrong sample), and the first
-        sample's and the largest one's squared norm against a backward of that sample's loss
-        alone (catches a module that mixes samples or gets its batch on another dim, e.g. a
-        (T, B, ...) input with T == B)."""
-        B = stats.batch_size
-        v = torch.rand(B, generator=torch.Generator().manual_seed(0)) + 0.5
-        v = v.to(losses.device, torch.promote_types(losses.dtype, torch.float32))
-        with full_precision(losses.device):  # the representations hold g_i / scale
-            vs = v * (stats.scale.to(v.dtype) / B)
-            local = {n: g.weighted_sum(vs) for n, g in stats._per_sample.items()}  # this rank's samples
-        names = list(local)
-        params = [self._params[n] for n in names]
-        expected = torch.autograd.grad((losses * v.to(losses.dtype)).sum() / B, params, allow_unused=True,
-                                       retain_graph=True)
-        for name, mine, exp in zip(names, local.values(), expected):
-            exp = torch.zeros_like(mine) if exp is None else exp.to(mine.dtype)
-            if not torch.allclose(mine, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
-                raise UnsupportedModuleError(
-                    f"per-sample gradients of {name} do not add up to autograd's gradient: the parameter is "
-                    "used outside its module's forward, a module mixes samples, or a module's input has the "
-                    "batch size on its batch dim without carrying the batch (declare such a module with "
-                    "RuleRegistry.register_shared)")
-        norms = stats.norms.double()  # not sq_norms: |g_i|^2 may overflow float32 where |g_i| does not
-        samples = sorted({0, int(norms.argmax())})
-        for k, i in enumerate(samples):
-            own = torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=k + 1 < len(samples))
-            exact = sum(g.double().square().sum() for g in own if g is not None)
-            got = norms[i].square()
-            if not torch.isclose(got, torch.as_tensor(float(exact), dtype=torch.float64), rtol=10 * rtol,
-                                 atol=rtol * float(norms.max().square())):
-                raise UnsupportedModuleError(
-                    f"the per-sample gradient of sample {i} has |g|^2 = {float(got):.6g}, but a backward of its "
-                    f"loss alone gives {float(exact):.6g}: a module mixes the samples of a batch, or a layer got "
-                    "its batch on another dim than the one the engine uses (the batch must be dim 0 of every "
-                    "hooked module's input, dim 1 inside an nn.Transformer* with batch_first=False)")
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before the engine was created."""
