@@ -63,13 +63,18 @@ class _CosineWeighting:
         cosines = leave_one_out_cosines(stats) if self.leave_one_out else stats.cosines
         raw = self._raw(cosines)
         total = raw.sum() if reduce is None else reduce(raw.sum())
-        # raw >= 0, so a finite (global) total means every rank's raw weights are finite; the
-        # choice stays on the device: no host read per step. |S|^2 over the statistics' scale
-        # rather than |gbar|^2, which underflows to 0 for tiny (e.g. loss-scaled) gradients
+        # raw >= 0, so a finite (global) total means every rank's raw weights are finite. |S|^2
+        # over the statistics' scale rather than |gbar|^2, which underflows to 0 for tiny (e.g.
+        # loss-scaled) gradients
         scaled = getattr(stats, "scaled_sums", None)
-        nonzero = (scaled()[2] if scaled is not None else stats.mean_grad_sq_norm) > 0
-        usable = torch.isfinite(total) & (total > 0) & nonzero
-        weights = torch.where(usable, raw * (B / total), 1.0)  # (B / total is masked where unusable)
+        sum_sq = scaled()[2] if scaled is not None else stats.mean_grad_sq_norm
+        if total.device.type == "cpu":  # a host read is free: decide here, in fewer operator calls
+            t = float(total)
+            usable = math.isfinite(t) and t > 0 and float(sum_sq) > 0
+            weights = raw * (B / t) if usable else torch.ones_like(raw)
+        else:  # on the device: no host read per step
+            usable = torch.isfinite(total) & (total > 0) & (sum_sq > 0)
+            weights = torch.where(usable, raw * (B / total), 1.0)  # (B / total is masked where unusable)
         self._usable = self._usable + usable
         self.last_weights = weights
         return weights
