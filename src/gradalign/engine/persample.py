@@ -52,11 +52,12 @@ def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
 
 # Per-sample gradients formed for the cosine terms: a cache-sized chunk at a time (this many
 # numbers), or a whole layer at once for its Gram matrix (at most this many numbers, and at most
-# twice its factors); a pass over them costs about as much as _PASS_COST multiply-adds per number
-# (measured on a CPU).
+# twice its factors); a pass over a cache-hot chunk costs about as much as _PASS_COST multiply-adds
+# per number (set from benchmarks/engine.py on a CPU: vit_linear's GASW step is ~5% faster with the
+# chunked route than with the factors, which a cost of 4 would choose).
 _CACHE_ELEMENTS = 1 << 17
 _FORMED_ELEMENTS = 1 << 22
-_PASS_COST = 4
+_PASS_COST = 2
 
 
 def cosine_route(B: int, G: int, T: int, n_in: int, n_out: int, have_sum: bool) -> str:
