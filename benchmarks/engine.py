@@ -29,8 +29,9 @@ Variants, each on its own copy of the model (same weights, same batch):
   vmap gasw    torch.func vmap(grad) per-sample gradients, then the GASW statistics and p.grad
   opacus gasw  Opacus GradSampleModule grad_sample, then the same (when opacus is installed)
   backpack gasw BackPACK BatchGrad, then the same (when backpack is installed)
-Memory: extra peak memory of one step in a fresh process (CPU: peak RSS growth; CUDA:
-max_memory_allocated), as a ratio to the plain step.
+Memory: extra peak memory of one step in a fresh process (the largest rise of the memory held by
+tensors within the step: CPU from torch.profiler's allocation records, CUDA max_memory_allocated),
+as a ratio to the plain step.
 """
 from __future__ import annotations
 

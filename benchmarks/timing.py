@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: interleaved timing with medians, peak memory, a plain table.
+"""Shared benchmark helpers: interleaved timing with medians, peak tensor memory, a plain table.
 
 The machines are noisy, so every variant is timed in the same process, interleaved round
 by round, and reported as the median and the ratio of medians to the plain step.
@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,54 +43,41 @@ def time_variants(variants: dict[str, Callable[[], None]], *, rounds: int, warmu
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _status_kb(field: str) -> int | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in kB, None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
+    """Extra memory one step needs at its peak, in MB: the largest rise of the memory held by
+    tensors above its lowest point before it within the step (after the step's own zero_grad
+    has freed the previous gradients).
 
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_mb(step: Callable[[], None], device: torch.device, steps: int = 3) -> float:
-    """Extra memory one step needs at its peak, in MB.
-
-    CUDA: torch.cuda.max_memory_allocated above what was allocated before the step.
-    CPU on Linux: the peak resident set (VmHWM, its mark reset just before) above the
-    resident set before the steps. Elsewhere: growth of getrusage's max RSS, meaningful only
-    in a fresh process that ran nothing bigger before (see `memory_in_subprocess`); note
-    that a child process inherits its parent's value, which is why Linux avoids it.
-    """
+    CUDA: torch.cuda.max_memory_allocated above what was allocated before the step. CPU: every
+    tensor allocation and free of the step, recorded by torch.profiler (profile_memory=True),
+    replayed in order; one step runs first inside the recording so that its tensors' frees are
+    known. Exact and independent of the machine's load (the resident set size is not: the C
+    allocator keeps freed memory)."""
     gc.collect()
+    step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps):
-            step()
+        step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if _reset_peak_rss() and _status_kb("VmHWM") is not None:
-        before, peak = _status_kb("VmRSS"), lambda: _status_kb("VmHWM")
-    else:
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-        before = peak()
-    for _ in range(steps):
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    return (peak() - before) / 1024
+        with record_function("measured step"):
+            step()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    start = next(e for e in events if e.name == "measured step").time_range.start
+    held, lowest, rise = 0, None, 0
+    for e in events:
+        if lowest is None and e.time_range.start >= start:
+            lowest = held
+        held += e.self_cpu_memory_usage
+        if lowest is not None:
+            lowest = min(lowest, held)
+            rise = max(rise, held - lowest)
+    return rise / 2**20
 
 
 def memory_in_subprocess(script: str, args: list[str]) -> float:

@@ -380,7 +380,7 @@ class PerSampleGradients:
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
             with full_precision(losses.device):  # backward and rules in float32, also inside autocast
-                wanted = self._sums_wanted(weights, write_grad, params)
+                wanted = self._sums_wanted(weights, params)
                 sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
                 rtol = verify_rtol([g for h in self._hooked.values() for c in h.calls for g in (c.grads or ())])
                 scale = rescale([c for h in self._hooked.values() for c in h.calls], sums)
@@ -406,21 +406,20 @@ class PerSampleGradients:
         return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes,
                              scale=scale, sums=sums)
 
-    def _sums_wanted(self, weights: Weights, write_grad: bool, params: dict[str, nn.Parameter]) -> list[str]:
+    def _sums_wanted(self, weights: Weights, params: dict[str, nn.Parameter]) -> list[str]:
         """Parameters whose gradient sum S autograd should form in the backward itself, where
         each layer's output gradient is still in cache (the plain step's weight-gradient
-        products), because this backward will use S: for p.grad = S / B (no weights), and for
-        the cosines of a weighting that declares it reads them (`needs`, e.g. GASW), on the
-        layers whose cosine terms come from S (not from the Gram matrix or the per-sample
-        gradients formed once: `Rule.own_cosines`).
+        products): for the cosines of a weighting that declares it reads them (`needs`, e.g.
+        GASW), on the layers whose cosine terms come from S (not from a Gram matrix:
+        `Rule.own_cosines`). p.grad itself always comes from the factors (for the plain mean,
+        with every weight 1/B), as a fresh tensor: no second parameter-sized copy.
         Not for a parameter with a watched use (a raw parameter, a module called without the
         batch: their per-sample gradients are mapped after the backward), nor with a use that ran
         in bfloat16 or float16 (there S is formed in float32 from the upcast factors, more
         precisely than autograd's low-precision product). For a parameter with several uses (tied,
         or one module called twice) no single call's route describes the combined representation,
         so its S is wanted with the cosines."""
-        cosines = "cosines" in getattr(weights, "needs", ())
-        if not (cosines or (weights is None and write_grad)):
+        if "cosines" not in getattr(weights, "needs", ()):
             return []
         uses: dict[str, list[tuple[str, _Call]]] = {}  # name -> (local name, call) for every use
         blocked = set()
@@ -433,7 +432,7 @@ class PerSampleGradients:
         for n, calls in uses.items():
             if n not in params or n in blocked or any(c.watched or not c.full for _, c in calls):
                 continue
-            if weights is not None and self.process_group is None and len(calls) == 1:
+            if self.process_group is None and len(calls) == 1:
                 (local, call), = calls
                 if call.own_cosines and local in self._hooked[call.path].rule.own_cosine_params:
                     continue  # its cosine terms come without S

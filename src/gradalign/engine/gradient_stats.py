@@ -102,10 +102,10 @@ class GradientStats:
     def _zeros(self) -> Tensor:
         return torch.zeros(self.batch_size, device=self._device, dtype=self.dtype)
 
-    def _by_name(self, per_unit, units: list | None = None) -> dict[str, Tensor]:
-        """{name: tensor} from a function unit -> [tensor per name] (over `units`, default all)."""
+    def _by_name(self, per_unit) -> dict[str, Tensor]:
+        """{name: tensor} from a function unit -> [tensor per name], over every unit."""
         out = {}
-        for unit in self._units if units is None else units:
+        for unit in self._units:
             out.update(zip(unit.names, per_unit(unit)))
         return out
 
@@ -228,18 +228,12 @@ class GradientStats:
         return self._unscaled(self.grad_sum, power=0, divide=self.global_batch_size)
 
     def _mean_update(self) -> dict[str, Tensor]:
-        """Fresh tensors gbar for p.grad (never the cached statistics a caller may hold): S / B
-        where autograd gave S, else the sum with every weight 1/B (the 1/B and the scale then
-        multiply the narrower factor, not a parameter-sized result)."""
+        """Fresh tensors gbar for p.grad (never the cached statistics a caller may hold): the sum
+        with every weight 1/B (the 1/B and the scale then multiply the narrower factor, not a
+        parameter-sized result); with a process group, the global S / B."""
         if self.process_group is not None:
             return dict(zip(self.grad_sum, torch._foreach_div(list(self.grad_sum.values()), self.global_batch_size)))
-        given = [u for u in self._units if all(n in self._given for n in u.names)]
-        out = dict(zip(self._given, torch._foreach_div(list(self._given.values()), self.batch_size))) \
-            if given else {}
-        if len(given) < len(self._units):
-            out.update(self.weighted_sum(None, factor=1.0 / self.batch_size,
-                                         units=[u for u in self._units if not any(u is g for g in given)]))
-        return {n: out[n] for n in self._per_sample}
+        return self.weighted_sum(None, factor=1.0 / self.batch_size)
 
     # ------------------------------------------------------------ <g_i, S>, |S|^2 (scaled)
 
@@ -351,7 +345,7 @@ class GradientStats:
         return total if self._scale is None else total * self._scale
 
     @_full_precision
-    def weighted_sum(self, w: Tensor | None, *, factor: float = 1.0, units: list | None = None) -> dict[str, Tensor]:
+    def weighted_sum(self, w: Tensor | None, *, factor: float = 1.0) -> dict[str, Tensor]:
         """{param name: factor * sum_i w_i g_i} for weights w of shape (B,) (None: all ones).
         With a process group each rank passes its own samples' weights and gets the sum over
         every rank's samples (one all-reduce of P numbers)."""
@@ -362,7 +356,7 @@ class GradientStats:
                  else torch.full((self.batch_size,), factor, device=self._device, dtype=self.dtype))
         elif not (isinstance(factor, float) and factor == 1.0):
             w = w * factor
-        local = self._by_name(lambda u: u.weighted(w), units)
+        local = self._by_name(lambda u: u.weighted(w))
         if self.process_group is None:
             return local
         return self._reduce(local, count=False)[0]
