@@ -29,9 +29,10 @@ Variants, each on its own copy of the model (same weights, same batch):
   vmap gasw    torch.func vmap(grad) per-sample gradients, then the GASW statistics and p.grad
   opacus gasw  Opacus GradSampleModule grad_sample, then the same (when opacus is installed)
   backpack gasw BackPACK BatchGrad, then the same (when backpack is installed)
-Memory: extra peak memory of one step in a fresh process (the largest rise of the memory held by
-tensors within the step: CPU from torch.profiler's allocation records, CUDA max_memory_allocated),
-as a ratio to the plain step.
+Memory: extra peak memory of one step in a fresh process, above the memory held once the previous
+step's gradients are freed (CPU: the largest total size of the tensor storages the step's operators
+create and hold at once, counted by a dispatch mode; CUDA: max_memory_allocated), as a ratio to
+the plain step.
 """
 from __future__ import annotations
 
@@ -249,6 +250,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
     def plain_step():
         plain.zero_grad(set_to_none=True)
         per_sample_losses(kind, plain(x), y).mean().backward()
+    plain_step.params = list(plain.parameters())
     variants["plain"] = plain_step
 
     def engine_step(statistic):
@@ -259,6 +261,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
             model.zero_grad(set_to_none=True)
             losses = per_sample_losses(kind, model(x), y)
             statistic(engine, losses)
+        step.params = list(model.parameters())
         return step
 
     variants["norms"] = engine_step(lambda e, l: e.backward(l).norms)
@@ -269,8 +272,10 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
     vmap_model = copy.deepcopy(base)
     vmap_params = dict(vmap_model.named_parameters())
     loss = functools.partial(per_sample_losses, kind)
-    variants["vmap gasw"] = lambda: gasw_from_materialised(
-        ga.per_sample_gradients(vmap_model, x, y, loss), vmap_params)
+    def vmap_step():
+        gasw_from_materialised(ga.per_sample_gradients(vmap_model, x, y, loss), vmap_params)
+    vmap_step.params = list(vmap_params.values())
+    variants["vmap gasw"] = vmap_step
 
     if importlib.util.find_spec("opacus"):
         from opacus import GradSampleModule
@@ -283,6 +288,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
             gasw_from_materialised({n: p.grad_sample for n, p in op_params.items()}, op_params)
             for p in op_params.values():
                 p.grad_sample = None
+        opacus_step.params = list(op_params.values())
         variants["opacus gasw"] = opacus_step
 
     if importlib.util.find_spec("backpack"):
@@ -297,6 +303,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
             with backpack(BatchGrad()):
                 bp_loss(bp_model(x), y).backward()
             gasw_from_materialised({n: p.grad_batch for n, p in bp_params.items()}, bp_params)
+        backpack_step.params = list(bp_params.values())
         variants["backpack gasw"] = backpack_step
     if only is not None:
         return {only: variants[only]}
@@ -320,7 +327,7 @@ def measure_memory(kind: str, B: int, name: str, device: torch.device) -> float:
     warm = make_variants(kind, 2, device, only=name)[name]
     warm(), warm()
     step = make_variants(kind, B, device, only=name)[name]
-    return peak_memory_mb(step, device)
+    return peak_memory_mb(step, device, lambda: [p.__setattr__("grad", None) for p in step.params])
 
 
 def main() -> None:

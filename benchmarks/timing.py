@@ -12,9 +12,12 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def time_variants(variants: dict[str, Callable[[], None]], *, rounds: int, warmup: int = 3,
@@ -43,18 +46,44 @@ def time_variants(variants: dict[str, Callable[[], None]], *, rounds: int, warmu
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
-    """Extra memory one step needs at its peak, in MB: the largest rise of the memory held by
-    tensors above its lowest point before it within the step (after the step's own zero_grad
-    has freed the previous gradients).
+class _HeldStorages(TorchDispatchMode):
+    """Counts the bytes of the CPU tensor storages that operators create while it is active and
+    that are still alive, and the largest such count (`peak`)."""
 
-    CUDA: torch.cuda.max_memory_allocated above what was allocated before the step. CPU: every
-    tensor allocation and free of the step, recorded by torch.profiler (profile_memory=True),
-    replayed in order; one step runs first inside the recording so that its tensors' frees are
-    known. Exact and independent of the machine's load (the resident set size is not: the C
-    allocator keeps freed memory)."""
-    gc.collect()
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.held = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.held -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.held += storage.nbytes()
+                    weakref.finalize(storage, self._freed, key)
+        self.peak = max(self.peak, self.held)
+        return out
+
+
+def peak_memory_mb(step: Callable[[], None], device: torch.device, free_grads: Callable[[], None]) -> float:
+    """Extra memory one step needs at its peak, in MB, above the memory held once the previous
+    step's gradients are freed (`free_grads`, what the step's own zero_grad does first).
+
+    CUDA: torch.cuda.max_memory_allocated above what is allocated then. CPU: the largest total
+    size of the tensor storages created during the step and alive at once (every operator call
+    watched by a dispatch mode; each storage counted until it is freed): exact, and independent
+    of the load and of the C allocator, which keeps freed memory in the resident set.
+    """
     step()
+    free_grads()
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -62,22 +91,9 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile, record_function
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _HeldStorages() as held:
         step()
-        with record_function("measured step"):
-            step()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    start = next(e for e in events if e.name == "measured step").time_range.start
-    held, lowest, rise = 0, None, 0
-    for e in events:
-        if lowest is None and e.time_range.start >= start:
-            lowest = held
-        held += e.self_cpu_memory_usage
-        if lowest is not None:
-            lowest = min(lowest, held)
-            rise = max(rise, held - lowest)
-    return rise / 2**20
+    return held.peak / 2**20
 
 
 def memory_in_subprocess(script: str, args: list[str]) -> float:
