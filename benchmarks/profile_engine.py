@@ -85,12 +85,19 @@ def counts(events) -> dict:
             "by op": collections.Counter(e.name for e in ops)}
 
 
-def _unit_label(unit, method: str) -> str:
+def _unit_label(unit, method: str, *args) -> str:
     """'<layer kind>.<param> [route]: method' for a unit of engine/units.py."""
     if isinstance(unit, units.Layer):
         rep = unit.rep
         T = rep.A.shape[2]
-        route = "2-D" if T == 1 else ("ghost" if rep._ghost_is_cheaper() else "materialised")
+        if method in ("add_gram", "cosine_terms", "dots"):  # the cosine route, persample.cosine_route
+            given = bool(args and args[0] is not None)
+            route = {"gram": "Gram", "factors": "d S a", "materialise": "formed chunks"}[rep.cosine_route(given)]
+            route = route if method != "dots" else "d S a"
+        elif method == "sq_norms":
+            route = "2-D" if T == 1 else ("ghost" if rep._ghost_is_cheaper() else "materialised")
+        else:  # sums, weighted sums, sums of squares: one product of the factors
+            route = "factors"
         kind = getattr(rep, "_kind", "Factored") + (" + bias" if unit.bias else "")
         return f"{kind} [{route}]: {method}"
     if isinstance(unit, units.DenseBlock):
@@ -113,7 +120,7 @@ def instrument() -> None:
     for cls in (units.Layer, units.DenseBlock, units.Single):
         for method in _UNIT_STATS:
             if method in vars(cls):
-                wrap(cls, method, lambda unit, *_, _m=method: _unit_label(unit, _m))
+                wrap(cls, method, lambda unit, *a, _m=method: _unit_label(unit, _m, *a))
     for name, label in (("_backward_to_outputs", "backward to the layer outputs"),
                         ("_per_sample_grads", "rules (factors from inputs and output gradients)"),
                         ("_write_grad", "write p.grad")):
