@@ -179,6 +179,7 @@ class GradientStats:
 
     @cached_property
     def _given_scaled(self) -> dict[str, Tensor]:
+        """{name: S / scale} for autograd's S, in one operator call."""
         return self._unscaled(self._given, power=-1) if self._given else {}
 
     def _unit_sums(self, unit) -> list[Tensor] | None:
