@@ -22,13 +22,17 @@ message, where transformers is not installed.
 Variants, each on its own copy of the model (same weights, same batch):
   plain        forward, mean cross-entropy, backward
   norms        engine.backward(losses); stats.norms
+  clip         engine.backward(losses, weights=w) with w_i = min(1, C/|g_i|): per-sample norms
+               and the clipped p.grad in one backward (the per-sample clipping workload)
   gasw         engine.backward(losses, weights=GASW(2)): norms, cosines, weighted p.grad
   gaga         engine.backward(losses); stats.grad_sq_sum
   vmap gasw    torch.func vmap(grad) per-sample gradients, then the GASW statistics and p.grad
   opacus gasw  Opacus GradSampleModule grad_sample, then the same (when opacus is installed)
   backpack gasw BackPACK BatchGrad, then the same (when backpack is installed)
-Memory: extra peak memory of one step in a fresh process (CPU: peak RSS growth; CUDA:
-max_memory_allocated), as a ratio to the plain step.
+Memory: extra peak memory of one step in a fresh process, above the memory held once the previous
+step's gradients are freed (CPU: the largest total size of the tensor storages the step's operators
+create and hold at once, counted by a dispatch mode; CUDA: max_memory_allocated), as a ratio to
+the plain step.
 """
 from __future__ import annotations
 
@@ -53,13 +57,15 @@ import gradalign as ga  # noqa: E402
 from gradalign.experiments.models import build_model  # noqa: E402
 
 MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (experiments.models)",
+          "wide_mlp": "MLP 784-1024-1024-10 (arithmetic-bound)",
+          "vit_linear": "ViT-style, attention from nn.Linear: 4 blocks, D=64, T=16 patch tokens, 4 heads, MLP 256",
           "gpt2": "Hugging Face GPT2LMHeadModel: 4 layers, d=128, 4 heads, vocab 1000, T=64, tied embeddings, SDPA",
           "vit": "ViT D=64, 4 layers, 16 patches, cls token + position embedding",
           "vit_plain": "the same ViT without cls token and position embedding",
           "vit_embedding": "the same ViT, cls token and positions from nn.Embedding children",
           "resnet_gn": "ResNet with GroupNorm: 3 stages of one basic block, 16-32-64 channels, 32x32 RGB"}
-BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "vit": (64,), "vit_plain": (64,), "vit_embedding": (64,),
-           "resnet_gn": (32,), "gpt2": (16,)}
+BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "wide_mlp": (256,), "vit_linear": (64,), "vit": (64,),
+           "vit_plain": (64,), "vit_embedding": (64,), "resnet_gn": (32,), "gpt2": (16,)}
 GPT2_T = 64
 
 
@@ -93,6 +99,44 @@ class ViT(torch.nn.Module):
             x = torch.cat([self.cls_embed(index[:, :1] * 0), x], dim=1) + self.pos_embed(index)
         x = self.norm(self.encoder(x))
         return self.head(x.mean(1) if self.tokens is None else x[:, 0])
+
+
+class LinearAttentionBlock(nn.Module):
+    """Pre-norm transformer block whose attention is written out from nn.Linear layers (qkv and
+    output projections) and tensor ops, so every parameter is an nn.Linear or nn.LayerNorm."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-1, -2) * (D // self.heads) ** -0.5).softmax(-1)  # (B, H, T, T)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, D))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class LinearViT(nn.Module):
+    """Patches of 3x16x16 images (4x4: T = 16 tokens of 48 numbers) embedded by nn.Linear, 4
+    LinearAttentionBlocks (D = 64, 4 heads, MLP 256), LayerNorm, mean over tokens, linear head."""
+
+    def __init__(self, dim=64, depth=4, heads=4, patch=4, classes=10):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(3 * patch * patch, dim)
+        self.blocks = nn.Sequential(*(LinearAttentionBlock(dim, heads, 4 * dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # (B, 3, 16, 16)
+        B, C, H, W = x.shape
+        p = self.patch
+        tokens = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+        return self.head(self.norm(self.blocks(self.embed(tokens))).mean(1))
 
 
 class BasicBlock(nn.Module):
@@ -158,6 +202,11 @@ def build(kind: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
         return GPT2Logits(), (GPT2_T,)
     if kind == "resnet_gn":
         return ResNetGN(), (3, 32, 32)
+    if kind == "wide_mlp":
+        return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                             nn.Linear(1024, 10)), (784,)
+    if kind == "vit_linear":
+        return LinearViT(), (3, 16, 16)
     if kind.startswith("vit"):
         return ViT(tokens={"vit": "raw", "vit_embedding": "embedding", "vit_plain": None}[kind]), (3, 16, 16)
     return build_model(kind), (40,)
@@ -174,6 +223,11 @@ def gasw_from_materialised(grads: dict, params: dict, gamma: float = 2.0) -> Non
     w = raw * B / raw.sum()
     for n, p in params.items():
         p.grad = torch.tensordot(w, grads[n], dims=1) / B
+
+
+def clip_weights(stats, clip: float = 1.0):
+    """Per-sample clipping (the DP-SGD workload): w_i = min(1, C / |g_i|), from the norms alone."""
+    return (clip / stats.norms).clamp(max=1.0)
 
 
 def make_variants(kind: str, B: int, device: torch.device, only: str | None = None,
@@ -196,6 +250,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
     def plain_step():
         plain.zero_grad(set_to_none=True)
         per_sample_losses(kind, plain(x), y).mean().backward()
+    plain_step.params = list(plain.parameters())
     variants["plain"] = plain_step
 
     def engine_step(statistic):
@@ -206,17 +261,21 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
             model.zero_grad(set_to_none=True)
             losses = per_sample_losses(kind, model(x), y)
             statistic(engine, losses)
+        step.params = list(model.parameters())
         return step
 
     variants["norms"] = engine_step(lambda e, l: e.backward(l).norms)
+    variants["clip"] = engine_step(lambda e, l: e.backward(l, weights=clip_weights))
     variants["gasw"] = engine_step(lambda e, l: e.backward(l, weights=ga.GASW(2.0)))
     variants["gaga"] = engine_step(lambda e, l: e.backward(l).grad_sq_sum)
 
     vmap_model = copy.deepcopy(base)
     vmap_params = dict(vmap_model.named_parameters())
     loss = functools.partial(per_sample_losses, kind)
-    variants["vmap gasw"] = lambda: gasw_from_materialised(
-        ga.per_sample_gradients(vmap_model, x, y, loss), vmap_params)
+    def vmap_step():
+        gasw_from_materialised(ga.per_sample_gradients(vmap_model, x, y, loss), vmap_params)
+    vmap_step.params = list(vmap_params.values())
+    variants["vmap gasw"] = vmap_step
 
     if importlib.util.find_spec("opacus"):
         from opacus import GradSampleModule
@@ -229,6 +288,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
             gasw_from_materialised({n: p.grad_sample for n, p in op_params.items()}, op_params)
             for p in op_params.values():
                 p.grad_sample = None
+        opacus_step.params = list(op_params.values())
         variants["opacus gasw"] = opacus_step
 
     if importlib.util.find_spec("backpack"):
@@ -243,6 +303,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
             with backpack(BatchGrad()):
                 bp_loss(bp_model(x), y).backward()
             gasw_from_materialised({n: p.grad_batch for n, p in bp_params.items()}, bp_params)
+        backpack_step.params = list(bp_params.values())
         variants["backpack gasw"] = backpack_step
     if only is not None:
         return {only: variants[only]}
@@ -266,7 +327,7 @@ def measure_memory(kind: str, B: int, name: str, device: torch.device) -> float:
     warm = make_variants(kind, 2, device, only=name)[name]
     warm(), warm()
     step = make_variants(kind, B, device, only=name)[name]
-    return peak_memory_mb(step, device)
+    return peak_memory_mb(step, device, lambda: [p.__setattr__("grad", None) for p in step.params])
 
 
 def main() -> None:

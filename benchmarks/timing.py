@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: interleaved timing with medians, peak memory, a plain table.
+"""Shared benchmark helpers: interleaved timing with medians, peak tensor memory, a plain table.
 
 The machines are noisy, so every variant is timed in the same process, interleaved round
 by round, and reported as the median and the ratio of medians to the plain step.
@@ -8,14 +8,16 @@ from __future__ import annotations
 import gc
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import time
+import weakref
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def time_variants(variants: dict[str, Callable[[], None]], *, rounds: int, warmup: int = 3,
@@ -44,54 +46,54 @@ def time_variants(variants: dict[str, Callable[[], None]], *, rounds: int, warmu
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _status_kb(field: str) -> int | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in kB, None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+class _HeldStorages(TorchDispatchMode):
+    """Counts the bytes of the CPU tensor storages that operators create while it is active and
+    that are still alive, and the largest such count (`peak`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.held = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.held -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.held += storage.nbytes()
+                    weakref.finalize(storage, self._freed, key)
+        self.peak = max(self.peak, self.held)
+        return out
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def peak_memory_mb(step: Callable[[], None], device: torch.device, free_grads: Callable[[], None]) -> float:
+    """Extra memory one step needs at its peak, in MB, above the memory held once the previous
+    step's gradients are freed (`free_grads`, what the step's own zero_grad does first).
 
-
-def peak_memory_mb(step: Callable[[], None], device: torch.device, steps: int = 3) -> float:
-    """Extra memory one step needs at its peak, in MB.
-
-    CUDA: torch.cuda.max_memory_allocated above what was allocated before the step.
-    CPU on Linux: the peak resident set (VmHWM, its mark reset just before) above the
-    resident set before the steps. Elsewhere: growth of getrusage's max RSS, meaningful only
-    in a fresh process that ran nothing bigger before (see `memory_in_subprocess`); note
-    that a child process inherits its parent's value, which is why Linux avoids it.
+    CUDA: torch.cuda.max_memory_allocated above what is allocated then. CPU: the largest total
+    size of the tensor storages created during the step and alive at once (every operator call
+    watched by a dispatch mode; each storage counted until it is freed): exact, and independent
+    of the load and of the C allocator, which keeps freed memory in the resident set.
     """
+    step()
+    free_grads()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps):
-            step()
+        step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if _reset_peak_rss() and _status_kb("VmHWM") is not None:
-        before, peak = _status_kb("VmRSS"), lambda: _status_kb("VmHWM")
-    else:
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-        before = peak()
-    for _ in range(steps):
+    with _HeldStorages() as held:
         step()
-    return (peak() - before) / 1024
+    return held.peak / 2**20
 
 
 def memory_in_subprocess(script: str, args: list[str]) -> float:

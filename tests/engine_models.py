@@ -8,15 +8,20 @@ engine, so that a change to one route cannot break it silently:
 gradalign.engine.persample (PERSAMPLE_ROUTES below names one parameter per route, and
 test_engine.py::test_architectures_take_the_listed_routes checks that it takes it):
     Factored, 2-D case (G = T = 1, nn.Linear on (B, in)): seed_mlp, residual_mlp, every head
-        <g_i, S>, |S|^2 from the B x B Gram matrix: seed_mlp "2.weight" at B <= 127; at B = 1, 7
+        <g_i, S>, |S|^2 from the B x B Gram matrix: seed_mlp "2.weight" at B <= 255; at B = 1, 7
             most 2-D layers. |g_i|^2 from the Gram diagonal when read after them: the
             dots-first read order of test_engine.py, and leave-one-out GASW/GDSW (test_weighting.py)
-        <g_i, S>, |S|^2 from S: seed_mlp "0.weight" and "4.weight" at B = 64
+        <g_i, S>, |S|^2 from S: seed_mlp "4.weight" at B = 64, "0.weight" at B = 128 (the Gram
+            route wins while B (n_in + n_out) < 2 n_in n_out: S counted as a product)
         weighted sum scaling d (n_out <= n_in): seed_mlp "4.weight"; scaling a: "0.weight"
     Factored, T = 1 with G > 1 (a grouped convolution with one output position):
         single_position_groups, c1d = Conv1d(4, 6, 5, groups=2) on length 5 and
         c2d = Conv2d(8, 32, 3, groups=2) on 3x3: Gram route at B = 1 (both) and 7 (c2d)
     Factored, T > 1, ghost norms: sequence (Linear over tokens, G = 1), conv2d_bn_eval c2 (G = 2)
+    Factored, T > 1, cosine terms from formed per-sample gradients (persample.cosine_route): their
+        Gram matrix (a whole layer formed at once) at B = 1, 7, cache-sized chunks with S at B = 64:
+        many_positions "inp", "mix" (G = 1) and "conv" (G = 2); the Gram route at B = 1 also on
+        most token layers of the other architectures
     Factored, T > 1, materialised: shared_embedding_tokens "narrow" (Linear over tokens); in several
         chunks of uneven size: test_engine.py::test_materialised_route_in_several_chunks. Convolutions
         where the ghost route costs more take the conv rule's dense route instead (Dense: conv1d c1, c2;
@@ -24,7 +29,10 @@ test_engine.py::test_architectures_take_the_listed_routes checks that it takes i
         the factored route (test_rules_conv.py)
     Factored.merge: shared_bn_fallback "shared" (one Linear called twice; T = 2 after the merge)
     IndexedRows: sequence, shared_embedding_tokens; IndexedRows.merge: shared_embedding_tokens
-    Dense: every bias and norm affine, the fallback; Dense.merge: shared_bn_fallback "shared.bias"
+    FactoredBias (a Linear's bias, a ghost-route convolution's): every such bias; FactoredBias.merge:
+        shared_bn_fallback "shared.bias"
+    Dense: norm affines, the fallback; Dense.merge: shared_embedding_tokens "norm.weight" (a LayerNorm
+        called twice)
 
 gradalign.engine.rules:
     Linear on (B, in): the MLPs; on (B, T, in): sequence; on (B, 2, 3, in): shared_embedding_tokens;
@@ -249,7 +257,7 @@ class SinglePositionGroups(nn.Module):
     def __init__(self, classes=5):
         super().__init__()
         self.c1d = nn.Conv1d(4, 6, 5, groups=2)  # on (B, 4, 5): n_in 10, n_out 3
-        self.c2d = nn.Conv2d(8, 32, 3, groups=2)  # on (B, 8, 3, 3): n_in 36, n_out 16, Gram route for B <= 11
+        self.c2d = nn.Conv2d(8, 32, 3, groups=2)  # on (B, 8, 3, 3): n_in 36, n_out 16, Gram route for B <= 22
         self.head = nn.Linear(6 + 32, classes)
 
     def forward(self, x):  # (B, 8, 3, 3)
@@ -282,10 +290,29 @@ class Conv2dBatchNormEval(nn.Module):
         return self.head(torch.tanh(self.c3(h)).flatten(1))
 
 
+class ManyPositions(nn.Module):
+    """Layers over 16 positions, where |g_i|^2, <g_i, S> and |S|^2 are cheapest from formed
+    per-sample gradients (persample.cosine_route 'gram' at B <= 7, 'materialise' at B = 64):
+    Linear layers with and without bias (G = 1), and a grouped Conv1d on the ghost route (G = 2,
+    40 x 40 per group)."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.inp = nn.Linear(6, 10)
+        self.mix = nn.Linear(10, 16, bias=False)
+        self.conv = nn.Conv1d(16, 80, 5, padding=2, groups=2)
+        self.head = nn.Linear(80, classes)
+
+    def forward(self, x):  # (B, 16, 6)
+        h = torch.tanh(self.mix(torch.tanh(self.inp(x))))
+        return self.head(torch.tanh(self.conv(h.transpose(1, 2))).mean(2))
+
+
 class SharedEmbeddingTokens(nn.Module):
     """Tokens on a (B, 2, 3) grid: an Embedding without padding_idx called twice, LayerNorm without
-    bias, LayerNorm with a frozen weight, Linear layers over (B, 2, 3, in) inputs: one with a frozen
-    weight (bias only), one narrow enough that materialising beats the ghost route, one without bias."""
+    bias (called twice), LayerNorm with a frozen weight, Linear layers over (B, 2, 3, in) inputs: one
+    with a frozen weight (bias only), one narrow enough that materialising beats the ghost route, one
+    without bias."""
 
     def __init__(self, vocab=20, dim=8):
         super().__init__()
@@ -301,7 +328,7 @@ class SharedEmbeddingTokens(nn.Module):
     def forward(self, tokens):  # (B, 2, 3) -> (B, 6, vocab)
         # one Embedding, two calls; the tanh gives the two calls different output gradients
         h = self.embed(tokens) + torch.tanh(self.embed(tokens.flip(2)))
-        h = self.norm2(self.shift(self.norm(h)))
+        h = self.norm(self.norm2(self.shift(self.norm(h))))
         return self.out(torch.tanh(self.narrow(h))).flatten(1, 2)
 
 
@@ -329,13 +356,14 @@ ARCHITECTURES = {
                                        cross_entropy),
     "conv2d_bn_eval": lambda: (Conv2dBatchNormEval(), classification_batch(3, 6, 6, classes=5), cross_entropy),
     "shared_embedding_tokens": lambda: (SharedEmbeddingTokens(), grid_token_batch(), token_cross_entropy),
+    "many_positions": lambda: (ManyPositions(), classification_batch(16, 6, classes=5), cross_entropy),
 }
 
 
 # One parameter per route of gradalign.engine.persample: label -> (architecture, B, parameter).
 PERSAMPLE_ROUTES = {
     "2-D, Gram route": ("seed_mlp", 64, "2.weight"),
-    "2-D, from S": ("seed_mlp", 64, "0.weight"),
+    "2-D, from S": ("seed_mlp", 64, "4.weight"),
     "2-D, weighted sum scales d": ("seed_mlp", 64, "4.weight"),
     "2-D, weighted sum scales a": ("seed_mlp", 64, "0.weight"),
     "T = 1, G > 1, Gram route": ("single_position_groups", 7, "c2d.weight"),
@@ -343,11 +371,16 @@ PERSAMPLE_ROUTES = {
     "T > 1, ghost, G = 1": ("sequence", 7, "mix.weight"),
     "T > 1, ghost, G > 1": ("conv2d_bn_eval", 7, "c2.weight"),
     "T > 1, materialised, G = 1": ("shared_embedding_tokens", 7, "narrow.weight"),
+    "T > 1, Gram from formed gradients, G = 1": ("many_positions", 7, "inp.weight"),
+    "T > 1, Gram from formed gradients, G > 1": ("many_positions", 7, "conv.weight"),
+    "T > 1, cosines from formed chunks, G = 1": ("many_positions", 64, "inp.weight"),
+    "T > 1, cosines from formed chunks, G > 1": ("many_positions", 64, "conv.weight"),
     "Dense": ("conv1d", 7, "c2.weight"),  # a conv where the ghost route costs more: one grouped weight-gradient call
     "Factored merged": ("shared_bn_fallback", 7, "shared.weight"),
     "IndexedRows": ("sequence", 7, "embed.weight"),
     "IndexedRows merged": ("shared_embedding_tokens", 7, "embed.weight"),
-    "Dense merged": ("shared_bn_fallback", 7, "shared.bias"),
+    "Dense merged": ("shared_embedding_tokens", 7, "norm.weight"),
+    "FactoredBias merged": ("shared_bn_fallback", 7, "shared.bias"),
 }
 
 
@@ -364,7 +397,11 @@ def route_labels(calls: list) -> set[str]:
     n_out = grads.D.shape[3]
     if T > 1:
         route = "ghost" if grads._ghost_is_cheaper() else "materialised"
-        return labels | {f"T > 1, {route}, G {'= 1' if G == 1 else '> 1'}"}
+        labels.add(f"T > 1, {route}, G {'= 1' if G == 1 else '> 1'}")
+        cosines = {"gram": "Gram from formed gradients", "materialise": "cosines from formed chunks"}
+        if (route := grads.cosine_route(have_sum=False)) in cosines:
+            labels.add(f"T > 1, {cosines[route]}, G {'= 1' if G == 1 else '> 1'}")
+        return labels
     kind = "2-D" if G == 1 else "T = 1, G > 1"
     labels.add(f"{kind}, {'Gram route' if grads.uses_gram() else 'from S'}")
     if G == 1:

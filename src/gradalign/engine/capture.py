@@ -13,6 +13,7 @@ one edge per point of use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,8 +26,9 @@ from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.persample import PerSampleGrad, full_precision
 from gradalign.engine.rules import RuleRegistry, default_registry
+from gradalign.engine.scale import rescale
 from gradalign.engine.summed import combine
-from gradalign.engine.validate import Served, survey
+from gradalign.engine.validate import Served, survey, verify, verify_rtol
 from gradalign.engine.watch import Watch, refuse_watched_input, watch_shared_output
 from gradalign.errors import GradAlignError, UnsupportedModuleError
 
@@ -45,6 +47,9 @@ class _Call:
     finish: Callable[[list], dict]
     grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
     generation: int = 0        # which forward of the model recorded it
+    own_cosines: bool = False  # its cosine terms come without S (Rule.own_cosines)
+    full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
+    watched: bool = False      # served through a watch (engine/watch.py): its S is not asked of autograd
 
 
 @dataclass
@@ -58,8 +63,17 @@ class _Hooked(Served):
 
 def _eager(hook):
     """Under torch.compile every engine hook runs eagerly (a graph break at each hooked layer):
-    it needs the autograd edges of real tensors and mutates the engine's Python state."""
-    return torch.compiler.disable(hook)
+    it needs the autograd edges of real tensors and mutates the engine's Python state. Outside
+    torch.compile the hook is called directly: the disabling wrapper costs several microseconds
+    per call (dynamo's frame callback is swapped out and back), at every hooked layer."""
+    disabled = torch.compiler.disable(hook)
+
+    @functools.wraps(hook)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # being traced: break the graph, run the hook eagerly
+            return disabled(*args, **kwargs)
+        return hook(*args, **kwargs)
+    return run
 
 
 def _inside_torch_func(t: Tensor) -> bool:
@@ -243,7 +257,7 @@ class PerSampleGradients:
                 if output is None:  # the forward raised
                     return None
                 if watch.stopped is None:  # watch.edges is live: uses after the forward still count
-                    self._append(hooked, _Call(path, watch.batch, watch.edges, watch.per_sample))
+                    self._append(hooked, _Call(path, watch.batch, watch.edges, watch.per_sample, watched=True))
                     return None
                 reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
                 if reason:  # the torch.func fallback cannot serve it either
@@ -285,7 +299,7 @@ class PerSampleGradients:
         if B is not None and (batch != B or hooked.shared) and isinstance(first, Tensor) and not (rule.output or rule.capture):
             watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
                                                 rule.compute, captured, output, B, batch_dim)
-            self._append(hooked, _Call(path, B, watch.edges, watch.per_sample))
+            self._append(hooked, _Call(path, B, watch.edges, watch.per_sample, watched=True))
             return shared
         n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
         edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
@@ -296,7 +310,9 @@ class PerSampleGradients:
                 return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
             return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
 
-        self._append(hooked, _Call(path, batch, edges, finish))
+        own_cosines = bool(rule.own_cosines and rule.own_cosines(module, captured))
+        full = outputs[live[0]].dtype in (torch.float32, torch.float64)
+        self._append(hooked, _Call(path, batch, edges, finish, own_cosines=own_cosines, full=full))
 
     def _append(self, hooked: _Hooked, call: _Call) -> None:
         """Keep a record; drop those of forwards older than the last `max_pending_forwards`."""
@@ -364,28 +380,64 @@ class PerSampleGradients:
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
             with full_precision(losses.device):  # backward and rules in float32, also inside autocast
-                self._backward_to_outputs(losses, params, retain_graph=self.verify)
+                wanted = self._sums_wanted(weights, params)
+                sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
+                rtol = verify_rtol([g for h in self._hooked.values() for c in h.calls for g in (c.grads or ())])
+                scale = rescale([c for h in self._hooked.values() for c in h.calls], sums)
                 per_sample = self._per_sample_grads(B, params)
-            rtol = self._verify_rtol()
         finally:
             self.clear()
-        stats = self._stats(per_sample, B, losses.device, params)
+        stats = self._stats(per_sample, B, losses.device, params, scale, sums)
         if self.verify:
-            self._verify(stats, losses, rtol)
+            verify(stats, losses, self._params, rtol)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
         if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
-            B = stats.global_batch_size                                      # B without a process group
-            update = ({n: s / B for n, s in stats.grad_sum.items()} if weights is None
-                      else stats.weighted_sum(w / B))                        # (1/B) sum_i w_i g_i
+            update = (stats._mean_update() if weights is None                    # (1/B) sum_i g_i
+                      else stats.weighted_sum(w, factor=1.0 / stats.global_batch_size))  # (1/B) sum_i w_i g_i
             self._write_grad(update, add=True)
         return stats
 
-    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter]) -> GradientStats:
+    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale, sums) -> GradientStats:
+        sums = {n: s for n, s in sums.items() if n in per_sample}
         if self.process_group is None:
-            return GradientStats(per_sample, B, device=device)
+            return GradientStats(per_sample, B, device=device, scale=scale, sums=sums)
         shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
-        return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes)
+        return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes,
+                             scale=scale, sums=sums)
+
+    def _sums_wanted(self, weights: Weights, params: dict[str, nn.Parameter]) -> list[str]:
+        """Parameters whose gradient sum S autograd should form in the backward itself, where
+        each layer's output gradient is still in cache (the plain step's weight-gradient
+        products): for the cosines of a weighting that declares it reads them (`needs`, e.g.
+        GASW), on the layers whose cosine terms come from S (not from a Gram matrix:
+        `Rule.own_cosines`). p.grad itself always comes from the factors (for the plain mean,
+        with every weight 1/B), as a fresh tensor: no second parameter-sized copy.
+        Not for a parameter with a watched use (a raw parameter, a module called without the
+        batch: their per-sample gradients are mapped after the backward), nor with a use that ran
+        in bfloat16 or float16 (there S is formed in float32 from the upcast factors, more
+        precisely than autograd's low-precision product). For a parameter with several uses (tied,
+        or one module called twice) no single call's route describes the combined representation,
+        so its S is wanted with the cosines."""
+        if "cosines" not in getattr(weights, "needs", ()):
+            return []
+        uses: dict[str, list[tuple[str, _Call]]] = {}  # name -> (local name, call) for every use
+        blocked = set()
+        for h in self._hooked.values():
+            for local, n in h.param_names.items():
+                if h.rule.watch:
+                    blocked.add(n)
+                uses.setdefault(n, []).extend((local, c) for c in h.calls)
+        wanted = []
+        for n, calls in uses.items():
+            if n not in params or n in blocked or any(c.watched or not c.full for _, c in calls):
+                continue
+            if self.process_group is None and len(calls) == 1:
+                (local, call), = calls
+                if call.own_cosines and local in self._hooked[call.path].rule.own_cosine_params:
+                    continue  # its cosine terms come without S
+            wanted.append(n)
+        return wanted
 
     def set_grad(self, grads: dict[str, Tensor]) -> None:
         """p.grad = grads[name] for every hooked parameter named (cast to the parameter's dtype).
@@ -408,11 +460,14 @@ class PerSampleGradients:
             else:
                 p.grad = g
 
-    def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], retain_graph: bool) -> None:
-        """One backward of sum(losses) that fills every call's gradients.
+    def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], wanted: list[str],
+                             retain_graph: bool) -> dict[str, Tensor]:
+        """One backward of sum(losses) that fills every call's gradients; returns {name: S} for
+        the `wanted` parameters.
 
-        Autograd is asked for the gradients at the recorded edges, not the parameters, so it
-        skips every weight-gradient product (the engine forms p.grad from the factors instead).
+        Autograd is asked for the gradients at the recorded edges, and for the parameters only
+        where S is wanted, so it skips every other weight-gradient product (the engine forms
+        p.grad from the factors instead).
         An edge is a tensor as the forward produced it, so an in-place op after the layer does
         not change what is captured, and no output tensor is kept alive. Parameters of modules
         that recorded no call are asked for too: a gradient there means the parameter was used
@@ -423,8 +478,13 @@ class PerSampleGradients:
         unseen = [p for n, p in params.items() if n not in seen]  # a tied parameter: seen by any of its modules
         edges = [e for call in calls for e in call.edges]
         if not edges and not unseen:
-            return
-        grads = torch.autograd.grad(losses.sum(), edges + unseen, allow_unused=True, retain_graph=retain_graph)
+            return {}
+        unseen_ids = {id(p) for p in unseen}
+        wanted = [n for n in wanted if id(params[n]) not in unseen_ids]
+        grads = torch.autograd.grad(losses.sum(), edges + unseen + [params[n] for n in wanted], allow_unused=True,
+                                    retain_graph=retain_graph)
+        sums = {n: g for n, g in zip(wanted, grads[len(grads) - len(wanted):]) if g is not None}
+        grads = grads[:len(grads) - len(wanted)]
         start = 0
         for call in calls:
             call.grads = list(grads[start:start + len(call.edges)])
@@ -441,6 +501,7 @@ class PerSampleGradients:
                     "forward; a parameter used outside its own module (e.g. F.linear(x, m.weight)), or, in a "
                     "module without a rule, only inside a custom autograd.Function or a reentrant checkpoint, "
                     f"is not supported{compiled}")
+        return sums
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
@@ -448,7 +509,7 @@ class PerSampleGradients:
         try:
             for h in self._hooked.values():
                 for call in h.calls:
-                    if call.grads is None or call.grads.count(None) == len(call.grads):  # no part in the losses
+                    if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
                         continue
                     if call.batch != B:
                         raise ValueError(
@@ -474,51 +535,12 @@ class PerSampleGradients:
         if not isinstance(w, Tensor) or w.shape != (B,):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
             raise ValueError(f"weights must be a tensor of shape ({B},), got {got}")
-        if (w.device.type == "cpu" or self.verify) and not bool(torch.isfinite(w).all()):
+        # (a weighting that guarantees finite weights, e.g. GASW with its fallback, says so)
+        checked = (w.device.type == "cpu" or self.verify) and not getattr(weights, "finite_weights", False)
+        if checked and not bool(torch.isfinite(w).all()):
             raise ValueError("weights contain NaN or infinite values")
-        return w.detach().to(device=losses.device, dtype=dtype)
-
-    def _verify_rtol(self) -> float:
-        """Tolerance of `verify`: looser when layers ran in bfloat16 or float16."""
-        dtypes = {g.dtype for h in self._hooked.values() for c in h.calls for g in (c.grads or []) if g is not None}
-        return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
-
-    def _verify(self, stats: GradientStats, losses: Tensor, rtol: float) -> None:
-        """Check the per-sample gradients against autograd, twice: sum_i v_i g_i against the
-        gradient of sum_i v_i l_i for weights v that tell the samples apart (catches a parameter
-        used where no hook sees it, or a gradient given to the wrong sample), and the first
-        sample's and the largest one's squared norm against a backward of that sample's loss
-        alone (catches a module that mixes samples or gets its batch on another dim, e.g. a
-        (T, B, ...) input with T == B)."""
-        B = stats.batch_size
-        v = torch.rand(B, generator=torch.Generator().manual_seed(0)) + 0.5
-        v = v.to(losses.device, torch.promote_types(losses.dtype, torch.float32))
-        with full_precision(losses.device):
-            local = {n: g.weighted_sum(v) / B for n, g in stats._per_sample.items()}  # this rank's samples
-        names = list(local)
-        params = [self._params[n] for n in names]
-        expected = torch.autograd.grad((losses * v.to(losses.dtype)).sum() / B, params, allow_unused=True,
-                                       retain_graph=True)
-        for name, mine, exp in zip(names, local.values(), expected):
-            exp = torch.zeros_like(mine) if exp is None else exp.to(mine.dtype)
-            if not torch.allclose(mine, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
-                raise UnsupportedModuleError(
-                    f"per-sample gradients of {name} do not add up to autograd's gradient: the parameter is "
-                    "used outside its module's forward, a module mixes samples, or a module's input has the "
-                    "batch size on its batch dim without carrying the batch (declare such a module with "
-                    "RuleRegistry.register_shared)")
-        samples = sorted({0, int(stats.sq_norms.argmax())})
-        for k, i in enumerate(samples):
-            own = torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=k + 1 < len(samples))
-            exact = sum(g.double().square().sum() for g in own if g is not None)
-            got = stats.sq_norms[i].double()
-            if not torch.isclose(got, torch.as_tensor(float(exact), dtype=torch.float64), rtol=10 * rtol,
-                                 atol=rtol * float(stats.sq_norms.max())):
-                raise UnsupportedModuleError(
-                    f"the per-sample gradient of sample {i} has |g|^2 = {float(got):.6g}, but a backward of its "
-                    f"loss alone gives {float(exact):.6g}: a module mixes the samples of a batch, or a layer got "
-                    "its batch on another dim than the one the engine uses (the batch must be dim 0 of every "
-                    "hooked module's input, dim 1 inside an nn.Transformer* with batch_first=False)")
+        w = w.detach() if w.requires_grad else w
+        return w if w.device == losses.device and w.dtype == dtype else w.to(device=losses.device, dtype=dtype)
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before the engine was created."""

@@ -4,6 +4,17 @@ Shapes: B samples; g_i the gradient of losses[i] over all trainable parameters;
 gbar = (1/B) sum_i g_i. Every quantity over samples is a sum of per-parameter terms
 (|g_i|^2, <g_i, S>, |S|^2 with S = sum_i g_i); the cosines are the one ratio formed here.
 Methods form their own ratios (GASW's normalised weights, GAGA's SNR) from these sums.
+The parameters are served in units (`engine/units.py`: a layer's weight and bias together,
+all small dense parameters in one block), so each statistic is a few operator calls per layer.
+
+Scale: the engine divides every output gradient of one backward by one power of two, `scale`
+(from their largest magnitude), before the per-sample representations are built, so the
+representations hold g_i / scale and every square (|a|^2 |d|^2, Gram products, |S|^2) is
+formed near 1: losses scaled by 1e20 or 1e-30 in float32 give the same cosines and weights,
+and norms correct to float32, although |g_i|^2 itself would overflow or underflow. The scale
+is undone once per result (norms times scale, p.grad from the weights times scale); results
+that are squares (sq_norms, dots_with_mean, mean_grad_sq_norm, grad_sq_sum) are exact
+multiples by scale^2 and overflow only where the true value does not fit the dtype.
 
 Data parallel (`process_group` given): the sums over samples (S, sum_i g_i**2, the weighted
 sum, B) are summed over the ranks here, once each and flattened into one all-reduce per
@@ -24,15 +35,16 @@ import torch
 from torch import Tensor
 
 from gradalign.engine import distributed as dist_
-from gradalign.engine.persample import PerSampleGrad, _sq_norm, full_precision
+from gradalign.engine import units as units_
+from gradalign.engine.persample import PerSampleGrad, full_precision
 
 
 def _full_precision(method):
     """Run a statistic with autocast off on the statistics' device."""
     @functools.wraps(method)
-    def wrapper(self, *args):
+    def wrapper(self, *args, **kwargs):
         with full_precision(self._device):
-            return method(self, *args)
+            return method(self, *args, **kwargs)
     return wrapper
 
 
@@ -45,10 +57,11 @@ class GradientStats:
             parameter that took part in the losses.
         sq_norms, norms: (B,) |g_i|^2 and |g_i|.
         dots_with_mean: (B,) <g_i, gbar>.
-        mean_grad_sq_norm: () |gbar|^2.
+        mean_grad_sq_norm, mean_grad_norm: () |gbar|^2 and |gbar|.
         cosines: (B,) cos(g_i, gbar); 0 where |g_i| or |gbar| is 0.
         grad_sq_sum: {param name: sum_i g_i**2}, elementwise.
         weights: (B,) the weights p.grad was formed with (ones when none were given).
+        scale: () the power of two the representations are divided by (see the module's doc).
 
     A read-only result: it holds the factored per-sample gradients, not the model, so only
     the engine writes p.grad.
@@ -61,9 +74,13 @@ class GradientStats:
 
     def __init__(self, per_sample: dict[str, PerSampleGrad], batch_size: int, *,
                  device: torch.device | None = None, process_group=None,
-                 param_shapes: dict[str, tuple[torch.Size, torch.dtype]] | None = None):
+                 param_shapes: dict[str, tuple[torch.Size, torch.dtype]] | None = None,
+                 scale: Tensor | None = None, sums: dict[str, Tensor] | None = None):
         self._per_sample = per_sample
+        self._given = sums or {}  # {name: S} that autograd formed in the backward (unscaled)
+        self._units = units_.plan(per_sample)
         self._device = device
+        self._scale = scale  # None: the representations hold g_i itself
         self.batch_size = batch_size
         self.weights: Tensor | None = None
         self.process_group = process_group
@@ -71,31 +88,65 @@ class GradientStats:
         # took no part in this rank's losses
         self._shapes = param_shapes or {}
         self._global_batch: int | None = None if process_group is not None else batch_size
-        self._sq_sum_reduced: dict[str, Tensor] | None = None
+        self._gram: tuple[Tensor, list] | None = None  # (K, its units) once the cosines used it
 
-    @property
+    @cached_property
     def dtype(self) -> torch.dtype:
         """The precision of the statistics: float32, or float64 for a float64 model."""
-        return functools.reduce(torch.promote_types, (g.dtype for g in self._per_sample.values()), torch.float32)
+        return functools.reduce(torch.promote_types, {g.dtype for g in self._per_sample.values()}, torch.float32)
 
-    def _sum_over_params(self, term) -> Tensor:
-        total = None
-        for name, grads in self._per_sample.items():
-            value = term(name, grads)
-            total = value if total is None else total + value
-        if total is None:  # no trainable parameter took part in the loss
-            return torch.zeros(self.batch_size, device=self._device)
-        return total
+    @property
+    def scale(self) -> Tensor:
+        return self._scale if self._scale is not None else torch.ones((), device=self._device)
+
+    def _zeros(self) -> Tensor:
+        return torch.zeros(self.batch_size, device=self._device, dtype=self.dtype)
+
+    def _by_name(self, per_unit) -> dict[str, Tensor]:
+        """{name: tensor} from a function unit -> [tensor per name], over every unit."""
+        out = {}
+        for unit in self._units:
+            out.update(zip(unit.names, per_unit(unit)))
+        return out
+
+    def _unscaled(self, tensors: dict[str, Tensor], power: int = 1, divide: float = 1.0) -> dict[str, Tensor]:
+        """{name: t * scale**power / divide} in one operator call (new tensors; the same ones
+        when there is nothing to multiply)."""
+        if not tensors:
+            return {}
+        factor = 1.0 / divide if self._scale is None or power == 0 else (self._scale ** power) / divide
+        if isinstance(factor, float) and factor == 1.0:
+            return tensors
+        return dict(zip(tensors, torch._foreach_mul(list(tensors.values()), factor)))
+
+    # ------------------------------------------------------------ per sample (scaled)
+
+    @cached_property
+    @_full_precision
+    def _sq_norms(self) -> Tensor:
+        """(B,) |g_i|^2 / scale^2; the Gram route's diagonal where the cosines formed it."""
+        if self._gram is not None:
+            K, gram_units = self._gram
+            terms = [K.diagonal()] + [u.sq_norms() for u in self._units if not any(u is g for g in gram_units)]
+        else:
+            terms = [u.sq_norms() for u in self._units]
+        total = units_.add_all(terms)
+        return self._zeros() if total is None else total
+
+    @cached_property
+    @_full_precision
+    def _norms(self) -> Tensor:
+        return self._sq_norms.clamp_min(0).sqrt()
 
     @cached_property
     @_full_precision
     def sq_norms(self) -> Tensor:
-        return self._sum_over_params(lambda _, g: g.sq_norms())
+        return self._sq_norms if self._scale is None else self._sq_norms * (self._scale * self._scale)
 
     @cached_property
     @_full_precision
     def norms(self) -> Tensor:
-        return self.sq_norms.clamp_min(0).sqrt()
+        return self._norms if self._scale is None else self._norms * self._scale
 
     # ------------------------------------------------------------ sums over ranks
 
@@ -116,15 +167,42 @@ class GradientStats:
 
     @cached_property
     @_full_precision
+    def _local_sums(self) -> dict[str, Tensor]:
+        """{name: S / scale} over this rank's samples: S as autograd gave it where it did (one
+        operator call rescales them all), else formed once per unit from its factors."""
+        out = {}
+        for unit in self._units:
+            if all(n in self._given for n in unit.names):
+                continue
+            out.update(zip(unit.names, unit.sums()))
+        return {**self._given_scaled, **out}
+
+    @cached_property
+    def _given_scaled(self) -> dict[str, Tensor]:
+        """{name: S / scale} for autograd's S, in one operator call."""
+        return self._unscaled(self._given, power=-1) if self._given else {}
+
+    def _unit_sums(self, unit) -> list[Tensor] | None:
+        """The unit's S / scale if it exists already (autograd's, or formed before), else None."""
+        if all(n in self._given for n in unit.names):
+            return [self._given_scaled[n] for n in unit.names]
+        if "_local_sums" in self.__dict__:
+            return [self._local_sums[n] for n in unit.names]
+        return None
+
+    @cached_property
+    @_full_precision
     def local_grad_sum(self) -> dict[str, Tensor]:
         """{param name: sum_i g_i} over this rank's samples (= grad_sum without a group)."""
-        return {name: g.weighted_sum(None) for name, g in self._per_sample.items()}
+        if self._given and all(n in self._given for n in self._per_sample):
+            return dict(self._given)
+        return self._unscaled(self._local_sums)
 
     @cached_property
     @_full_precision
     def grad_sum(self) -> dict[str, Tensor]:
-        """{param name: S = sum_i g_i}, formed only for routes that need it; over every
-        rank's samples with a process group (one all-reduce of P + 1 numbers, B included)."""
+        """{param name: S = sum_i g_i}; over every rank's samples with a process group (one
+        all-reduce of P + 1 numbers, B included)."""
         if self.process_group is None:
             return self.local_grad_sum
         return self._reduce(self.local_grad_sum, count=True)[0]
@@ -146,44 +224,102 @@ class GradientStats:
     @cached_property
     @_full_precision
     def mean_grad(self) -> dict[str, Tensor]:
-        return {name: s / self.global_batch_size for name, s in self.grad_sum.items()}
+        if self.process_group is None:
+            return self._unscaled(self.local_grad_sum, power=0, divide=self.batch_size)
+        return self._unscaled(self.grad_sum, power=0, divide=self.global_batch_size)
 
-    def _sum_of(self, name: str):
-        return lambda: self.grad_sum[name]
+    def _mean_update(self) -> dict[str, Tensor]:
+        """Fresh tensors gbar for p.grad (never the cached statistics a caller may hold): the sum
+        with every weight 1/B (the 1/B and the scale then multiply the narrower factor, not a
+        parameter-sized result); with a process group, the global S / B."""
+        if self.process_group is not None:
+            return dict(zip(self.grad_sum, torch._foreach_div(list(self.grad_sum.values()), self.global_batch_size)))
+        return self.weighted_sum(None, factor=1.0 / self.batch_size)
+
+    # ------------------------------------------------------------ <g_i, S>, |S|^2 (scaled)
+
+    @cached_property
+    @_full_precision
+    def _cosine_terms(self) -> tuple[Tensor, Tensor]:
+        """((B,) <g_i, S>, () |S|^2), both / scale^2. Each layer takes the cheapest of its Gram
+        matrix (summed over layers into one (B, B) K), S with the factors, and its per-sample
+        gradients formed once (units.Layer); with a process group S is global, so the Gram
+        matrix, which only pairs this rank's samples, is not used."""
+        dots, squares, scalars = [], [], []
+        if self.process_group is not None:
+            reduced = self.grad_sum
+            inv = None if self._scale is None else 1.0 / self._scale
+            local = dict(zip(reduced, reduced.values() if inv is None else torch._foreach_mul(list(reduced.values()), inv)))
+            for u in self._units:
+                d, s = u.cosine_terms([local[n] for n in u.names])
+                dots.append(d)
+                (squares.extend if isinstance(s, list) else scalars.append)(s)
+        else:
+            K, gram_units = None, []
+            for u in self._units:
+                refs = self._unit_sums(u)
+                if u.gram_is_cheaper(refs is not None):
+                    K = u.add_gram(K)
+                    gram_units.append(u)
+                else:
+                    d, s = u.cosine_terms(refs)
+                    dots.append(d)
+                    (squares.extend if isinstance(s, list) else scalars.append)(s)
+            if K is not None:
+                self._gram = (K, gram_units)
+                row_sums = K.sum(1)
+                dots.append(row_sums)
+                scalars.append(row_sums.sum())
+        sq = units_.sum_of_squares(squares)
+        scalars = scalars + ([] if sq is None else [sq])
+        total = units_.add_all(scalars)
+        dots_total = units_.add_all(dots)
+        return (self._zeros() if dots_total is None else dots_total,
+                torch.zeros((), device=self._device, dtype=self.dtype) if total is None else total)
 
     @cached_property
     @_full_precision
     def dots_with_mean(self) -> Tensor:
-        """<g_i, gbar> = <g_i, S> / B. With a process group, S is global, so it comes from the
-        factors (d_i^T S a_i): the Gram route only pairs this rank's samples."""
-        if self.process_group is None:
-            return self._sum_over_params(lambda name, g: g.dots_with_sum(self._sum_of(name))) / self.batch_size
-        return self._sum_over_params(lambda name, g: g.dots(self.grad_sum[name])) / self.global_batch_size
+        """<g_i, gbar> = <g_i, S> / B."""
+        dots = self._cosine_terms[0]
+        factor = 1.0 / self.global_batch_size if self._scale is None else self._scale ** 2 / self.global_batch_size
+        return dots * factor
 
     @cached_property
     @_full_precision
     def mean_grad_sq_norm(self) -> Tensor:
         """|gbar|^2 = |S|^2 / B^2, S the sum over samples of every parameter's gradient."""
-        if self.process_group is None:
-            terms = [g.sum_sq_norm(self._sum_of(name)) for name, g in self._per_sample.items()]
-        else:
-            terms = [_sq_norm(s) for s in self.grad_sum.values()]
-        if not terms:
-            return torch.zeros((), device=self._device)
-        return torch.stack(terms).sum() / self.global_batch_size ** 2
+        sq = self._cosine_terms[1]
+        factor = 1.0 / self.global_batch_size ** 2
+        return sq * factor if self._scale is None else sq * (self._scale ** 2 * factor)
+
+    @cached_property
+    @_full_precision
+    def mean_grad_norm(self) -> Tensor:
+        """|gbar|, from the scaled |S|^2 (finite and non-zero whenever |gbar| itself fits)."""
+        root = self._cosine_terms[1].clamp_min(0).sqrt()
+        return root * ((1.0 if self._scale is None else self._scale) / self.global_batch_size)
 
     @cached_property
     @_full_precision
     def cosines(self) -> Tensor:
-        denominator = self.norms * self.mean_grad_sq_norm.sqrt()
-        ok = denominator > 0
-        return torch.where(ok, self.dots_with_mean / torch.where(ok, denominator, 1.0), 0.0)
+        dots, sum_sq = self._cosine_terms  # first: the Gram route's diagonal then gives the norms
+        denominator = self._norms * sum_sq.sqrt()  # NaN for a (rounding-)negative |S|^2: cosine 0
+        return torch.where(denominator > 0, dots / denominator, 0.0)
+
+    def scaled_sums(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(|g_i|^2, <g_i, S>, |S|^2), all divided by the same scale^2: for ratios such as the
+        leave-one-out cosines, which then never overflow or underflow."""
+        dots, sum_sq = self._cosine_terms
+        return self._sq_norms, dots, sum_sq
+
+    # ------------------------------------------------------------ parameter-sized results
 
     @cached_property
     @_full_precision
     def grad_sq_sum(self) -> dict[str, Tensor]:
         """{param name: sum_i g_i**2}; over every rank's samples with a process group."""
-        local = {name: g.sq_sum() for name, g in self._per_sample.items()}
+        local = self._unscaled(self._by_name(lambda u: u.sq_sums()), power=2)
         if self.process_group is None:
             return local
         if "grad_sum" in self.__dict__:
@@ -196,7 +332,7 @@ class GradientStats:
         2P + 1 numbers when neither was reduced yet (what GSNRAccumulator reads)."""
         if self.process_group is not None and "grad_sum" not in self.__dict__ \
                 and "grad_sq_sum" not in self.__dict__:
-            local_sq = {name: g.sq_sum() for name, g in self._per_sample.items()}
+            local_sq = self._unscaled(self._by_name(lambda u: u.sq_sums()), power=2)
             self.__dict__["grad_sum"], self.__dict__["grad_sq_sum"] = self._reduce(
                 self.local_grad_sum, local_sq, count=True)
         return self.grad_sum, self.grad_sq_sum
@@ -204,14 +340,24 @@ class GradientStats:
     @_full_precision
     def dots(self, reference: dict[str, Tensor]) -> Tensor:
         """(B,) <g_i, R> for a reference gradient R given as {param name: tensor}."""
-        return self._sum_over_params(lambda name, g: g.dots(reference[name]))
+        total = units_.add_all([u.dots([reference[n] for n in u.names]) for u in self._units])
+        if total is None:
+            return self._zeros()
+        return total if self._scale is None else total * self._scale
 
     @_full_precision
-    def weighted_sum(self, w: Tensor | None) -> dict[str, Tensor]:
-        """{param name: sum_i w_i g_i} for weights w of shape (B,) (None: all ones). With a
-        process group each rank passes its own samples' weights and gets the sum over every
-        rank's samples (one all-reduce of P numbers)."""
-        local = {name: g.weighted_sum(w) for name, g in self._per_sample.items()}
+    def weighted_sum(self, w: Tensor | None, *, factor: float = 1.0) -> dict[str, Tensor]:
+        """{param name: factor * sum_i w_i g_i} for weights w of shape (B,) (None: all ones).
+        With a process group each rank passes its own samples' weights and gets the sum over
+        every rank's samples (one all-reduce of P numbers)."""
+        if self._scale is not None:
+            factor = self._scale * factor
+        if w is None:  # every weight `factor`
+            w = (factor.expand(self.batch_size) if isinstance(factor, Tensor)
+                 else torch.full((self.batch_size,), factor, device=self._device, dtype=self.dtype))
+        elif not (isinstance(factor, float) and factor == 1.0):
+            w = w * factor
+        local = self._by_name(lambda u: u.weighted(w))
         if self.process_group is None:
             return local
         return self._reduce(local, count=False)[0]

@@ -23,39 +23,25 @@ Precision: the factors are captured as the forward made them (bfloat16 or float1
 autocast or in a half model) and upcast to float32 when a representation is built, so every
 product and sum runs in float32 (a squared norm of float16 numbers would overflow at 65504).
 Statistics come out in float32 (float64 for a float64 model).
+
+Here: the factored representations (Factored, FactoredBias) and the choice of their routes;
+engine/dense.py: Dense, IndexedRows, RowBlocks and the precision helpers.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from gradalign.engine.dense import (Dense, IndexedRows, RowBlocks, _FromSum, _sq_norm,  # noqa: F401 - re-exported
+                                    full_precision, upcast)
 
 # Materialise per-sample gradients in chunks of at most this many numbers.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def upcast(t: Tensor) -> Tensor:
-    """A floating tensor narrower than float32 (bfloat16, float16) as float32; others as they are."""
-    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
-
-
-def full_precision(device: torch.device | None):
-    """A context with autocast off on `device` (where it is on): statistics read inside an
-    autocast region are still computed in float32 from the upcast factors."""
-    if device is None or device.type not in ("cpu", "cuda", "xpu", "mps", "hpu") or not _autocast_on(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
@@ -64,20 +50,40 @@ def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
     return T * (n_in + n_out) <= n_in * n_out
 
 
-def _sq_norm(t: Tensor) -> Tensor:
-    """|t|^2 as one dot product (no squared copy of t)."""
-    flat = t.reshape(-1)
-    return flat.dot(flat)
+# Per-sample gradients formed for the cosine terms: a cache-sized chunk at a time (this many
+# numbers), or a whole layer at once for its Gram matrix (at most this many numbers, and at most
+# twice its factors); a pass over a cache-hot chunk costs about as much as _PASS_COST multiply-adds
+# per number (set from benchmarks/engine.py on a CPU: vit_linear's GASW step is ~5% faster with the
+# chunked route than with the factors, which a cost of 4 would choose).
+_CACHE_ELEMENTS = 1 << 17
+_FORMED_ELEMENTS = 1 << 22
+_PASS_COST = 2
 
 
-class _FromSum:
-    """<g_i, S> and |S|^2 from S itself, for representations with no cheaper route."""
+def cosine_route(B: int, G: int, T: int, n_in: int, n_out: int, have_sum: bool) -> str:
+    """The cheapest route to a Factored layer's |g_i|^2, <g_i, S> and |S|^2. Multiply-adds per
+    sample and group, n = n_in n_out, S costing T n unless given:
+      'gram'         T = 1: the (B, B) Gram matrix from the factors, B (n_in + n_out); T > 1: the
+                     per-sample gradients formed (T n) for their Gram matrix (B n), where they fit.
+                     Needs no S.
+      'factors'      S; norms from the ghost or chunked route, min(T^2 (n_in + n_out), T n); and
+                     d S a^T, T n.
+      'materialise'  S; the per-sample gradients formed a cache-sized chunk at a time (T n), each
+                     chunk passed over twice, for its norms and its dots with S."""
+    n = n_in * n_out
+    S = 0 if have_sum else T * n
+    if T == 1:
+        return "gram" if B * (n_in + n_out) < S + n else "factors"
+    costs = {"factors": S + T * n + min(T * T * (n_in + n_out), T * n),
+             "materialise": S + T * n + 2 * _PASS_COST * n}
+    if B * G * n <= _FORMED_ELEMENTS and n <= 2 * T * (n_in + n_out):
+        costs["gram"] = T * n + B * n + _PASS_COST * n
+    return min(costs, key=costs.get)
 
-    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
-        return self.dots(total())
 
-    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
-        return _sq_norm(total())
+def _one(t: Tensor) -> Tensor:
+    """A 0-d 1 of t's dtype and device: the bias's column of ones, added where a product is formed."""
+    return torch.ones((), dtype=t.dtype, device=t.device)
 
 
 @dataclass
@@ -90,6 +96,11 @@ class Factored:
     laid out group-major as (G * n_out, n_in) (nn.Linear: G = T = 1 or T = tokens;
     nn.Conv: T = output positions, n_in = in_channels/groups * kernel size).
     The common case G = T = 1 runs on 2-D views a (B, n_in), d (B, n_out).
+
+    A bias added to this map's output (`bias()`, g_i(b) = sum_t D_it) is a column of ones in
+    A: the methods taking `bias=True` answer for the weight and that bias together, with one
+    product where the two parameters apart would need two (|g_i|^2 = (|a_i|^2 + 1) |d_i|^2,
+    K = (A A^T + 1) * (D D^T), d_i^T (S_W a_i + S_b)). `GradientStats` pairs them.
     """
 
     A: Tensor
@@ -102,8 +113,28 @@ class Factored:
 
     def __post_init__(self):
         A, D = upcast(self.A), upcast(self.D)
-        dtype = torch.promote_types(A.dtype, D.dtype)
-        self.A, self.D = A.to(dtype), D.to(dtype)
+        if A.dtype != D.dtype:
+            dtype = torch.promote_types(A.dtype, D.dtype)
+            A, D = A.to(dtype), D.to(dtype)
+        self.A, self.D = A, D
+
+    @classmethod
+    def rows(cls, a: Tensor, d: Tensor, shape: torch.Size) -> "Factored":
+        """From a (B, ..., n_in) and d (B, ..., n_out), positions in the middle dims (nn.Linear);
+        (B, n_in), (B, n_out) stay 2-D views with no copies or extra operator calls."""
+        B = a.shape[0]
+        if a.dim() != 2:
+            return cls(a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1]), shape)
+        a, d = upcast(a), upcast(d)
+        if a.dtype != d.dtype:
+            dtype = torch.promote_types(a.dtype, d.dtype)
+            a, d = a.to(dtype), d.to(dtype)
+        out = cls(a.view(B, 1, 1, a.shape[1]), d.view(B, 1, 1, d.shape[1]), shape)
+        out.__dict__["_flat"] = (a, d)
+        return out
+
+    def _shaped(self, t: Tensor) -> Tensor:
+        return t if t.shape == self.shape else t.reshape(self.shape)
 
     @property
     def _B(self) -> int:
@@ -116,24 +147,92 @@ class Factored:
             return self.A[:, 0, 0], self.D[:, 0, 0]
         return None
 
+    def bias(self) -> "FactoredBias":
+        """The per-sample gradients of a bias added to this map's output (G * n_out numbers)."""
+        return FactoredBias(self)
+
     def _as_matrix(self, R: Tensor) -> Tensor:  # (G, n_out, n_in)
         return R.reshape(self.A.shape[1], self.D.shape[3], self.A.shape[3])
 
     def _ghost_is_cheaper(self) -> bool:
         return ghost_is_cheaper(self.A.shape[2], self.A.shape[3], self.D.shape[3])
 
+    # ------------------------------------------------------------ routes
+
+    def cosine_route(self, have_sum: bool) -> str:
+        """'gram', 'factors' or 'materialise': the cheapest route to |g_i|^2, <g_i, S> and |S|^2."""
+        B, G, T, n_in = self.A.shape
+        return cosine_route(B, G, T, n_in, self.D.shape[3], have_sum)
+
     def uses_gram(self) -> bool:
-        """Whether <g_i, gbar> and |gbar|^2 come from the B x B Gram matrix (T = 1 only):
-        it costs B^2 (n_in + n_out) against B n_in n_out for forming gbar and d_i^T gbar a_i."""
-        B, _, T, n_in = self.A.shape
-        n_out = self.D.shape[3]
-        return T == 1 and B * (n_in + n_out) < n_in * n_out
+        """Whether `dots_with_sum` and `sum_sq_norm` (the per-parameter interface) use the Gram matrix."""
+        return self.cosine_route(have_sum=False) == "gram"
 
     @cached_property
     def gram(self) -> Tensor:
         """(B, B) K_ij = <g_i, g_j> = sum_g (a_i.a_j)(d_i.d_j), for T = 1."""
+        return self.add_gram(None)
+
+    def add_gram(self, K: Tensor | None, bias: bool = False) -> Tensor:
+        """K + this parameter's (B, B) Gram matrix (with bias=True, of the weight and its bias:
+        (a_i.a_j + 1)(d_i.d_j) for T = 1); K is updated in place (None: a new matrix). For T > 1
+        from the per-sample gradients formed at once, (B, G n_out n_in)."""
+        B, G, T, _ = self.A.shape
+        if T > 1:
+            g = self._formed(self.A, self.D).reshape(B, -1)
+            K = g @ g.T if K is None else K.addmm_(g, g.T)
+            if bias:
+                b = self.D.sum(2).reshape(B, -1)
+                K.addmm_(b, b.T)
+            return K
+        flat = self._flat
+        if flat is not None:
+            a, d = flat
+            aa, dd = F.linear(a, a), F.linear(d, d)  # a a^T, d d^T (F.linear: no transpose call)
+            if bias:
+                aa += 1
+            return aa.mul_(dd) if K is None else K.addcmul_(aa, dd)
         a, d = self.A[:, :, 0].transpose(0, 1), self.D[:, :, 0].transpose(0, 1)  # (G, B, n)
-        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum(0)
+        aa = torch.baddbmm(_one(a), a, a.transpose(1, 2)) if bias else a @ a.transpose(1, 2)
+        term = (aa.mul_(d @ d.transpose(1, 2))).sum(0)
+        return term if K is None else K.add_(term)
+
+    @staticmethod
+    def _formed(A: Tensor, D: Tensor, out: Tensor | None = None) -> Tensor:
+        """The per-sample gradients of factors A, D (b samples), (b, G n_out n_in), in `out` if given."""
+        b, G, _, n_in = A.shape
+        n_out = D.shape[3]
+        if G == 1:
+            shaped = None if out is None else out.view(b, n_out, n_in)
+            return torch.bmm(D[:, 0].transpose(1, 2), A[:, 0], out=shaped).view(b, -1)
+        g = torch.einsum("bgto,bgti->bgoi", D, A).reshape(b, -1)
+        return g if out is None else out.copy_(g)
+
+    def cosine_terms(self, bias: bool, S: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(|g_i|^2, <g_i, S>) for S = [S_W(, S_b)], from the per-sample gradients formed a
+        cache-sized chunk of samples at a time (the 'materialise' route): one product per chunk,
+        then its norms and its products with S while it is in cache; the bias (when `bias`)
+        from its own (B, G n_out) gradients sum_t d_it."""
+        B, G, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
+        n = G * n_out * n_in
+        R = S[0].reshape(-1)
+        R = R if R.dtype == self.A.dtype else R.to(self.A.dtype)
+        step = max(1, _CACHE_ELEMENTS // n)
+        buffer = self.A.new_empty(min(step, B), n)
+        norms, dots = self.A.new_empty(B), self.A.new_empty(B)
+        for start in range(0, B, step):
+            a, d = self.A[start:start + step], self.D[start:start + step]
+            g = self._formed(a, d, out=buffer[:a.shape[0]])
+            torch.linalg.vector_norm(g, dim=1, out=norms[start:start + step])
+            torch.mv(g, R, out=dots[start:start + step])
+        sq = norms.square_()
+        if bias:
+            b = self.D.sum(2).reshape(B, -1)
+            Rb = S[1].reshape(-1).to(b.dtype)
+            sq = sq.add_(torch.linalg.vecdot(b, b))
+            dots = dots.add_(b @ Rb)
+        return sq, dots
 
     def _materialised_chunks(self):
         """Yield (start, (b, G, n_out, n_in)) chunks of the per-sample gradients."""
@@ -143,34 +242,63 @@ class Factored:
             a, d = self.A[start:start + step], self.D[start:start + step]
             yield start, torch.einsum("bgto,bgti->bgoi", d, a)
 
-    def sq_norms(self) -> Tensor:
+    # ------------------------------------------------------------ statistics
+
+    def sq_norms(self, bias: bool = False) -> Tensor:
+        """(B,) |g_i|^2 (with bias=True: of the weight and its bias together)."""
         A, D = self.A, self.D
-        if "gram" in self.__dict__:
+        if "gram" in self.__dict__ and not bias:
             return self.gram.diagonal()
         flat = self._flat
-        if flat is not None:  # |d a^T|^2 = |a|^2 |d|^2
+        if flat is not None:  # |d a^T|^2 = |a|^2 |d|^2; with the bias (|a|^2 + 1) |d|^2
             a, d = flat
-            return torch.linalg.vecdot(a, a) * torch.linalg.vecdot(d, d)
+            aa, dd = torch.linalg.vecdot(a, a), torch.linalg.vecdot(d, d)
+            return torch.addcmul(dd, aa, dd) if bias else aa * dd
+        B = self._B
         if A.shape[2] == 1:
-            return (A.square().sum(-1) * D.square().sum(-1)).sum(dim=(1, 2))
-        if self._ghost_is_cheaper():  # <A A^T, D D^T> per sample and group
-            gram_a = A @ A.transpose(-1, -2)  # (B, G, T, T)
-            gram_d = D @ D.transpose(-1, -2)
-            return (gram_a * gram_d).sum(dim=(1, 2, 3))
-        out = A.new_empty(self._B)
+            aa = A.square().sum(-1)
+            return ((aa + 1 if bias else aa) * D.square().sum(-1)).sum(dim=(1, 2))
+        if self._ghost_is_cheaper():  # <A A^T (+ 1), D D^T> per sample and group
+            AA = A @ A.transpose(-1, -2)  # (B, G, T, T)
+            if bias:
+                AA += 1
+            return torch.linalg.vecdot(AA.reshape(B, -1), (D @ D.transpose(-1, -2)).reshape(B, -1))
+        out = A.new_empty(B)
         for start, g in self._materialised_chunks():
             out[start:start + g.shape[0]] = g.square().sum(dim=(1, 2, 3))
+        if bias:
+            b = D.sum(2).reshape(B, -1)
+            out += torch.linalg.vecdot(b, b)
         return out
 
-    def dots(self, R: Tensor) -> Tensor:
-        R = R.to(self.A.dtype)
+    def dots(self, R: Tensor, Rb: Tensor | None = None) -> Tensor:
+        """(B,) <g_i, R> = sum_t d_it^T R a_it; with Rb (the bias's R), plus <g_i(b), Rb>."""
+        dtype = self.A.dtype
+        R = R if R.dtype == dtype else R.to(dtype)
+        if Rb is not None and Rb.dtype != dtype:
+            Rb = Rb.to(dtype)
+        B, G, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
         flat = self._flat
-        if flat is not None:
+        if flat is not None:  # <u_i, d_i>, u_i = R a_i (+ Rb)
             a, d = flat
-            return torch.linalg.vecdot(d @ R.reshape(d.shape[1], a.shape[1]), a)
+            Rm = R if R.dim() == 2 else R.reshape(n_out, n_in)
+            if Rb is None and n_in < n_out:  # the narrower intermediate: d R
+                return torch.linalg.vecdot(d @ Rm, a)
+            return torch.linalg.vecdot(F.linear(a, Rm, Rb), d)
+        if G == 1:  # u_it = R a_it (+ Rb), then <u_it, d_it> summed over positions
+            Rm = R.reshape(n_out, n_in)
+            a = self.A.reshape(B * T, n_in)
+            if Rb is None and n_in < n_out:  # the narrower intermediate: d R
+                return torch.linalg.vecdot((self.D.reshape(B * T, n_out) @ Rm).view(B, -1), self.A.reshape(B, -1))
+            u = torch.addmm(Rb.reshape(-1), a, Rm.T) if Rb is not None else a @ Rm.T
+            return torch.linalg.vecdot(u.view(B, -1), self.D.reshape(B, -1))
         # <d a^T, R> = d^T R a, summed over positions and groups
         DR = torch.einsum("bgto,goi->bgti", self.D, self._as_matrix(R))
-        return (DR * self.A).sum(dim=(1, 2, 3))
+        out = (DR * self.A).sum(dim=(1, 2, 3))
+        if Rb is not None:
+            out = out + self.D.sum(2).reshape(B, -1) @ Rb.reshape(-1)
+        return out
 
     def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
         """<g_i, S> = sum_j K_ij on the Gram route, else d_i^T S a_i."""
@@ -180,26 +308,47 @@ class Factored:
         """|S|^2 = sum_ij K_ij on the Gram route, else from S itself."""
         return self.gram.sum() if self.uses_gram() else _sq_norm(total())
 
-    def weighted_sum(self, w: Tensor | None) -> Tensor:
-        flat = self._flat
-        if flat is not None:
-            a, d = flat
+    def weighted_sums(self, w: Tensor | None, bias: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(sum_i w_i g_i(W), sum_i w_i g_i(b) or None without bias); w = None: all ones."""
+        B, G, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
+        if G == 1:
+            a, d = self._flat or (self.A.reshape(B * T, n_in), self.D.reshape(B * T, n_out))
             if w is None:
-                return d.T.mm(a).reshape(self.shape)
-            if d.shape[1] <= a.shape[1]:  # scale the narrower factor
-                return (d * w.unsqueeze(1)).T.mm(a).reshape(self.shape)
-            return d.T.mm(a * w.unsqueeze(1)).reshape(self.shape)
-        D = self.D if w is None else self.D * w.view(-1, 1, 1, 1)
-        return torch.einsum("bgto,bgti->goi", D, self.A).reshape(self.shape)
+                return self._shaped(d.T.mm(a)), (d.sum(0) if bias else None)
+            w = w.to(a.dtype) if w.dtype != a.dtype else w
+            if n_in < n_out:  # scale the narrower factor (less memory traffic than scaling d)
+                aw = a * w[:, None] if T == 1 else (self.A * w.view(-1, 1, 1, 1)).reshape(B * T, n_in)
+                bias_sum = None
+                if bias:
+                    bias_sum = w @ (d if T == 1 else self.D.sum(2).view(B, n_out))
+                return self._shaped(d.T.mm(aw)), bias_sum
+            dw = d * w[:, None] if T == 1 else (self.D * w.view(-1, 1, 1, 1)).reshape(B * T, n_out)
+            return self._shaped(dw.T.mm(a)), (dw.sum(0) if bias else None)
+        D = self.D if w is None else self.D * w.to(self.D.dtype).view(-1, 1, 1, 1)
+        return (torch.einsum("bgto,bgti->goi", D, self.A).reshape(self.shape),
+                D.sum(dim=(0, 2)).reshape(-1) if bias else None)
 
-    def sq_sum(self) -> Tensor:
+    def weighted_sum(self, w: Tensor | None) -> Tensor:
+        return self.weighted_sums(w)[0]
+
+    def sq_sums(self, bias: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(sum_i g_i(W)**2, sum_i g_i(b)**2 or None without bias), elementwise."""
         A, D = self.A, self.D
+        bias_sq = None
         if A.shape[2] == 1:  # sum_i (d_i a_i^T)^2 = (d^2)^T (a^2)
-            return torch.einsum("bgo,bgi->goi", D[:, :, 0].square(), A[:, :, 0].square()).reshape(self.shape)
+            d2 = D[:, :, 0].square()
+            weight = torch.einsum("bgo,bgi->goi", d2, A[:, :, 0].square()).reshape(self.shape)
+            return weight, (d2.sum(0).reshape(-1) if bias else None)
         total = A.new_zeros(A.shape[1], D.shape[3], A.shape[3])
         for _, g in self._materialised_chunks():
             total += g.square().sum(0)
-        return total.reshape(self.shape)
+        if bias:
+            bias_sq = D.sum(2).square().sum(0).reshape(-1)
+        return total.reshape(self.shape), bias_sq
+
+    def sq_sum(self) -> Tensor:
+        return self.sq_sums()[0]
 
     def merge(self, other: "PerSampleGrad") -> "PerSampleGrad":
         if not isinstance(other, Factored):
@@ -211,160 +360,45 @@ class Factored:
         return Dense(torch.einsum("bgto,bgti->bgoi", self.D, self.A).reshape(self._B, *self.shape))
 
 
-@dataclass
-class IndexedRows(_FromSum):
-    """g_i = sum_t onehot(index[i, t]) D[i, t]^T for a (num_rows, dim) table (nn.Embedding).
+@dataclass(eq=False)
+class FactoredBias(_FromSum):
+    """g_i(b) = sum_t D[i, g, t] (all groups, group-major): the bias added to the output of the
+    Factored map `of` (nn.Linear's, a convolution's on its ghost route). On its own it is Dense
+    (its gradients are formed on first use); next to `of` in one GradientStats, the pair is served
+    by `of` alone with bias=True (the bias as a column of ones in A), and this is never formed."""
 
-    index: (B, T) long, D: (B, T, dim) output gradients.
-    """
-
-    index: Tensor
-    D: Tensor
-    num_rows: int
+    of: Factored
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.D.dtype
+        return self.of.dtype
 
-    def __post_init__(self):
-        self.D = upcast(self.D)
+    @cached_property
+    def grads(self) -> Tensor:  # (B, G * n_out)
+        if self.of._flat is not None:
+            return self.of._flat[1]
+        D = self.of.D
+        return (D[:, :, 0] if D.shape[2] == 1 else D.sum(2)).reshape(D.shape[0], -1)
 
-    def _per_sample_rows(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Every distinct (sample, row) pair's sample, row and summed gradient, in B T slots (unused
-        slots: sample 0, row 0, zero gradient): (B T,), (B T,), (B T, dim). Sorting the pairs
-        instead of torch.unique keeps every shape fixed, so nothing waits for the device."""
-        B, T = self.index.shape
-        key = torch.arange(B, device=self.index.device).unsqueeze(1) * self.num_rows + self.index
-        key, order = key.reshape(-1).sort()
-        first = torch.ones_like(key, dtype=torch.bool)
-        first[1:] = key[1:] != key[:-1]
-        slot = first.cumsum(0) - 1  # (B T,) the slot of each entry's (sample, row) pair
-        grads = self.D.new_zeros(B * T, self.D.shape[-1])
-        grads.index_add_(0, slot, self.D.reshape(B * T, -1)[order])
-        rows = torch.zeros_like(key).scatter_(0, slot, key % self.num_rows)
-        samples = torch.zeros_like(key).scatter_(0, slot, key // self.num_rows)
-        return samples, rows, grads
+    def dense(self) -> "Dense":
+        return Dense(self.grads)
 
     def sq_norms(self) -> Tensor:
-        B, T = self.index.shape
-        if T > 4 * self.D.shape[-1]:  # many lookups of short rows (T5's (T, T) relative-position buckets):
-            samples, _, grads = self._per_sample_rows()  # sum each (sample, row) first, B T dim not B T^2
-            return grads.new_zeros(B).index_add_(0, samples, torch.linalg.vecdot(grads, grads))
-        # |g_i|^2 = sum_{t,s} [index_it == index_is] d_it . d_is
-        same = (self.index.unsqueeze(2) == self.index.unsqueeze(1)).to(self.D.dtype)
-        return (same * (self.D @ self.D.transpose(1, 2))).sum(dim=(1, 2))
+        return torch.linalg.vecdot(self.grads, self.grads)
 
     def dots(self, R: Tensor) -> Tensor:
-        return (R.to(self.D.dtype)[self.index] * self.D).sum(dim=(1, 2))
+        return self.grads @ R.reshape(-1).to(self.grads.dtype)
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
-        D = self.D if w is None else self.D * w.view(-1, 1, 1)
-        out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
-        out.index_add_(0, self.index.reshape(-1), D.reshape(-1, self.D.shape[-1]))
-        return out
-
-    def sq_sum(self) -> Tensor:
-        _, rows, grads = self._per_sample_rows()
-        out = self.D.new_zeros(self.num_rows, self.D.shape[-1])
-        out.index_add_(0, rows, grads.square())
-        return out
-
-    def merge(self, other: "IndexedRows") -> "IndexedRows":
-        return IndexedRows(torch.cat([self.index, other.index], 1), torch.cat([self.D, other.D], 1), self.num_rows)
-
-
-@dataclass
-class Dense(_FromSum):
-    """The per-sample gradients themselves, grads: (B, *shape). For small parameters only
-    (biases, normalisation affines) or the torch.func fallback."""
-
-    grads: Tensor
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.grads.dtype
-
-    def __post_init__(self):
-        self.grads = upcast(self.grads)
-
-    def _flat(self) -> Tensor:  # (B, P); reshape, as a scalar parameter's grads are (B,)
-        return self.grads.reshape(self.grads.shape[0], -1)
-
-    def sq_norms(self) -> Tensor:
-        flat = self._flat()
-        return torch.linalg.vecdot(flat, flat)
-
-    def dots(self, R: Tensor) -> Tensor:
-        return self._flat() @ R.reshape(-1).to(self.grads.dtype)
-
-    def weighted_sum(self, w: Tensor | None) -> Tensor:
-        return self.grads.sum(0) if w is None else torch.tensordot(w.to(self.grads.dtype), self.grads, dims=1)
+        return self.grads.sum(0) if w is None else w.to(self.grads.dtype) @ self.grads
 
     def sq_sum(self) -> Tensor:
         return self.grads.square().sum(0)
 
-    def merge(self, other: "PerSampleGrad") -> "Dense":
-        return Dense(self.grads + (other.grads if isinstance(other, Dense) else other.dense().grads))
-
-    def dense(self) -> "Dense":
-        return self
-
-
-@dataclass
-class RowBlocks:
-    """g_i = cat_k g_i^(k) along dim 0: a parameter whose row blocks are served separately
-    (nn.MultiheadAttention's packed in_proj_weight when query and key/value differ).
-
-    blocks: per-sample gradients of each row block, of `sizes[k]` rows each; shape: the whole.
-    """
-
-    blocks: list
-    sizes: list[int]
-    shape: torch.Size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.blocks[0].dtype
-
-    def _split(self, R: Tensor) -> tuple[Tensor, ...]:
-        return R.reshape(self.shape).split(self.sizes)
-
-    def sq_norms(self) -> Tensor:
-        return sum(b.sq_norms() for b in self.blocks)
-
-    def dots(self, R: Tensor) -> Tensor:
-        return sum(b.dots(r) for b, r in zip(self.blocks, self._split(R)))
-
-    def _parts(self, total: Callable[[], Tensor]) -> list[Callable[[], Tensor]]:
-        split = {}  # S is split once, and only if some block asks for it
-
-        def part(k: int) -> Tensor:
-            if not split:
-                split.update(enumerate(self._split(total())))
-            return split[k]
-        return [lambda k=k: part(k) for k in range(len(self.blocks))]
-
-    def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
-        return sum(b.dots_with_sum(t) for b, t in zip(self.blocks, self._parts(total)))
-
-    def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
-        return sum(b.sum_sq_norm(t) for b, t in zip(self.blocks, self._parts(total)))
-
-    def weighted_sum(self, w: Tensor | None) -> Tensor:
-        return torch.cat([b.weighted_sum(w).reshape(n, -1) for b, n in zip(self.blocks, self.sizes)]).reshape(self.shape)
-
-    def sq_sum(self) -> Tensor:
-        return torch.cat([b.sq_sum().reshape(n, -1) for b, n in zip(self.blocks, self.sizes)]).reshape(self.shape)
-
-    def dense(self) -> Dense:
-        grads = [b.dense().grads for b in self.blocks]
-        return Dense(torch.cat([g.reshape(g.shape[0], n, -1) for g, n in zip(grads, self.sizes)], 1)
-                     .reshape(-1, *self.shape))
-
     def merge(self, other: "PerSampleGrad") -> "PerSampleGrad":
-        if isinstance(other, RowBlocks) and other.sizes == self.sizes:
-            return RowBlocks([a.merge(b) for a, b in zip(self.blocks, other.blocks)], self.sizes, self.shape)
+        if isinstance(other, FactoredBias):
+            return FactoredBias(self.of.merge(other.of))
         return self.dense().merge(other)
 
 
-PerSampleGrad = Factored | IndexedRows | Dense | RowBlocks
+PerSampleGrad = Factored | FactoredBias | IndexedRows | Dense | RowBlocks

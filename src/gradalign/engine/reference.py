@@ -57,7 +57,8 @@ def statistics_of(grads: dict[str, Tensor], weights: Tensor | None = None) -> di
     mean = flat.mean(0)
     norms = flat.norm(dim=1)
     denominator = norms * mean.norm()
-    cosines = torch.where(denominator > 0, flat @ mean / denominator.clamp_min(1e-30), torch.zeros_like(norms))
+    cosines = torch.where(denominator > 0, flat @ mean / denominator.clamp_min(torch.finfo(flat.dtype).tiny),
+                          torch.zeros_like(norms))
     return {
         "norms": norms,
         "cosines": cosines,

@@ -1,4 +1,5 @@
-"""One walk over a model: which modules the engine serves with which rule, and every problem.
+"""One walk over a model: which modules the engine serves with which rule, and every problem;
+and `verify`, the check of one backward's per-sample gradients against autograd (verify=True).
 
 `ga.validate(model)` returns the problems without hooking anything (what Opacus users know
 as ModuleValidator); `PerSampleGradients` runs the same walk and refuses the model with all
@@ -8,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from gradalign.engine.gradient_stats import GradientStats
+from gradalign.engine.persample import full_precision
 from gradalign.engine.rules import Rule, RuleRegistry, default_registry
+from gradalign.errors import UnsupportedModuleError
 
 
 @dataclass
@@ -64,3 +69,50 @@ def validate(model: nn.Module, *, registry: RuleRegistry | None = None) -> list[
         assert not problems, "\\n".join(problems)
     """
     return survey(model, registry if registry is not None else default_registry())[1]
+
+
+def verify_rtol(grads: list) -> float:
+    """Tolerance of `verify` for the output gradients of one backward: looser when layers ran in
+    bfloat16 or float16."""
+    dtypes = {g.dtype for g in grads if g is not None}
+    return max([1e-4] + [8 * torch.finfo(dt).eps for dt in dtypes if dt.is_floating_point])
+
+
+def verify(stats: GradientStats, losses: Tensor, all_params: dict[str, nn.Parameter], rtol: float) -> None:
+    """Check the per-sample gradients against autograd, twice: sum_i v_i g_i against the
+    gradient of sum_i v_i l_i for weights v that tell the samples apart (catches a parameter
+    used where no hook sees it, or a gradient given to the wrong sample), and the first
+    sample's and the largest one's squared norm against a backward of that sample's loss
+    alone (catches a module that mixes samples or gets its batch on another dim, e.g. a
+    (T, B, ...) input with T == B)."""
+    B = stats.batch_size
+    v = torch.rand(B, generator=torch.Generator().manual_seed(0)) + 0.5
+    v = v.to(losses.device, torch.promote_types(losses.dtype, torch.float32))
+    with full_precision(losses.device):  # the representations hold g_i / scale
+        vs = v * (stats.scale.to(v.dtype) / B)
+        local = {n: g.weighted_sum(vs) for n, g in stats._per_sample.items()}  # this rank's samples
+    names = list(local)
+    params = [all_params[n] for n in names]
+    expected = torch.autograd.grad((losses * v.to(losses.dtype)).sum() / B, params, allow_unused=True,
+                                   retain_graph=True)
+    for name, mine, exp in zip(names, local.values(), expected):
+        exp = torch.zeros_like(mine) if exp is None else exp.to(mine.dtype)
+        if not torch.allclose(mine, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
+            raise UnsupportedModuleError(
+                f"per-sample gradients of {name} do not add up to autograd's gradient: the parameter is "
+                "used outside its module's forward, a module mixes samples, or a module's input has the "
+                "batch size on its batch dim without carrying the batch (declare such a module with "
+                "RuleRegistry.register_shared)")
+    norms = stats.norms.double()  # not sq_norms: |g_i|^2 may overflow float32 where |g_i| does not
+    samples = sorted({0, int(norms.argmax())})
+    for k, i in enumerate(samples):
+        own = torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=k + 1 < len(samples))
+        exact = sum(g.double().square().sum() for g in own if g is not None)
+        got = norms[i].square()
+        if not torch.isclose(got, torch.as_tensor(float(exact), dtype=torch.float64), rtol=10 * rtol,
+                             atol=rtol * float(norms.max().square())):
+            raise UnsupportedModuleError(
+                f"the per-sample gradient of sample {i} has |g|^2 = {float(got):.6g}, but a backward of its "
+                f"loss alone gives {float(exact):.6g}: a module mixes the samples of a batch, or a layer got "
+                "its batch on another dim than the one the engine uses (the batch must be dim 0 of every "
+                "hooked module's input, dim 1 inside an nn.Transformer* with batch_first=False)")

@@ -39,16 +39,20 @@ class _CosineWeighting:
     only reading `fallbacks` (or last_zero_fraction, last_entropy) does.
     """
 
+    finite_weights = True  # never NaN or infinite (degenerate steps fall back): the engine skips its check
+    needs = frozenset({"norms", "cosines"})  # what it reads: the engine's backward prepares S for it
+
     def __init__(self, gamma: float = 2.0, *, leave_one_out: bool = False):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
         self.gamma = float(gamma)
         self.leave_one_out = leave_one_out
         self.steps = 0
-        self._fallbacks: Tensor | int = 0  # a tensor on the statistics' device after the first step
+        self._usable: Tensor | int = 0  # steps with usable weights; a tensor on the statistics' device
         self.last_weights: Tensor | None = None
 
     def _raw(self, cosines: Tensor) -> Tensor:
+        """Raw weights >= 0 from the cosines (which may stray outside [-1, 1] by rounding)."""
         raise NotImplementedError
 
     def __call__(self, stats: GradientStats) -> Tensor:
@@ -57,13 +61,21 @@ class _CosineWeighting:
         B, reduce = _global_batch(stats), getattr(stats, "sum_over_ranks", None)
         self.steps += 1
         cosines = leave_one_out_cosines(stats) if self.leave_one_out else stats.cosines
-        raw = self._raw(cosines.clamp(-1.0, 1.0))
+        raw = self._raw(cosines)
         total = raw.sum() if reduce is None else reduce(raw.sum())
-        # raw >= 0, so a finite (global) total means every rank's raw weights are finite; the
-        # choice stays on the device: no host read per step
-        usable = torch.isfinite(raw).all() & torch.isfinite(total) & (total > 0) & (stats.mean_grad_sq_norm > 0)
-        weights = torch.where(usable, raw * (B / torch.where(usable, total, 1.0)), 1.0)
-        self._fallbacks = self._fallbacks + (~usable).long()
+        # raw >= 0, so a finite (global) total means every rank's raw weights are finite. |S|^2
+        # over the statistics' scale rather than |gbar|^2, which underflows to 0 for tiny (e.g.
+        # loss-scaled) gradients
+        scaled = getattr(stats, "scaled_sums", None)
+        sum_sq = scaled()[2] if scaled is not None else stats.mean_grad_sq_norm
+        if total.device.type == "cpu":  # a host read is free: decide here, in fewer operator calls
+            t = float(total)
+            usable = math.isfinite(t) and t > 0 and float(sum_sq) > 0
+            weights = raw * (B / t) if usable else torch.ones_like(raw)
+        else:  # on the device: no host read per step
+            usable = torch.isfinite(total) & (total > 0) & (sum_sq > 0)
+            weights = torch.where(usable, raw * (B / total), 1.0)  # (B / total is masked where unusable)
+        self._usable = self._usable + usable
         self.last_weights = weights
         return weights
 
@@ -72,7 +84,13 @@ class _CosineWeighting:
         return {"steps": self.steps, "fallbacks": self.fallbacks}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps, self._fallbacks = int(state["steps"]), int(state["fallbacks"])
+        self.steps = int(state["steps"])
+        self._usable = self.steps - int(state["fallbacks"])
+
+    @property
+    def _fallbacks(self) -> Tensor | int:
+        """Steps that fell back, on the statistics' device (no host read)."""
+        return self.steps - self._usable
 
     @property
     def fallbacks(self) -> int:
@@ -108,7 +126,7 @@ class GASW(_CosineWeighting):
     """
 
     def _raw(self, cosines: Tensor) -> Tensor:
-        return cosines.clamp_min(0).pow(self.gamma)
+        return cosines.clamp(0.0, 1.0).pow(self.gamma)
 
 
 class GDSW(_CosineWeighting):
@@ -118,7 +136,7 @@ class GDSW(_CosineWeighting):
     """
 
     def _raw(self, cosines: Tensor) -> Tensor:
-        return (1 - cosines).pow(self.gamma)
+        return (1 - cosines.clamp(-1.0, 1.0)).pow(self.gamma)
 
 
 def _global_batch(stats) -> int:
@@ -132,14 +150,18 @@ def leave_one_out_cosines(stats: GradientStats) -> Tensor:
     <g_i, gbar_-i> = (B <g_i, gbar> - |g_i|^2) / (B - 1)
     |gbar_-i|^2    = (B^2 |gbar|^2 - 2 B <g_i, gbar> + |g_i|^2) / (B - 1)^2
     A batch of one has no reference: its cosine is 0. Data parallel: B and gbar are global.
+    The cosine is a ratio of squares, formed from GradientStats.scaled_sums (one common scale).
     """
     B = _global_batch(stats)
     if B < 2:
         return torch.zeros_like(stats.norms)
-    dots = stats.dots_with_mean.double()
-    sq = stats.sq_norms.double()
+    if hasattr(stats, "scaled_sums"):  # |g_i|^2, <g_i, S>, |S|^2 over one common scale^2: no overflow
+        sq, dots_sum, sum_sq = (t.double() for t in stats.scaled_sums())
+        dots, mean_sq = dots_sum / B, sum_sq / (B * B)
+    else:
+        dots, sq, mean_sq = stats.dots_with_mean.double(), stats.sq_norms.double(), stats.mean_grad_sq_norm.double()
     dot_loo = (B * dots - sq) / (B - 1)
-    ref_sq = ((B * B * stats.mean_grad_sq_norm.double() - 2 * B * dots + sq) / (B - 1) ** 2).clamp_min(0)
+    ref_sq = ((B * B * mean_sq - 2 * B * dots + sq) / (B - 1) ** 2).clamp_min(0)
     denominator = (sq.clamp_min(0) * ref_sq).sqrt()
     cos = torch.where(denominator > 0, dot_loo / denominator.clamp_min(1e-300), torch.zeros_like(dots))
     return cos.to(stats.norms.dtype)

@@ -20,9 +20,9 @@ from gradalign.engine.rules.attention import (attention_capture, attention_check
 from gradalign.engine.rules.conv import conv_rule
 from gradalign.engine.rules.conv_transpose import conv_transpose_rule
 from gradalign.engine.rules.embedding import embedding_check, embedding_rule
-from gradalign.engine.rules.hf_conv1d import hf_conv1d_rule
 from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_output, fallback_rule
-from gradalign.engine.rules.linear import linear_rule
+from gradalign.engine.rules.hf_conv1d import hf_conv1d_own_cosines, hf_conv1d_rule
+from gradalign.engine.rules.linear import linear_own_cosines, linear_rule
 from gradalign.engine.rules.norm import batch_norm_check, batch_norm_rule, group_norm_rule, layer_norm_rule
 
 
@@ -47,6 +47,9 @@ class Rule:
         (nn.MultiheadAttention's out_proj). Names are then "child.param".
     watch: the module's parameters are watched at their point of use during its forward
         (engine/watch.py); compute (and check_call) serve a call only where watching stops.
+    own_cosines(module, args) -> bool: whether the cosine terms of this call's `own_cosine_params`
+        come without S (from the Gram matrix: `persample.cosine_route`), so the backward need not
+        form their S.
     """
 
     compute: Callable[[nn.Module, tuple, Tensor], dict]
@@ -56,6 +59,8 @@ class Rule:
     output: Callable[[object], tuple] | None = None
     owns: tuple[str, ...] = ()
     watch: bool = False
+    own_cosines: Callable[[nn.Module, tuple], bool] | None = None
+    own_cosine_params: tuple[str, ...] = ()
 
     def reason(self, module: nn.Module) -> str | None:
         return self.check(module) if self.check else None
@@ -127,7 +132,7 @@ def default_registry() -> RuleRegistry:
                     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     registry = RuleRegistry(
         {
-            nn.Linear: Rule(linear_rule),
+            nn.Linear: Rule(linear_rule, own_cosines=linear_own_cosines, own_cosine_params=("weight", "bias")),
             nn.Conv1d: conv,
             nn.Conv2d: conv,
             nn.Conv3d: conv,
@@ -138,7 +143,8 @@ def default_registry() -> RuleRegistry:
             nn.GroupNorm: Rule(group_norm_rule),
             nn.modules.batchnorm._BatchNorm: norm_check,
             nn.Embedding: Rule(embedding_rule, check=embedding_check),
-            "transformers.pytorch_utils.Conv1D": Rule(hf_conv1d_rule),  # GPT-2's transposed Linear
+            "transformers.pytorch_utils.Conv1D": Rule(hf_conv1d_rule, own_cosines=hf_conv1d_own_cosines,
+                                                      own_cosine_params=("weight",)),  # GPT-2's transposed Linear
             nn.MultiheadAttention: Rule(attention_rule, check_call=attention_check_call, capture=attention_capture,
                                         output=attention_output, owns=("out_proj",)),
         },

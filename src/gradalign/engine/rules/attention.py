@@ -193,12 +193,18 @@ def attention_rule(module: nn.MultiheadAttention, args: tuple, grad_output: tupl
 
     E = module.embed_dim
     grads = {}
-    if module._qkv_same_embed_dim:
+    bias = module.in_proj_bias is not None and module.in_proj_bias.requires_grad
+    if module._qkv_same_embed_dim and all(o.same):  # self-attention: one factor pair, dQ dK dV side by side
+        packed = factored(q, torch.cat([dQ, dK, dV], -1), module.in_proj_weight.shape)
+        if module.in_proj_weight.requires_grad:
+            grads["in_proj_weight"] = packed
+        if bias:  # the bias: a column of ones in q
+            grads["in_proj_bias"] = packed.bias()
+            bias = False
+    elif module._qkv_same_embed_dim:
         W = module.in_proj_weight
         if W.requires_grad:
-            if all(o.same):  # self-attention: one factor pair, the three gradients side by side
-                grads["in_proj_weight"] = factored(q, torch.cat([dQ, dK, dV], -1), W.shape)
-            elif o.same[1]:
+            if o.same[1]:
                 grads["in_proj_weight"] = RowBlocks(
                     [factored(q, dQ, (E, E)), factored(k, torch.cat([dK, dV], -1), (2 * E, E))], [E, 2 * E], W.shape)
             else:
@@ -209,7 +215,7 @@ def attention_rule(module: nn.MultiheadAttention, args: tuple, grad_output: tupl
             W = getattr(module, name)
             if W.requires_grad:
                 grads[name] = factored(x, d, W.shape)
-    if module.in_proj_bias is not None and module.in_proj_bias.requires_grad:
+    if bias:
         grads["in_proj_bias"] = Dense(torch.cat([dQ.sum(1), dK.sum(1), dV.sum(1)], -1))
     if module.bias_k is not None:
         for name, g in zip(("bias_k", "bias_v"), d_bias_kv):
@@ -217,8 +223,9 @@ def attention_rule(module: nn.MultiheadAttention, args: tuple, grad_output: tupl
                 grads[name] = Dense(g.reshape(B, 1, 1, E))
     out_proj = module.out_proj
     d = torch.zeros(B, q.shape[1], E, dtype=q.dtype, device=q.device) if d_out is None else first(d_out)
+    projection = factored(out.detach().transpose(0, 1), d, out_proj.weight.shape)
     if out_proj.weight.requires_grad:
-        grads["out_proj.weight"] = factored(out.detach().transpose(0, 1), d, out_proj.weight.shape)
+        grads["out_proj.weight"] = projection
     if out_proj.bias is not None and out_proj.bias.requires_grad:
-        grads["out_proj.bias"] = Dense(d.sum(1))
+        grads["out_proj.bias"] = projection.bias()
     return grads

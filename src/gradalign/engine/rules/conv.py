@@ -92,13 +92,16 @@ def conv_rule(module: Conv, args: tuple, grad_output: Tensor) -> dict:
     check_batched(module, x)
     d = upcast(grad_output)
     x, padding = _padded(module, x)
+    G, K = module.groups, math.prod(module.kernel_size)
+    if module.weight.requires_grad and ghost_is_cheaper(math.prod(d.shape[2:]), x.shape[1] // G * K, d.shape[1] // G):
+        cols = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, C k, *out)
+        factored = Factored(grouped(cols, G), grouped(d, G), module.weight.shape)
+        grads = {"weight": factored}
+        if module.bias is not None and module.bias.requires_grad:  # the bias: ones in the patches
+            grads["bias"] = factored.bias()
+        return grads
     grads = bias_grads(module, d)
     if module.weight.requires_grad:
-        G, K = module.groups, math.prod(module.kernel_size)
-        if ghost_is_cheaper(math.prod(d.shape[2:]), x.shape[1] // G * K, d.shape[1] // G):
-            cols = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, C k, *out)
-            grads["weight"] = Factored(grouped(cols, G), grouped(d, G), module.weight.shape)
-        else:
-            grads["weight"] = Dense(per_sample_weight_grads(x, d, module.weight.shape, module.stride, padding,
-                                                            module.dilation, G))
+        grads["weight"] = Dense(per_sample_weight_grads(x, d, module.weight.shape, module.stride, padding,
+                                                        module.dilation, G))
     return grads

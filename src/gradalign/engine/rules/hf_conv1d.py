@@ -8,7 +8,7 @@ here.
 """
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, Factored, upcast
+from gradalign.engine.persample import Dense, Factored, cosine_route, upcast
 
 
 def hf_conv1d_rule(module: nn.Module, args: tuple, grad_output: Tensor) -> dict:
@@ -22,3 +22,12 @@ def hf_conv1d_rule(module: nn.Module, args: tuple, grad_output: Tensor) -> dict:
     if module.bias is not None and module.bias.requires_grad:
         grads["bias"] = Dense(d.reshape(B, -1) if d.shape[2] == 1 else d.sum(dim=(1, 2)))
     return grads
+
+
+def hf_conv1d_own_cosines(module: nn.Module, args: tuple) -> bool:
+    """Whether the weight's cosine terms come from a Gram matrix, without S (as for nn.Linear)."""
+    x = args[0]
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.numel() == 0:
+        return False
+    n_in, n_out = module.weight.shape
+    return cosine_route(x.shape[0], 1, x.numel() // (x.shape[0] * n_in), n_in, n_out, have_sum=False) == "gram"

@@ -1,19 +1,28 @@
 """nn.Linear: y = a W^T + b over inputs of shape (B, in) or (B, ..., in).
 
-g_i(W) = sum_t d_it a_it^T (one position, T = 1, for (B, in) inputs), g_i(b) = sum_t d_it.
+g_i(W) = sum_t d_it a_it^T (one position, T = 1, for (B, in) inputs), g_i(b) = sum_t d_it: the
+bias is a column of ones in a, so it is served by the weight's factors (persample.FactoredBias).
 """
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, Factored, upcast
+from gradalign.engine.persample import Factored, cosine_route
 
 
 def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
-    a = args[0]
-    B = a.shape[0]
-    d = upcast(grad_output).reshape(B, 1, -1, module.out_features)  # (B, 1, T, out), float32 under autocast
+    factored = Factored.rows(args[0], grad_output, module.weight.shape)  # upcast there
     grads = {}
     if module.weight.requires_grad:
-        grads["weight"] = Factored(a.reshape(B, 1, -1, module.in_features), d, module.weight.shape)
+        grads["weight"] = factored
     if module.bias is not None and module.bias.requires_grad:
-        grads["bias"] = Dense(d.reshape(B, -1) if d.shape[2] == 1 else d.sum(dim=(1, 2)))
+        grads["bias"] = factored.bias()
     return grads
+
+
+def linear_own_cosines(module: nn.Linear, args: tuple) -> bool:
+    """Whether the cosine terms of this call come from a Gram matrix, without S
+    (`persample.cosine_route`, S counted as one more product: it is not otherwise needed)."""
+    a = args[0]
+    if not isinstance(a, Tensor) or a.dim() < 2 or a.numel() == 0:
+        return False
+    T = a.numel() // (a.shape[0] * a.shape[-1])
+    return cosine_route(a.shape[0], 1, T, module.in_features, module.out_features, have_sum=False) == "gram"

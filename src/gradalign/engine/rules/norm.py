@@ -25,7 +25,9 @@ def _affine_grads(module: nn.Module, xhat: Tensor, d: Tensor, channel_shape) -> 
 def layer_norm_rule(module: nn.LayerNorm, args: tuple, grad_output: Tensor) -> dict:
     x, grad_output = upcast(args[0]), upcast(grad_output)
     shape = module.normalized_shape
-    xhat = F.layer_norm(x, shape, eps=module.eps)
+    # with an identity affine map: torch's CPU kernel for that case is about twice as fast as
+    # the one without weight and bias
+    xhat = F.layer_norm(x, shape, x.new_ones(shape), x.new_zeros(shape), eps=module.eps)
     B = x.shape[0]
     return _affine_grads(module, xhat.reshape(B, -1, *shape), grad_output.reshape(B, -1, *shape), shape)
 

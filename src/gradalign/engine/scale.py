@@ -1,0 +1,57 @@
+"""The loss scale of one backward: one power of two that every output gradient is divided by
+before the per-sample representations are built (GradientStats undoes it once per result).
+
+Every per-sample gradient is linear in the output gradients, so the representations then hold
+g_i / scale, and the squares the statistics form (|a|^2 |d|^2, Gram products, |S|^2) stay far
+from float32's overflow (|g_i| > 1.8e19) and underflow (|g_i| < 1e-19) although |g_i| itself
+fits: losses scaled by 1e20 or 1e-30 give the same cosines. A power of two changes no rounding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Output gradients whose largest magnitude lies in [2^-SAFE, 2^SAFE] are left as they are on the CPU
+# (their squares, summed over up to 2^40 numbers, stay far inside float32's range).
+_SAFE_EXPONENT = 32
+
+
+def rescale(calls: list, sums: dict[str, Tensor]) -> Tensor | None:
+    """Divide the output gradients of one backward (each call's `.grads` list; replaced where a
+    gradient is divided out of place) by one power of two near their largest magnitude, and return
+    it (a 0-d float32 tensor, on their device; no host read). `sums`: autograd's S, never divided.
+
+    Cost: one min/max pass over the gradients, and one multiply pass where the scaling is needed
+    (always on an accelerator, which must not wait for the host to decide). None (no scaling) when
+    a gradient is float16 (its range cannot need it, and scaling could push its small values below
+    float16's normal range) or float64, or, on the CPU, when the largest magnitude is within
+    2^-32 .. 2^32.
+    """
+    grads = [g for c in calls for g in (c.grads or ()) if g is not None]
+    if not grads or any(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
+        return None
+    # |x| = mantissa * 2^exponent, mantissa in [0.5, 1) (exponent 0 for 0, inf and nan): the
+    # largest exponent of every gradient's min and max gives a scale above the largest |x|
+    _, exponents = torch.frexp(torch.stack([m for g in grads for m in g.aminmax()]))
+    exponent = exponents.amax()
+    if grads[0].device.type == "cpu" and -_SAFE_EXPONENT <= int(exponent) <= _SAFE_EXPONENT:
+        return None  # on the CPU a host read is free: skip the multiply pass when squares are safe anyway
+    scale = torch.exp2(exponent.clamp(-126, 126))  # an int exponent: float32, exact
+    # in place where that is safe (a tensor owning its storage, seen once, not autograd's S for some
+    # parameter); out of place for views (an expanded seed, a view of another gradient) and those,
+    # and first, before any storage they share changes
+    owned, views, seen = [], [], set()
+    keep = {id(t) for s in sums.values() for t in (s, s._base) if t is not None}
+    for g in grads:
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        (owned if g._base is None and g.is_contiguous() and id(g) not in keep else views).append(g)
+    scaled = dict(zip(map(id, views), torch._foreach_div(views, scale))) if views else {}
+    if owned:
+        torch._foreach_div_(owned, scale)
+    if scaled:
+        for c in calls:
+            if c.grads:
+                c.grads = [None if g is None else scaled.get(id(g), g) for g in c.grads]
+    return scale

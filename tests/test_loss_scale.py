@@ -1,0 +1,97 @@
+"""Loss scale: float32 losses multiplied by 1e20 or 1e-30 give norms correct to float32, the
+same cosines and the same GASW weights, although |g_i|^2 (1e40, 1e-60) does not fit float32.
+
+The engine divides the output gradients of one backward by one power of two near their largest
+magnitude (engine/scale.py) before any square is formed; these tests compare against a float64
+reference of the same scaled losses, and against the unscaled engine."""
+import copy
+
+import pytest
+import torch
+
+import gradalign as ga
+from engine_models import ARCHITECTURES
+from gradalign.engine import scale as scale_module
+from gradalign.engine.reference import statistics_of
+from layer_models import LAYER_ARCHITECTURES
+
+ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}
+# every kind of representation: Linear on features (Gram and factor routes) and on tokens,
+# Embedding, LayerNorm, Conv with GroupNorm, the torch.func fallback, attention, raw parameters,
+# a tied Embedding + Linear matrix (Summed, its S from autograd), position embeddings shared by all samples,
+# layers over many positions whose cosine terms come from per-sample gradients formed once
+SOME = ["seed_mlp", "residual_mlp", "sequence", "conv2d_groupnorm", "shared_bn_fallback", "encoder_post_norm",
+        "vit_cls_pos", "raw_parameters", "tied_lm", "shared_positions", "many_positions"]
+
+
+def scaled(loss_fn, scale):
+    return lambda out, y: loss_fn(out, y) * scale
+
+
+def engine_run(model, x, y, loss_fn, weighting):
+    model = copy.deepcopy(model)
+    engine = ga.PerSampleGradients(model)
+    stats = engine.backward(loss_fn(model(x), y), weights=weighting)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    engine.remove()
+    return stats, grads
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+@pytest.mark.parametrize("arch", SOME)
+def test_scaled_losses_against_a_float64_reference(arch, scale):
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ALL[arch]()
+    x, y = make_batch(16, torch.Generator().manual_seed(0))
+    x64 = x.double() if x.is_floating_point() else x
+    per_sample = ga.per_sample_gradients(copy.deepcopy(model).double(), x64, y, scaled(loss_fn, scale))
+    plain_stats, _ = engine_run(model, x, y, loss_fn, ga.GASW(2.0))
+    stats, grads = engine_run(model, x, y, scaled(loss_fn, scale), ga.GASW(2.0))
+    ref = statistics_of(per_sample, stats.weights.double())
+
+    assert torch.isfinite(stats.norms).all() and (stats.norms > 0).all()
+    torch.testing.assert_close(stats.norms.double(), ref["norms"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(stats.cosines, plain_stats.cosines, rtol=0, atol=1e-5)
+    torch.testing.assert_close(stats.cosines.double(), ref["cosines"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(stats.mean_grad_norm.double(), ref["norms"].new_tensor(
+        torch.cat([g.reshape(-1) for g in ref["mean_grad"].values()]).norm().item()), rtol=1e-4, atol=0)
+    torch.testing.assert_close(stats.weights, plain_stats.weights, rtol=1e-4, atol=1e-5)
+    assert ga.GASW(2.0)(stats).sum().item() == pytest.approx(16.0)
+    # p.grad is the weighted mean of the scaled gradients: scaled exactly as they are
+    for name, g in grads.items():
+        expected = ref["weighted_grad"][name]
+        torch.testing.assert_close(g.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_gasw_does_not_fall_back_and_leave_one_out_agrees(scale):
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ALL["seed_mlp"]()
+    x, y = make_batch(32, torch.Generator().manual_seed(1))
+    for leave_one_out in (False, True):
+        plain_gasw, gasw = ga.GASW(2.0, leave_one_out=leave_one_out), ga.GASW(2.0, leave_one_out=leave_one_out)
+        plain, _ = engine_run(model, x, y, loss_fn, plain_gasw)
+        stats, _ = engine_run(model, x, y, scaled(loss_fn, scale), gasw)
+        assert gasw.fallbacks == 0 and plain_gasw.fallbacks == 0
+        torch.testing.assert_close(stats.weights, plain.weights, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(ALL))
+def test_the_scaled_path_matches_torch_func_on_every_architecture(arch, monkeypatch):
+    # on the CPU the multiply pass is skipped when it is not needed: force it everywhere
+    monkeypatch.setattr(scale_module, "_SAFE_EXPONENT", -1000)
+    from test_engine import compare_all
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ALL[arch]()
+    compare_all(model, make_batch, loss_fn, B=7)
+
+
+def test_the_scale_is_a_power_of_two_above_the_largest_output_gradient(monkeypatch):
+    monkeypatch.setattr(scale_module, "_SAFE_EXPONENT", -1000)
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ALL["seed_mlp"]()
+    x, y = make_batch(8, torch.Generator().manual_seed(0))
+    stats, _ = engine_run(model, x, y, scaled(loss_fn, 3e25), None)
+    scale = float(stats.scale)
+    assert scale == 2.0 ** round(torch.log2(torch.tensor(scale)).item())
+    assert 1e24 < scale < 1e27
