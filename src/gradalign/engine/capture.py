@@ -1,100 +1,30 @@
 """PerSampleGradients: per-sample gradient statistics from one forward and one backward.
 
-The forward hooks record each hooked module's inputs and the autograd edge of its output;
-one backward of sum_i losses[i], asked only for the gradients at those edges, gives every
-output gradient d. The per-layer rules turn (inputs, d) into factored per-sample gradients;
-statistics and the (re-)weighted p.grad come from those, never from a (B, P) matrix.
-
-Every recorded call is the same thing to the backward: a few gradient edges and a function
-from the gradients there to per-sample gradients. A rule's call has the edges of its outputs;
-a watched module's call (engine/watch.py: raw parameters, captured at their point of use) has
-one edge per point of use.
+The forward hooks (engine/recording.py) record each hooked module's inputs and the autograd
+edges of its output; one backward of sum_i losses[i], asked only for the gradients at those
+edges, gives every output gradient d. The per-layer rules turn (inputs, d) into factored
+per-sample gradients; statistics and the (re-)weighted p.grad come from those, never from a
+(B, P) matrix.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.persample import PerSampleGrad, full_precision
+from gradalign.engine.recording import Recorder, Call
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.scale import rescale
 from gradalign.engine.summed import combine
-from gradalign.engine.validate import Served, survey, verify, verify_rtol
-from gradalign.engine.watch import Watch, refuse_watched_input, watch_shared_output
+from gradalign.engine.validate import verify, verify_rtol
 from gradalign.errors import GradAlignError, UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
-
-
-@dataclass
-class _Call:
-    """One recorded call of a hooked module: the autograd edges where its gradients are taken
-    (fixed at the forward: later in-place ops on an output don't move them), how many samples
-    it saw, and `finish`, which turns the gradients there into {local name: per-sample grad}."""
-
-    path: str
-    batch: int | None
-    edges: list[GradientEdge]
-    finish: Callable[[list], dict]
-    grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
-    generation: int = 0        # which forward of the model recorded it
-    own_cosines: bool = False  # its cosine terms come without S (Rule.own_cosines)
-    full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
-    watched: bool = False      # served through a watch (engine/watch.py): its S is not asked of autograd
-
-
-@dataclass
-class _Hooked(Served):
-    """A served module, the calls recorded since the last backward, and what the pre-forward
-    hook left for each forward in progress (a Watch, a rule's capture, or None)."""
-
-    calls: list[_Call] = field(default_factory=list)
-    pending: list = field(default_factory=list)
-
-
-def _eager(hook):
-    """Under torch.compile every engine hook runs eagerly (a graph break at each hooked layer):
-    it needs the autograd edges of real tensors and mutates the engine's Python state. Outside
-    torch.compile the hook is called directly: the disabling wrapper costs several microseconds
-    per call (dynamo's frame callback is swapped out and back), at every hooked layer."""
-    disabled = torch.compiler.disable(hook)
-
-    @functools.wraps(hook)
-    def run(*args, **kwargs):
-        if torch.compiler.is_compiling():  # being traced: break the graph, run the hook eagerly
-            return disabled(*args, **kwargs)
-        return hook(*args, **kwargs)
-    return run
-
-
-def _inside_torch_func(t: Tensor) -> bool:
-    """True for a tensor inside a torch.func transform (vmap, grad): not a training forward."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
-    for a in args:  # a loop, not a generator: this runs at every hooked call
-        if isinstance(a, Tensor):
-            return a
-    for a in kwargs.values():
-        if isinstance(a, Tensor):
-            return a
-    return None
-
-
-def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
-    """The batch contract: B is the size of the batch dim of the first tensor argument."""
-    t = _first_tensor(args, kwargs)
-    return t.shape[batch_dim] if t is not None and t.dim() > batch_dim else None
 
 
 class PerSampleGradients:
@@ -161,197 +91,21 @@ class PerSampleGradients:
         self.verify = verify
         self.max_pending_forwards = max_pending_forwards
         self.process_group = resolve_group(model, process_group)
-        self._capturing = True
+        self._recorder = Recorder(model, self.registry, max_pending_forwards)
+        self._hooked, self._params = self._recorder.hooked, self._recorder.params  # shared dicts
         self._removed = False
-        self._generation = 0   # training forwards of the model so far
-        self._oldest: int | None = None  # the oldest generation with a record
-        self._warned_dropped = False
-        self._hooked: dict[str, _Hooked] = {}
-        self._params: dict[str, nn.Parameter] = {}  # every hooked trainable parameter, by full name
-        self._layout: list[int] = []  # batch dims of the transformers whose forward is running
-        self._root_batch: list[int | None] = []  # B of each forward of the model in progress
-        self._check_and_collect()
-        self._handles = []
-        for path, h in self._hooked.items():
-            if h.rule.watch or h.rule.capture:
-                self._handles.append(h.module.register_forward_pre_hook(_eager(self._make_pre_hook(path, h)),
-                                                                        with_kwargs=True))
-            self._handles.append(h.module.register_forward_hook(
-                _eager(self._make_hook(path, h)), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture)))
-        self._hook_layouts()
-
-    def _hook_layouts(self) -> None:
-        """Batch dims: a stack pushed by transformers that move the batch (batch_first=False),
-        and B itself from the model's first tensor argument (for watched modules and modules
-        called without the batch), with the count of training forwards. Their pre-hooks run
-        before every other hook of a module, their post-hooks after."""
-        layouts = [(m, bd) for m in self.model.modules() if (bd := self.registry.batch_dim_for(m)) is not None]
-        root_dim = self.registry.batch_dim_for(self.model) or 0
-
-        def pop(stack: list):
-            def hook(*_):
-                stack.pop()  # and return None: a forward hook's result would replace the output
-            return _eager(hook)
-
-        def root_pre(module, args, kwargs):  # the forward's generation, and B for the watches
-            if self._capturing and torch.is_grad_enabled():
-                self._generation += 1
-            self._root_batch.append(_batch_of(args, kwargs, root_dim))
-        self._handles += [self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True),
-                          self.model.register_forward_hook(pop(self._root_batch), always_call=True)]
-        for module, bd in layouts:
-            def push(*_, bd=bd):
-                self._layout.append(bd)
-            self._handles += [module.register_forward_pre_hook(_eager(push), prepend=True),
-                              module.register_forward_hook(pop(self._layout), always_call=True)]
-
-    def _check_and_collect(self) -> None:
-        served, problems = survey(self.model, self.registry)
-        if problems:
-            raise UnsupportedModuleError(
-                "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
-        for s in served:
-            self._hooked[s.path] = _Hooked(s.path, s.module, s.rule, s.param_names, s.shared)
-            self._params.update({full: s.module.get_parameter(local) for local, full in s.param_names.items()})
-
-    def _active(self, args: tuple, kwargs: dict) -> bool:
-        """A training forward: capturing, gradients on, not inside a torch.func transform."""
-        first = _first_tensor(args, kwargs)
-        return self._capturing and torch.is_grad_enabled() and not (first is not None and _inside_torch_func(first))
-
-    def _make_pre_hook(self, path: str, hooked: _Hooked):
-        rule, where = hooked.rule, f"{path or '<model>'} ({type(hooked.module).__name__})"
-
-        def pre_hook(module, args, kwargs):
-            state = None
-            if self._active(args, kwargs):
-                batch_dim = self._layout[-1] if self._layout else 0
-                if not rule.watch:
-                    state = rule.capture(module, args, kwargs, batch_dim)
-                else:  # (the output is not known yet: the first argument stands in for it)
-                    no_fallback = rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None)
-                    can_fall_back = not no_fallback
-                    captured = rule.capture(module, args, kwargs, batch_dim) if rule.capture and can_fall_back else None
-                    params = {local: p for local, full in hooked.param_names.items()
-                              if (p := module._parameters.get(local)) is self._params[full] and p.requires_grad}
-                    batch = self._root_batch[-1] if self._root_batch else _batch_of(args, kwargs, batch_dim)
-                    state = (Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back), captured)
-                    state[0].no_fallback = no_fallback or state[0].no_fallback
-                    state[0].start()
-            hooked.pending.append(state)
-            return None
-
-        return pre_hook
-
-    def _make_hook(self, path: str, hooked: _Hooked):
-        rule = hooked.rule
-
-        def hook(module, args, kwargs, output):
-            state = hooked.pending.pop() if rule.watch or rule.capture else None
-            captured = state
-            if rule.watch:
-                if state is None:
-                    return None
-                watch, captured = state
-                watch.stop()
-                if output is None:  # the forward raised
-                    return None
-                if watch.stopped is None:  # watch.edges is live: uses after the forward still count
-                    self._append(hooked, _Call(path, watch.batch, watch.edges, watch.per_sample, watched=True))
-                    return None
-                reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
-                if reason:  # the torch.func fallback cannot serve it either
-                    raise UnsupportedModuleError(watch.refusal(reason))
-            return self._record(path, hooked, module, args, kwargs, output, captured)
-
-        return hook
-
-    def _record(self, path: str, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict, output,
-                captured: tuple | None):
-        """Record one call of a rule's module: its output edges and how to finish it. Returns None,
-        or the output to hand on in its place (a module called without the batch: watched)."""
-        rule = hooked.rule
-        if not self._capturing or not torch.is_grad_enabled() or (rule.capture and captured is None):
-            return
-        if rule.output is None:  # the common case, without the loops below
-            if not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            outputs, live = (output,), [0]
-        else:
-            outputs = rule.output(output)
-            live = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
-            if not live:
-                return
-        if _inside_torch_func(outputs[live[0]]):
-            return
-        for check in (rule.reason(module), rule.check_call(module, args, kwargs, output) if rule.check_call else None):
-            if check:
-                raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
-        batch_dim = self._layout[-1] if self._layout else 0
-        refuse_watched_input(args, f"{path or '<model>'} ({type(module).__name__})")
-        if captured is None:  # default: the positional inputs, batch first
-            captured = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            if batch_dim and captured and isinstance(captured[0], Tensor):
-                captured = (captured[0].movedim(batch_dim, 0), *captured[1:])
-        first = captured[0] if captured else None
-        batch = first.shape[0] if isinstance(first, Tensor) and first.dim() else None
-        B = self._root_batch[-1] if self._root_batch else None
-        if B is not None and (batch != B or hooked.shared) and isinstance(first, Tensor) and not (rule.output or rule.capture):
-            watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
-                                                rule.compute, captured, output, B, batch_dim)
-            self._append(hooked, _Call(path, B, watch.edges, watch.per_sample, watched=True))
-            return shared
-        n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
-        edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
-
-        def finish(grads: list) -> dict:
-            if rule.output:  # every declared output's gradient, in the module's own layout
-                by_output = dict(zip(live, grads))
-                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
-            return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
-
-        own_cosines = bool(rule.own_cosines and rule.own_cosines(module, captured))
-        full = outputs[live[0]].dtype in (torch.float32, torch.float64)
-        self._append(hooked, _Call(path, batch, edges, finish, own_cosines=own_cosines, full=full))
-
-    def _append(self, hooked: _Hooked, call: _Call) -> None:
-        """Keep a record; drop those of forwards older than the last `max_pending_forwards`."""
-        call.generation = self._generation
-        hooked.calls.append(call)
-        keep_from = self._generation - self.max_pending_forwards + 1
-        if self._oldest is None:
-            self._oldest = self._generation
-        if self._oldest >= keep_from:
-            return
-        for h in self._hooked.values():
-            h.calls[:] = [c for c in h.calls if c.generation >= keep_from]
-        self._oldest = keep_from
-        if not self._warned_dropped:
-            self._warned_dropped = True
-            warnings.warn(
-                f"PerSampleGradients: more than {self.max_pending_forwards} forwards of the model ran with "
-                "gradients on since the last engine.backward(); the records of the older ones were dropped to "
-                "bound memory. Run evaluations under torch.no_grad() or `with engine.paused():`, call "
-                "engine.clear() after forwards no engine.backward() will use, and step with engine.backward() "
-                "rather than loss.backward() while the engine is attached (or raise max_pending_forwards)",
-                RuntimeWarning, stacklevel=4)
 
     def clear(self) -> None:
         """Forget every recorded forward (their inputs are freed); the next backward uses only
         forwards that come after this."""
-        for h in self._hooked.values():
-            h.calls.clear()
-        self._oldest = None
+        self._recorder.clear()
 
     @contextlib.contextmanager
     def paused(self):
         """Forwards inside this block are not recorded (e.g. an evaluation with gradients on,
         or a step taken with a plain loss.backward())."""
-        was, self._capturing = self._capturing, False
-        try:
+        with self._recorder.paused():
             yield self
-        finally:
-            self._capturing = was
 
     def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
@@ -421,7 +175,7 @@ class PerSampleGradients:
         so its S is wanted with the cosines."""
         if "cosines" not in getattr(weights, "needs", ()):
             return []
-        uses: dict[str, list[tuple[str, _Call]]] = {}  # name -> (local name, call) for every use
+        uses: dict[str, list[tuple[str, Call]]] = {}  # name -> (local name, call) for every use
         blocked = set()
         for h in self._hooked.values():
             for local, n in h.param_names.items():
@@ -505,8 +259,7 @@ class PerSampleGradients:
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
-        self._capturing = False  # a rule may run the module again (torch.func fallback, attention)
-        try:
+        with self._recorder.paused():  # a rule may run the module again (torch.func fallback, attention)
             for h in self._hooked.values():
                 for call in h.calls:
                     if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
@@ -520,8 +273,6 @@ class PerSampleGradients:
                         if name not in params:  # frozen since the engine was created
                             continue
                         out[name] = grads if name not in out else combine(out[name], grads)  # tied, or called twice
-        finally:
-            self._capturing = True
         return out
 
     def _resolve_weights(self, weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
@@ -544,10 +295,5 @@ class PerSampleGradients:
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before the engine was created."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.clear()
-        for h in self._hooked.values():
-            h.pending.clear()
+        self._recorder.remove()
         self._removed = True
