@@ -23,13 +23,10 @@ and the clean-and-retrain grid (clean.py).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import torch
-from torch import nn
 
 from gradalign.errors import ConfigError
 from gradalign.experiments.detection import SIGNAL_NAMES
@@ -147,15 +144,14 @@ def flip_labels(y: np.ndarray, rate: float, rng: np.random.Generator, kind: str 
 
 # ---------------------------------------------------------------- memorisation
 
-@torch.no_grad()
-def memorisation(model: nn.Module, splits, train_set, *, prepare=None, autocast=None) -> dict:
+def memorisation(pred: np.ndarray, splits, train_set) -> dict:
     """How the final model classifies the training samples it trained on, flipped or not.
 
-    flipped_acc_noisy: accuracy on the flipped samples w.r.t. their NOISY labels (how much
-    noise was memorised); flipped_acc_clean: w.r.t. their CLEAN labels (how much was
-    recovered); clean_train_acc: accuracy on the samples that were not flipped. Empty
-    when the training set holds no flipped sample. prepare, autocast: as for train.evaluate
-    (stored inputs -> model inputs; the forward's context).
+    pred: (N,) the model's predicted classes of `train_set`, in its order. flipped_acc_noisy:
+    accuracy on the flipped samples w.r.t. their NOISY labels (how much noise was memorised);
+    flipped_acc_clean: w.r.t. their CLEAN labels (how much was recovered); clean_train_acc:
+    accuracy on the samples that were not flipped. Empty when the training set holds no
+    flipped sample.
     """
     if splits.flipped_clean is None or not len(splits.flipped_ids):
         return {}
@@ -164,15 +160,6 @@ def memorisation(model: nn.Module, splits, train_set, *, prepare=None, autocast=
     is_flipped = np.isin(ids, flipped_ids)
     if not is_flipped.any():
         return {}
-    was_training = model.training
-    model.eval()
-    pred = []
-    for i in range(0, len(train_set), 2048):
-        x = train_set.x[i:i + 2048]
-        with (autocast or contextlib.nullcontext)():
-            pred.append(model(prepare(x) if prepare is not None else x).argmax(1))
-    pred = torch.cat(pred).cpu().numpy()
-    model.train(was_training)
     y = train_set.y.cpu().numpy()
     clean_of = dict(zip(flipped_ids.tolist(), splits.flipped_clean.cpu().numpy().tolist()))
     clean = np.array([clean_of[i] for i in ids[is_flipped]])

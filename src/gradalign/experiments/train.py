@@ -45,12 +45,12 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import gradalign as ga
 from gradalign.errors import GradAlignError
@@ -83,24 +83,34 @@ class RunResult:
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split, batch_size: int = 2048, *, prepare=None, autocast=None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on a whole split (eval mode, no grad).
+def logits_of(model: nn.Module, split, batch_size: int = 2048, *, prepare=None,
+              autocast=None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(logits, y) of a whole split, batch by batch, in eval mode without gradients (the
+    model's mode is restored once the split is done).
 
     prepare: stored inputs -> model inputs (a pipeline's prepare; default: as stored);
     autocast: a callable giving the forward's context (default: none).
     """
     was_training = model.training
     model.eval()
+    try:
+        for start in range(0, len(split), batch_size):
+            x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
+            if prepare is not None:
+                x = prepare(x)
+            with (autocast or contextlib.nullcontext)():
+                logits = model(x)
+            yield logits, y
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, split, batch_size: int = 2048, *, prepare=None, autocast=None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on a whole split (see logits_of)."""
     loss, correct = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
-        if prepare is not None:
-            x = prepare(x)
-        with (autocast or contextlib.nullcontext)():
-            logits = model(x)
+    for logits, y in logits_of(model, split, batch_size, prepare=prepare, autocast=autocast):
         loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
-    model.train(was_training)
     return loss / len(split), correct / len(split)
 
 
@@ -255,8 +265,9 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
                     if samples >= budget:
                         break
         summary = _summary(config, arm, p, seed, eval_split, rows, monitor, splits, train_set, optim, t0)
-        summary["memorisation"] = noise.memorisation(model, splits, train_set, prepare=pipeline.prepare,
-                                                     autocast=step.autocast)
+        pred = torch.cat([logits.argmax(1) for logits, _ in
+                          logits_of(model, train_set, prepare=pipeline.prepare, autocast=step.autocast)])
+        summary["memorisation"] = noise.memorisation(pred.cpu().numpy(), splits, train_set)
         summary["resumed_from"] = resumed_from
         records = step.records()
         if records:
