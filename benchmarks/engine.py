@@ -265,8 +265,10 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
         return step
 
     variants["norms"] = engine_step(lambda e, l: e.backward(l).norms)
-    variants["clip"] = engine_step(lambda e, l: e.backward(l, weights=clip_weights))
-    variants["gasw"] = engine_step(lambda e, l: e.backward(l, weights=ga.GASW(2.0)))
+    variants["clip"] = engine_step(lambda e, l: e.backward(l, weights=clip_weights, release=True))
+    variants["gasw"] = engine_step(lambda e, l: e.backward(l, weights=ga.GASW(2.0), release=True))
+    variants["clip kept"] = engine_step(lambda e, l: e.backward(l, weights=clip_weights))
+    variants["gasw kept"] = engine_step(lambda e, l: e.backward(l, weights=ga.GASW(2.0)))
     variants["gaga"] = engine_step(lambda e, l: e.backward(l).grad_sq_sum)
 
     vmap_model = copy.deepcopy(base)

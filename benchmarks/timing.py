@@ -48,7 +48,8 @@ def time_variants(variants: dict[str, Callable[[], None]], *, rounds: int, warmu
 
 class _HeldStorages(TorchDispatchMode):
     """Counts the bytes of the CPU tensor storages that operators create while it is active and
-    that are still alive, and the largest such count (`peak`)."""
+    that are still alive, and the largest such count (`peak`). A result sharing an argument's
+    storage (a view, an in-place result) is not counted: that memory existed before."""
 
     def __init__(self):
         super().__init__()
@@ -60,11 +61,15 @@ class _HeldStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view or in-place result shares an argument's storage (a parameter's transpose, a
+        # detached input): memory that existed before, not created here
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self.live:
+                if key and key not in self.live and key not in inputs:
                     self.live[key] = storage.nbytes()
                     self.held += storage.nbytes()
                     weakref.finalize(storage, self._freed, key)

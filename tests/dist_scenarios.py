@@ -140,7 +140,7 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         gasw = ga.GASW(gamma=2.0)
         steps = []
         for _ in range(2):
-            engine.backward(cross_entropy(ddp(xs), ys), weights=gasw)
+            engine.backward(cross_entropy(ddp(xs), ys), weights=gasw, release=True)  # as the experiments
             steps.append({n.removeprefix("module."): g for n, g in grads(ddp).items()})
             opt.step()
             opt.zero_grad(set_to_none=True)

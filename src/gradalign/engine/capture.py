@@ -9,6 +9,7 @@ per-sample gradients; statistics and the (re-)weighted p.grad come from those, n
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
@@ -107,7 +108,8 @@ class PerSampleGradients:
         with self._recorder.paused():
             yield self
 
-    def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
+    def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True,
+                 release: bool = False) -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
 
         Args:
@@ -116,6 +118,11 @@ class PerSampleGradients:
                 GASW(gamma); it sees the statistics of this batch before p.grad is written.
             write_grad: False leaves p.grad alone (statistics only, e.g. for GAGA, whose
                 accumulated mean is written with `set_grad`).
+            release: True writes p.grad one layer at a time, the last first, freeing each
+                layer's per-sample factors (its inputs and output gradients) once its part is
+                written, so the step's extra memory peaks as a plain backward's does. The
+                statistics read before (by the `weights` callable) stay readable; any other
+                raises GradAlignError.
         Returns:
             GradientStats of the unweighted per-sample gradients, with `.weights` set.
         """
@@ -130,6 +137,9 @@ class PerSampleGradients:
         if self._removed:
             raise GradAlignError("this engine was removed (engine.remove()), so it recorded nothing: create a "
                                  "new ga.PerSampleGradients(model) to use it again")
+        if release and not write_grad:
+            raise ValueError("release=True frees the per-sample gradients as p.grad is written; with "
+                             "write_grad=False nothing is written, so the statistics would be lost: drop one")
         B = losses.shape[0]
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:
@@ -142,11 +152,15 @@ class PerSampleGradients:
         finally:
             self.clear()
         stats = self._stats(per_sample, B, losses.device, params, scale, sums)
+        del per_sample, sums  # the statistics hold them now (and free them with release=True)
         if self.verify:
             verify(stats, losses, self._params, rtol)
         w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
-        if write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
+        if release:  # (1/B) sum_i w_i g_i, a layer at a time, each layer's factors freed after
+            stats.release_into(None if weights is None else w, functools.partial(self._write_grad, add=True),
+                               factor=1.0 / stats.global_batch_size)
+        elif write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
             update = (stats._mean_update() if weights is None                    # (1/B) sum_i g_i
                       else stats.weighted_sum(w, factor=1.0 / stats.global_batch_size))  # (1/B) sum_i w_i g_i
             self._write_grad(update, add=True)

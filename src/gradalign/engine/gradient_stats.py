@@ -37,6 +37,7 @@ from torch import Tensor
 from gradalign.engine import distributed as dist_
 from gradalign.engine import units as units_
 from gradalign.engine.persample import PerSampleGrad, full_precision
+from gradalign.errors import GradAlignError
 
 
 def _full_precision(method):
@@ -64,7 +65,8 @@ class GradientStats:
         scale: () the power of two the representations are divided by (see the module's doc).
 
     A read-only result: it holds the factored per-sample gradients, not the model, so only
-    the engine writes p.grad.
+    the engine writes p.grad. After `engine.backward(..., release=True)` it holds them no more:
+    the statistics read before (by the weighting) stay, any other raises GradAlignError.
 
     With a process group (data parallel), batch_size, norms, cosines and weights are this
     rank's samples'; global_batch_size is B over all ranks, and grad_sum, mean_grad,
@@ -78,7 +80,7 @@ class GradientStats:
                  scale: Tensor | None = None, sums: dict[str, Tensor] | None = None):
         self._per_sample = per_sample
         self._given = sums or {}  # {name: S} that autograd formed in the backward (unscaled)
-        self._units = units_.plan(per_sample)
+        self._live_units: list | None = units_.plan(per_sample)  # None once released
         self._device = device
         self._scale = scale  # None: the representations hold g_i itself
         self.batch_size = batch_size
@@ -89,6 +91,15 @@ class GradientStats:
         self._shapes = param_shapes or {}
         self._global_batch: int | None = None if process_group is not None else batch_size
         self._gram: tuple[Tensor, list] | None = None  # (K, its units) once the cosines used it
+
+    @property
+    def _units(self) -> list:
+        if self._live_units is None:
+            raise GradAlignError(
+                "this statistic was not read before the per-sample gradients of its backward were released "
+                "(engine.backward(..., release=True) frees them as p.grad is written): read it inside the "
+                "weighting callable, which sees the statistics first, or call backward without release=True")
+        return self._live_units
 
     @cached_property
     def dtype(self) -> torch.dtype:
@@ -345,19 +356,48 @@ class GradientStats:
             return self._zeros()
         return total if self._scale is None else total * self._scale
 
+    def _sum_weights(self, w: Tensor | None, factor: float) -> Tensor:
+        """(B,) factor * scale * w for the scaled representations (w = None: all ones)."""
+        if self._scale is not None:
+            factor = self._scale * factor
+        if w is None:  # every weight `factor`
+            return (factor.expand(self.batch_size) if isinstance(factor, Tensor)
+                    else torch.full((self.batch_size,), factor, device=self._device, dtype=self.dtype))
+        return w if isinstance(factor, float) and factor == 1.0 else w * factor
+
     @_full_precision
     def weighted_sum(self, w: Tensor | None, *, factor: float = 1.0) -> dict[str, Tensor]:
         """{param name: factor * sum_i w_i g_i} for weights w of shape (B,) (None: all ones).
         With a process group each rank passes its own samples' weights and gets the sum over
         every rank's samples (one all-reduce of P numbers)."""
-        if self._scale is not None:
-            factor = self._scale * factor
-        if w is None:  # every weight `factor`
-            w = (factor.expand(self.batch_size) if isinstance(factor, Tensor)
-                 else torch.full((self.batch_size,), factor, device=self._device, dtype=self.dtype))
-        elif not (isinstance(factor, float) and factor == 1.0):
-            w = w * factor
+        w = self._sum_weights(w, factor)
         local = self._by_name(lambda u: u.weighted(w))
         if self.process_group is None:
             return local
         return self._reduce(local, count=False)[0]
+
+    @_full_precision
+    def release_into(self, w: Tensor | None, write, *, factor: float = 1.0) -> None:
+        """Hand factor * sum_i w_i g_i to `write({param name: tensor})` one unit at a time, the
+        last layer first (as a plain backward forms the weight gradients), and free each unit's
+        per-sample representation once it is written: the memory held then falls as p.grad
+        grows, as in a plain backward, instead of every layer's inputs and output gradients
+        staying until the end. Afterwards only the statistics read before are left (the rest
+        raise). With a process group, the sum is all-reduced first, then everything is freed."""
+        self.dtype  # noqa: B018 - cached now: it reads the representations
+        if self.process_group is not None:
+            write(self.weighted_sum(w, factor=factor))
+            self.release()
+            return
+        w = self._sum_weights(w, factor)
+        units = self._units
+        self.release()
+        while units:
+            unit = units.pop()
+            write(dict(zip(unit.names, unit.weighted(w))))
+            del unit  # its factors go now, not at the next one
+
+    def release(self) -> None:
+        """Drop the per-sample representations (and autograd's S); cached statistics stay."""
+        self.dtype  # noqa: B018
+        self._live_units, self._per_sample, self._given, self._gram = None, {}, {}, None

@@ -183,7 +183,9 @@ class WeightedStep(Step):
         self._zero, self._entropy = [], []
 
     def update(self, out: Forward) -> int:
-        self.engine.backward(out.graph, weights=self.weighting)   # a DDP model: the engine reduces
+        # release: p.grad a layer at a time, each layer's factors freed after (nothing reads the
+        # statistics afterwards: the weighting keeps what the columns need); DDP: the engine reduces
+        self.engine.backward(out.graph, weights=self.weighting, release=True)
         self._zero.append(self.weighting.last_zero_fraction)
         self._entropy.append(self.weighting.last_entropy)
         return self.batch_total

@@ -37,7 +37,7 @@ GASW / GAGA: manual optimisation, the engine forms p.grad (no `manual_backward`)
             opt = self.optimizers()
             opt.zero_grad()
             losses = F.cross_entropy(self(x), y, reduction="none")
-            self.per_sample.backward(losses, weights=self.gasw)   # p.grad = (1/B) sum_i w_i g_i
+            self.per_sample.backward(losses, weights=self.gasw, release=True)   # p.grad = (1/B) sum_i w_i g_i
             opt.step()
 
 Under DDP the engine reduces over the ranks itself (the cosines and weights of the global
@@ -191,9 +191,11 @@ class PerSampleTraining:
         group = ddp_process_group() if process_group == "auto" else process_group
         self.engine = PerSampleGradients(module, process_group=group, **engine_kwargs)
 
-    def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True) -> GradientStats:
-        """engine.backward: p.grad += (1/B) sum_i w_i g_i over the global batch; the statistics."""
-        return self.engine.backward(losses, weights, write_grad=write_grad)
+    def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True,
+                 release: bool = False) -> GradientStats:
+        """engine.backward: p.grad += (1/B) sum_i w_i g_i over the global batch; the statistics
+        (release=True: only those the weighting read; each layer's factors freed once written)."""
+        return self.engine.backward(losses, weights, write_grad=write_grad, release=release)
 
     def accumulate(self, losses: Tensor, accumulator: GSNRAccumulator, optimizer) -> bool:
         """GAGA: add this batch to `accumulator`; when it says so, write its mean gradient,
