@@ -22,9 +22,11 @@ message, where transformers is not installed.
 Variants, each on its own copy of the model (same weights, same batch):
   plain        forward, mean cross-entropy, backward
   norms        engine.backward(losses); stats.norms
-  clip         engine.backward(losses, weights=w) with w_i = min(1, C/|g_i|): per-sample norms
-               and the clipped p.grad in one backward (the per-sample clipping workload)
-  gasw         engine.backward(losses, weights=GASW(2)): norms, cosines, weighted p.grad
+  clip         engine.backward(losses, weights=w, release=True) with w_i = min(1, C/|g_i|):
+               per-sample norms and the clipped p.grad in one backward (the per-sample clipping
+               workload), each layer's factors freed once its part of p.grad is written
+  gasw         engine.backward(losses, weights=GASW(2), release=True): norms, cosines, weighted p.grad
+  clip kept, gasw kept   the same without release (the statistics keep every layer's factors)
   gaga         engine.backward(losses); stats.grad_sq_sum
   vmap gasw    torch.func vmap(grad) per-sample gradients, then the GASW statistics and p.grad
   opacus gasw  Opacus GradSampleModule grad_sample, then the same (when opacus is installed)
