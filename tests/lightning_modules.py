@@ -59,7 +59,8 @@ class WithGASW(Plain):
         x, y = batch[0], batch[1]
         opt = self.optimizers()
         opt.zero_grad()
-        self.per_sample.backward(F.cross_entropy(self(x), y, reduction="none"), weights=self.gasw)
+        self.per_sample.backward(F.cross_entropy(self(x), y, reduction="none"), weights=self.gasw,
+                                  release=True)  # as the module docstring; the reference loop keeps
         opt.step()
 
 
