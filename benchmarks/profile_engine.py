@@ -14,6 +14,12 @@ machine by their counts; the times in `--where` are the profiler's, on whatever 
 `--where` attributes the step's CPU time to phases: the model's forward, the backward to the
 layer outputs, the rules, and each statistic of each per-sample representation, labelled by
 the route it takes (`persample.route`) and the layer kind that produced it.
+
+`--phases` times the engine's phases without the profiler (which adds time to every operator
+call): wall-clock medians of `--steps` steps, each engine phase timed by wrapping its method,
+beside a plain step run alternately:
+
+    python benchmarks/profile_engine.py --models vit_linear --variants clip --phases --steps 41
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import argparse
 import collections
 import functools
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -178,8 +186,8 @@ def make_step(kind: str, B: int, variant: str):
         return step
     engine = ga.PerSampleGradients(model)
     read = {"norms": lambda e, l: e.backward(l).norms,
-            "clip": lambda e, l: e.backward(l, weights=clip_weights),
-            "gasw": lambda e, l: e.backward(l, weights=ga.GASW(2.0)),
+            "clip": lambda e, l: e.backward(l, weights=clip_weights, release=True),
+            "gasw": lambda e, l: e.backward(l, weights=ga.GASW(2.0), release=True),
             "gaga": lambda e, l: e.backward(l).grad_sq_sum}[variant]
 
     def step():
@@ -188,6 +196,51 @@ def make_step(kind: str, B: int, variant: str):
             losses = per_sample_losses(kind, model(x), y)
         read(engine, losses)
     return step
+
+
+# the engine's methods timed by --phases, in the order a step runs them
+_PHASES = [(capture.PerSampleGradients, "_backward_to_outputs", "backward to the layer outputs"),
+           (capture, "rescale", "loss scale"),
+           (capture.PerSampleGradients, "_per_sample_grads", "rules (the per-sample representations)"),
+           (capture.PerSampleGradients, "_resolve_weights", "the weighting and the statistics it reads"),
+           (GradientStats, "release_into", "weighted p.grad"),
+           (GradientStats, "weighted_sum", "weighted p.grad")]
+
+
+def phases(kind: str, B: int, variant: str, steps: int) -> dict[str, float]:
+    """Median wall-clock ms per phase over `steps` steps, without the profiler; "forward and
+    the rest" is the step minus the timed phases; "plain step" a plain step run alternately."""
+    spent = collections.defaultdict(float)
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in _PHASES]
+    for (owner, name, label), (_, _, inner) in zip(_PHASES, originals):
+        def timed(*args, _inner=inner, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                spent[_label] += time.perf_counter() - start
+        setattr(owner, name, timed)
+    try:
+        plain, step = make_step(kind, B, "plain"), make_step(kind, B, variant)
+        for _ in range(3):
+            plain(), step()
+        samples = collections.defaultdict(list)
+        for _ in range(steps):
+            start = time.perf_counter()
+            plain()
+            samples["plain step"].append(time.perf_counter() - start)
+            spent.clear()
+            start = time.perf_counter()
+            step()
+            total = time.perf_counter() - start
+            samples["step"].append(total)
+            samples["forward and the rest"].append(total - sum(spent.values()))
+            for label, seconds in spent.items():
+                samples[label].append(seconds)
+    finally:
+        for owner, name, inner in originals:
+            setattr(owner, name, inner)
+    return {label: 1e3 * statistics.median(v) for label, v in samples.items()}
 
 
 def where(events) -> dict[str, float]:
@@ -215,11 +268,23 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["plain", "norms", "clip", "gasw"])
     parser.add_argument("--where", action="store_true", help="the time of one step per phase and route")
     parser.add_argument("--ops", action="store_true", help="list the operator calls of each step")
+    parser.add_argument("--phases", action="store_true", help="wall-clock medians per engine phase, no profiler")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (times: the median step's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    instrument()
     default_batch = {"wide_mlp": 256, "vit_linear": 64, "mlp": 128}
+    if args.phases:
+        for kind in args.models:
+            for B in args.batches or [default_batch.get(kind, BATCHES[kind][0])]:
+                for variant in (v for v in args.variants if v != "plain"):
+                    table = phases(kind, B, variant, args.steps)
+                    print(f"\n{kind} B={B} {variant}: {table['step']:.2f} ms per step, plain {table['plain step']:.2f} "
+                          f"ms ({table['step'] / table['plain step']:.2f}x; medians of {args.steps} steps)")
+                    for label, ms in table.items():
+                        if label not in ("step", "plain step"):
+                            print(f"  {ms:8.2f} ms  {label}")
+        return
+    instrument()
     print(f"torch {torch.__version__}, 1 thread\n")
     print("| model | B | variant | ops | products | MMACs | ms (profiled) |")
     print("|---|---|---|---|---|---|---|")
