@@ -384,7 +384,6 @@ class GradientStats:
         grows, as in a plain backward, instead of every layer's inputs and output gradients
         staying until the end. Afterwards only the statistics read before are left (the rest
         raise). With a process group, the sum is all-reduced first, then everything is freed."""
-        self.dtype  # noqa: B018 - cached now: it reads the representations
         if self.process_group is not None:
             write(self.weighted_sum(w, factor=factor))
             self.release()
@@ -392,12 +391,11 @@ class GradientStats:
         w = self._sum_weights(w, factor)
         units = self._units
         self.release()
-        while units:
+        while units:  # popped: once the next one is taken, nothing holds this unit's factors
             unit = units.pop()
             write(dict(zip(unit.names, unit.weighted(w))))
-            del unit  # its factors go now, not at the next one
 
     def release(self) -> None:
         """Drop the per-sample representations (and autograd's S); cached statistics stay."""
-        self.dtype  # noqa: B018
+        self.dtype  # noqa: B018 - cached now: it reads the representations
         self._live_units, self._per_sample, self._given, self._gram = None, {}, {}, None
