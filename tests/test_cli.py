@@ -122,7 +122,7 @@ CIFAR_TINY = {   # fake archives; shrink --quick further: fewer images and epoch
 
 @pytest.mark.parametrize("name", sorted(CIFAR_TINY))
 def test_reproduce_cifar_quick(tmp_path, capsys, name):
-    from fake_cifar import write_fake_cifar
+    from tests.support.fake_cifar import write_fake_cifar
     dataset = "cifar100" if "100" in name else "cifar10"
     write_fake_cifar(tmp_path / "data", dataset, n_train=300, n_test=100)
     out = tmp_path / name

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_models import classification_batch, cross_entropy
+from tests.support.engine_models import classification_batch, cross_entropy
 
 
 class Conv3dNet(nn.Module):

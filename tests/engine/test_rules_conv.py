@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_models import ARCHITECTURES, classification_batch, cross_entropy
+from tests.support.engine_models import ARCHITECTURES, classification_batch, cross_entropy
 from gradalign.engine.persample import Dense, Factored
 from gradalign.engine.rules.conv import unfold, unfold_by_dim
-from layer_models import LAYER_ARCHITECTURES
-from test_engine import compare_all
+from tests.support.layer_models import LAYER_ARCHITECTURES
+from tests.support.compare import compare_all
 
 
 CONV_ARCHITECTURES = {**{a: ARCHITECTURES[a] for a in ("conv1d", "conv2d_groupnorm")},

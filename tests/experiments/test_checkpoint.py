@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fake_cifar import write_fake_cifar
+from tests.support.fake_cifar import write_fake_cifar
 from gradalign.experiments import cifar
 from gradalign.experiments.checkpoint import RunCheckpoint, rng_state, run_key, set_rng_state
 from gradalign.experiments.config import parse_config

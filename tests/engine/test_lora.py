@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import gradalign as ga
-from layer_models import LAYER_ARCHITECTURES, LoRALinear
-from test_engine import compare_all, run_engine
+from tests.support.layer_models import LAYER_ARCHITECTURES, LoRALinear
+from tests.support.compare import compare_all, run_engine
 
 
 @pytest.mark.parametrize("B", [1, 7, 64])

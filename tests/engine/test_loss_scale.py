@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import gradalign as ga
-from engine_models import ARCHITECTURES
+from tests.support.engine_models import ARCHITECTURES
 from gradalign.engine import scale as scale_module
 from gradalign.engine.reference import statistics_of
-from layer_models import LAYER_ARCHITECTURES
+from tests.support.layer_models import LAYER_ARCHITECTURES
 
 ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}
 # every kind of representation: Linear on features (Gram and factor routes) and on tokens,
@@ -80,7 +80,7 @@ def test_gasw_does_not_fall_back_and_leave_one_out_agrees(scale):
 def test_the_scaled_path_matches_torch_func_on_every_architecture(arch, monkeypatch):
     # on the CPU the multiply pass is skipped when it is not needed: force it everywhere
     monkeypatch.setattr(scale_module, "_SAFE_EXPONENT", -1000)
-    from test_engine import compare_all
+    from tests.support.compare import compare_all
     torch.manual_seed(0)
     model, make_batch, loss_fn = ALL[arch]()
     compare_all(model, make_batch, loss_fn, B=7)

@@ -13,7 +13,7 @@ from torch.utils.data import DistributedSampler
 
 pytest.importorskip("lightning")
 import gradalign as ga  # noqa: E402
-import lightning_modules as lm  # noqa: E402
+import tests.support.lightning_modules as lm  # noqa: E402
 from gradalign.integrations.lightning import GWAEarlyStopping  # noqa: E402
 
 

@@ -5,15 +5,14 @@ that precision's rounding, so no method can match float32 exactly; the engine mu
 to that precision (norms, cosines, second moments) and be as close as autograd's own gradient
 in the same precision (p.grad). Tests marked `cuda` run only where a GPU is present.
 """
-import copy
 
 import pytest
 import torch
 
 import gradalign as ga
-from engine_models import ARCHITECTURES
+from tests.support.engine_models import ARCHITECTURES
 from gradalign.engine.persample import Dense, Factored, IndexedRows
-from layer_models import LAYER_ARCHITECTURES
+from tests.support.layer_models import LAYER_ARCHITECTURES
 
 ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}
 # every rule at least once, to keep this file fast: Linear on features (Gram route) and on

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fake_cifar import members, write_fake_cifar
+from tests.support.fake_cifar import members, write_fake_cifar
 from gradalign.cli import main
 from gradalign.errors import ConfigError
 from gradalign.experiments import cifar

@@ -1,7 +1,6 @@
 """Run folders that are damaged, mixed or busy, and command-line paths that cannot be used:
 one line naming the file and what to do, never a traceback, never a silently wrong table."""
 import json
-import os
 import subprocess
 import sys
 import time

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradalign as ga
-from engine_models import ARCHITECTURES, recording_engine
+from tests.support.engine_models import ARCHITECTURES, recording_engine
 from gradalign.engine.persample import Factored
 from gradalign.methods import leave_one_out_cosines, normalised_entropy
 

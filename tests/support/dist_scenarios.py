@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradalign as ga
-from engine_models import Conv1dNet, cross_entropy
+from tests.support.engine_models import Conv1dNet, cross_entropy
 
 B = 13                                          # global batch; shards of 7 and 6
 

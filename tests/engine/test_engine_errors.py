@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradalign as ga
-from engine_models import ARCHITECTURES
+from tests.support.engine_models import ARCHITECTURES
 from gradalign.engine import PerSampleGradients
 from gradalign.engine.persample import Factored
 

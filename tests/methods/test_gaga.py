@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradalign as ga
-from engine_models import ARCHITECTURES
+from tests.support.engine_models import ARCHITECTURES
 
 
 def increments(n_increments, size, seed=0):

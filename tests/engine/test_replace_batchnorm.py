@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradalign as ga
-from engine_models import classification_batch, cross_entropy
+from tests.support.engine_models import classification_batch, cross_entropy
 from gradalign.engine.batchnorm import group_count
-from test_engine import compare_all
+from tests.support.compare import compare_all
 
 
 class BatchNormNet(nn.Module):

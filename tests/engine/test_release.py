@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import gradalign as ga
-from engine_models import ARCHITECTURES, cross_entropy
+from tests.support.engine_models import ARCHITECTURES, cross_entropy
 from gradalign.errors import GradAlignError
-from layer_models import LAYER_ARCHITECTURES
+from tests.support.layer_models import LAYER_ARCHITECTURES
 
 ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}
 

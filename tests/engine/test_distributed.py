@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import dist_scenarios as sc
+import tests.support.dist_scenarios as sc
 
 WORLD = 2
 TOL = dict(rtol=1e-5, atol=1e-6)

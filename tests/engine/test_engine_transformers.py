@@ -5,14 +5,12 @@ cannot reproduce, a per-sample loop: one forward of the batch, then one backward
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import gradalign as ga
-from engine_models import MHA_CONFIGS, Attention, Encoder, TinyViT, classification_batch, cross_entropy, sequence_batch
+from tests.support.engine_models import MHA_CONFIGS, Attention, Encoder, TinyViT, classification_batch, cross_entropy, sequence_batch
 from gradalign.engine import PerSampleGradients
-from gradalign.engine.reference import statistics_of
-from test_engine import compare_all
+from tests.support.compare import compare_all, loop_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -21,21 +19,6 @@ def attention(config: str):
     torch.manual_seed(0)
     cfg = MHA_CONFIGS[config]
     return Attention(**cfg), sequence_batch(5 + (3 if cfg.get("cross") else 0), 8), cross_entropy
-
-
-def loop_reference(forward_seed):
-    """Per-sample gradients by one backward per sample of ONE forward of the batch (seeded, so
-    that dropout draws the masks the engine's forward drew)."""
-    def reference(model, x, y, loss_fn, weights=None):
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        torch.manual_seed(forward_seed)
-        losses = loss_fn(model(x), y)
-        rows = [torch.autograd.grad(losses[i], list(params.values()), retain_graph=True, allow_unused=True)
-                for i in range(len(losses))]
-        grads = {n: torch.stack([torch.zeros_like(p) if r[j] is None else r[j] for r in rows])
-                 for j, (n, p) in enumerate(params.items())}
-        return statistics_of(grads, weights)
-    return reference
 
 
 @pytest.mark.parametrize("config", sorted(MHA_CONFIGS))

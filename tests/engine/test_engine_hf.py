@@ -24,8 +24,7 @@ transformers.utils.logging.set_verbosity_error()
 
 import gradalign as ga  # noqa: E402
 from gradalign.engine import PerSampleGradients  # noqa: E402
-from test_engine import compare_all  # noqa: E402
-from test_engine_transformers import loop_reference  # noqa: E402
+from tests.support.compare import compare_all, loop_reference  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
