@@ -1,7 +1,7 @@
 """Step time of each method as a ratio to a plain Adam step, seed MLP on mnist1d-shaped input.
 
-    python benchmarks/methods.py            # B = 32 and 128
-    python benchmarks/methods.py --quick
+    python -m benchmarks.methods            # B = 32 and 128
+    python -m benchmarks.methods --quick
 
 Variants (each on its own copy of the model and its own Adam):
   adam              forward, mean cross-entropy, backward, optimizer.step()   (the reference)
@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from timing import print_table, time_variants  # noqa: E402
+from benchmarks.timing import print_table, time_variants
 
-import gradalign as ga  # noqa: E402
-from gradalign.experiments.models import build_model  # noqa: E402
+import gradalign as ga
+from gradalign.experiments.models import build_model
 
 
 def make_variants(B: int) -> dict:

@@ -1,7 +1,7 @@
 """Where the time of one engine step goes, and counts that do not depend on the machine's load.
 
-    python benchmarks/profile_engine.py --models wide_mlp vit_linear mlp --variants plain clip gasw
-    python benchmarks/profile_engine.py --models wide_mlp --variants gasw --where   # the time table
+    python -m benchmarks.profile_engine --models wide_mlp vit_linear mlp --variants plain clip gasw
+    python -m benchmarks.profile_engine --models wide_mlp --variants gasw --where   # the time table
 
 For each (model, variant) one step is run under torch.profiler (after warm-up steps) and
 reported with:
@@ -11,42 +11,35 @@ reported with:
 Counts are exact and load-independent, so two implementations can be compared on a busy
 machine by their counts; the times in `--where` are the profiler's, on whatever load there is.
 
-`--where` attributes the step's CPU time to phases: the model's forward, the backward to the
-layer outputs, the rules, and each statistic of each per-sample representation, labelled by
-the route it takes (`persample.route`) and the layer kind that produced it.
+`--where` attributes the step's CPU time to phases: the model's forward, the engine's phases and
+each statistic of each unit, labelled with its parameters and the route it takes (the engine's
+`trace` labels, engine/phases.py).
 
 `--phases` times the engine's phases without the profiler (which adds time to every operator
-call): wall-clock medians of `--steps` steps, each engine phase timed by wrapping its method,
-beside a plain step run alternately:
+call): wall-clock medians of `--steps` steps, each engine phase timed through the engine's
+`trace` callback, beside a plain step run alternately:
 
-    python benchmarks/profile_engine.py --models vit_linear --variants clip --phases --steps 41
+    python -m benchmarks.profile_engine --models vit_linear --variants clip --phases --steps 41
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import functools
+import contextlib
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine import BATCHES, MODELS, build, clip_weights, per_sample_losses  # noqa: E402
-
-import gradalign as ga  # noqa: E402
-from gradalign.engine import capture, persample, units  # noqa: E402
-from gradalign.engine.capture import PerSampleGradients  # noqa: E402
-from gradalign.engine.gradient_stats import GradientStats  # noqa: E402
+import gradalign as ga
+from benchmarks.models import BATCHES, MODELS, build, clip_weights, per_sample_losses
+from gradalign.engine.phases import PHASES
 
 _PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
              "aten::dot", "aten::vdot", "aten::mkldnn_convolution", "aten::convolution_backward",
              "aten::_convolution", "aten::_slow_conv2d_forward", "aten::_scaled_dot_product_flash_attention_for_cpu"}
-_UNIT_STATS = ("sq_norms", "add_gram", "sums", "dots", "cosine_terms", "weighted", "sq_sums")
 
 
 def macs(name: str, shapes: list) -> int:
@@ -93,82 +86,8 @@ def counts(events) -> dict:
             "by op": collections.Counter(e.name for e in ops)}
 
 
-def _unit_label(unit, method: str, *args) -> str:
-    """'<layer kind>.<param> [route]: method' for a unit of engine/units.py."""
-    if isinstance(unit, units.Layer):
-        rep = unit.rep
-        T = rep.A.shape[2]
-        if method in ("add_gram", "cosine_terms", "dots"):  # the cosine route, persample.cosine_route
-            given = bool(args and args[0] is not None)
-            route = {"gram": "Gram", "factors": "d S a", "materialise": "formed chunks"}[rep.cosine_route(given)]
-            route = route if method != "dots" else "d S a"
-        elif method == "sq_norms":
-            route = "2-D" if T == 1 else ("ghost" if rep._ghost_is_cheaper() else "materialised")
-        else:  # sums, weighted sums, sums of squares: one product of the factors
-            route = "factors"
-        kind = getattr(rep, "_kind", "Factored") + (" + bias" if unit.bias else "")
-        return f"{kind} [{route}]: {method}"
-    if isinstance(unit, units.DenseBlock):
-        return f"small dense parameters ({len(unit.names)}, one block): {method}"
-    return f"{getattr(unit.rep, '_kind', type(unit.rep).__name__)} [{type(unit.rep).__name__}]: {method}"
-
-
-def instrument() -> None:
-    """Wrap the engine's phases, each unit's statistics (engine/units.py) and the weighting in
-    profiler labels; time inside a nested label goes to that label (`where`)."""
-    def wrap(owner, name, label):
-        original = getattr(owner, name)
-
-        @functools.wraps(original)
-        def wrapped(*args, **kwargs):
-            with record_function("ga/" + label(*args)):
-                return original(*args, **kwargs)
-        setattr(owner, name, wrapped)
-
-    for cls in (units.Layer, units.DenseBlock, units.Single):
-        for method in _UNIT_STATS:
-            if method in vars(cls):
-                wrap(cls, method, lambda unit, *a, _m=method: _unit_label(unit, _m, *a))
-    for name, label in (("_backward_to_outputs", "backward to the layer outputs"),
-                        ("_per_sample_grads", "rules (factors from inputs and output gradients)"),
-                        ("_write_grad", "write p.grad")):
-        wrap(PerSampleGradients, name, lambda *_, _l=label: _l)
-    wrap(capture, "rescale", lambda *_: "loss scale (one power of two per backward)")
-    for name in ("_cosine_terms", "_sq_norms", "cosines"):  # the per-unit terms summed, the ratios formed
-        prop = vars(GradientStats)[name]
-        inner = prop.func
-
-        def func(self, _inner=inner, _name=name):
-            with record_function(f"ga/statistics: combine units ({_name})"):
-                return _inner(self)
-        prop.func = func
-    wrap(ga.GASW, "__call__", lambda *_: "GASW weights from the cosines")
-    # the layer kind that produced each representation: set by the rule wrappers below
-    from gradalign.engine import rules as rules_pkg
-    registry = rules_pkg.default_registry
-
-    def tagged_registry():
-        reg = registry()
-        for module_type, rule in list(reg._rules.items()):
-            kind = module_type.__name__ if isinstance(module_type, type) else module_type.rsplit(".", 1)[-1]
-
-            def compute(module, args, grad_output, _compute=rule.compute, _kind=kind):
-                out = _compute(module, args, grad_output)
-                for name, g in out.items():
-                    tag = f"{_kind}.{name.split('.')[-1]}"
-                    if isinstance(g, persample.Factored) and g.A.shape[2] > 1:
-                        tag += f" (T={g.A.shape[2]})"
-                    try:
-                        g._kind = tag
-                    except AttributeError:
-                        pass
-                return out
-            reg._rules[module_type] = type(rule)(**{**rule.__dict__, "compute": compute})
-        return reg
-    capture.default_registry = tagged_registry
-
-
-def make_step(kind: str, B: int, variant: str):
+def make_step(kind: str, B: int, variant: str, trace=None):
+    """One step of `variant` on a fresh model; the engine's phases go to `trace` (engine/phases.py)."""
     torch.manual_seed(0)
     model, shape = build(kind)
     if kind == "gpt2":  # token ids, the targets the same ids (shifted inside the loss)
@@ -184,7 +103,7 @@ def make_step(kind: str, B: int, variant: str):
             with record_function("ga/plain backward"):
                 loss.backward()
         return step
-    engine = ga.PerSampleGradients(model)
+    engine = ga.PerSampleGradients(model, trace=trace)
     read = {"norms": lambda e, l: e.backward(l).norms,
             "clip": lambda e, l: e.backward(l, weights=clip_weights, release=True),
             "gasw": lambda e, l: e.backward(l, weights=ga.GASW(2.0), release=True),
@@ -198,48 +117,37 @@ def make_step(kind: str, B: int, variant: str):
     return step
 
 
-# the engine's methods timed by --phases, in the order a step runs them
-_PHASES = [(capture.PerSampleGradients, "_backward_to_outputs", "backward to the layer outputs"),
-           (capture, "rescale", "loss scale"),
-           (capture.PerSampleGradients, "_per_sample_grads", "rules (the per-sample representations)"),
-           (capture.PerSampleGradients, "_resolve_weights", "the weighting and the statistics it reads"),
-           (GradientStats, "release_into", "weighted p.grad"),
-           (GradientStats, "weighted_sum", "weighted p.grad")]
-
-
 def phases(kind: str, B: int, variant: str, steps: int) -> dict[str, float]:
-    """Median wall-clock ms per phase over `steps` steps, without the profiler; "forward and
-    the rest" is the step minus the timed phases; "plain step" a plain step run alternately."""
+    """Median wall-clock ms per engine phase (engine/phases.PHASES) over `steps` steps, without the
+    profiler; "forward and the rest" is the step minus those phases; "plain step" a plain step
+    run alternately."""
     spent = collections.defaultdict(float)
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in _PHASES]
-    for (owner, name, label), (_, _, inner) in zip(_PHASES, originals):
-        def timed(*args, _inner=inner, _label=label, **kwargs):
-            start = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                spent[_label] += time.perf_counter() - start
-        setattr(owner, name, timed)
-    try:
-        plain, step = make_step(kind, B, "plain"), make_step(kind, B, variant)
-        for _ in range(3):
-            plain(), step()
-        samples = collections.defaultdict(list)
-        for _ in range(steps):
-            start = time.perf_counter()
-            plain()
-            samples["plain step"].append(time.perf_counter() - start)
-            spent.clear()
-            start = time.perf_counter()
-            step()
-            total = time.perf_counter() - start
-            samples["step"].append(total)
-            samples["forward and the rest"].append(total - sum(spent.values()))
-            for label, seconds in spent.items():
-                samples[label].append(seconds)
-    finally:
-        for owner, name, inner in originals:
-            setattr(owner, name, inner)
+
+    @contextlib.contextmanager
+    def timer(name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if name in PHASES:  # the per-unit statistics nest inside the phases
+                spent[name] += time.perf_counter() - start
+
+    plain, step = make_step(kind, B, "plain"), make_step(kind, B, variant, trace=timer)
+    for _ in range(3):
+        plain(), step()
+    samples = collections.defaultdict(list)
+    for _ in range(steps):
+        start = time.perf_counter()
+        plain()
+        samples["plain step"].append(time.perf_counter() - start)
+        spent.clear()
+        start = time.perf_counter()
+        step()
+        total = time.perf_counter() - start
+        samples["step"].append(total)
+        samples["forward and the rest"].append(total - sum(spent.values()))
+        for label, seconds in spent.items():
+            samples[label].append(seconds)
     return {label: 1e3 * statistics.median(v) for label, v in samples.items()}
 
 
@@ -284,7 +192,6 @@ def main() -> None:
                         if label not in ("step", "plain step"):
                             print(f"  {ms:8.2f} ms  {label}")
         return
-    instrument()
     print(f"torch {torch.__version__}, 1 thread\n")
     print("| model | B | variant | ops | products | MMACs | ms (profiled) |")
     print("|---|---|---|---|---|---|---|")
@@ -292,7 +199,7 @@ def main() -> None:
     for kind in args.models:
         for B in args.batches or [default_batch.get(kind, BATCHES[kind][0])]:
             for variant in args.variants:
-                step = make_step(kind, B, variant)
+                step = make_step(kind, B, variant, trace=lambda name: record_function("ga/" + name))
                 for _ in range(3):
                     step()
                 runs = []

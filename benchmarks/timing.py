@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 import weakref
 from typing import Callable
 
@@ -101,9 +102,10 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, free_grads: C
     return held.peak / 2**20
 
 
-def memory_in_subprocess(script: str, args: list[str]) -> float:
-    """Run `script --measure-memory ARGS` in a fresh interpreter; it prints one JSON number."""
-    out = subprocess.run([sys.executable, script, "--measure-memory", *args],
+def memory_in_subprocess(module: str, args: list[str]) -> float:
+    """Run `python -m module --measure-memory ARGS` (from the repository root) in a fresh
+    interpreter; it prints one JSON number."""
+    out = subprocess.run([sys.executable, "-m", module, "--measure-memory", *args], cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,8 +1,8 @@
 """Training throughput of the CIFAR experiments' steps: images per second, and the ratio to SGD.
 
-    python benchmarks/vision.py                       # CPU, all models, small number of rounds
-    python benchmarks/vision.py --device cuda --rounds 21
-    python benchmarks/vision.py --models resnet18 --batch 128
+    python -m benchmarks.vision                       # CPU, all models, small number of rounds
+    python -m benchmarks.vision --device cuda --rounds 21
+    python -m benchmarks.vision --models resnet18 --batch 128
 
 Each variant is the training loop's own step (experiments/steps.py: the pipeline's views on
 the device, the forward under the run's autocast, the GWA monitor's update, the method's
@@ -27,20 +27,18 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from timing import print_table, time_variants  # noqa: E402
+from benchmarks.timing import print_table, time_variants
 
-import gradalign as ga  # noqa: E402
-from gradalign.experiments.arms import METHODS  # noqa: E402
-from gradalign.experiments.augment import NORMALIZATION, ImagePipeline  # noqa: E402
-from gradalign.experiments.device import amp_dtype, autocast, resolve_device  # noqa: E402
-from gradalign.experiments.models import build_model  # noqa: E402
-from gradalign.experiments.steps import Optimizer  # noqa: E402
-from gradalign.experiments.train import evaluate  # noqa: E402
+import gradalign as ga
+from gradalign.experiments.arms import METHODS
+from gradalign.experiments.augment import NORMALIZATION, ImagePipeline
+from gradalign.experiments.device import amp_dtype, autocast, resolve_device
+from gradalign.experiments.models import build_model
+from gradalign.experiments.steps import Optimizer
+from gradalign.experiments.train import evaluate
 
 MODELS = {  # kind: (classes, options, optimizer, lr, batch) as in gvr-cifar100 / gwa-cifar10
     "resnet18": (100, {}, "sgd", 0.05, 128),

@@ -7,7 +7,7 @@ from gradalign.engine import (
     check_model,
     compare_with_reference,
     default_registry,
-    per_sample_gradients,
+    reference_gradients,
     reference_statistics,
     replace_batchnorm,
     token_losses,
@@ -22,5 +22,18 @@ __all__ = [
     "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError", "RunFolderError",
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "UnsupportedModuleError",
     "check_model", "compare_with_reference", "default_registry", "distributed", "gwa_alignment", "gwa_score",
-    "per_sample_gradients", "reference_statistics", "replace_batchnorm", "token_losses", "validate",
+    "reference_gradients", "reference_statistics", "replace_batchnorm", "token_losses", "validate",
 ]
+
+_DEPRECATED = {"per_sample_gradients": ("reference_gradients", reference_gradients)}
+
+
+def __getattr__(name: str):
+    """Old public names, kept for one release with a DeprecationWarning that names the new one."""
+    if name in _DEPRECATED:
+        import warnings
+        new, value = _DEPRECATED[name]
+        warnings.warn(f"ga.{name} is deprecated and will be removed in the next release: use ga.{new} "
+                      "(the torch.func reference that forms the per-sample gradients)", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module 'gradalign' has no attribute {name!r}")

@@ -1,13 +1,14 @@
 """The benchmark scripts' measuring parts: the CPU peak-memory count (the README's memory
 columns) and the wall-clock phase split of profile_engine --phases."""
-import sys
-from pathlib import Path
+import contextlib
 
 import pytest
 import torch
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import timing  # noqa: E402
+import gradalign as ga
+from benchmarks import profile_engine, timing
+from gradalign.engine.phases import PHASES
 
 
 def test_peak_memory_counts_new_storages_not_views_of_existing_ones():
@@ -27,12 +28,33 @@ def test_peak_memory_counts_new_storages_not_views_of_existing_ones():
 
 
 def test_profile_engine_phases_cover_the_step():
-    import profile_engine
     table = profile_engine.phases("mlp", 8, "gasw", steps=3)
     phases = [k for k in table if k not in ("step", "plain step", "forward and the rest")]
-    assert {"backward to the layer outputs", "rules (the per-sample representations)",
-            "the weighting and the statistics it reads", "weighted p.grad"} <= set(phases)
+    assert set(PHASES) <= set(phases)
     assert all(v > 0 for v in table.values())
-    # the wrappers are removed afterwards
-    from gradalign.engine import capture
-    assert capture.PerSampleGradients._backward_to_outputs.__name__ == "_backward_to_outputs"
+
+
+def test_trace_sees_every_phase_in_order_and_every_unit_statistic():
+    """The engine's `trace` hook: the phases of a GASW backward in their order, and each unit's
+    statistics nested inside them, labelled with the parameters and the route."""
+    seen, depth = [], [0]
+
+    @contextlib.contextmanager
+    def trace(name):
+        seen.append((depth[0], name))
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    engine = ga.PerSampleGradients(model, trace=trace)
+    losses = nn.functional.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,)), reduction="none")
+    engine.backward(losses, weights=ga.GASW(2.0))
+    assert [name for d, name in seen if d == 0] == list(PHASES)
+    units = [name for d, name in seen if d == 1]
+    assert "unit 2.weight+2.bias [Factored T=1 + bias, factors]: weighted" in units
+    assert any(name.startswith("unit 0.weight+0.bias [Factored T=1 + bias, ") and name.endswith(": add_gram")
+               for name in units), units

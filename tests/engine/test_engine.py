@@ -4,7 +4,7 @@ import torch
 
 from tests.support.engine_models import (ARCHITECTURES, PERSAMPLE_ROUTES, classification_batch, cross_entropy, random_architecture,
                            recording_engine, route_labels, seed_mlp)
-from gradalign.engine import PerSampleGradients, per_sample_gradients, reference_statistics
+from gradalign.engine import PerSampleGradients, reference_gradients, reference_statistics
 from tests.support.compare import close, compare_all, run_engine
 
 
@@ -42,7 +42,7 @@ def test_dots_with_arbitrary_reference_and_gram_route():
     torch.manual_seed(2)
     model, make_batch, loss_fn = ARCHITECTURES["seed_mlp"]()
     x, y = make_batch(16, torch.Generator().manual_seed(2))  # B (n_in + n_out) < n_in n_out: Gram route
-    grads = per_sample_gradients(model, x, y, loss_fn)
+    grads = reference_gradients(model, x, y, loss_fn)
     stats, _ = run_engine(model, x, y, loss_fn)
     reference = {n: torch.randn_like(g[0]) for n, g in grads.items()}
     expected = sum((g.flatten(1) @ reference[n].flatten()) for n, g in grads.items())
@@ -80,7 +80,7 @@ def test_evaluation_forwards_are_not_recorded():
     with torch.no_grad():
         model(torch.randn(3, 40))  # different batch size, must not disturb the next backward
     model(torch.randn(5, 40))  # a forward whose output never reaches the losses
-    per_sample_gradients(model, x[:2], y[:2], loss_fn)  # torch.func calls on the hooked model
+    reference_gradients(model, x[:2], y[:2], loss_fn)  # torch.func calls on the hooked model
     stats = engine.backward(loss_fn(model(x), y))
     assert stats.norms.shape == (8,)
 
@@ -124,7 +124,7 @@ def test_every_read_order_on_the_gram_route(first):
     torch.manual_seed(5)
     model, B = seed_mlp(), 16
     x, y = classification_batch(40)(B, torch.Generator().manual_seed(5))
-    grads = per_sample_gradients(model, x, y, cross_entropy)
+    grads = reference_gradients(model, x, y, cross_entropy)
     flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
     mean = flat.mean(0)
     cosines = torch.nn.functional.cosine_similarity(flat, mean.expand_as(flat), dim=1)
@@ -152,8 +152,8 @@ def test_materialised_route_in_several_chunks(monkeypatch):
     """The materialised route (the narrow Linear over tokens of shared_embedding_tokens) gives the
     same statistics when it builds the per-sample gradients a few samples at a time, the last
     chunk shorter."""
-    from gradalign.engine.persample import Factored
-    monkeypatch.setattr("gradalign.engine.persample._CHUNK_ELEMENTS", 50)   # narrow: 24 numbers a sample
+    from gradalign.engine.representations import Factored
+    monkeypatch.setattr("gradalign.engine.representations.factored.CHUNK_ELEMENTS", 50)   # narrow: 24 numbers a sample
     chunks = []
     real = Factored._materialised_chunks
 

@@ -7,7 +7,7 @@ from torch import nn
 import gradalign as ga
 from tests.support.engine_models import ARCHITECTURES
 from gradalign.engine import PerSampleGradients
-from gradalign.engine.persample import Factored
+from gradalign.engine.representations import Factored
 
 
 def test_batchnorm_in_training_mode_lists_every_offender():
@@ -263,7 +263,7 @@ def test_remove_leaves_the_model_as_it_was(arch):
 
 
 def test_materialised_route_is_chunked(monkeypatch):
-    monkeypatch.setattr("gradalign.engine.persample._CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr("gradalign.engine.representations.factored.CHUNK_ELEMENTS", 7)
     A, D = torch.randn(5, 1, 9, 2), torch.randn(5, 1, 9, 3)
     grads = Factored(A, D, torch.Size([3, 2]))
     full = torch.einsum("bgto,bgti->boi", D, A)

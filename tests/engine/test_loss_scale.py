@@ -44,7 +44,7 @@ def test_scaled_losses_against_a_float64_reference(arch, scale):
     model, make_batch, loss_fn = ALL[arch]()
     x, y = make_batch(16, torch.Generator().manual_seed(0))
     x64 = x.double() if x.is_floating_point() else x
-    per_sample = ga.per_sample_gradients(copy.deepcopy(model).double(), x64, y, scaled(loss_fn, scale))
+    per_sample = ga.reference_gradients(copy.deepcopy(model).double(), x64, y, scaled(loss_fn, scale))
     plain_stats, _ = engine_run(model, x, y, loss_fn, ga.GASW(2.0))
     stats, grads = engine_run(model, x, y, scaled(loss_fn, scale), ga.GASW(2.0))
     ref = statistics_of(per_sample, stats.weights.double())

@@ -11,7 +11,7 @@ import torch
 
 import gradalign as ga
 from tests.support.engine_models import ARCHITECTURES
-from gradalign.engine.persample import Dense, Factored, IndexedRows
+from gradalign.engine.representations import Dense, Factored, IndexedRows
 from tests.support.layer_models import LAYER_ARCHITECTURES
 
 ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.support.engine_models import ARCHITECTURES, classification_batch, cross_entropy
-from gradalign.engine.persample import Dense, Factored
+from gradalign.engine.representations import Dense, Factored
 from gradalign.engine.rules.conv import unfold, unfold_by_dim
 from tests.support.layer_models import LAYER_ARCHITECTURES
 from tests.support.compare import compare_all

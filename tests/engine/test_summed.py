@@ -3,8 +3,8 @@ materialised per-sample gradients (cross terms included)."""
 import pytest
 import torch
 
-from gradalign.engine.persample import Dense, Factored, IndexedRows, RowBlocks
-from gradalign.engine.summed import Summed, combine, materialise
+from gradalign.engine.representations import Dense, Factored, IndexedRows, RowBlocks
+from gradalign.engine.representations.summed import Summed, combine, materialise
 
 B, V, D = 5, 11, 4
 SHAPE = torch.Size([V, D])
@@ -79,7 +79,7 @@ def test_same_kinds_merge_and_three_kinds_pair_up():
 def test_factored_cross_term_does_not_materialise(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("materialised")
-    monkeypatch.setattr("gradalign.engine.summed.materialise", refuse)
+    monkeypatch.setattr("gradalign.engine.representations.summed.materialise", refuse)
     a, b = rows(), factored()
     grads = combine(a, b)
     grads.sq_norms(), grads.sq_sum(), grads.dots_with_sum(lambda: torch.randn(V, D))

@@ -18,7 +18,7 @@ def increments(n_increments, size, seed=0):
 def reference_snr(model, loss_fn, batches, rule, eps=1e-12):
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    flat = torch.cat([g.flatten(1) for g in ga.per_sample_gradients(model, x, y, loss_fn).values()], 1).double()
+    flat = torch.cat([g.flatten(1) for g in ga.reference_gradients(model, x, y, loss_fn).values()], 1).double()
     n = flat.shape[0]
     m, v = flat.mean(0), flat.var(0, unbiased=True)
     if rule == "per_sample":
@@ -39,7 +39,7 @@ def test_snr_and_accumulated_gradient_match_reference(rule):
     engine.set_grad(acc.mean_grad())
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    grads = ga.per_sample_gradients(model, x, y, loss_fn)
+    grads = ga.reference_gradients(model, x, y, loss_fn)
     for name, p in model.named_parameters():
         assert acc.mean_grad()[name].dtype == p.dtype
         torch.testing.assert_close(p.grad, grads[name].mean(0), rtol=1e-4, atol=1e-7)
@@ -53,7 +53,7 @@ def test_steps_when_rule_passes_and_resets():
         assert acc.update(engine.backward(loss_fn(model(x), y), write_grad=False))
     assert acc.samples_per_step == [8, 8, 8, 8]
     x, y = batches[-1]
-    expected = ga.per_sample_gradients(model, x, y, loss_fn)
+    expected = ga.reference_gradients(model, x, y, loss_fn)
     for name, mean in acc.mean_grad().items():  # the last increment alone, not a sum over steps
         torch.testing.assert_close(mean, expected[name].mean(0), rtol=1e-4, atol=1e-7)
 

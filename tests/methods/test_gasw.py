@@ -6,7 +6,7 @@ import torch
 
 import gradalign as ga
 from tests.support.engine_models import ARCHITECTURES, recording_engine
-from gradalign.engine.persample import Factored
+from gradalign.engine.representations import Factored
 from gradalign.methods import leave_one_out_cosines, normalised_entropy
 
 
@@ -75,7 +75,7 @@ def test_weighted_update_matches_torch_func(method, leave_one_out, arch):
     torch.manual_seed(0)
     model, make_batch, loss_fn = ARCHITECTURES[arch]()
     x, y = make_batch(48, torch.Generator().manual_seed(0))
-    grads = ga.per_sample_gradients(model, x, y, loss_fn)
+    grads = ga.reference_gradients(model, x, y, loss_fn)
     flat = torch.cat([g.flatten(1) for g in grads.values()], 1).double()
     B = flat.shape[0]
     reference = (B * flat.mean(0) - flat) / (B - 1) if leave_one_out else flat.mean(0).expand_as(flat)

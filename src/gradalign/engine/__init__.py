@@ -3,12 +3,12 @@ from gradalign.engine.batchnorm import Replacement, replace_batchnorm
 from gradalign.engine.capture import PerSampleGradients
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.losses import token_losses
-from gradalign.engine.reference import check_model, compare_with_reference, per_sample_gradients, reference_statistics
+from gradalign.engine.reference import check_model, compare_with_reference, reference_gradients, reference_statistics
 from gradalign.engine.rules import Rule, RuleRegistry, default_registry
 from gradalign.engine.validate import validate
 
 __all__ = [
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "check_model", "compare_with_reference",
-    "default_registry", "per_sample_gradients", "reference_statistics", "replace_batchnorm", "token_losses",
+    "default_registry", "reference_gradients", "reference_statistics", "replace_batchnorm", "token_losses",
     "validate",
 ]

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 
 from gradalign.engine.distributed import resolve_group
 from gradalign.engine.gradient_stats import GradientStats
-from gradalign.engine.persample import PerSampleGrad, full_precision
+from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
+from gradalign.engine.representations import PerSampleGrad, full_precision
 from gradalign.engine.recording import Recorder, Call
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.scale import rescale
-from gradalign.engine.summed import combine
+from gradalign.engine.representations import combine
 from gradalign.engine.validate import verify, verify_rtol
 from gradalign.errors import GradAlignError, UnsupportedModuleError
 
@@ -43,7 +44,7 @@ class PerSampleGradients:
     Which route serves a module: its rule if the registry has one (Linear, Conv, norms,
     Embedding, MultiheadAttention with its out_proj, ...); otherwise its parameters are watched
     at their point of use during its forward (raw parameters: cls tokens, position
-    embeddings, layer-scale gammas; engine/watch.py); and only where watching meets an
+    embeddings, layer-scale gammas; engine/watching/watch.py); and only where watching meets an
     operation it cannot follow, the torch.func fallback (a vmap over that module's forward)
     or, for a module that does not take one tensor and return one, UnsupportedModuleError.
 
@@ -81,10 +82,13 @@ class PerSampleGradients:
             backward (autograd is asked for layer-output gradients, not parameter ones), so
             the engine's reduction is the only one and nothing is reduced twice. Every rank
             must call backward in step (same model, same statistics read).
+        trace: a callable name -> context manager entered around each phase of a backward and
+            each statistic of each unit, e.g. `torch.profiler.record_function` or a timer
+            (engine/phases.py lists the names). None (default): nothing is traced.
     """
 
     def __init__(self, model: nn.Module, *, registry: RuleRegistry | None = None, verify: bool = False,
-                 max_pending_forwards: int = 8, process_group=None):
+                 max_pending_forwards: int = 8, process_group=None, trace: Trace = None):
         if not (isinstance(max_pending_forwards, int) and max_pending_forwards >= 1):
             raise ValueError(f"max_pending_forwards must be an integer >= 1, got {max_pending_forwards!r}")
         self.model = model
@@ -92,6 +96,7 @@ class PerSampleGradients:
         self.verify = verify
         self.max_pending_forwards = max_pending_forwards
         self.process_group = resolve_group(model, process_group)
+        self.trace = trace
         self._recorder = Recorder(model, self.registry, max_pending_forwards)
         self._hooked, self._params = self._recorder.hooked, self._recorder.params  # shared dicts
         self._removed = False
@@ -145,34 +150,39 @@ class PerSampleGradients:
         try:
             with full_precision(losses.device):  # backward and rules in float32, also inside autocast
                 wanted = self._sums_wanted(weights, params)
-                sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
+                with phase(self.trace, BACKWARD):
+                    sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
                 rtol = verify_rtol([g for h in self._hooked.values() for c in h.calls for g in (c.grads or ())])
-                scale = rescale([c for h in self._hooked.values() for c in h.calls], sums)
-                per_sample = self._per_sample_grads(B, params)
+                with phase(self.trace, LOSS_SCALE):
+                    scale = rescale([c for h in self._hooked.values() for c in h.calls], sums)
+                with phase(self.trace, RULES):
+                    per_sample = self._per_sample_grads(B, params)
         finally:
             self.clear()
         stats = self._stats(per_sample, B, losses.device, params, scale, sums)
         del per_sample, sums  # the statistics hold them now (and free them with release=True)
         if self.verify:
             verify(stats, losses, self._params, rtol)
-        w = self._resolve_weights(weights, stats, losses)
+        with phase(self.trace, WEIGHTS):
+            w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
-        if release:  # (1/B) sum_i w_i g_i, a layer at a time, each layer's factors freed after
-            stats.release_into(None if weights is None else w, functools.partial(self._write_grad, add=True),
-                               factor=1.0 / stats.global_batch_size)
-        elif write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
-            update = (stats._mean_update() if weights is None                    # (1/B) sum_i g_i
-                      else stats.weighted_sum(w, factor=1.0 / stats.global_batch_size))  # (1/B) sum_i w_i g_i
-            self._write_grad(update, add=True)
+        with phase(self.trace, WRITE):
+            if release:  # (1/B) sum_i w_i g_i, a layer at a time, each layer's factors freed after
+                stats.release_into(None if weights is None else w, functools.partial(self._write_grad, add=True),
+                                   factor=1.0 / stats.global_batch_size)
+            elif write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
+                update = (stats.mean_update() if weights is None                    # (1/B) sum_i g_i
+                          else stats.weighted_sum(w, factor=1.0 / stats.global_batch_size))  # (1/B) sum_i w_i g_i
+                self._write_grad(update, add=True)
         return stats
 
     def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale, sums) -> GradientStats:
         sums = {n: s for n, s in sums.items() if n in per_sample}
         if self.process_group is None:
-            return GradientStats(per_sample, B, device=device, scale=scale, sums=sums)
+            return GradientStats(per_sample, B, device=device, scale=scale, sums=sums, trace=self.trace)
         shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
         return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes,
-                             scale=scale, sums=sums)
+                             scale=scale, sums=sums, trace=self.trace)
 
     def _sums_wanted(self, weights: Weights, params: dict[str, nn.Parameter]) -> list[str]:
         """Parameters whose gradient sum S autograd should form in the backward itself, where

@@ -36,17 +36,9 @@ from torch import Tensor
 
 from gradalign.engine import distributed as dist_
 from gradalign.engine import units as units_
-from gradalign.engine.persample import PerSampleGrad, full_precision
+from gradalign.engine.phases import Trace, TracedUnit
+from gradalign.engine.representations import PerSampleGrad, in_full_precision as _full_precision
 from gradalign.errors import GradAlignError
-
-
-def _full_precision(method):
-    """Run a statistic with autocast off on the statistics' device."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with full_precision(self._device):
-            return method(self, *args, **kwargs)
-    return wrapper
 
 
 class GradientStats:
@@ -77,10 +69,11 @@ class GradientStats:
     def __init__(self, per_sample: dict[str, PerSampleGrad], batch_size: int, *,
                  device: torch.device | None = None, process_group=None,
                  param_shapes: dict[str, tuple[torch.Size, torch.dtype]] | None = None,
-                 scale: Tensor | None = None, sums: dict[str, Tensor] | None = None):
+                 scale: Tensor | None = None, sums: dict[str, Tensor] | None = None, trace: Trace = None):
         self._per_sample = per_sample
         self._given = sums or {}  # {name: S} that autograd formed in the backward (unscaled)
-        self._live_units: list | None = units_.plan(per_sample)  # None once released
+        units = units_.plan(per_sample)
+        self._live_units: list | None = units if trace is None else [TracedUnit(u, trace) for u in units]  # None: released
         self._device = device
         self._scale = scale  # None: the representations hold g_i itself
         self.batch_size = batch_size
@@ -239,7 +232,7 @@ class GradientStats:
             return self._unscaled(self.local_grad_sum, power=0, divide=self.batch_size)
         return self._unscaled(self.grad_sum, power=0, divide=self.global_batch_size)
 
-    def _mean_update(self) -> dict[str, Tensor]:
+    def mean_update(self) -> dict[str, Tensor]:
         """Fresh tensors gbar for p.grad (never the cached statistics a caller may hold): the sum
         with every weight 1/B (the 1/B and the scale then multiply the narrower factor, not a
         parameter-sized result); with a process group, the global S / B."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradalign.engine.persample import upcast
+from gradalign.engine.representations import upcast
 
 
 def token_losses(logits: Tensor, labels: Tensor, *, shift: bool = False, ignore_index: int = -100) -> Tensor:

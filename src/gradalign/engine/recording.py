@@ -2,7 +2,7 @@
 
 Forward hooks on every served module record, per call, the autograd edges where its gradients
 will be taken and a function from the gradients there to per-sample gradients (`Call`); a
-rule's call has the edges of its outputs, a watched module's call (engine/watch.py) one edge per
+rule's call has the edges of its outputs, a watched module's call (engine/watching/watch.py) one edge per
 point of use of a watched parameter. Records are kept for the last `max_pending_forwards`
 training forwards of the model; `PerSampleGradients.backward` consumes them.
 """
@@ -20,7 +20,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradalign.engine.rules import RuleRegistry
 from gradalign.engine.validate import Served, survey
-from gradalign.engine.watch import Watch, refuse_watched_input, watch_shared_output
+from gradalign.engine.watching import Watch, refuse_watched_input, watch_shared_output
 from gradalign.errors import UnsupportedModuleError
 
 @dataclass
@@ -37,7 +37,7 @@ class Call:
     generation: int = 0        # which forward of the model recorded it
     own_cosines: bool = False  # its cosine terms come without S (Rule.own_cosines)
     full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
-    watched: bool = False      # served through a watch (engine/watch.py): its S is not asked of autograd
+    watched: bool = False      # served through a watch (engine/watching/watch.py): its S is not asked of autograd
 
 
 @dataclass

@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, vmap
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (output, targets) -> (B,) per-sample losses
 
 
-def per_sample_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
+def reference_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
                          vectorize: bool = True) -> dict[str, Tensor]:
     """{param name: (B, *param.shape)} with g_i = grad of loss_fn(model(x_i), y_i).
 
@@ -45,7 +45,7 @@ def reference_statistics(model: nn.Module, inputs: Tensor, targets: Tensor, loss
     Returns a dict with norms (B,), cosines (B,), mean_grad {name: tensor},
     grad_sq_sum {name: tensor} and weighted_grad {name: (1/B) sum_i w_i g_i}.
     """
-    return statistics_of(per_sample_gradients(model, inputs, targets, loss_fn, vectorize=vectorize), weights)
+    return statistics_of(reference_gradients(model, inputs, targets, loss_fn, vectorize=vectorize), weights)
 
 
 def statistics_of(grads: dict[str, Tensor], weights: Tensor | None = None) -> dict:
@@ -71,7 +71,7 @@ def statistics_of(grads: dict[str, Tensor], weights: Tensor | None = None) -> di
 def compare_with_reference(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, *,
                            vectorize: bool = True) -> dict[str, float]:
     """Largest absolute difference between the engine and the torch.func reference, per statistic
-    (vectorize=False: the reference one sample at a time, see `per_sample_gradients`).
+    (vectorize=False: the reference one sample at a time, see `reference_gradients`).
 
     Example:
         errors = compare_with_reference(model, x, y, lambda out, y: F.cross_entropy(out, y, reduction="none"))

@@ -5,14 +5,14 @@ operator calls: `plan(per_sample)` returns units, each serving one or more param
                 bias a column of ones in A: one product serves both). Its <g_i, S> and |S|^2
                 come from the (B, B) Gram matrix, from S and the factors, or from S and the
                 per-sample gradients formed a chunk at a time, whichever is cheapest for what
-                is asked (`persample.cosine_route`); the Gram matrices of every Layer on that
+                is asked (`representations.cosine_route`); the Gram matrices of every Layer on that
                 route are summed into ONE (B, B) matrix, whose diagonal then also gives those
                 layers' |g_i|^2, and a layer on the last route keeps its |g_i|^2 from that pass.
     DenseBlock  every small Dense parameter (normalisation affines, unpaired biases) of one
                 dtype, concatenated once into (B, P): each statistic is then one product or
                 reduction for all of them, not one per parameter.
     Single      anything else (embeddings, row blocks, large dense gradients, other
-                representations), through the per-parameter interface of persample.py.
+                representations), through the per-parameter interface of engine/representations.
 
 Every unit answers, for its parameters in the order of `names`:
     sq_norms() (B,); sums() [S]; dots(refs) (B,) <g_i, R>; cosine_terms(refs) ((B,) <g_i, S>,
@@ -29,7 +29,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from gradalign.engine.persample import Dense, Factored, FactoredBias, PerSampleGrad
+from gradalign.engine.representations import Dense, Factored, FactoredBias, PerSampleGrad
 
 # Dense parameters with at most this many numbers per sample are concatenated into one block.
 _BLOCK_MAX = 1 << 13
@@ -76,6 +76,20 @@ class Layer:
     def sq_sums(self) -> list[Tensor]:
         weight, bias = self.rep.sq_sums(self.bias)
         return [weight, bias] if self.bias else [weight]
+
+    def route(self, statistic: str, *args) -> str:
+        """How `statistic` is computed here (a label for traces, engine/phases.py)."""
+        T = self.rep.A.shape[2]
+        if statistic in ("add_gram", "cosine_terms"):
+            have_sum = statistic == "cosine_terms" and bool(args and args[0] is not None)
+            route = {"gram": "Gram", "factors": "d S a", "materialise": "formed chunks"}[self.rep.cosine_route(have_sum)]
+        elif statistic == "dots":
+            route = "d R a"
+        elif statistic == "sq_norms":
+            route = "2-D" if T == 1 else ("ghost" if self.rep.ghost_is_cheaper() else "formed chunks")
+        else:
+            route = "factors"
+        return f"Factored T={T}{' + bias' if self.bias else ''}, {route}"
 
 
 def _grads(rep: Dense | FactoredBias) -> Tensor:
@@ -136,6 +150,10 @@ class DenseBlock:
     def sq_sums(self) -> list[Tensor]:
         return self._split(self.X.square().sum(0))
 
+    def route(self, statistic: str, *args) -> str:
+        """A label for traces (engine/phases.py)."""
+        return f"one block of {len(self.names)} small dense parameters"
+
 
 class Single:
     """One parameter through the per-parameter interface of its representation."""
@@ -170,6 +188,10 @@ class Single:
 
     def sq_sums(self) -> list[Tensor]:
         return [self.rep.sq_sum()]
+
+    def route(self, statistic: str, *args) -> str:
+        """A label for traces (engine/phases.py)."""
+        return type(self.rep).__name__
 
 
 Unit = Layer | DenseBlock | Single

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gradalign.engine.gradient_stats import GradientStats
-from gradalign.engine.persample import full_precision
+from gradalign.engine.representations import full_precision
 from gradalign.engine.rules import Rule, RuleRegistry, default_registry
 from gradalign.errors import UnsupportedModuleError
 

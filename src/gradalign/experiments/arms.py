@@ -19,7 +19,7 @@ import gradalign as ga
 from gradalign.experiments import checks
 from gradalign.experiments import steps as st
 from gradalign.experiments.signals import SignalStep
-from gradalign.methods.accumulation import SNR_RULES
+from gradalign.methods.gaga import SNR_RULES
 from gradalign.methods.gvr import PENALTY_MODES, SUBSET_FORWARDS
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 import gradalign as ga
 from gradalign.errors import ConfigError
 from gradalign.experiments.steps import Forward, Step
-from gradalign.methods.weighting import leave_one_out_cosines
+from gradalign.methods.gasw import leave_one_out_cosines
 
 FLOAT_RECORDS = ("loss", "grad_norm", "cosine", "cosine_loo", "margin")
 

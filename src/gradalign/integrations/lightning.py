@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from gradalign.engine.capture import PerSampleGradients, Weights
 from gradalign.engine.gradient_stats import GradientStats
-from gradalign.methods.accumulation import GSNRAccumulator
+from gradalign.methods.gaga import GSNRAccumulator
 from gradalign.methods.gwa import SELECTION_MODES, GWAMonitor
 
 

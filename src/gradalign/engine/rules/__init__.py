@@ -5,7 +5,7 @@ of the summed losses w.r.t. its output) into per-sample gradients of the paramet
 serves: {local parameter name: Factored | IndexedRows | Dense | RowBlocks}.
 
 Modules without a rule get the registry's fallback, whose parameters are watched at their
-point of use during the module's forward (`engine/watch.py`); the fallback's own compute
+point of use during the module's forward (`engine/watching/watch.py`); the fallback's own compute
 (torch.func) serves a call only where watching meets an operation it cannot follow.
 """
 from __future__ import annotations
@@ -46,9 +46,9 @@ class Rule:
     owns: child modules whose parameters this rule serves; their own forward never runs
         (nn.MultiheadAttention's out_proj). Names are then "child.param".
     watch: the module's parameters are watched at their point of use during its forward
-        (engine/watch.py); compute (and check_call) serve a call only where watching stops.
+        (engine/watching/watch.py); compute (and check_call) serve a call only where watching stops.
     own_cosines(module, args) -> bool: whether the cosine terms of this call's `own_cosine_params`
-        come without S (from the Gram matrix: `persample.cosine_route`), so the backward need not
+        come without S (from the Gram matrix: `representations.cosine_route`), so the backward need not
         form their S.
     """
 

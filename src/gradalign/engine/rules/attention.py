@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, Factored, RowBlocks
+from gradalign.engine.representations import Dense, Factored, RowBlocks
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
          "is_causal")

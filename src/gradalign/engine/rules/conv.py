@@ -2,8 +2,8 @@
 
 A convolution is a linear map applied at T output positions: with the input unfolded into
 patches, A (B, G, T, C_in/G * k), D (B, G, T, C_out/G) and g_i(W) = sum_t d_it a_it^T per
-group. Per layer the cheaper route is taken (persample.ghost_is_cheaper): the ghost route
-keeps those factors (persample.Factored); otherwise every sample's weight gradient is
+group. Per layer the cheaper route is taken (representations.ghost_is_cheaper): the ghost route
+keeps those factors (representations.Factored); otherwise every sample's weight gradient is
 formed by ONE convolution weight-gradient call with the batch folded into the groups (the
 kernel autograd itself uses, no unfolded copy of the input) and kept dense, (B, *W.shape),
 which is then smaller than the factors would be. g_i(b) = sum_t d_it.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, Factored, ghost_is_cheaper, upcast
+from gradalign.engine.representations import Dense, Factored, ghost_is_cheaper, upcast
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -60,7 +60,7 @@ def per_sample_weight_grads(x: Tensor, d: Tensor, weight_shape, stride, padding,
 
 
 def grouped(t: Tensor, groups: int) -> Tensor:
-    """(B, C, *positions) -> (B, G, T, C/G): the factor layout of persample.Factored."""
+    """(B, C, *positions) -> (B, G, T, C/G): the factor layout of representations.Factored."""
     B, C = t.shape[:2]
     return t.reshape(B, groups, C // groups, -1).transpose(2, 3)
 

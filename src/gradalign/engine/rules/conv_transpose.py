@@ -5,7 +5,7 @@ the output gradient d to the input x. Unfolding d with the layer's kernel, strid
 and dilation gives, at every input position t, the patch of d that x_t fed:
 g_i(W)[c_in, c_out k] = sum_t x_it[c_in] dpatch_it[c_out k], so per group
 A = the patches of d (B, G, T, C_out/G * k), D = x (B, G, T, C_in/G), and the weight
-(C_in, C_out/G, *k) is (G * C_in/G, C_out/G * k) group-major, as persample.Factored expects.
+(C_in, C_out/G, *k) is (G * C_in/G, C_out/G * k) group-major, as representations.Factored expects.
 output_padding (or a forward's output_size) only lengthens d at the end: the unfolding then
 has extra positions, and only the first T (the input's) are kept. Where materialising is
 cheaper, one grouped weight-gradient call gives (B, *W.shape), as for convolutions.
@@ -15,7 +15,7 @@ import math
 
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, Factored, ghost_is_cheaper, upcast
+from gradalign.engine.representations import Dense, Factored, ghost_is_cheaper, upcast
 from gradalign.engine.rules.conv import bias_grads, check_batched, grouped, per_sample_weight_grads, unfold
 
 ConvTranspose = nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d

@@ -1,7 +1,7 @@
 """nn.Embedding: row lookups, g_i(W) = sum_t onehot(idx_it) d_it^T, kept as (index, D)."""
 from torch import Tensor, nn
 
-from gradalign.engine.persample import IndexedRows
+from gradalign.engine.representations import IndexedRows
 
 
 def embedding_check(module: nn.Embedding) -> str | None:

@@ -3,7 +3,7 @@
 g_i = grad over the module's own parameters of sum_j <out_j(x_i), d_ij>, vmapped over samples,
 from the captured inputs and the gradients d_j at each tensor the module returns. It
 materialises (B, P_module) and runs the module's forward again, so the engine uses it only
-where watching the module's parameters at their point of use (engine/watch.py) meets an
+where watching the module's parameters at their point of use (engine/watching/watch.py) meets an
 operation it cannot follow.
 
 The module may take several tensors, positional or keyword (masks, position biases), and
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from gradalign.engine.persample import Dense, upcast
+from gradalign.engine.representations import Dense, upcast
 from gradalign.errors import UnsupportedModuleError
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)

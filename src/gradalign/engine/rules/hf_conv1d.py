@@ -8,7 +8,7 @@ here.
 """
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, Factored, cosine_route, upcast
+from gradalign.engine.representations import Dense, Factored, cosine_route, upcast
 
 
 def hf_conv1d_rule(module: nn.Module, args: tuple, grad_output: Tensor) -> dict:

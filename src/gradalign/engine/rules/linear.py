@@ -1,11 +1,11 @@
 """nn.Linear: y = a W^T + b over inputs of shape (B, in) or (B, ..., in).
 
 g_i(W) = sum_t d_it a_it^T (one position, T = 1, for (B, in) inputs), g_i(b) = sum_t d_it: the
-bias is a column of ones in a, so it is served by the weight's factors (persample.FactoredBias).
+bias is a column of ones in a, so it is served by the weight's factors (representations.FactoredBias).
 """
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Factored, cosine_route
+from gradalign.engine.representations import Factored, cosine_route
 
 
 def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
@@ -20,7 +20,7 @@ def linear_rule(module: nn.Linear, args: tuple, grad_output: Tensor) -> dict:
 
 def linear_own_cosines(module: nn.Linear, args: tuple) -> bool:
     """Whether the cosine terms of this call come from a Gram matrix, without S
-    (`persample.cosine_route`, S counted as one more product: it is not otherwise needed)."""
+    (`representations.cosine_route`, S counted as one more product: it is not otherwise needed)."""
     a = args[0]
     if not isinstance(a, Tensor) or a.dim() < 2 or a.numel() == 0:
         return False

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradalign.engine.persample import Dense, upcast
+from gradalign.engine.representations import Dense, upcast
 
 
 def _affine_grads(module: nn.Module, xhat: Tensor, d: Tensor, channel_shape) -> dict:

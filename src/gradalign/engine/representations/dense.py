@@ -1,55 +1,36 @@
 """Per-sample gradients kept whole (Dense), as rows of a table (IndexedRows), or as row blocks
-(RowBlocks), and what every representation shares: the upcast to float32 and the full-precision
-context (engine/persample.py has the protocol and the factored representations).
+(RowBlocks); `FromSum`, the <g_i, S> and |S|^2 of any representation without a cheaper route
+(the protocol is in this package's __init__, the factored representations in factored.py).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-
-def upcast(t: Tensor) -> Tensor:
-    """A floating tensor narrower than float32 (bfloat16, float16) as float32; others as they are."""
-    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+from gradalign.engine.representations.precision import upcast
 
 
-def full_precision(device: torch.device | None):
-    """A context with autocast off on `device` (where it is on): statistics read inside an
-    autocast region are still computed in float32 from the upcast factors."""
-    if device is None or device.type not in ("cpu", "cuda", "xpu", "mps", "hpu") or not _autocast_on(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-def _sq_norm(t: Tensor) -> Tensor:
+def sq_norm(t: Tensor) -> Tensor:
     """|t|^2 as one dot product (no squared copy of t)."""
     flat = t.reshape(-1)
     return flat.dot(flat)
 
 
-class _FromSum:
+class FromSum:
     """<g_i, S> and |S|^2 from S itself, for representations with no cheaper route."""
 
     def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
         return self.dots(total())
 
     def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
-        return _sq_norm(total())
+        return sq_norm(total())
 
 
 @dataclass
-class IndexedRows(_FromSum):
+class IndexedRows(FromSum):
     """g_i = sum_t onehot(index[i, t]) D[i, t]^T for a (num_rows, dim) table (nn.Embedding).
 
     index: (B, T) long, D: (B, T, dim) output gradients.
@@ -111,7 +92,7 @@ class IndexedRows(_FromSum):
 
 
 @dataclass
-class Dense(_FromSum):
+class Dense(FromSum):
     """The per-sample gradients themselves, grads: (B, *shape). For small parameters only
     (biases, normalisation affines) or the torch.func fallback."""
 

@@ -1,4 +1,4 @@
-"""The points of use of watched tensors (engine/watch.py): where a value shared by all samples
+"""The points of use of watched tensors (engine/watching/watch.py): where a value shared by all samples
 meets the batch, and how the gradient captured there becomes per-sample gradients.
 
 A watched tensor is a root (a raw parameter's alias, or a value with its own map from
@@ -6,7 +6,7 @@ per-sample gradients to per-sample parameter gradients: a module output shared b
 an embedding lookup without the batch) or derived from roots by operations without the batch
 (pos[:, :T], W.t(), gamma.exp()). A use either gives per-sample gradients directly (a linear
 map or an embedding lookup with the parameter as the weight: factored, no per-sample matrix),
-or the per-sample gradient (B, *shape) at a watched tensor, which `_Source.pull` carries back
+or the per-sample gradient (B, *shape) at a watched tensor, which `Source.pull` carries back
 to its roots (one batched vector-Jacobian product of the short chain from the roots).
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from gradalign.engine.persample import Dense, Factored, IndexedRows, PerSampleGrad
+from gradalign.engine.representations import Dense, Factored, IndexedRows, PerSampleGrad
 
-Pulled = list[tuple["_Source", Tensor]]  # (root, per-sample gradients at it)
+Pulled = list[tuple["Source", Tensor]]  # (root, per-sample gradients at it)
 
 
 @dataclass(eq=False)
-class _Source:
+class Source:
     """What a watched tensor is: `plain`, its value as an ordinary tensor, and either a root
     (`alias`: the parameter itself, transposed or not; or `to_grads`: a map from per-sample
     gradients at plain to per-sample parameter gradients) or derived from `roots`."""
@@ -35,7 +35,7 @@ class _Source:
     alias: str | None = None
     transposed: bool = False
     to_grads: Callable[[Tensor], dict] | None = None
-    roots: tuple["_Source", ...] = ()
+    roots: tuple["Source", ...] = ()
     label: str = ""  # what it is, for messages: "parameter m.w", "the output of m.pos (Embedding)"
 
     @property
@@ -43,7 +43,7 @@ class _Source:
         return self.alias is not None or self.to_grads is not None
 
     @property
-    def root_list(self) -> tuple["_Source", ...]:
+    def root_list(self) -> tuple["Source", ...]:
         return (self,) if self.is_root else self.roots
 
     def pull(self, g: Tensor) -> Pulled:
@@ -81,7 +81,7 @@ class AtUse:
     """An elementwise or expand point of use: the gradient at w_b (B on the batch dim)."""
 
     edge: GradientEdge
-    source: _Source
+    source: Source
     shape: torch.Size  # of the watched tensor
 
     def per_sample(self, g: Tensor, batch: int, batch_dim: int) -> tuple[dict, Pulled]:
@@ -95,9 +95,9 @@ class LinearUse:
     edge: GradientEdge
     x: Tensor
     merged: bool  # x is 2-D with the batch and the positions merged in its rows (x.view(-1, n))
-    weight: _Source | None
+    weight: Source | None
     right: bool  # the weight is matmul's right operand, (in, out); else F.linear's (out, in)
-    bias: _Source | None
+    bias: Source | None
 
     def per_sample(self, g: Tensor, batch: int, batch_dim: int) -> tuple[dict, Pulled]:
         A, D = rows(self.x, batch, batch_dim, self.merged), rows(g, batch, batch_dim, self.merged)  # (B, T, in/out)
@@ -136,7 +136,7 @@ class EmbeddingUse:
 
     edge: GradientEdge
     index: Tensor
-    weight: _Source
+    weight: Source
     padding_idx: int | None
 
     def per_sample(self, g: Tensor, batch: int, batch_dim: int) -> tuple[dict, Pulled]:
@@ -152,8 +152,8 @@ class NormUse:
     x: Tensor
     normalized_shape: tuple[int, ...]
     eps: float
-    weight: _Source | None
-    bias: _Source | None
+    weight: Source | None
+    bias: Source | None
 
     def per_sample(self, g: Tensor, batch: int, batch_dim: int) -> tuple[dict, Pulled]:
         shape = self.normalized_shape

@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from gradalign.engine.persample import Dense, Factored, IndexedRows, PerSampleGrad, RowBlocks, _sq_norm
+from gradalign.engine.representations.dense import Dense, IndexedRows, RowBlocks, sq_norm
+from gradalign.engine.representations.factored import Factored, PerSampleGrad
 
 
 def combine(a, b):
@@ -96,7 +97,7 @@ class Summed:
         return sum(p.dots(S) for p in self.parts)
 
     def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
-        return _sq_norm(total())
+        return sq_norm(total())
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         return sum(p.weighted_sum(w) for p in self.parts)

@@ -1,31 +1,7 @@
-"""Per-sample gradients of ONE parameter, kept in factored form.
-
-Each layer rule returns, per parameter, one of four representations of the B per-sample
-gradients g_i (i = 1..B). None of them stores a (B, P) matrix unless that is the cheapest
-route for that layer. Every representation answers the same six questions:
-
-    sq_norms()            (B,)   |g_i|^2
-    dots(R)               (B,)   <g_i, R> for a fixed tensor R of the parameter's shape
-    dots_with_sum(total)  (B,)   <g_i, S>, S = sum_j g_j
-    sum_sq_norm(total)    ()     |S|^2
-    weighted_sum(w)       shape  sum_i w_i g_i (w = None: all ones)
-    sq_sum()              shape  sum_i g_i**2 (elementwise)
-
-`total` is a callable returning S, so a route that does not need S never forms it. The
-sum rather than the mean gbar = S / B: the 1/B is applied once to the (B,) results, not
-to every parameter-sized tensor. `merge(other)` combines two calls of the same module
-(shared weights in one forward): the per-sample gradient of a module applied twice is
-the sum of both contributions. Contributions of different kinds (tied weights: an Embedding's
-rows and a Linear's factors; a raw parameter used both as a linear map and elementwise) are
-combined by engine/summed.py, with exact cross terms.
-
-Precision: the factors are captured as the forward made them (bfloat16 or float16 under
-autocast or in a half model) and upcast to float32 when a representation is built, so every
-product and sum runs in float32 (a squared norm of float16 numbers would overflow at 65504).
-Statistics come out in float32 (float64 for a float64 model).
-
-Here: the factored representations (Factored, FactoredBias) and the choice of their routes;
-engine/dense.py: Dense, IndexedRows, RowBlocks and the precision helpers.
+"""Per-sample gradients of one parameter as linear maps over positions (Factored: a layer's
+inputs and output gradients; FactoredBias: the bias beside them), and the choice of their routes
+(`ghost_is_cheaper`, `cosine_route`; the size constants below are public so that tests and
+benchmarks can set them).
 """
 from __future__ import annotations
 
@@ -37,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradalign.engine.dense import (Dense, IndexedRows, RowBlocks, _FromSum, _sq_norm,  # noqa: F401 - re-exported
-                                    full_precision, upcast)
+from gradalign.engine.representations.dense import Dense, FromSum, IndexedRows, RowBlocks, sq_norm
+from gradalign.engine.representations.precision import upcast
 
 # Materialise per-sample gradients in chunks of at most this many numbers.
-_CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 24
 
 
 def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
@@ -52,12 +28,12 @@ def ghost_is_cheaper(T: int, n_in: int, n_out: int) -> bool:
 
 # Per-sample gradients formed for the cosine terms: a cache-sized chunk at a time (this many
 # numbers), or a whole layer at once for its Gram matrix (at most this many numbers, and at most
-# twice its factors); a pass over a cache-hot chunk costs about as much as _PASS_COST multiply-adds
+# twice its factors); a pass over a cache-hot chunk costs about as much as PASS_COST multiply-adds
 # per number (set from benchmarks/engine.py on a CPU: vit_linear's GASW step is ~5% faster with the
 # chunked route than with the factors, which a cost of 4 would choose).
-_CACHE_ELEMENTS = 1 << 17
-_FORMED_ELEMENTS = 1 << 22
-_PASS_COST = 2
+CACHE_ELEMENTS = 1 << 17
+FORMED_ELEMENTS = 1 << 22
+PASS_COST = 2
 
 
 def cosine_route(B: int, G: int, T: int, n_in: int, n_out: int, have_sum: bool) -> str:
@@ -75,9 +51,9 @@ def cosine_route(B: int, G: int, T: int, n_in: int, n_out: int, have_sum: bool) 
     if T == 1:
         return "gram" if B * (n_in + n_out) < S + n else "factors"
     costs = {"factors": S + T * n + min(T * T * (n_in + n_out), T * n),
-             "materialise": S + T * n + 2 * _PASS_COST * n}
-    if B * G * n <= _FORMED_ELEMENTS and n <= 2 * T * (n_in + n_out):
-        costs["gram"] = T * n + B * n + _PASS_COST * n
+             "materialise": S + T * n + 2 * PASS_COST * n}
+    if B * G * n <= FORMED_ELEMENTS and n <= 2 * T * (n_in + n_out):
+        costs["gram"] = T * n + B * n + PASS_COST * n
     return min(costs, key=costs.get)
 
 
@@ -154,7 +130,7 @@ class Factored:
     def _as_matrix(self, R: Tensor) -> Tensor:  # (G, n_out, n_in)
         return R.reshape(self.A.shape[1], self.D.shape[3], self.A.shape[3])
 
-    def _ghost_is_cheaper(self) -> bool:
+    def ghost_is_cheaper(self) -> bool:
         return ghost_is_cheaper(self.A.shape[2], self.A.shape[3], self.D.shape[3])
 
     # ------------------------------------------------------------ routes
@@ -218,7 +194,7 @@ class Factored:
         n = G * n_out * n_in
         R = S[0].reshape(-1)
         R = R if R.dtype == self.A.dtype else R.to(self.A.dtype)
-        step = max(1, _CACHE_ELEMENTS // n)
+        step = max(1, CACHE_ELEMENTS // n)
         buffer = self.A.new_empty(min(step, B), n)
         norms, dots = self.A.new_empty(B), self.A.new_empty(B)
         for start in range(0, B, step):
@@ -237,7 +213,7 @@ class Factored:
     def _materialised_chunks(self):
         """Yield (start, (b, G, n_out, n_in)) chunks of the per-sample gradients."""
         per_sample = self.A.shape[1] * self.A.shape[3] * self.D.shape[3]
-        step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+        step = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
         for start in range(0, self._B, step):
             a, d = self.A[start:start + step], self.D[start:start + step]
             yield start, torch.einsum("bgto,bgti->bgoi", d, a)
@@ -258,7 +234,7 @@ class Factored:
         if A.shape[2] == 1:
             aa = A.square().sum(-1)
             return ((aa + 1 if bias else aa) * D.square().sum(-1)).sum(dim=(1, 2))
-        if self._ghost_is_cheaper():  # <A A^T (+ 1), D D^T> per sample and group
+        if self.ghost_is_cheaper():  # <A A^T (+ 1), D D^T> per sample and group
             AA = A @ A.transpose(-1, -2)  # (B, G, T, T)
             if bias:
                 AA += 1
@@ -306,7 +282,7 @@ class Factored:
 
     def sum_sq_norm(self, total: Callable[[], Tensor]) -> Tensor:
         """|S|^2 = sum_ij K_ij on the Gram route, else from S itself."""
-        return self.gram.sum() if self.uses_gram() else _sq_norm(total())
+        return self.gram.sum() if self.uses_gram() else sq_norm(total())
 
     def weighted_sums(self, w: Tensor | None, bias: bool = False) -> tuple[Tensor, Tensor | None]:
         """(sum_i w_i g_i(W), sum_i w_i g_i(b) or None without bias); w = None: all ones."""
@@ -361,7 +337,7 @@ class Factored:
 
 
 @dataclass(eq=False)
-class FactoredBias(_FromSum):
+class FactoredBias(FromSum):
     """g_i(b) = sum_t D[i, g, t] (all groups, group-major): the bias added to the output of the
     Factored map `of` (nn.Linear's, a convolution's on its ghost route). On its own it is Dense
     (its gradients are formed on first use); next to `of` in one GradientStats, the pair is served

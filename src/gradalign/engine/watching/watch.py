@@ -7,7 +7,7 @@ its trainable parameters watched while its own forward runs: each is swapped for
 itself, a tensor subclass that sees every torch operation touching it and nothing else
 (operations on other tensors and the forwards of children run as before, at no extra cost).
 Where a watched tensor meets the batch is its point of use, and the gradient is captured there
-(engine/uses.py):
+(engine/watching/uses.py):
 
   elementwise (x + pos, x * gamma, torch.where, ..., and a float attn_mask of
       scaled_dot_product_attention): the watched operand w is replaced by w_b, w reshaped with
@@ -49,9 +49,9 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_leaves, tree_map
 
-from gradalign.engine.persample import PerSampleGrad
-from gradalign.engine.summed import combine
-from gradalign.engine.uses import AtUse, EmbeddingUse, LinearUse, NormUse, _Source, lookup_grads
+from gradalign.engine.representations import PerSampleGrad
+from gradalign.engine.representations import combine
+from gradalign.engine.watching.uses import AtUse, EmbeddingUse, LinearUse, NormUse, Source, lookup_grads
 from gradalign.errors import UnsupportedModuleError
 
 _ELEMENTWISE = frozenset(
@@ -82,7 +82,7 @@ def _run(func, args: tuple, kwargs: dict):
 class _Watched(Tensor):
     """An alias of a watched parameter, or a tensor computed from watched parameters alone."""
 
-    _ga_source: _Source
+    _ga_source: Source
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -122,7 +122,7 @@ class Watch:
     def start(self) -> None:
         for name, p in self.params.items():
             alias = p.as_subclass(_Watched)
-            alias._ga_source = _Source(self, p, alias=name, label=f"parameter {self.names[name]}")
+            alias._ga_source = Source(self, p, alias=name, label=f"parameter {self.names[name]}")
             self.module._parameters[name] = alias
 
     def stop(self) -> None:
@@ -133,7 +133,7 @@ class Watch:
         """`value`, shared by all samples, watched until it meets the batch: the per-sample gradients
         G (B, *value.shape) there become parameter gradients through to_grads(G)."""
         alias = value.as_subclass(_Watched)
-        alias._ga_source = _Source(self, value, to_grads=to_grads, label=label)
+        alias._ga_source = Source(self, value, to_grads=to_grads, label=label)
         return alias
 
     def _use(self, use) -> None:
@@ -144,7 +144,7 @@ class Watch:
         """Per-sample gradients of the watched parameters from the gradients at the uses; the
         gradients at each root are summed over its uses first, then mapped once."""
         out: dict[str, PerSampleGrad] = {}
-        at_roots: dict[_Source, Tensor] = {}
+        at_roots: dict[Source, Tensor] = {}
         for use, g in zip(self.uses, grads):
             if g is None:
                 continue
@@ -220,9 +220,9 @@ class Watch:
             p = source.plain
             if (source.alias is not None and len(roots) == 1 and r.dim() == p.dim() == 2 and r.shape == p.shape[::-1]
                     and r.stride() == p.stride()[::-1] and r.data_ptr() == p.data_ptr()):  # .t(), .T, transpose
-                alias._ga_source = _Source(self, r, source.alias, not source.transposed, label=source.label)
+                alias._ga_source = Source(self, r, source.alias, not source.transposed, label=source.label)
             else:
-                alias._ga_source = _Source(self, r, roots=roots, label=source.label)
+                alias._ga_source = Source(self, r, roots=roots, label=source.label)
             return alias
         return tree_map(wrap, result)
 
