@@ -68,7 +68,7 @@ def _pos_int(text: str) -> int:
 
 
 def _key_value(text: str):
-    from gradalign.experiments.config_sources import parse_override
+    from gradalign.experiments.config import parse_override
     try:
         return parse_override(text)
     except ConfigError as e:
@@ -119,7 +119,7 @@ seeds with the tuned parameters (finished trials are not run again).
 
 
 def _heartbeat(p: argparse.ArgumentParser) -> None:
-    from gradalign.experiments.storage import DEFAULT_HEARTBEAT
+    from gradalign.experiments.tuning import DEFAULT_HEARTBEAT
     p.add_argument("--heartbeat", type=_pos_int, default=DEFAULT_HEARTBEAT, metavar="SECONDS",
                    help=f"database storages: seconds between a worker's heartbeats (default {DEFAULT_HEARTBEAT}); "
                         "the trial of a worker silent for twice this is failed and retried")
@@ -210,7 +210,7 @@ def _print_tables(result: dict, run_dir: Path) -> None:
 
 def _cmd_reproduce(args, experiment: str | None = None) -> int:
     from gradalign.experiments.runner import reproduce
-    from gradalign.experiments.storage import DEFAULT_HEARTBEAT
+    from gradalign.experiments.tuning import DEFAULT_HEARTBEAT
     done = reproduce(experiment or args.experiment, args.out, quick=args.quick, trials=getattr(args, "trials", None),
                      seeds=args.seeds, storage=getattr(args, "storage", None), overrides=dict(args.overrides),
                      progress=not args.no_progress, threads=args.threads,
@@ -236,8 +236,9 @@ def _writable_file(path: Path, option: str) -> None:
 
 
 def _cmd_train(args) -> int:
-    from gradalign.experiments import parallel as par
-    from gradalign.experiments.rundir import columns, rows_to_csv, write_atomic
+    from gradalign.experiments.method_table import evaluation_columns
+    from gradalign.experiments.run_folder import rows_to_csv, write_atomic
+    from gradalign.experiments.training import parallel as par
     from gradalign.experiments.runner import run_single
     if args.csv:
         _writable_file(args.csv, "--csv")
@@ -262,7 +263,7 @@ def _cmd_train(args) -> int:
     print(json.dumps({k: v for k, v in result.summary.items() if k in ("params", "final", "gwa_epoch", "auroc_flipped",
                                                                           "steps", "wall_time")}, default=str))
     if args.csv:
-        write_atomic(args.csv, rows_to_csv(result.rows, columns()))
+        write_atomic(args.csv, rows_to_csv(result.rows, evaluation_columns()))
         print(f"evaluations: {args.csv}")
     return 0
 
@@ -287,8 +288,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from gradalign.experiments.config import load_config
-    from gradalign.experiments.config_sources import bundled_names
+    from gradalign.experiments.config import bundled_names, load_config
     for name in bundled_names():
         cfg = load_config(name)
         print(f"{name:13} {cfg.description}")

@@ -9,12 +9,12 @@ import torch
 import gradalign as ga
 from gradalign.errors import ConfigError
 from gradalign.experiments import checks
-from gradalign.experiments.arms import METHODS, Method, Param
+from gradalign.experiments.method_table import METHODS, Method, Param
 from gradalign.experiments.config import load_config, parse_config, resolve_params
 from gradalign.experiments.report import write_report
-from gradalign.experiments.rundir import columns
+from gradalign.experiments.method_table import evaluation_columns as columns
 from gradalign.experiments.runner import reproduce
-from gradalign.experiments.steps import Step
+from gradalign.experiments.method_table import Step
 
 
 class SmallLossFirst:
@@ -144,7 +144,7 @@ def test_method_defaults_are_the_library_defaults():
 
 def test_every_step_fills_exactly_its_declared_columns():
     from gradalign.experiments.data import make_mnist1d
-    from gradalign.experiments.train import train_run
+    from gradalign.experiments.training import train_run
     splits = make_mnist1d(num_samples=200, seed=42)
     cfg = parse_config({"name": "t", "data": {"num_samples": 200}, "train": {"epochs": 1, "batch_size": 32},
                         "arms": [{"name": m, "method": m} for m in METHODS.names()]})

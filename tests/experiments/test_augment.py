@@ -3,7 +3,7 @@ independent views, determinism from the generator, memory format; the 1-D pipeli
 import pytest
 import torch
 
-from gradalign.experiments.augment import NORMALIZATION, ImagePipeline, SignalPipeline, pipeline_for
+from gradalign.experiments.data import NORMALIZATION, ImagePipeline, Pipeline1d, pipeline_for
 from gradalign.experiments.config import DataConfig
 from gradalign.experiments.data import augment
 
@@ -79,5 +79,5 @@ def test_channels_last_and_shape_errors():
 def test_signal_pipeline_is_the_mnist1d_augmentation():
     x = torch.randn(8, 40)
     pipe = pipeline_for(DataConfig())
-    assert isinstance(pipe, SignalPipeline) and pipe.prepare(x) is x
+    assert isinstance(pipe, Pipeline1d) and pipe.prepare(x) is x
     assert torch.equal(pipe.view(x, torch.Generator().manual_seed(4)), augment(x, torch.Generator().manual_seed(4)))

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from tests.support.fake_cifar import write_fake_cifar
-from gradalign.experiments import cifar
-from gradalign.experiments.checkpoint import RunCheckpoint, rng_state, run_key, set_rng_state
+from gradalign.experiments.data import cifar
+from gradalign.experiments.training.checkpoint import RunCheckpoint, rng_state, run_key, set_rng_state
 from gradalign.experiments.config import parse_config
 from gradalign.experiments.data import load_splits
 from gradalign.experiments.runner import reproduce
-from gradalign.experiments.train import train_run
+from gradalign.experiments.training import train_run
 
 CIFAR_TOML = """
 name = "tiny-cifar"
@@ -53,7 +53,7 @@ MID_EPOCH = 'budget_samples = 200\neval_every = 40'           # evaluations at 4
 def one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    cifar._read.cache_clear()
+    cifar.clear_cache()
     yield
     torch.set_num_threads(old)
 

@@ -9,17 +9,17 @@ import pytest
 from tests.support.fake_cifar import members, write_fake_cifar
 from gradalign.cli import main
 from gradalign.errors import ConfigError
-from gradalign.experiments import cifar
-from gradalign.experiments.cifar import DataError, load, make_cifar
+from gradalign.experiments.data import cifar
+from gradalign.experiments.data.cifar import DataError, load, make_cifar
 from gradalign.experiments.config import DataConfig
 from gradalign.experiments.data import data_sizes
 
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    cifar._read.cache_clear()
+    cifar.clear_cache()
     yield
-    cifar._read.cache_clear()
+    cifar.clear_cache()
 
 
 @pytest.mark.parametrize("dataset, classes", [("cifar10", 10), ("cifar100", 100)])

@@ -3,7 +3,7 @@ import pytest
 
 from gradalign.errors import ConfigError
 from gradalign.experiments.config import load_config, override, parse_config
-from gradalign.experiments.config_sources import bundled_names, parse_override
+from gradalign.experiments.config import bundled_names, parse_override
 
 
 def minimal(**over):

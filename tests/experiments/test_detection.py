@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradalign.experiments import detection
-from gradalign.experiments.clean import Rule, dropped, rules
+from gradalign.experiments.label_noise import detection
+from gradalign.experiments.label_noise import DropRule as Rule, drop_rules as rules, dropped
 from gradalign.experiments.config import parse_config
 from gradalign.experiments.data import make_mnist1d
-from gradalign.experiments.detection import (SIGNALS, detect, forgetting_events, most_suspect, precision_at_k,
+from gradalign.experiments.label_noise import (SIGNALS, detect, forgetting_events, most_suspect, precision_at_k,
                                              scores)
-from gradalign.experiments.intervals import auroc
-from gradalign.experiments.signals import dense, margins
-from gradalign.experiments.train import train_run
+from gradalign.experiments.stats import auroc
+from gradalign.experiments.method_table.recording import dense, margins
+from gradalign.experiments.training import train_run
 
 
 def test_forgetting_events_by_hand():
@@ -140,8 +140,8 @@ def test_signals_records_match_the_engine_and_the_loss():
     """Loss, norm and cosine of one recorded batch against a direct computation at the same weights."""
     import gradalign as ga
     from gradalign.experiments.models import build_model
-    from gradalign.experiments.signals import SignalStep
-    from gradalign.experiments.steps import Optimizer
+    from gradalign.experiments.method_table import RecordingStep as SignalStep
+    from gradalign.experiments.training import Optimizer
 
     torch.manual_seed(0)
     model = build_model("mlp", hidden=16)

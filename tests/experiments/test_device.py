@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gradalign.errors import ConfigError
-from gradalign.experiments.device import amp_dtype, autocast, gpu_settings, resolve_device
+from gradalign.experiments.training.device import amp_dtype, autocast, gpu_settings, resolve_device
 
 
 def test_resolve_device():

@@ -6,9 +6,9 @@ from torch import nn
 
 import gradalign as ga
 from gradalign.errors import ConfigError
-from gradalign.experiments.models import SIGNAL_MODELS, build_model
+from gradalign.experiments.models import MODELS_1D, build_model
 
-KINDS = sorted(SIGNAL_MODELS)          # the image models: tests/test_vision_models.py
+KINDS = sorted(MODELS_1D)          # the image models: tests/test_vision_models.py
 
 
 def n_params(model):

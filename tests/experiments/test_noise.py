@@ -6,7 +6,8 @@ import torch
 from gradalign.errors import ConfigError
 from gradalign.experiments.config import load_config, parse_config
 from gradalign.experiments.data import make_mnist1d
-from gradalign.experiments.noise import describe, flip_labels, memorisation, parse_level, parse_levels
+from gradalign.experiments.data.label_noise import describe, flip_labels, parse_level, parse_levels
+from gradalign.experiments.label_noise import memorisation
 
 
 def test_pair_noise_maps_each_class_to_the_next():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradalign.cli import main
-from gradalign.experiments.detection import SIGNAL_NAMES
+from gradalign.experiments.label_noise import SIGNAL_NAMES
 from gradalign.experiments.report import write_report
 
 ARGS = ["reproduce", "noise", "--quick", "--trials", "1", "--seeds", "2", "--set", "data.num_samples=200",

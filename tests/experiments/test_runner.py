@@ -11,8 +11,8 @@ import optuna
 import pytest
 import torch
 
-import gradalign.experiments.runner as runner
-import gradalign.experiments.tune as tune
+import gradalign.experiments.runner.final_runs as final_runs
+import gradalign.experiments.tuning.study as tune
 from gradalign.errors import ConfigError
 from gradalign.experiments.report import write_report
 from gradalign.experiments.runner import reproduce
@@ -124,7 +124,7 @@ def test_resume_skips_finished_seeds_and_trials(tmp_path):
 def test_interrupted_trial_and_run_resume(tmp_path, monkeypatch):
     cfg = tiny(tmp_path)
     run_dir = tmp_path / "run"
-    real_tune_train, real_run_train = tune.train_run, runner.train_run
+    real_tune_train, real_run_train = tune.train_run, final_runs.train_run
     calls = {"tune": 0, "run": 0}
 
     def interrupt_second_trial(*args, **kw):
@@ -146,7 +146,7 @@ def test_interrupted_trial_and_run_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_run_train(*args, **kw)
 
-    monkeypatch.setattr(runner, "train_run", interrupt_fourth_run)
+    monkeypatch.setattr(final_runs, "train_run", interrupt_fourth_run)
     with pytest.raises(KeyboardInterrupt):
         reproduce(cfg, run_dir, progress=False)
     counts = trial_counts(run_dir)
@@ -154,7 +154,7 @@ def test_interrupted_trial_and_run_resume(tmp_path, monkeypatch):
     assert counts["baseline"].count("FAIL") == 1 and len(counts["baseline"]) == 3
     done = mtimes(run_dir)
     assert len(done) == 3 * 2 and not list((run_dir / "runs").rglob("*.tmp*"))
-    monkeypatch.setattr(runner, "train_run", real_run_train)
+    monkeypatch.setattr(final_runs, "train_run", real_run_train)
     reproduce(cfg, run_dir, progress=False)
     assert trial_counts(run_dir) == counts
     after = mtimes(run_dir)

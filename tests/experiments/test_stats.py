@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from gradalign.experiments.intervals import auroc, mean_ci, paired_difference
+from gradalign.experiments.stats import auroc, mean_ci, paired_difference
 
 
 def test_mean_ci_by_hand():

@@ -7,8 +7,8 @@ import torch
 
 from gradalign.experiments.config import parse_config, resolve_params
 from gradalign.experiments.data import make_mnist1d
-from gradalign.experiments.rundir import columns
-from gradalign.experiments.train import TrainingDiverged, train_run
+from gradalign.experiments.method_table import evaluation_columns as columns
+from gradalign.experiments.training import TrainingDiverged, train_run
 
 COLUMNS = columns()
 
@@ -111,7 +111,7 @@ def test_cosine_epoch_schedule_is_cosine_annealing_per_epoch(splits, monkeypatch
     """CosineAnnealingLR(T_max = epochs) stepped once per epoch: constant within an epoch."""
     cfg = config(schedule="cosine_epoch", epochs=4, optimizer="sgd", eval_every=1)
     seen = []
-    from gradalign.experiments import steps
+    from gradalign.experiments.training import optimizer as steps
     real = steps.Optimizer.step
 
     def spy(self, samples_done):

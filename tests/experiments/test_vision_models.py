@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from gradalign.errors import ConfigError
-from gradalign.experiments.models import SIGNAL_MODELS, build_model
-from gradalign.experiments.vision_models import sincos_2d
+from gradalign.experiments.models import MODELS_1D, build_model
+from gradalign.experiments.models.vision import sincos_2d
 
 
 def n_params(modules):
@@ -52,7 +52,7 @@ def test_vit_head_starts_at_zero_and_positions_are_fixed():
     assert pe.shape == (6, 8) and torch.allclose(pe[0], torch.tensor([0, 0, 1, 1, 0, 0, 1, 1.0]))
 
 
-@pytest.mark.parametrize("kind", sorted(SIGNAL_MODELS))
+@pytest.mark.parametrize("kind", sorted(MODELS_1D))
 def test_signal_model_groups_are_the_last_two_linears(kind):
     """The earlier heuristic of steps.py ("last_stage" = the last two nn.Linear), kept exactly."""
     for options in ({}, {"blocks": 0} if kind == "resmlp" else {}):

@@ -1,24 +1,19 @@
-"""Experiments: configs -> runs -> reports.
+"""Experiments: configs -> runs -> reports, as packages named after concepts, each importing only
+from the ones above it in this list (the import contracts in pyproject.toml check it):
 
-    arms            the method table: one entry per method (parameters, step, report extras)
-    steps           training steps: view -> forward -> monitor -> update -> optimizer
-    config          TOML experiment files parsed into validated dataclasses (load_config)
-    config_sources  bundled names and paths, the --set override language
-    checks          value checks shared by config and arms
-    data            mnist1d splits, batches, augmentation
-    noise           label-noise kinds and levels, the [noise] table, memorisation of flipped labels
-    models          small classifiers with a .head
-    train           one training loop for every arm (train_run)
-    tune            Optuna tuning of one arm, resumable (tune_arm)
-    rundir          the run folder: paths, atomic writes, columns, reading results back
-    runner          an experiment end to end, resumable (reproduce, tune_only, run_single)
-    signals         the "signals" method: the baseline recording per-sample signals per epoch
-    detection       signals -> rankings -> AUROC and precision against the flipped labels
-    clean           clean-and-retrain: drop the most suspect samples, retrain
-    intervals       confidence intervals, paired differences, AUROC
-    report          summary.md, summary.json, evaluations.csv of a run folder (write_report)
-    noise_report    the report's label-noise section (methods, detection, clean-and-retrain)
-    plots           the report's figures
+    checks         value checks shared by the method table and the configuration
+    stats          intervals over seeds, paired differences, AUROC
+    models         the classifiers by name (1-D models for mnist1d, image models for CIFAR)
+    data           splits, label-noise kinds, mnist1d, CIFAR, input pipelines
+    label_noise    mislabel detection, memorisation, clean-and-retrain's drop rules
+    method_table   what an arm's method means: parameters, training step, report extras
+    run_folder     the run folder: layout, atomic files, lock, reading results back
+    config         TOML experiment files parsed into validated dataclasses
+    training       the training loop of one arm, checkpoints, device, data parallel
+    tuning         Optuna tuning of one arm, storages
+    report         summary.md / summary.json / figures of a run folder
+    runner         an experiment end to end (reproduce, tune_only, run_single)
 
-Submodules are imported on use, so `import gradalign.experiments` stays light.
+ARCHITECTURE.md maps each concept to its files. Subpackages are imported on use, so
+`import gradalign.experiments` stays light.
 """
