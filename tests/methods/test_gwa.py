@@ -178,7 +178,7 @@ def test_monitor_marks_non_positive_denominator(monkeypatch):
     net = Net()
     monitor = GWAMonitor(net.head)
     bimodal = torch.tensor([-0.5, 0.5] * 5, dtype=torch.float64)
-    monkeypatch.setattr("gradalign.methods.gwa._step_scores", lambda *args: bimodal)
+    monkeypatch.setattr("gradalign.methods.gwa.step_scores", lambda *args: bimodal)
     x, y = data()
     monitor.update(net(x), y, torch.arange(10))
     with pytest.warns(RuntimeWarning, match="denominator"):
@@ -307,10 +307,10 @@ def test_class_out_of_range_is_refused_and_the_monitor_keeps_working(monkeypatch
     monitor.update(net(x), y, torch.arange(10))
     assert math.isfinite(monitor.end_epoch())
     # on an accelerator the check waits for end_epoch (no sync per step); it drops the bad epoch
-    real = gwa._check_classes
-    monkeypatch.setattr(gwa, "_check_classes", lambda targets, C: None)
+    real = gwa.check_classes
+    monkeypatch.setattr(gwa, "check_classes", lambda targets, C: None)
     monitor.update(net(x), bad, torch.arange(10))
-    monkeypatch.setattr(gwa, "_check_classes", real)
+    monkeypatch.setattr(gwa, "check_classes", real)
     with pytest.raises(ValueError, match="update\\(\\) #1 of this epoch"):
         monitor.end_epoch()
     monitor.update(net(x), y, torch.arange(10))

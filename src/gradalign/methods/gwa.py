@@ -39,7 +39,7 @@ SELECTION_MODES = ("scratch", "finetune")  # best_epoch(mode=...): training from
 def _check_targets(targets: Tensor, B: int, C: int) -> None:
     if targets.shape == (B,) and not targets.is_floating_point() and targets.dtype != torch.bool:
         if targets.device.type == "cpu":          # elsewhere end_epoch() checks, to avoid a sync per step
-            _check_classes(targets, C)
+            check_classes(targets, C)
         return
     if targets.shape == (B, C) and targets.is_floating_point():
         return
@@ -47,7 +47,7 @@ def _check_targets(targets: Tensor, B: int, C: int) -> None:
                      f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
 
 
-def _check_classes(targets: Tensor, C: int) -> None:
+def check_classes(targets: Tensor, C: int) -> None:
     """Class indices must lie in [0, C)."""
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= C):
         raise ValueError(f"targets must be class indices in [0, {C}) for this head, got values from "
@@ -115,8 +115,9 @@ class _BatchRecord(NamedTuple):
 
 
 @torch.no_grad()
-def _step_scores(steps: list[_BatchRecord], C: int) -> Tensor:
-    """(sum of B,) float64 alignment scores of the given steps, in one vectorised pass."""
+def step_scores(steps: list[_BatchRecord], C: int) -> Tensor:
+    """(sum of B,) float64 alignment scores of the recorded steps (the monitor's per-update records), in
+    one vectorised pass."""
     counts = torch.tensor([len(s.ids) for s in steps], device=steps[0].logits.device)
     logits = torch.cat([s.logits for s in steps])
     if all(not s.targets.is_floating_point() for s in steps):
@@ -264,7 +265,7 @@ class GWAMonitor:
         """(B,) float64 alignment scores of the latest update() of the current epoch."""
         if not self._pending:
             raise GradAlignError("last_scores() needs an update() since the last end_epoch()")
-        return _step_scores(self._pending[-1:], self.head.out_features)
+        return step_scores(self._pending[-1:], self.head.out_features)
 
     def end_epoch(self) -> float:
         """Close the epoch: GWA_T over every score since the previous end_epoch() (with a
@@ -274,13 +275,13 @@ class GWAMonitor:
         for k, step in enumerate(self._pending):
             if not step.targets.is_floating_point():
                 try:
-                    _check_classes(step.targets, self.head.out_features)
+                    check_classes(step.targets, self.head.out_features)
                 except ValueError as e:
                     self._pending = []               # the epoch is lost, the monitor is not stuck
                     raise ValueError(f"update() #{k + 1} of this epoch: {e}; the epoch's scores are dropped") from None
         if self._pending:
             ids = torch.cat([step.ids for step in self._pending])
-            scores = _step_scores(self._pending, self.head.out_features)
+            scores = step_scores(self._pending, self.head.out_features)
         else:
             device = self.head.weight.device
             ids, scores = torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.float64,

@@ -9,11 +9,11 @@
 from gradalign.experiments.config.arms import ArmConfig, SearchParam, check_params, parse_arm, resolve_params
 from gradalign.experiments.config.noise_table import NoiseConfig
 from gradalign.experiments.config.parsing import TABLES, load_config, override, parse_config
-from gradalign.experiments.config.schema import (AnalysisConfig, DataConfig, ExperimentConfig, FinalConfig,
+from gradalign.experiments.config.schema import (ExperimentSettings, DataConfig, ExperimentConfig, FinalConfig,
                                                  ModelConfig, TrainConfig, TuneConfig)
 from gradalign.experiments.config.sources import apply_overrides, bundled_names, merge, parse_override, read_toml
 
-__all__ = ["AnalysisConfig", "ArmConfig", "DataConfig", "ExperimentConfig", "FinalConfig", "ModelConfig", "NoiseConfig",
+__all__ = ["ExperimentSettings", "ArmConfig", "DataConfig", "ExperimentConfig", "FinalConfig", "ModelConfig", "NoiseConfig",
            "SearchParam", "TABLES", "TrainConfig", "TuneConfig", "apply_overrides", "bundled_names", "check_params",
            "load_config", "merge", "override", "parse_arm", "parse_config", "parse_override", "read_toml",
            "resolve_params"]

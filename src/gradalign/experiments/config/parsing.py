@@ -12,7 +12,7 @@ from gradalign.experiments.checks import check_keys as _check_keys, check_values
 from gradalign.experiments.checks import config_error as _err
 from gradalign.experiments.config import noise_table
 from gradalign.experiments.config.arms import parse_arm, resolve_params
-from gradalign.experiments.config.schema import (AnalysisConfig, DataConfig, ExperimentConfig, FinalConfig,
+from gradalign.experiments.config.schema import (ExperimentSettings, DataConfig, ExperimentConfig, FinalConfig,
                                                  ModelConfig, TrainConfig, TuneConfig)
 from gradalign.experiments.config.sources import apply_overrides, merge, read_toml
 from gradalign.experiments.data.label_noise import NOISE_KINDS
@@ -124,7 +124,7 @@ def _parse_one(raw: dict, source: str, quick_raw: dict) -> ExperimentConfig:
         name=name, description=raw.get("description", ""),
         data=DataConfig(**tables["data"]), model=ModelConfig(**tables["model"]), train=TrainConfig(**train),
         tune=TuneConfig(**tables["tune"]), final=FinalConfig(**final),
-        experiment=AnalysisConfig(**{**tables["experiment"], "noise_levels": levels}),
+        experiment=ExperimentSettings(**{**tables["experiment"], "noise_levels": levels}),
         noise=noise_cfg, arms=arms)
     _check_sizes(source, cfg)
     return cfg

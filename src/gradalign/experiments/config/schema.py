@@ -137,7 +137,7 @@ class FinalConfig:
 
 
 @dataclass(frozen=True)
-class AnalysisConfig:
+class ExperimentSettings:
     noise_levels: tuple = ()      # canonical entries: a rate (symmetric) or "KIND:RATE"
     gwa_mode: str = "scratch"
     gwa_skip_fraction: float = 0.1
@@ -153,7 +153,7 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig(epochs=50)
     tune: TuneConfig = TuneConfig()
     final: FinalConfig = FinalConfig()
-    experiment: AnalysisConfig = AnalysisConfig()
+    experiment: ExperimentSettings = ExperimentSettings()
     noise: NoiseConfig = NoiseConfig()
     arms: tuple = ()
     variant: str = ""
