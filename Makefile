@@ -37,8 +37,8 @@ test: install-test
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python benchmarks/engine.py
-	$(BIN)/python benchmarks/methods.py
+	$(BIN)/python -m benchmarks.engine
+	$(BIN)/python -m benchmarks.methods
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
