@@ -144,3 +144,33 @@ def test_reproduce_cifar_quick(tmp_path, capsys, name):
     for variant in summary["variants"].values():
         assert all(arm["seeds"] == [0, 1] for arm in variant["arms"].values())
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("notaurl", "is not a storage URL"),
+    ("foo://host/db", "unknown database 'foo'"),
+    ("sqlite:////no/such/folder/studies.db", "the folder /no/such/folder does not exist"),
+    ("postgresql://user:pw@127.0.0.1:1/db", "cannot connect"),
+])
+def test_a_bad_storage_url_exits_2_before_anything_is_written(tmp_path, capsys, url, needle):
+    out = tmp_path / "run"
+    assert main(["reproduce", "gasw", "--quick", "--storage", url, "--out", str(out), "--no-progress", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert "pw@" not in err                                       # the password is masked in the message too
+
+
+def test_report_refuses_names_that_would_leave_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["reproduce", "gasw", "--quick", "--trials", "0", "--seeds", "1", "--out", str(out)] + TINY["gasw"]
+                + TINY_DATA) == 0
+    meta = json.loads((out / "config.json").read_text())
+    for variants, arm in ((["../../escaped"], "baseline"), ([""], "../x")):
+        bad = json.loads(json.dumps(meta))
+        bad["variants"] = variants
+        bad["config"]["arms"][0]["name"] = arm
+        (out / "config.json").write_text(json.dumps(bad))
+        assert main(["report", str(out), "-q"]) == 2
+        assert "is not a plain name" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "escaped").exists()

@@ -1,6 +1,7 @@
 """The runner end to end on a tiny experiment, resuming after interruptions, and the report."""
 import csv
 import json
+import random
 import signal
 import sqlite3
 import subprocess
@@ -161,13 +162,17 @@ def test_interrupted_trial_and_run_resume(tmp_path, monkeypatch):
     assert len(after) == 3 * 2 * 2 and all(after[p] == t for p, t in done.items())
 
 
-def _kill_when(cmd, ready, timeout=120):
-    """Start `cmd`, SIGKILL it as soon as ready() holds (no clean-up can run); False if it ended first."""
+def _kill_when(cmd, ready, timeout=120, delay=0.0):
+    """Start `cmd`, SIGKILL it `delay` seconds after ready() first holds (no clean-up can run);
+    False if it ended first."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if ready():
+                time.sleep(delay)
+                if proc.poll() is not None:
+                    return False
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 return True
@@ -185,40 +190,63 @@ def arm_trials(run_dir, arm):
     return optuna.load_study(study_name=name, storage=storage).trials
 
 
-def _complete(run_dir, arm):
-    """Complete trials of `arm`, read with sqlite3 directly: loading the study through Optuna takes
-    longer than a tiny trial, and the poll would see the tuning only after it ended."""
+def _trials(run_dir, states=("COMPLETE", "PRUNED", "FAIL", "RUNNING")):
+    """Trials of every study in those states, read with sqlite3 directly: loading a study through
+    Optuna takes longer than a tiny trial, and a poll would see the tuning only after it ended."""
     try:
         with sqlite3.connect(f"file:{run_dir / 'study.db'}?mode=ro", uri=True, timeout=0.1) as db:
-            return db.execute("SELECT count(*) FROM trials JOIN studies USING (study_id) "
-                              "WHERE state = 'COMPLETE' AND study_name LIKE ?", (f"%/{arm}/%",)).fetchone()[0]
+            marks = ", ".join("?" * len(states))
+            return db.execute(f"SELECT count(*) FROM trials WHERE state IN ({marks})", states).fetchone()[0]
     except sqlite3.Error:  # the database may not exist yet, or be mid-write
         return 0
 
 
-def test_killed_process_resumes_without_repeating_work(tmp_path):
-    """SIGKILL during tuning and again during the final runs; a re-run finishes the rest."""
-    cfg = (tiny(tmp_path).read_text().replace("seeds = 2", "seeds = 3").replace("trials = 2", "trials = 3")
-           .replace("num_samples = 200", "num_samples = 800"))               # trials long enough to poll
+def _evaluations(run_dir):
+    """Every value of every final run's CSV, wall time aside."""
+    out = {}
+    for path in sorted((run_dir / "runs").rglob("seed*.csv")):
+        with open(path) as f:
+            out[str(path.relative_to(run_dir))] = [{k: v for k, v in r.items() if k != "wall_time"}
+                                                   for r in csv.DictReader(f)]
+    return out
+
+
+def test_sigkill_at_random_points_ends_with_the_uninterrupted_numbers(tmp_path):
+    """The resume promise as written: SIGKILL at random points during tuning (5 times) and during
+    the final runs (5 times), then a re-run: every final run's numbers equal an uninterrupted
+    run's, no finished trial is repeated and no finished run is written again."""
+    cfg = tiny(tmp_path).read_text().replace("trials = 2", "trials = 4").replace("num_samples = 200", "num_samples = 400")
     (tmp_path / "tiny.toml").write_text(cfg)
+    reference = reproduce(tmp_path / "tiny.toml", tmp_path / "reference", progress=False, report=False).run_dir
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "gradalign.cli", "reproduce", str(tmp_path / "tiny.toml"), "--out", str(run_dir),
            "--no-progress", "-q"]
-    assert _kill_when(cmd, lambda: _complete(run_dir, "baseline") >= 1)
-    first = [(t.number, t.params) for t in arm_trials(run_dir, "baseline") if t.state.name == "COMPLETE"]
-    states = trial_counts(run_dir)                                   # {tuned arm: trial states}
-    assert len(states) < 2 or any(s.count("COMPLETE") + s.count("PRUNED") < 3 or "RUNNING" in s
-                                  for s in states.values())           # killed before tuning finished
-    seed0 = run_dir / "runs" / "baseline" / "seed0.json"
-    assert _kill_when(cmd, seed0.exists)
-    done = mtimes(run_dir)
-    assert 2 <= len(done) < 3 * 3 * 2                                  # killed during the final runs
-    reproduce(tmp_path / "tiny.toml", run_dir, progress=False)
-    after = mtimes(run_dir)
-    assert len(after) == 3 * 3 * 2 and all(after[p] == t for p, t in done.items())
+    rng = random.Random(0)
+    killed = {"tuning": 0, "final runs": 0}
+    for _ in range(5):                     # a moment after a trial starts (asked and RUNNING)
+        started = _trials(run_dir)
+        if _kill_when(cmd, lambda: _trials(run_dir) > started, delay=rng.uniform(0.0, 0.6)):
+            killed["tuning" if _trials(run_dir, ("COMPLETE", "PRUNED")) < 8 else "final runs"] += 1
+    assert killed["tuning"] >= 3, killed
+    finished = {(t.number, tuple(t.params.items())) for t in arm_trials(run_dir, "baseline")
+                if t.state.name in ("COMPLETE", "PRUNED")}
+    for _ in range(5):                     # a moment into a final run (its checkpoint, or a finished one)
+        done = len(mtimes(run_dir)) if (run_dir / "runs").exists() else 0
+        ready = lambda: (run_dir / "checkpoints").exists() or (  # noqa: E731
+            (run_dir / "runs").exists() and len(mtimes(run_dir)) > done)
+        if _kill_when(cmd, ready, delay=rng.uniform(0.0, 0.8)):
+            killed["final runs"] += 1
+    assert killed["final runs"] >= 3, killed
+    before = mtimes(run_dir)
+    reproduce(tmp_path / "tiny.toml", run_dir, progress=False, report=False)
+    assert _evaluations(run_dir) == _evaluations(reference)
+    assert all(mtimes(run_dir)[p] == t for p, t in before.items())               # finished runs kept
     trials = arm_trials(run_dir, "baseline")
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 3   # a stale RUNNING one is not counted
-    assert [(t.number, t.params) for t in trials if t.number in dict(first)] == first  # nor repeated
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 4      # stale RUNNING ones not counted
+    assert finished <= {(t.number, tuple(t.params.items())) for t in trials}     # nor repeated
+    ours = [t.params for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    theirs = [t.params for t in arm_trials(reference, "baseline") if t.state.name in ("COMPLETE", "PRUNED")]
+    assert ours == theirs                                                         # the same trials, in order
 
 
 def test_changed_config_retrains_and_other_experiment_is_refused(tmp_path):

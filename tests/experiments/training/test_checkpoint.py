@@ -192,3 +192,50 @@ def test_sigkill_mid_epoch_resumes_at_the_last_evaluation(data_dir, tmp_path):
     assert not (run_dir / "checkpoints").exists()                                # removed once written
     reproduce(toml, ref_dir, data_dir=data_dir, device="cpu", progress=False, report=False)
     assert csv_numbers(run_dir / "runs" / "gvr" / "seed0.csv") == csv_numbers(ref_dir / "runs" / "gvr" / "seed0.csv")
+
+
+def _damage(folder, how):
+    """Damage a saved checkpoint the way a disk, a bug or a hand could."""
+    state = folder / "state.pt"
+    if how == "bytes flipped":                    # still a zip, but a member's CRC fails
+        raw = bytearray(state.read_bytes())
+        middle = len(raw) // 2
+        raw[middle:middle + 200] = bytes(b ^ 0xFF for b in raw[middle:middle + 200])
+        state.write_bytes(bytes(raw))
+    elif how == "a list":
+        torch.save([1, 2, 3], state)
+    elif how == "monitor of another type":
+        saved = torch.load(state, weights_only=True)
+        torch.save({**saved, "monitor": [0.5]}, state)
+    elif how == "tensor of the wrong shape":
+        saved = torch.load(state, weights_only=True)
+        model = dict(saved["model"])
+        name = next(iter(model))
+        model[name] = torch.zeros(3, 3)
+        torch.save({**saved, "model": model}, state)
+    elif how == "garbled npz":
+        npz = folder / "gwa" / "epoch0.npz"
+        npz.write_bytes(npz.read_bytes()[:40] + b"\x00" * 64)
+
+
+@pytest.mark.parametrize("how", ["bytes flipped", "a list", "monitor of another type", "tensor of the wrong shape",
+                                 "garbled npz"])
+def test_a_damaged_checkpoint_is_discarded_with_a_warning_and_the_run_retrained_exactly(tmp_path, how, caplog):
+    toml = '\nname = "t"\n[data]\nnum_samples = 100\n[train]\nbatch_size = 16\nepochs = 3\n[[arms]]\nname = "a"\nmethod = "baseline"\n'
+    config = parse_config(__import__("tomllib").loads(toml))
+    splits = load_splits(config.data)
+    arm = config.arms[0]
+    uninterrupted = train_run(config, arm, None, 0, splits)
+
+    def stop_at_epoch_2(row):
+        if row["epoch"] == 2:
+            raise Stop
+    ckpt = RunCheckpoint(tmp_path / "c", run_key("hash", {}, 0))
+    with pytest.raises(Stop):
+        train_run(config, arm, None, 0, splits, checkpoint=ckpt, on_eval=stop_at_epoch_2)
+    _damage(tmp_path / "c", how)
+    with caplog.at_level("WARNING", logger="gradalign"):
+        again = train_run(config, arm, None, 0, splits, checkpoint=ckpt)
+    assert again.summary["resumed_from"] == 0
+    assert comparable(again) == comparable(uninterrupted)
+    assert "discarding the checkpoint" in caplog.text and str(tmp_path / "c") in caplog.text

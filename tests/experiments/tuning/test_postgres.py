@@ -121,3 +121,17 @@ def test_two_workers_one_killed_mid_trial(postgres_url, tmp_path):
     other_fails = [t for t in trials if t.state == TrialState.FAIL and t.number != killed]
     assert all(t.user_attrs.get("surplus") and not t.intermediate_values for t in other_fails)  # never trained
     assert len({tuple(sorted(t.params.items())) for t in finished}) == TRIALS            # none run twice
+
+
+def test_a_password_in_the_storage_url_is_never_written_or_printed(postgres_url, tmp_path, capsys, caplog):
+    """The server trusts local connections, so any password connects; it must appear nowhere."""
+    from gradalign.cli import main
+    url = postgres_url.replace("postgresql://postgres@", "postgresql://postgres:s3cret-pw@", 1)
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="gradalign"):
+        assert main(["tune", "gasw", "--arm", "baseline", "--quick", "--trials", "1", "--storage", url, "--out", str(out),
+                     "--set", "data.num_samples=200", "--set", "train.epochs=1", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "postgres:***@" in printed.out
+    for text in [printed.out, printed.err, caplog.text] + [p.read_text() for p in out.rglob("*.json")]:
+        assert "s3cret-pw" not in text

@@ -65,7 +65,8 @@ def markdown(meta: dict, summaries: dict, plots: dict, extra: list[str] = ()) ->
            f"- tuning: Optuna TPE, {tune['trials']} trials per tuned arm on the validation split, objective "
            f"{tune['objective']} validation accuracy; storage {meta['storage']}",
            f"- final runs: {cfg['final']['seeds']} seeds from {cfg['final']['first_seed']}, trained on the full "
-           "training set unless stated, paired across arms; intervals are 95% Student t, p from the paired t-test",
+           "training set unless stated, paired across arms; intervals are 95% Student t (for accuracies and "
+           "rates clipped to [0, 1], their differences to [-1, 1]), p from the paired t-test",
            f"- quick mode: {'yes' if meta['quick'] else 'no'}", ""]
     main = ["test_acc", "train_loss", "test_loss", "wall_time", "flipped_acc_noisy", "flipped_acc_clean",
             "clean_train_acc"] + _declared(cfg, "report_metrics")

@@ -66,13 +66,26 @@ def run_metrics(summary: dict, rows: list[dict], last_k: int, declared: tuple[st
     return out
 
 
-def stat(values: list[float]) -> dict:
-    """Mean, 95% interval (lo, hi), count and the values themselves of a list of numbers (None skipped)."""
+# Accuracies and rates: their t intervals are clipped to [0, 1], their paired differences' to [-1, 1]
+# (with few seeds the t interval of an accuracy near 0 or 1 would reach below 0 or above 1).
+RATES = {"test_acc", "test_acc@gwa", "test_acc@val", "test_acc@last", "flipped_acc_noisy", "flipped_acc_clean",
+         "clean_train_acc", "auroc_flipped", "zero_weight_frac", "auroc", "precision", "auroc_best", "precision_best",
+         "flipped_share"}
+
+
+def _clipped(d: dict, low: float, high: float) -> dict:
+    return {**d, "lo": min(max(d["lo"], low), high), "hi": min(max(d["hi"], low), high)} if math.isfinite(d["lo"]) else d
+
+
+def stat(values: list[float], metric: str | None = None) -> dict:
+    """Mean, 95% interval (lo, hi), count and the values themselves of a list of numbers (None
+    skipped); for a metric in RATES the interval is clipped to [0, 1]."""
     v = [x for x in values if x is not None]
     if not v:
         return {"mean": NAN, "lo": NAN, "hi": NAN, "n": 0, "values": []}
     mean, lo, hi = mean_ci(v)
-    return {"mean": mean, "lo": lo, "hi": hi, "n": len(v), "values": v}
+    out = {"mean": mean, "lo": lo, "hi": hi, "n": len(v), "values": v}
+    return _clipped(out, 0.0, 1.0) if metric in RATES else out
 
 
 def column(per_seed: dict, metric: str) -> dict:
@@ -80,13 +93,13 @@ def column(per_seed: dict, metric: str) -> dict:
     return {s: m[metric] for s, m in per_seed.items() if metric in m}
 
 
-def stat_against(values: dict, ref: dict | None) -> dict:
+def stat_against(values: dict, ref: dict | None, metric: str | None = None) -> dict:
     """stat of per-seed `values` ({seed: value}), plus "diff": the paired difference to
     `ref` ({seed: value}) over their common seeds (none when ref is None or nothing is shared)."""
-    out = stat(list(values.values()))
-    common = [s for s in values if s in ref] if ref is not None else []
-    if common:
-        out["diff"] = paired_difference([values[s] for s in common], [ref[s] for s in common])
+    out = stat(list(values.values()), metric)
+    diff = paired(values, ref, metric)
+    if diff is not None:
+        out["diff"] = diff
     return out
 
 
@@ -110,7 +123,7 @@ def summarise_variant(meta: dict, runs: dict) -> dict:
         keys = sorted({m for values in seeds.values() for m in values})
         for metric in keys:
             entry["metrics"][metric] = stat_against(column(seeds, metric),
-                                                     None if name == reference else column(ref, metric))
+                                                    None if name == reference else column(ref, metric), metric)
         out[name] = entry
     return {"reference": reference, "arms": out, "selection": selection(cfg, per_seed, reference)}
 
@@ -130,15 +143,18 @@ def selection(cfg: dict, per_seed: dict, reference: str) -> dict:
     ref = val[0] if val else (reference, "test_acc@last")
     ref_values = column(per_seed.get(ref[0], {}), ref[1])
     rows = [{"arm": arm, "rule": choice, "metric": metric,
-             **stat_against(column(per_seed[arm], metric), None if (arm, metric) == ref else ref_values)}
+             **stat_against(column(per_seed[arm], metric), None if (arm, metric) == ref else ref_values, metric)}
             for arm, metric, choice in items]
     return {"reference": {"arm": ref[0], "metric": ref[1]}, "rows": rows}
 
 
 
 
-def paired(values: dict, ref: dict | None) -> dict | None:
-    """The paired difference of per-seed `values` to `ref` ({seed: value}) over their common seeds,
-    or None when nothing is shared."""
+def paired(values: dict, ref: dict | None, metric: str | None = None) -> dict | None:
+    """The paired difference of per-seed `values` to `ref` ({seed: value}) over their common seeds
+    (its interval clipped to [-1, 1] for a metric in RATES), or None when nothing is shared."""
     common = [s for s in values if ref and s in ref]
-    return paired_difference([values[s] for s in common], [ref[s] for s in common]) if common else None
+    if not common:
+        return None
+    diff = paired_difference([values[s] for s in common], [ref[s] for s in common])
+    return _clipped(diff, -1.0, 1.0) if metric in RATES else diff

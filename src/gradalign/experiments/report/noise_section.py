@@ -95,7 +95,7 @@ def detection_results(run_dir: Path, meta: dict, runs: dict, noisy: list[str]) -
                 values = {s: d[name][metric] for s, d in per_seed.items()}
                 paired = name != ref and ref in names
                 reference = {s: d[ref][metric] for s, d in per_seed.items()} if paired else None
-                entry[metric] = stat_against(values, reference)
+                entry[metric] = stat_against(values, reference, metric)
             entry["auroc_best_epoch"] = [d[name]["auroc_best_epoch"] for d in per_seed.values()]
             n = min(len(d[name]["auroc_epochs"]) for d in per_seed.values())
             curves = np.array([d[name]["auroc_epochs"][:n] for d in per_seed.values()], float)
@@ -153,14 +153,14 @@ def clean_results(run_dir: Path, meta: dict, runs: dict, noisy: list[str]) -> di
             continue
         base = {seed: s["final"]["test_acc"] for seed, s in sources.items()}
         oracle = {seed: s["final"]["test_acc"] for seed, s in found.get("oracle", {}).items()} or None
-        by_rule = {"all data": {**stat_against(base, None), "vs_oracle": paired(base, oracle),
+        by_rule = {"all data": {**stat_against(base, None, "test_acc"), "vs_oracle": paired(base, oracle, "test_acc"),
                                 "flipped_share": None}}
         for rule, seeds in found.items():
             acc = {seed: s["final"]["test_acc"] for seed, s in seeds.items()}
-            entry = stat_against(acc, base)
-            entry["vs_oracle"] = None if rule == "oracle" else paired(acc, oracle)
+            entry = stat_against(acc, base, "test_acc")
+            entry["vs_oracle"] = None if rule == "oracle" else paired(acc, oracle, "test_acc")
             shares = [s["dropped_flipped"] / s["dropped"] for s in seeds.values() if s["dropped"]]
-            entry["flipped_share"] = stat(shares)
+            entry["flipped_share"] = stat(shares, "flipped_share")
             entry["dropped"] = float(np.mean([s["dropped"] for s in seeds.values()]))
             by_rule[rule] = entry
         out[variant] = by_rule

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 from gradalign.errors import RunFolderError
@@ -95,7 +96,24 @@ def load_meta(run_dir: Path) -> dict:
         raise RunFolderError(f"{path} is damaged (no {', '.join(missing) or 'arms'}): run `gradalign reproduce` "
                              "with the same --out to write it again")
     cfg["final"]["reference"] = cfg["final"].get("reference") or cfg["arms"][0]["name"]
+    _check_names(path, meta)
     return meta
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def _check_names(path: Path, meta: dict) -> None:
+    """Names that become file and folder names (variants, arms) must be plain names: no '..', no
+    separators, so a config.json written by hand cannot make the report read or write elsewhere."""
+    cfg = meta["config"]
+    names = [("variant", v) for v in meta["variants"] if v != ""] + [("arm", a.get("name")) for a in cfg["arms"]]
+    noise = cfg.get("noise") or {}
+    names += [("[noise] signals_arm", noise["signals_arm"])] if noise.get("signals_arm") is not None else []
+    for kind, name in names:
+        if not (isinstance(name, str) and _NAME.fullmatch(name) and ".." not in name):
+            raise RunFolderError(f"{path} is damaged: the {kind} name {name!r} is not a plain name (letters, digits, "
+                                 "_ . -): run `gradalign reproduce` with the same --out to write it again")
 
 
 def load_runs(run_dir: Path) -> tuple[dict, dict]:

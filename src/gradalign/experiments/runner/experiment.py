@@ -35,6 +35,7 @@ from gradalign.experiments.runner.retrain import planned
 from gradalign.experiments.runner.variants import run_variant, tune_variant
 from gradalign.experiments.training import RunResult, resolve_device, train_run
 from gradalign.experiments.tuning import DEFAULT_HEARTBEAT, count_finished, open_study
+from gradalign.experiments.tuning.storage import check_storage, masked
 
 log = logging.getLogger("gradalign")
 
@@ -76,9 +77,9 @@ def _folder(config: ExperimentConfig, out_dir, quick: bool) -> Path:
 
 
 def _start(run_dir: Path, config: ExperimentConfig, quick: bool, storage: str | None, source: str) -> str:
-    """Write config.json (under the folder's lock) and return the storage URL."""
+    """Write config.json (under the folder's lock; the storage's password masked) and return the storage URL."""
     storage = storage or run_folder.default_storage(run_dir)
-    run_folder.write_meta(run_dir, config, storage, source, quick)
+    run_folder.write_meta(run_dir, config, masked(storage), source, quick)
     return storage
 
 
@@ -106,11 +107,11 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
         device: "auto", "cpu", "cuda" or "cuda:N".
     """
     config = resolve(name_or_path, quick=quick, trials=trials, seeds=seeds, overrides=overrides)
-    dev = _check_inputs(config, data_dir, device)
+    dev = _check_inputs(config, data_dir, device, storage, heartbeat)
     run_dir = _folder(config, out_dir, quick)
     with run_folder.lock(run_dir, exclusive=True):
         storage = _start(run_dir, config, quick, storage, str(name_or_path))
-        log.info("experiment %s: results in %s (Optuna storage %s)", config.name, run_dir.resolve(), storage)
+        log.info("experiment %s: results in %s (Optuna storage %s)", config.name, run_dir.resolve(), masked(storage))
         variants = config.variants()
         seed_list = [config.final.first_seed + k for k in range(config.final.seeds)]
         total, done = _plan(run_dir, variants, seed_list, storage)
@@ -126,9 +127,13 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
         return Reproduced(run_dir, write_report(run_dir) if report else None)
 
 
-def _check_inputs(config: ExperimentConfig, data_dir, device):
-    """The device, after reading every variant's data once (cached), so that missing CIFAR
-    archives or a missing GPU are refused before the run folder is touched."""
+def _check_inputs(config: ExperimentConfig, data_dir, device, storage: str | None = None,
+                  heartbeat: int | None = DEFAULT_HEARTBEAT):
+    """The device, after reading every variant's data once (cached) and opening the storage, so
+    that missing CIFAR archives, a missing GPU or a bad storage URL are refused before the run
+    folder is touched."""
+    if storage is not None:
+        check_storage(storage, heartbeat)
     dev = resolve_device(device, small=all(v.data.dataset == "mnist1d" for v in config.variants()))
     for v in config.variants():
         if v.data.dataset != "mnist1d":
@@ -155,15 +160,15 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
               quick: bool = False, trials: int | None = None, storage: str | None = None,
               overrides: dict | None = None, progress: bool = True, threads: int | None = 1,
               heartbeat: int | None = DEFAULT_HEARTBEAT, data_dir=None, device="auto") -> tuple[Path, str, dict]:
-    """Tune arms only (default: every arm with a search table); returns (run folder, storage,
-    {'[variant/]arm': TuneResult.to_dict()}) and writes them to <out>/tuning.json."""
+    """Tune arms only (default: every arm with a search table); returns (run folder, storage URL with
+    its password masked, {'[variant/]arm': TuneResult.to_dict()}) and writes them to <out>/tuning.json."""
     config = resolve(name_or_path, quick=quick, trials=trials, overrides=overrides)
     names = arms or [a.name for a in config.arms if a.search]
     for name in names:
         config.arm(name)                                   # unknown arm: ConfigError before any work
     if not names:
         raise ConfigError(f"experiment {config.name!r} searches nothing: no arm has a search table")
-    dev = _check_inputs(config, data_dir, device)
+    dev = _check_inputs(config, data_dir, device, storage, heartbeat)
     run_dir = _folder(config, out_dir, quick)
     results = {}
     with run_folder.lock(run_dir, exclusive=False), torch_threads(threads):   # tuning workers may share a folder
@@ -176,8 +181,8 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
             finally:
                 bars.close()
             results.update({run_folder.cell(variant.variant, n): r.to_dict() for n, r in tuned.items()})
-        run_folder.write_json(run_dir / "tuning.json", {"storage": storage, "arms": results})
-    return run_dir, storage, results
+        run_folder.write_json(run_dir / "tuning.json", {"storage": masked(storage), "arms": results})
+    return run_dir, masked(storage), results
 
 
 def run_single(name_or_path, arm_name: str, params: dict, seed: int, *, quick: bool = False,

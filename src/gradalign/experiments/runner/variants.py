@@ -13,6 +13,7 @@ from gradalign.experiments.runner.progress import Bars, label, unit
 from gradalign.experiments.runner.retrain import retrain_variant
 from gradalign.experiments.training import run_key
 from gradalign.experiments.tuning import DEFAULT_HEARTBEAT, TuneResult, tune_arm
+from gradalign.experiments.tuning.storage import masked
 
 log = logging.getLogger("gradalign")
 
@@ -51,7 +52,7 @@ def run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], s
     for arm in config.arms:
         if arm.search and config.tune.trials:
             run_folder.write_json(run_folder.tuning_path(run_dir, config.variant, arm.name),
-                                  {**tuned[arm.name].to_dict(), "storage": storage})
+                                  {**tuned[arm.name].to_dict(), "storage": masked(storage)})
     for seed in seed_list:                          # seed-major: an interruption leaves complete pairs
         for arm in config.arms:
             params, arm_hash = tuned[arm.name].params, config.arm_hash(arm)

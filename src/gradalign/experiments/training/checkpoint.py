@@ -11,6 +11,11 @@ written to a temporary name and renamed) and ``gwa/epoch<k>.npz``: each finished
 per-sample ids and scores, written once (to a temporary name, renamed) before the state that
 counts it, so a kill at any moment leaves a consistent checkpoint. ``state.pt`` is read with
 ``torch.load(weights_only=True)``: plain containers and tensors only, never arbitrary objects.
+Before it is read, every file's zip CRCs are checked (``state.pt`` and the ``.npz`` files are zip
+archives), and after it, the state's structure; a damaged or malformed checkpoint is discarded
+with a warning naming the file, and the run starts from the beginning (so it ends exactly as an
+uninterrupted one). A state that loads but cannot be applied (a tensor of the wrong shape) is
+discarded the same way by the training loop (`discard`).
 
 What the training loop puts into the state and how it resumes (the data order of the epoch in
 progress is replayed from its generator state and the batches already trained on are
@@ -26,6 +31,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,35 @@ import torch
 
 log = logging.getLogger("gradalign")
 STATE = "state.pt"
+# the state's entries and their types (what loop.TrainingRun.save writes)
+_STATE_TYPES = {"model": dict, "optim": dict, "step": dict, "generators": dict, "order_epoch_start": torch.Tensor,
+                "epoch_pos": int, "rng": dict, "rows": list, "samples": int, "next_eval": int, "elapsed": float,
+                "monitor": dict, "key": str}
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint file that is not what save() wrote (the message names the file and the fault)."""
+
+
+def _check_zip(path: Path) -> None:
+    """DamagedCheckpoint unless `path` is a whole zip archive (every member's CRC intact)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise DamagedCheckpoint(f"{path} is damaged ({e})") from None
+    if bad is not None:
+        raise DamagedCheckpoint(f"{path} is damaged (member {bad} fails its CRC)")
+
+
+def _check_state(path: Path, state) -> None:
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"{path} holds a {type(state).__name__}, not a run's state")
+    for key, kind in _STATE_TYPES.items():
+        if not isinstance(state.get(key), kind):
+            raise DamagedCheckpoint(f"{path}: '{key}' is {type(state.get(key)).__name__}, expected {kind.__name__}")
+    if not isinstance(state["monitor"].get("epoch_scores"), list):
+        raise DamagedCheckpoint(f"{path}: the GWA monitor's state has no list of epoch scores")
 
 
 def run_key(config_hash: str, params: dict, seed: int) -> str:
@@ -84,21 +119,34 @@ class RunCheckpoint:
         if not path.exists():
             return None
         try:
+            _check_zip(path)
             state = torch.load(path, map_location=device, weights_only=True)
-            if state.get("key") != self.key:
+            _check_state(path, state)
+            if state["key"] != self.key:
                 log.warning("%s was saved for other settings; starting the run from the beginning", self.folder)
                 self.clear()
                 return None
             monitor = state["monitor"]
-            arrays = [np.load(self.folder / "gwa" / f"epoch{k}.npz") for k in range(len(monitor["epoch_scores"]))]
-            monitor["sample_ids"] = [a["ids"] for a in arrays]
-            monitor["sample_scores"] = [a["scores"] for a in arrays]
+            arrays = []
+            for k in range(len(monitor["epoch_scores"])):
+                _check_zip(self.folder / "gwa" / f"epoch{k}.npz")
+                with np.load(self.folder / "gwa" / f"epoch{k}.npz", allow_pickle=False) as a:
+                    arrays.append((a["ids"], a["scores"]))
+            monitor["sample_ids"] = [ids for ids, _ in arrays]
+            monitor["sample_scores"] = [scores for _, scores in arrays]
             self._saved_epochs = len(arrays)
+        except DamagedCheckpoint as e:
+            self.discard(str(e))
+            return None
         except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            log.warning("%s cannot be read (%s); starting the run from the beginning", self.folder, e)
-            self.clear()
+            self.discard(f"{path} cannot be read ({e})")
             return None
         return state
+
+    def discard(self, why: str) -> None:
+        """Remove a checkpoint that cannot be resumed, with a warning that says why."""
+        log.warning("%s; discarding the checkpoint and starting the run from the beginning", why)
+        self.clear()
 
     def save(self, state: dict, monitor_state: dict) -> None:
         """Write the state (with `monitor_state`, a GWAMonitor.state_dict()) atomically."""

@@ -287,7 +287,18 @@ def train_run(config: ExperimentConfig, arm: ArmConfig, params: dict | None, see
         TrainingDiverged: a non-finite loss or parameter.
     """
     run = TrainingRun(config, arm, params, seed, splits, eval_split=eval_split, device=device, parallel=parallel)
-    run.resume(checkpoint.load(run.device) if checkpoint is not None else None, progress)
+    state = checkpoint.load(run.device) if checkpoint is not None else None
+    rng = ckpt_mod.rng_state()
+    try:
+        run.resume(state, progress)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        if state is None:
+            raise
+        checkpoint.discard(f"{checkpoint.folder / ckpt_mod.STATE} does not fit this run ({type(e).__name__}: {e})")
+        run.close()                               # partly loaded: start again from the seed, RNGs as before
+        ckpt_mod.set_rng_state(rng)
+        run = TrainingRun(config, arm, params, seed, splits, eval_split=eval_split, device=device, parallel=parallel)
+        run.resume(None, progress)
     try:
         run.train(on_eval=on_eval, progress=progress, checkpoint=checkpoint)
         return run.finish()

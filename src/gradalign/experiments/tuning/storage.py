@@ -11,14 +11,21 @@
 
 `postgresql://` URLs go through psycopg 3 (`pip install "gradalign[postgres]"`), i.e. they are
 read as `postgresql+psycopg://` unless psycopg2 is installed or another driver is named.
+
+`check_storage(url)` opens a URL given on the command line before anything is written (a bad URL
+is a ConfigError: exit code 2, one line); `masked(url)` is the URL with its password replaced by
+``***``, the only form in which a URL is written to a file or printed.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
+import re
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gradalign.errors import ConfigError
@@ -41,6 +48,48 @@ def _driver_url(url: str) -> str:
                                   'pip install "gradalign[postgres]" (psycopg 3)')
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
+
+
+def masked(url: str) -> str:
+    """The URL with its password (``user:password@``) replaced by ``***``."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def check_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT) -> None:
+    """Open the storage at `url` once; ConfigError saying what is wrong (not a URL, an unknown
+    database, a folder that does not exist, a server that cannot be reached) and how to fix it."""
+    shown = masked(url)
+    hint = "give e.g. sqlite:///studies.db, journal:studies.log or postgresql://user@host/db"
+    if url.startswith("journal:"):
+        folder = Path(url[len("journal:"):]).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"--storage {shown}: the folder {folder} does not exist")
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    try:
+        parsed = make_url(_driver_url(url))
+        parsed.get_dialect()
+    except NoSuchModuleError:                     # (a subclass of ArgumentError)
+        raise ConfigError(f"--storage {shown}: unknown database {parsed.drivername!r}: {hint}") from None
+    except ArgumentError:
+        raise ConfigError(f"--storage {shown!r} is not a storage URL: {hint}") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        folder = Path(database).expanduser().resolve().parent if database not in ("", ":memory:") else None
+        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise ConfigError(f"--storage {shown}: cannot create {database} (the folder {folder} does not exist "
+                              "or is not writable)")
+        return
+    try:
+        import optuna
+        optuna.get_all_study_summaries(open_storage(url, heartbeat))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the driver's own error, reduced to one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--storage {shown}: cannot connect ({masked(reason)}); check the host, port, user and "
+                          "that the server is running") from None
 
 
 def uses_heartbeat(url: str) -> bool:

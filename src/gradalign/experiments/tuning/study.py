@@ -22,18 +22,23 @@ die and need a retry), and (3) after ask(), counts the finished trials and the r
 asked BEFORE its own (lower numbers): if those already make ``trials``, another worker won
 the race for the last slot and its own trial is told FAIL with the user attribute
 ``surplus`` and never trained. The rule is decided by trial number, so of two workers
-racing for one slot exactly one runs; and each trial's sampler is seeded with its own trial
-number (workers that opened the study together would otherwise draw the same values). On SQLite and journal files (no heartbeat: a RUNNING
-trial may belong to a killed process) running trials are not counted, as before, so several
-processes on one SQLite file can overshoot by one trial each.
+racing for one slot exactly one runs. On SQLite and journal files (no heartbeat: a RUNNING
+trial may belong to a killed process) running trials are not counted, so several processes on
+one SQLite file can overshoot by one trial each.
+
+Determinism: each trial's parameters are drawn by a sampler seeded with ``sampler_seed`` plus the
+number of finished trials before it (plus, on a heartbeat storage, the running trials asked before
+it, so that concurrent workers draw differently). TPE (without heartbeats: RUNNING trials ignored)
+and the pruner read only COMPLETE and PRUNED trials, so a trial killed or interrupted mid-way (left
+RUNNING or FAIL) changes nothing: the re-run
+asks the same parameters again, and a killed run ends with exactly the uninterrupted one's trials
+and best parameters (up to trial numbers).
 
 Objective (maximised): the validation accuracy on the split carved from the training set,
 ``[tune] objective`` = "final" (at the end of the budget, the default: the final runs
 report final test accuracy), "best" (over evaluations) or "mean_last" (mean of the last
 ``last_k`` evaluations). Every trial trains with the same seed (``[tune] seed``), distinct
-from the final seeds. The TPE sampler is seeded with ``sampler_seed`` plus the number of
-trials already in the study, so a resumed study does not replay the same random draws.
-With ``pruning`` a median pruner stops trials whose validation accuracy falls below the
+from the final seeds. With ``pruning`` a median pruner stops trials whose validation accuracy falls below the
 median of earlier trials at the same evaluation (after ``startup_trials`` trials, and not
 in the first third of a run, where early accuracy says little about the final one).
 """
@@ -109,7 +114,7 @@ def _warmup(config: ExperimentConfig) -> int:
 
 def open_study(config: ExperimentConfig, arm: ArmConfig, storage: str,
                heartbeat: int | None = storages.DEFAULT_HEARTBEAT) -> optuna.Study:
-    """Create or load the arm's study; the sampler is seeded from the study's history.
+    """Create or load the arm's study (each trial's sampler is seeded in tune_arm).
 
     `storage` is a URL (storage.py); `heartbeat` the seconds between a worker's heartbeats
     on database servers (None: no heartbeat)."""
@@ -119,12 +124,16 @@ def open_study(config: ExperimentConfig, arm: ArmConfig, storage: str,
               if t.pruning else optuna.pruners.NopPruner())
     study = optuna.create_study(storage=storages.open_storage(storage, heartbeat), study_name=name,
                                 direction="maximize", load_if_exists=True, pruner=pruner)
-    study.sampler = _sampler(t, t.sampler_seed + len(study.get_trials(deepcopy=False)))
+    study.sampler = _sampler(t, t.sampler_seed)
     return study
 
 
-def _sampler(t, seed: int) -> optuna.samplers.TPESampler:
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(t.trials // 3, 1)))
+def _sampler(t, seed: int, concurrent: bool = False) -> optuna.samplers.TPESampler:
+    """TPE seeded with `seed`; with concurrent workers (heartbeat storages) RUNNING trials count as
+    bad ones ("constant liar", so workers spread out), otherwise they are ignored: a RUNNING trial is
+    then one a killed process left behind, and must not move the next draws."""
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(t.trials // 3, 1)),
+                                      constant_liar=concurrent)
 
 
 def _running(trials, before: int | None = None) -> int:
@@ -179,9 +188,11 @@ def tune_arm(config: ExperimentConfig, arm: ArmConfig, splits, *, storage: str, 
              "experiment": config.name, "variant": config.variant,
              "worker": f"{socket.gethostname()}:{os.getpid()}"}
     while (trial := _next_trial(study, trials, beats)) is not None:
-        if beats:   # concurrent workers: seed by the (unique) trial number, or they would draw alike
-            study.sampler = _sampler(t, t.sampler_seed + trial.number)
-        done = count_finished(study)
+        now = study.get_trials(deepcopy=False)
+        done = sum(_finished(tr) for tr in now)
+        # seeded by the trials before it, never by trials a killed process left behind (module docstring)
+        study.sampler = _sampler(t, t.sampler_seed + done + (_running(now, before=trial.number) if beats else 0),
+                                 concurrent=beats)
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         params = {sp.name: sp.suggest(trial) for sp in arm.search}
