@@ -118,6 +118,12 @@ seeds with the tuned parameters (finished trials are not run again).
 """
 
 
+def _tensorboard_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each final run's evaluations as TensorBoard scalars under <out>/tensorboard/ "
+                        "(watch with `tensorboard --logdir <out>/tensorboard`; needs the tensorboard package)")
+
+
 def _heartbeat(p: argparse.ArgumentParser) -> None:
     from gradalign.experiments.tuning import DEFAULT_HEARTBEAT
     p.add_argument("--heartbeat", type=_pos_int, default=DEFAULT_HEARTBEAT, metavar="SECONDS",
@@ -139,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with fixed settings (no tuning), 2 seeds each; print the table and the plot's path.")
     p.add_argument("--out", type=Path, help="run folder (default: runs/demo, or runs/demo-quick)")
     p.add_argument("--seeds", type=_pos_int, default=None, help="seeds per method (default: 2)")
+    _tensorboard_flag(p)
     _common(p)
 
     p = sub.add_parser("reproduce", help="tune, train over seeds and report one experiment", epilog=EPILOG,
@@ -154,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL, e.g. sqlite:///studies.db or postgresql://... "
                    "(default: sqlite:///<out>/study.db); several workers can share one")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<experiment>, or runs/<experiment>-quick)")
+    _tensorboard_flag(p)
     _heartbeat(p)
     _common(p)
 
@@ -168,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test: train on the full training set, evaluate on test (default); "
                         "val: train on the carved training split, evaluate on validation")
     p.add_argument("--csv", type=Path, help="also write every evaluation to this CSV file")
+    p.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="also write every evaluation as TensorBoard scalars into DIR (watch with `tensorboard "
+                        "--logdir DIR`; needs the tensorboard package)")
     p.add_argument("--nproc", type=_pos_int, default=1,
                    help="data-parallel processes on this machine (default 1): relaunches the command with "
                         "torchrun (gloo on CPU, nccl on GPU); every rank trains on its shard of the same global "
@@ -215,7 +226,7 @@ def _cmd_reproduce(args, experiment: str | None = None) -> int:
                      seeds=args.seeds, storage=getattr(args, "storage", None), overrides=dict(args.overrides),
                      progress=not args.no_progress, threads=args.threads,
                      heartbeat=getattr(args, "heartbeat", None) or DEFAULT_HEARTBEAT,
-                     data_dir=args.data_dir, device=args.device)
+                     data_dir=args.data_dir, device=args.device, tensorboard=args.tensorboard)
     _print_tables(done.summary, done.run_dir)
     return 0
 
@@ -249,7 +260,8 @@ def _cmd_train(args) -> int:
         result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
                             overrides=dict(args.overrides), eval_split=args.split,
                             progress=not args.no_progress and (parallel is None or parallel.rank == 0),
-                            threads=args.threads, parallel=parallel, data_dir=args.data_dir, device=args.device)
+                            threads=args.threads, parallel=parallel, data_dir=args.data_dir, device=args.device,
+                            tensorboard=args.tensorboard)
     finally:
         if parallel is not None:
             import torch.distributed as dist

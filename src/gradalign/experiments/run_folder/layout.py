@@ -8,6 +8,7 @@
     <out>/runs/[<variant>/]<arm>/seed<k>.npz   per-sample records, for methods that keep them
     <out>/clean/<variant>/<rule>/seed<k>.*     clean-and-retrain runs, the same files
     <out>/checkpoints/...                  the checkpoints of runs in progress
+    <out>/tensorboard/...                  TensorBoard scalars of each run (with --tensorboard)
     <out>/evaluations.csv                  every evaluation of every final run
     <out>/summary.md, summary.json, *.png  the report
 """
@@ -48,3 +49,8 @@ def checkpoint_path(run_dir: Path, run: Path) -> Path:
     checkpoints/<cell>/seed<k>; clean/<cell>/seed<k>.json -> checkpoints/clean/<cell>/seed<k>."""
     parts = Path(run).relative_to(run_dir).with_suffix("").parts
     return Path(run_dir) / "checkpoints" / Path(*(parts[1:] if parts[0] == "runs" else parts))
+
+
+def tensorboard_path(run_dir: Path, run: Path) -> Path:
+    """The TensorBoard folder of the run whose summary is `run`, laid out as its checkpoint folder."""
+    return Path(run_dir) / "tensorboard" / checkpoint_path(run_dir, run).relative_to(Path(run_dir) / "checkpoints")

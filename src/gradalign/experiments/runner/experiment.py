@@ -34,6 +34,8 @@ from gradalign.experiments.runner.progress import Bars, label, unit
 from gradalign.experiments.runner.retrain import planned
 from gradalign.experiments.runner.variants import run_variant, tune_variant
 from gradalign.experiments.training import RunResult, resolve_device, train_run
+from gradalign.experiments.training.tensorboard import ScalarLog
+from gradalign.experiments.training.tensorboard import check_installed as check_tensorboard
 from gradalign.experiments.tuning import DEFAULT_HEARTBEAT, count_finished, open_study
 from gradalign.experiments.tuning.storage import check_storage, masked
 
@@ -86,7 +88,8 @@ def _start(run_dir: Path, config: ExperimentConfig, quick: bool, storage: str | 
 def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = False, trials: int | None = None,
               seeds: int | None = None, storage: str | None = None, overrides: dict | None = None,
               progress: bool = True, report: bool = True, threads: int | None = 1,
-              heartbeat: int | None = DEFAULT_HEARTBEAT, data_dir=None, device="auto") -> Reproduced:
+              heartbeat: int | None = DEFAULT_HEARTBEAT, data_dir=None, device="auto",
+              tensorboard: bool = False) -> Reproduced:
     """Tune every arm, train every arm on every seed, then write the report. Resumable.
 
     Args:
@@ -105,8 +108,12 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
             None leaves torch's setting alone.
         data_dir: the folder with the CIFAR archives (default ./data); unused for mnist1d.
         device: "auto", "cpu", "cuda" or "cuda:N".
+        tensorboard: also write each final run's evaluations as TensorBoard scalars under
+            <out>/tensorboard/ (needs the tensorboard package).
     """
     config = resolve(name_or_path, quick=quick, trials=trials, seeds=seeds, overrides=overrides)
+    if tensorboard:
+        check_tensorboard()
     dev = _check_inputs(config, data_dir, device, storage, heartbeat)
     run_dir = _folder(config, out_dir, quick)
     with run_folder.lock(run_dir, exclusive=True):
@@ -120,7 +127,7 @@ def reproduce(name_or_path, out_dir: str | Path | None = None, *, quick: bool = 
         try:
             with torch_threads(threads):
                 for v in variants:
-                    run_variant(run_dir, v, seed_list, storage, bars, heartbeat, data_dir, dev)
+                    run_variant(run_dir, v, seed_list, storage, bars, heartbeat, data_dir, dev, tensorboard)
         finally:
             bars.close()
         log.info("all runs finished in %.0f s", time.perf_counter() - t0)
@@ -187,18 +194,25 @@ def tune_only(name_or_path, out_dir: str | Path | None = None, *, arms: list[str
 
 def run_single(name_or_path, arm_name: str, params: dict, seed: int, *, quick: bool = False,
                overrides: dict | None = None, eval_split: str = "test", progress: bool = True,
-               threads: int | None = 1, parallel=None, data_dir=None, device="auto") -> RunResult:
+               threads: int | None = 1, parallel=None, data_dir=None, device="auto",
+               tensorboard: str | Path | None = None) -> RunResult:
     """Train one arm once with given parameters (the `gradalign train` command; the first
     variant's data, model and budget when the experiment has [variants]); `parallel`
-    (training/parallel.py): data parallel, this process's rank."""
+    (training/parallel.py): data parallel, this process's rank; `tensorboard`: a folder for the
+    evaluations' TensorBoard scalars (rank 0 writes)."""
     config = resolve(name_or_path, quick=quick, overrides=overrides)    # noise: [data] label_noise
     config = config.variant_configs[0] if config.variant_configs else config
     arm = config.arm(arm_name)
     check_params(arm, params)
     dev = resolve_device(device, small=config.data.dataset == "mnist1d")
+    scalars = ScalarLog(tensorboard) if tensorboard is not None and (parallel is None or parallel.rank == 0) else None
     splits = load_splits(config.data, data_dir)
     n = len(splits.train if eval_split == "val" else getattr(splits, arm.train_split))
     with tqdm(total=config.train.budget(n), desc=f"{arm.name} seed {seed}", unit=unit(config), unit_scale=True,
               disable=not progress, leave=False) as bar, torch_threads(threads):
-        return train_run(config, arm, params, seed, splits, eval_split=eval_split, progress=bar, device=dev,
-                         parallel=parallel)
+        try:
+            return train_run(config, arm, params, seed, splits, eval_split=eval_split, progress=bar, device=dev,
+                             parallel=parallel, on_eval=scalars)
+        finally:
+            if scalars is not None:
+                scalars.close()

@@ -13,9 +13,10 @@ from pathlib import Path
 from gradalign.experiments.config import ArmConfig, ExperimentConfig
 from gradalign.experiments.data import Splits
 from gradalign.experiments.method_table import file_columns
-from gradalign.experiments.run_folder import checkpoint_path, write_run
+from gradalign.experiments.run_folder import checkpoint_path, tensorboard_path, write_run
 from gradalign.experiments.runner.progress import Bars, unit
 from gradalign.experiments.training import RunCheckpoint, RunResult, train_run
+from gradalign.experiments.training.tensorboard import ScalarLog
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,20 @@ def checkpoint_of(run_dir: Path, run: FinalRun) -> RunCheckpoint:
     return RunCheckpoint(checkpoint_path(run_dir, run.path), run.key, root=Path(run_dir) / "checkpoints")
 
 
-def train_final(run_dir: Path, config: ExperimentConfig, run: FinalRun, bars: Bars, device) -> RunResult:
-    """Train `run` (resuming its checkpoint), write it, remove the checkpoint, tick the outer bar."""
+def train_final(run_dir: Path, config: ExperimentConfig, run: FinalRun, bars: Bars, device,
+                tensorboard: bool = False) -> RunResult:
+    """Train `run` (resuming its checkpoint), write it, remove the checkpoint, tick the outer bar;
+    with `tensorboard`, each evaluation also goes to <out>/tensorboard/... (training/tensorboard.py)."""
     checkpoint = checkpoint_of(run_dir, run)
+    scalars = ScalarLog(tensorboard_path(run_dir, run.path)) if tensorboard else None
     bar = bars.inner(run.description, config.train.budget(len(getattr(run.splits, run.arm.train_split))), unit(config))
     try:
         result = train_run(config, run.arm, run.params, run.seed, run.splits, eval_split="test", progress=bar,
-                           device=device, checkpoint=checkpoint)
+                           device=device, checkpoint=checkpoint, on_eval=scalars)
     finally:
         bar.close()
+        if scalars is not None:
+            scalars.close()
     for row in result.rows:
         row["variant"] = config.variant
     write_run(run.path, result.rows, {**result.summary, "variant": config.variant, **run.summary},

@@ -59,11 +59,12 @@ def planned(run_dir: Path, config, seed_list: list[int]) -> tuple[int, int]:
                                             for n in names for s in seed_list)
 
 
-def retrain_variant(run_dir: Path, config, seed_list: list[int], splits, tuned: dict, bars, device) -> None:
+def retrain_variant(run_dir: Path, config, seed_list: list[int], splits, tuned: dict, bars, device,
+                    tensorboard: bool = False) -> None:
     """Run every missing clean-and-retrain run of one sub-experiment (after its final runs).
 
     tuned: {arm name: TuneResult} as the runner has it; bars: the runner's progress bars;
-    device: the experiment's training device.
+    device: the experiment's training device; tensorboard: also log each evaluation there.
     """
     arm_name = config.noise.signals_arm
     if arm_name is None or not len(splits.flipped_ids) or not drop_rules(config.noise):
@@ -88,6 +89,6 @@ def retrain_variant(run_dir: Path, config, seed_list: list[int], splits, tuned: 
                                     "dropped": len(drop), "dropped_flipped": n_flipped, "drop_digest": drop_digest,
                                     "source_hash": source_hash, "tuned_params": params},
                            description=f"retrain {rule.name} seed {seed}")
-            result = train_final(run_dir, config, run, bars, device)
+            result = train_final(run_dir, config, run, bars, device, tensorboard)
             log.info("%s [%s] retrain %s seed %d: dropped %d (%d flipped), test acc %.4f", config.name,
                      config.variant, rule.name, seed, len(drop), n_flipped, result.rows[-1]["test_acc"])

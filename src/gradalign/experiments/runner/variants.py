@@ -38,7 +38,7 @@ def tune_variant(config: ExperimentConfig, arms, splits, storage: str, bars: Bar
 
 
 def run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], storage: str, bars: Bars,
-                heartbeat: int | None = DEFAULT_HEARTBEAT, data_dir=None, device="cpu") -> None:
+                heartbeat: int | None = DEFAULT_HEARTBEAT, data_dir=None, device="cpu", tensorboard: bool = False) -> None:
     """Tune the variant's arms, write their tuning records, train every missing final run, retrain."""
     name = label(config)
     if config.data.dataset == "mnist1d":
@@ -63,8 +63,8 @@ def run_variant(run_dir: Path, config: ExperimentConfig, seed_list: list[int], s
             if run_folder.finished_run(run.path, arm_hash, params):
                 checkpoint_of(run_dir, run).clear()       # killed after writing the run, before removing it
                 continue
-            result = train_final(run_dir, config, run, bars, device)
+            result = train_final(run_dir, config, run, bars, device, tensorboard)
             last = result.rows[-1]
             log.info("%s %s seed %d: test acc %.4f, train loss %.4f (%.0f s) -> %s", name, arm.name, seed,
                      last["test_acc"], last["train_loss"], result.summary["wall_time"], run.path.with_suffix(".csv"))
-    retrain_variant(run_dir, config, seed_list, splits, tuned, bars, device)    # [noise] drop_fractions, if any
+    retrain_variant(run_dir, config, seed_list, splits, tuned, bars, device, tensorboard)  # [noise] drop_fractions

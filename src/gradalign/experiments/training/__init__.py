@@ -7,6 +7,7 @@
     checkpoint.py   a run's checkpoint folder: atomic state, GWA epochs, the key
     device.py       --device, bf16 autocast, GPU settings
     parallel.py     data parallel: torchrun / `--nproc`, each rank's shard of the global batch
+    tensorboard.py  --tensorboard: each evaluation as TensorBoard scalars
 """
 from gradalign.experiments.training.checkpoint import RunCheckpoint, run_key
 from gradalign.experiments.training.device import autocast, resolve_device
