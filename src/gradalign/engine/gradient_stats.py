@@ -54,7 +54,8 @@ class GradientStats:
         cosines: (B,) cos(g_i, gbar); 0 where |g_i| or |gbar| is 0.
         grad_sq_sum: {param name: sum_i g_i**2}, elementwise.
         weights: (B,) the weights p.grad was formed with (ones when none were given).
-        scale: () the power of two the representations are divided by (see the module's doc).
+        scale: () the power of two the representations are divided by, so that every square
+            is formed near 1 (losses scaled by 1e20 or 1e-30 give the same cosines and weights).
 
     A read-only result: it holds the factored per-sample gradients, not the model, so only
     the engine writes p.grad. After `engine.backward(..., release=True)` it holds them no more:

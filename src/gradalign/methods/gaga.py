@@ -60,11 +60,15 @@ class GSNRAccumulator:
         tau: threshold on the aggregated SNR.
         increment: samples per increment: the batch size of the loop that feeds update().
         max_samples: cap; the step is taken once this many samples were used.
-        rule: "mean_snr" (default) or "per_sample" (faithful); see the module docstring.
+        rule: "mean_snr" (default): the bias-corrected SNR of the accumulated mean gradient,
+            (|m|^2 - sum_j v_j / n) / (sum_j v_j / n), which grows with n; or "per_sample"
+            (the proposal's wording): mean_j m_j^2 / (v_j + eps), which falls as samples
+            accumulate, so it mostly stops at the first increment or runs to the cap.
         eps: added to v_j in the per_sample rule, a number >= 0.
     Attributes:
-        samples_per_step: samples used by every completed step; snr_per_step: the SNR
-        at which each step was taken; last_snr: the SNR after the latest update().
+        samples_per_step: samples used by every completed step.
+        snr_per_step: the SNR at which each step was taken.
+        last_snr: the SNR after the latest update().
     """
 
     def __init__(self, tau: float = 0.1, *, increment: int = 32, max_samples: int = 512,
