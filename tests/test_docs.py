@@ -3,6 +3,7 @@ API entry, the CLI reference covers the parser, the TOML page every bundled key,
 builds with --strict (a broken link, a missing reference or a warning fails)."""
 from __future__ import annotations
 
+import html
 import importlib
 import os
 import re
@@ -95,7 +96,7 @@ def test_cli_reference_covers_every_command_and_option():
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    return re.findall(r"[a-z0-9]+", html.unescape(text).lower())
 
 
 def _toml_keys(table: dict, prefix: str = "") -> set[str]:

@@ -53,8 +53,9 @@ def blocks(path: Path) -> list[Block]:
                 raise ValueError(f"{path}: unknown test marker {marker!r}: use 'skip (REASON)' or 'requires MODULE'")
         line = text.count("\n", 0, m.start("code")) + 1
         found.append(Block(m.group("code"), line, skip, requires))
-    if len(found) != text.count("```python"):
-        raise ValueError(f"{path}: {text.count('```python')} ```python fences but {len(found)} complete blocks")
+    fences = len(re.findall(r"^```python", text, flags=re.M))
+    if len(found) != fences:
+        raise ValueError(f"{path}: {fences} ```python fences but {len(found)} complete blocks")
     return found
 
 

@@ -76,7 +76,7 @@ def _ids(batch) -> Tensor | None:
 
 
 class GWAEarlyStopping(pl.Callback):
-    """Early stopping and epoch selection by gradient-weight alignment (usage: the module docstring).
+    """Early stopping and epoch selection by gradient-weight alignment, with no validation loader.
 
     Args:
         head: the classifier's final nn.Linear: its name in the LightningModule ("head",
@@ -89,6 +89,7 @@ class GWAEarlyStopping(pl.Callback):
         targets: a function batch -> (B,) labels (default batch[1]).
         sample_ids: a function batch -> (B,) sample ids (default batch[2]; without ids, a
             running count per rank, which is meaningless for sample_scores() under DDP).
+
     Attributes:
         monitor: the GWAMonitor (epoch_scores, epoch_mean_alignment, sample_scores()).
         best_epoch: the selected epoch (0-based), None before the first epoch ends.

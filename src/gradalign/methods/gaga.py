@@ -48,6 +48,7 @@ class GSNRAccumulator:
     """Accumulate per-sample gradient statistics until the GSNR rule passes.
 
     Example:
+        ```python
         acc = GSNRAccumulator(tau=0.1)
         for x, y in increments:                       # batches of acc.increment samples
             losses = F.cross_entropy(model(x), y, reduction="none")
@@ -55,6 +56,7 @@ class GSNRAccumulator:
             if acc.update(stats):                     # the rule passed or the cap was reached
                 engine.set_grad(acc.mean_grad())      # p.grad = mean over all accumulated samples
                 optimizer.step(); optimizer.zero_grad()
+        ```
 
     Args:
         tau: threshold on the aggregated SNR.
@@ -65,6 +67,7 @@ class GSNRAccumulator:
             (the proposal's wording): mean_j m_j^2 / (v_j + eps), which falls as samples
             accumulate, so it mostly stops at the first increment or runs to the cap.
         eps: added to v_j in the per_sample rule, a number >= 0.
+
     Attributes:
         samples_per_step: samples used by every completed step.
         snr_per_step: the SNR at which each step was taken.

@@ -119,6 +119,7 @@ class GASW(_CosineWeighting):
         leave_one_out: use s_i = cos(g_i, gbar_-i) with gbar_-i = (B gbar - g_i)/(B - 1),
             so that a sample with a large gradient does not align with itself through
             gbar. Off by default (faithful to the seed).
+
     Attributes:
         steps: batches weighted so far.
         fallbacks: steps that fell back to uniform weights (reading it waits for the device).

@@ -71,9 +71,11 @@ class GVR:
     """Two-view loss with the GVR gradient-disagreement penalty.
 
     Example:
+        ```python
         gvr = GVR(alpha=0.01, layers=model.head, subset=32)
         total, info = gvr.loss(model, augment(x), augment(x), y)
         optimizer.zero_grad(); total.backward(); optimizer.step()
+        ```
 
     Args:
         alpha: penalty weight >= 0. With alpha = 0 the total is exactly the two-view loss
@@ -143,9 +145,11 @@ class GVR:
             x1: the first view of the batch, (B, ...).
             x2: the second view, the same shape as x1.
             y: (B,) class indices or (B, C) probabilities.
+
         Returns:
-            total (scalar tensor, call .backward()), and info = dict(loss1, loss2, penalty as
-            floats; logits1, logits2 as detached (B, C) tensors; subset, the (n,) indices of S).
+            total: the scalar loss of the step (call .backward()).
+            info: dict(loss1, loss2, penalty as floats; logits1, logits2 as detached (B, C)
+                tensors; subset, the (n,) indices of S).
         """
         if x1.shape != x2.shape:
             raise ValueError(f"the two views must have the same shape, got {tuple(x1.shape)} and "
