@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install install-test install-compare demo test bench clean
+.PHONY: install install-test install-docs install-compare demo test docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
 # Optional: the per-sample gradient libraries benchmarks/engine.py compares against.
 # The constraint keeps the torch already installed; BackPACK without its torchvision pin.
 install-compare: install
@@ -29,16 +33,22 @@ install-compare: install
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-docs: $(VENV)/.installed-docs
 
 demo: install
 	$(BIN)/gradalign demo
 
+# The whole suite; it also builds the documentation site strictly (tests/test_docs.py).
 test: install-test
 	$(BIN)/python -m pytest
+
+# The documentation site into site/; --strict: a broken link, a missing reference or a warning fails.
+docs: install-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 bench: install
 	$(BIN)/python -m benchmarks.engine
 	$(BIN)/python -m benchmarks.methods
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache

@@ -71,10 +71,12 @@ def replace_batchnorm(model: nn.Module, *, max_groups: int = 32) -> list[Replace
     several paths is replaced by one GroupNorm at all of them.
 
     Example:
+        ```python
         for swap in ga.replace_batchnorm(model):
             print(swap)          # layer1.0.bn1: BatchNorm2d(16, ...) -> GroupNorm(8, 16, ...)
         engine = ga.PerSampleGradients(model)
         optimizer = torch.optim.Adam(model.parameters())    # after the swap
+        ```
 
     Raises:
         ValueError: the model itself is a BatchNorm (nothing to swap it in), a lazy BatchNorm

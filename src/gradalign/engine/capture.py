@@ -33,10 +33,12 @@ class PerSampleGradients:
     """Hooks every module of `model` that owns trainable parameters.
 
     Example:
+        ```python
         engine = PerSampleGradients(model)
         losses = F.cross_entropy(model(x), y, reduction="none")   # (B,)
         stats = engine.backward(losses)        # p.grad += mean gradient, as losses.mean().backward()
         stats.norms, stats.cosines             # (B,) each
+        ```
 
     The engine is the one writer of p.grad: `backward` adds the (weighted) mean gradient,
     `set_grad` replaces it (e.g. with GSNRAccumulator's accumulated mean).
@@ -128,6 +130,7 @@ class PerSampleGradients:
                 written, so the step's extra memory peaks as a plain backward's does. The
                 statistics read before (by the `weights` callable) stay readable; any other
                 raises GradAlignError.
+
         Returns:
             GradientStats of the unweighted per-sample gradients, with `.weights` set.
         """

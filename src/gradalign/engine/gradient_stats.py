@@ -44,17 +44,22 @@ from gradalign.errors import GradAlignError
 class GradientStats:
     """Statistics of the per-sample gradients of one `PerSampleGradients.backward` call.
 
-    Attributes (lazy):
-        batch_size: B.
-        grad_sum, mean_grad: {param name: S = sum_i g_i} and gbar = S / B, for every
-            parameter that took part in the losses.
-        sq_norms, norms: (B,) |g_i|^2 and |g_i|.
+    Every attribute is computed when first read (lazy).
+
+    Attributes:
+        batch_size (int): B.
+        grad_sum: {param name: S = sum_i g_i}, for every parameter that took part in the losses.
+        mean_grad: {param name: gbar = S / B}.
+        sq_norms: (B,) |g_i|^2.
+        norms: (B,) |g_i|.
         dots_with_mean: (B,) <g_i, gbar>.
-        mean_grad_sq_norm, mean_grad_norm: () |gbar|^2 and |gbar|.
+        mean_grad_sq_norm: () |gbar|^2.
+        mean_grad_norm: () |gbar|.
         cosines: (B,) cos(g_i, gbar); 0 where |g_i| or |gbar| is 0.
         grad_sq_sum: {param name: sum_i g_i**2}, elementwise.
-        weights: (B,) the weights p.grad was formed with (ones when none were given).
-        scale: () the power of two the representations are divided by (see the module's doc).
+        weights (Tensor): (B,) the weights p.grad was formed with (ones when none were given).
+        scale (Tensor): () the power of two the representations are divided by, so that every square
+            is formed near 1 (losses scaled by 1e20 or 1e-30 give the same cosines and weights).
 
     A read-only result: it holds the factored per-sample gradients, not the model, so only
     the engine writes p.grad. After `engine.backward(..., release=True)` it holds them no more:

@@ -17,14 +17,17 @@ def token_losses(logits: Tensor, labels: Tensor, *, shift: bool = False, ignore_
     tokens instead, a scalar, which the engine cannot split).
 
     Args:
-        logits: (B, T, V) scores; labels: (B, T) token ids or ignore_index.
+        logits: (B, T, V) scores.
+        labels: (B, T) token ids or ignore_index.
         shift: causal language models: position t predicts token t + 1 (as HF shifts `labels=`),
             so logits[:, :-1] are scored against labels[:, 1:].
 
     Example:
+        ```python
         out = gpt2(input_ids=ids, attention_mask=mask)
         losses = ga.token_losses(out.logits, ids.masked_fill(mask == 0, -100), shift=True)
         stats = engine.backward(losses, weights=ga.GASW(2.0))
+        ```
     """
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]

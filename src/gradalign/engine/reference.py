@@ -74,8 +74,10 @@ def compare_with_reference(model: nn.Module, inputs: Tensor, targets: Tensor, lo
     (vectorize=False: the reference one sample at a time, see `reference_gradients`).
 
     Example:
+        ```python
         errors = compare_with_reference(model, x, y, lambda out, y: F.cross_entropy(out, y, reduction="none"))
         assert max(errors.values()) < 1e-4
+        ```
     """
     from gradalign.engine.capture import PerSampleGradients
 

@@ -65,8 +65,10 @@ def validate(model: nn.Module, *, registry: RuleRegistry | None = None) -> list[
     """Every reason the engine would refuse `model`, one line per module; [] when it is supported.
 
     Example:
+        ```python
         problems = ga.validate(model)
         assert not problems, "\\n".join(problems)
+        ```
     """
     return survey(model, registry if registry is not None else default_registry())[1]
 

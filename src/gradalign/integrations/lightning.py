@@ -3,7 +3,7 @@
 `pip install "gradalign[lightning]"`. Both work on one device and under Lightning's DDP
 strategies (`strategy="ddp"`): the process group is Lightning's (torch.distributed's WORLD).
 
-GWA early stopping, no validation loader needed::
+GWA early stopping, no validation loader needed:
 
     callback = GWAEarlyStopping("head", patience=5)    # the module's final nn.Linear, by name
     trainer = L.Trainer(max_epochs=50, callbacks=[callback])
@@ -20,7 +20,7 @@ GWA_T after the first 10% of the planned epochs; "finetune": argmax after the fi
 minimum); with `restore_best` the module gets that epoch's weights back when training ends
 (a CPU copy of the weights is kept at each new selection).
 
-GASW / GAGA: manual optimisation, the engine forms p.grad (no `manual_backward`)::
+GASW / GAGA: manual optimisation, the engine forms p.grad (no `manual_backward`):
 
     class Net(L.LightningModule):
         def __init__(self):
@@ -76,7 +76,7 @@ def _ids(batch) -> Tensor | None:
 
 
 class GWAEarlyStopping(pl.Callback):
-    """Early stopping and epoch selection by gradient-weight alignment (module docstring).
+    """Early stopping and epoch selection by gradient-weight alignment, with no validation loader.
 
     Args:
         head: the classifier's final nn.Linear: its name in the LightningModule ("head",
@@ -86,9 +86,10 @@ class GWAEarlyStopping(pl.Callback):
         skip_epochs: epochs ignored at the start (default: 10% of max_epochs for "scratch",
             0 for "finetune").
         restore_best: load the selected epoch's weights into the module when training ends.
-        targets, sample_ids: functions batch -> (B,) labels and batch -> (B,) ids (default
-            batch[1] and batch[2]; without ids, a running count per rank, which is
-            meaningless for sample_scores() under DDP).
+        targets: a function batch -> (B,) labels (default batch[1]).
+        sample_ids: a function batch -> (B,) sample ids (default batch[2]; without ids, a
+            running count per rank, which is meaningless for sample_scores() under DDP).
+
     Attributes:
         monitor: the GWAMonitor (epoch_scores, epoch_mean_alignment, sample_scores()).
         best_epoch: the selected epoch (0-based), None before the first epoch ends.

@@ -48,6 +48,7 @@ class GSNRAccumulator:
     """Accumulate per-sample gradient statistics until the GSNR rule passes.
 
     Example:
+        ```python
         acc = GSNRAccumulator(tau=0.1)
         for x, y in increments:                       # batches of acc.increment samples
             losses = F.cross_entropy(model(x), y, reduction="none")
@@ -55,16 +56,22 @@ class GSNRAccumulator:
             if acc.update(stats):                     # the rule passed or the cap was reached
                 engine.set_grad(acc.mean_grad())      # p.grad = mean over all accumulated samples
                 optimizer.step(); optimizer.zero_grad()
+        ```
 
     Args:
         tau: threshold on the aggregated SNR.
         increment: samples per increment: the batch size of the loop that feeds update().
         max_samples: cap; the step is taken once this many samples were used.
-        rule: "mean_snr" (default) or "per_sample" (faithful); see the module docstring.
+        rule: "mean_snr" (default): the bias-corrected SNR of the accumulated mean gradient,
+            (|m|^2 - sum_j v_j / n) / (sum_j v_j / n), which grows with n; or "per_sample"
+            (the proposal's wording): mean_j m_j^2 / (v_j + eps), which falls as samples
+            accumulate, so it mostly stops at the first increment or runs to the cap.
         eps: added to v_j in the per_sample rule, a number >= 0.
+
     Attributes:
-        samples_per_step: samples used by every completed step; snr_per_step: the SNR
-        at which each step was taken; last_snr: the SNR after the latest update().
+        samples_per_step: samples used by every completed step.
+        snr_per_step: the SNR at which each step was taken.
+        last_snr: the SNR after the latest update().
     """
 
     def __init__(self, tau: float = 0.1, *, increment: int = 32, max_samples: int = 512,

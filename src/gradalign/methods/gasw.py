@@ -119,10 +119,14 @@ class GASW(_CosineWeighting):
         leave_one_out: use s_i = cos(g_i, gbar_-i) with gbar_-i = (B gbar - g_i)/(B - 1),
             so that a sample with a large gradient does not align with itself through
             gbar. Off by default (faithful to the seed).
+
     Attributes:
-        steps, fallbacks (steps that fell back to uniform weights), last_weights, and,
-        computed when read, last_zero_fraction and last_entropy (entropy of w/B divided
-        by log B, 1 for uniform weights).
+        steps: batches weighted so far.
+        fallbacks: steps that fell back to uniform weights (reading it waits for the device).
+        last_weights: (B,) the latest batch's weights.
+        last_zero_fraction: fraction of the latest weights that are exactly 0 (computed when read).
+        last_entropy: entropy of the latest w/B divided by log B, 1 for uniform weights
+            (computed when read).
     """
 
     def _raw(self, cosines: Tensor) -> Tensor:

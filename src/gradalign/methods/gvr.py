@@ -71,16 +71,21 @@ class GVR:
     """Two-view loss with the GVR gradient-disagreement penalty.
 
     Example:
+        ```python
         gvr = GVR(alpha=0.01, layers=model.head, subset=32)
         total, info = gvr.loss(model, augment(x), augment(x), y)
         optimizer.zero_grad(); total.backward(); optimizer.step()
+        ```
 
     Args:
         alpha: penalty weight >= 0. With alpha = 0 the total is exactly the two-view loss
             (the control arm); the penalty is still computed, without a graph, for info.
         layers: an nn.Module or a list of them; the penalty covers their trainable parameters.
         subset: number of indices in S; the whole batch when the batch is smaller.
-        mode: "auto", "autograd" or "closed_form" (one nn.Linear only); see the module docstring.
+        mode: "autograd" (the gradients by torch.autograd.grad with create_graph=True, for any
+            layers: double backprop), "closed_form" (one nn.Linear head only: the penalty from
+            its logits and inputs, no create_graph pass) or "auto" (default: closed_form when
+            `layers` is one nn.Linear whose output is the logits, else autograd).
         generator: torch.Generator for drawing S (the global RNG when None). A CPU generator
             gives the same S on every device (the indices are moved to the data's device).
         subset_forward: "shared" (slice the full-batch logits; default) or "separate" (one
@@ -137,11 +142,14 @@ class GVR:
 
         Args:
             model: maps (B, ...) inputs to (B, C) logits.
-            x1, x2: two views of the batch, the same shape (B, ...).
+            x1: the first view of the batch, (B, ...).
+            x2: the second view, the same shape as x1.
             y: (B,) class indices or (B, C) probabilities.
+
         Returns:
-            total (scalar tensor, call .backward()), and info = dict(loss1, loss2, penalty as
-            floats; logits1, logits2 as detached (B, C) tensors; subset, the (n,) indices of S).
+            total: the scalar loss of the step (call .backward()).
+            info: dict(loss1, loss2, penalty as floats; logits1, logits2 as detached (B, C)
+                tensors; subset, the (n,) indices of S).
         """
         if x1.shape != x2.shape:
             raise ValueError(f"the two views must have the same shape, got {tuple(x1.shape)} and "

@@ -85,6 +85,7 @@ def gwa_alignment(head_weight: Tensor, embeddings: Tensor, logits: Tensor, targe
         embeddings: (B, D) the head's inputs z_i.
         logits: (B, C) the head's outputs.
         targets: (B,) class indices, or (B, C) probabilities (soft labels, e.g. mixup).
+
     Returns:
         (B,) float64 scores in [-1, 1]; 0 where |z_i| |p_i - y_i| |W| = 0.
     """
@@ -175,6 +176,7 @@ class GWAMonitor:
     enabled, so evaluation under torch.no_grad() leaves the record alone.
 
     Example:
+        ```python
         monitor = GWAMonitor(model.head)
         for epoch in range(epochs):
             for x, y, ids in batches:
@@ -185,6 +187,7 @@ class GWAMonitor:
             monitor.end_epoch()
         best = monitor.best_epoch("scratch")
         monitor.remove()
+        ```
 
     Args:
         head: the classifier's final nn.Linear (inside a DDP wrapper: `ddp.module.head`).
