@@ -20,3 +20,9 @@ class RunFolderError(ConfigError):
     """A run folder that cannot be used as given: damaged files, results that do not belong
     together, or a folder another gradalign process is using. The message names the file
     and what to do."""
+
+
+class ShardingError(GradAlignError):
+    """A distributed (sharded) model the engine cannot serve as it is: HSDP, tensor parallel,
+    parameters on different meshes, FSDP1, a process group other than the mesh's. The message
+    says what was found and what is supported."""

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from gradalign.engine.distributed import resolve_group
+from gradalign.engine.distributed import resolve_group, sharding_of
+from gradalign.engine.distributed.sharded_stats import ShardedGradientStats
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
 from gradalign.engine.representations import PerSampleGrad, full_precision
@@ -97,9 +98,10 @@ class PerSampleGradients:
         self.registry = registry if registry is not None else default_registry()
         self.verify = verify
         self.max_pending_forwards = max_pending_forwards
-        self.process_group = resolve_group(model, process_group)
+        self._sharding = sharding_of(model, process_group)  # FSDP2: before the recorder, which hooks after it
+        self.process_group = self._sharding.group if self._sharding is not None else resolve_group(model, process_group)
         self.trace = trace
-        self._recorder = Recorder(model, self.registry, max_pending_forwards)
+        self._recorder = Recorder(model, self.registry, max_pending_forwards, self._sharding)
         self._hooked, self._params = self._recorder.hooked, self._recorder.params  # shared dicts
         self._removed = False
 
@@ -155,6 +157,7 @@ class PerSampleGradients:
                 wanted = self._sums_wanted(weights, params)
                 with phase(self.trace, BACKWARD):
                     sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
+                self._refuse_reentrant_checkpoint()
                 rtol = verify_rtol([g for h in self._hooked.values() for c in h.calls for g in (c.grads or ())])
                 with phase(self.trace, LOSS_SCALE):
                     scale = rescale([c for h in self._hooked.values() for c in h.calls], sums)
@@ -165,7 +168,7 @@ class PerSampleGradients:
         stats = self._stats(per_sample, B, losses.device, params, scale, sums)
         del per_sample, sums  # the statistics hold them now (and free them with release=True)
         if self.verify:
-            verify(stats, losses, self._params, rtol)
+            verify(stats, losses, self._graph_params(self._params), rtol)
         with phase(self.trace, WEIGHTS):
             w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
@@ -181,6 +184,10 @@ class PerSampleGradients:
 
     def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale, sums) -> GradientStats:
         sums = {n: s for n, s in sums.items() if n in per_sample}
+        if self._sharding is not None:
+            shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
+            return ShardedGradientStats(per_sample, B, sharding=self._sharding, param_shapes=shapes, device=device,
+                                        scale=scale, trace=self.trace)
         if self.process_group is None:
             return GradientStats(per_sample, B, device=device, scale=scale, sums=sums, trace=self.trace)
         shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
@@ -200,8 +207,8 @@ class PerSampleGradients:
         precisely than autograd's low-precision product). For a parameter with several uses (tied,
         or one module called twice) no single call's route describes the combined representation,
         so its S is wanted with the cosines."""
-        if "cosines" not in getattr(weights, "needs", ()):
-            return []
+        if "cosines" not in getattr(weights, "needs", ()) or self._sharding is not None:
+            return []  # (sharded: S is formed a unit at a time, never the whole model's at once)
         uses: dict[str, list[tuple[str, Call]]] = {}  # name -> (local name, call) for every use
         blocked = set()
         for h in self._hooked.values():
@@ -228,7 +235,10 @@ class PerSampleGradients:
         unknown = sorted(set(grads) - set(self._params))
         if unknown:
             raise KeyError(f"set_grad: {', '.join(unknown)} are not trainable parameters hooked by this engine")
-        self._write_grad({n: g.detach().to(self._params[n], copy=True) for n, g in grads.items()}, add=False)
+        if self._sharding is not None:  # a full tensor for a sharded parameter: this rank's part of it
+            grads = {n: self._sharding.like_param(n, self._params[n], g) for n, g in grads.items()}
+        self._write_grad({n: g.detach().to(device=self._params[n].device, dtype=self._params[n].dtype, copy=True)
+                          for n, g in grads.items()}, add=False)
 
     def _write_grad(self, grads: dict[str, Tensor], *, add: bool) -> None:
         """The one place p.grad is written, from tensors nobody else holds. Parameters
@@ -256,7 +266,8 @@ class PerSampleGradients:
         """
         calls = [call for h in self._hooked.values() for call in h.calls]
         seen = {n for h in self._hooked.values() if any(c.edges for c in h.calls) for n in h.param_names.values()}
-        unseen = [p for n, p in params.items() if n not in seen]  # a tied parameter: seen by any of its modules
+        unseen_named = self._graph_params({n: p for n, p in params.items() if n not in seen})  # tied: seen by any
+        unseen = list(unseen_named.values())  # of its modules; under FSDP the tensors the forward used
         edges = [e for call in calls for e in call.edges]
         if not edges and not unseen:
             return {}
@@ -270,7 +281,7 @@ class PerSampleGradients:
         for call in calls:
             call.grads = list(grads[start:start + len(call.edges)])
             start += len(call.edges)
-        names = {id(p): n for n, p in params.items()}
+        names = {id(p): n for n, p in unseen_named.items()}
         for p, g in zip(unseen, grads[start:]):
             if g is not None:  # the loss depends on p, yet no use of it was seen: no host read needed
                 compiled = "" if edges else (
@@ -288,19 +299,30 @@ class PerSampleGradients:
         out: dict[str, PerSampleGrad] = {}
         with self._recorder.paused():  # a rule may run the module again (torch.func fallback, attention)
             for h in self._hooked.values():
-                for call in h.calls:
-                    if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
-                        continue
-                    if call.batch != B:
-                        raise ValueError(
-                            f"{call.path} saw a batch of {call.batch} samples but losses has {B} entries; "
-                            "the engine needs batch-first inputs and one loss per sample")
-                    for local, grads in call.finish(call.grads).items():
-                        name = h.param_names[local]
-                        if name not in params:  # frozen since the engine was created
-                            continue
-                        out[name] = grads if name not in out else combine(out[name], grads)  # tied, or called twice
+                with self._values_for(h):
+                    self._finish_calls(h, B, params, out)
         return out
+
+    def _values_for(self, h):
+        """Under FSDP, the unit of a module whose rule reads parameter values, all-gathered around it."""
+        if self._sharding is None or not h.rule.reads_parameters or not h.calls:
+            return contextlib.nullcontext()
+        return self._sharding.gathered(h.param_names.values())
+
+    def _finish_calls(self, h, B: int, params: dict[str, nn.Parameter], out: dict[str, PerSampleGrad]) -> None:
+        """The per-sample gradients of every call of one hooked module, added to `out`."""
+        for call in h.calls:
+            if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
+                continue
+            if call.batch != B:
+                raise ValueError(
+                    f"{call.path} saw a batch of {call.batch} samples but losses has {B} entries; "
+                    "the engine needs batch-first inputs and one loss per sample")
+            for local, grads in call.finish(call.grads).items():
+                name = h.param_names[local]
+                if name not in params:  # frozen since the engine was created
+                    continue
+                out[name] = grads if name not in out else combine(out[name], grads)  # tied, or called twice
 
     def _resolve_weights(self, weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
         """(B,) weights in the statistics' precision (at least float32). Finiteness is checked
@@ -320,7 +342,34 @@ class PerSampleGradients:
         w = w.detach() if w.requires_grad else w
         return w if w.device == losses.device and w.dtype == dtype else w.to(device=losses.device, dtype=dtype)
 
+    def _graph_params(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{name: the tensor autograd's graph holds for it}: the parameter itself, or under FSDP the
+        unsharded tensor the latest forward used."""
+        if self._sharding is None:
+            return params
+        return {n: self._sharding.graph_param(n, p) for n, p in params.items()}
+
+    def _refuse_reentrant_checkpoint(self) -> None:
+        """A hooked module whose forward ran only inside the backward was never recorded: a reentrant
+        activation checkpoint runs its region without gradients, then again inside the backward,
+        where a backward of its own adds the region's gradients to p.grad."""
+        missing = sorted(p for p in self._recorder.recomputed | self._recorder.without_grad
+                         if not self._hooked[p].calls and any(self._params[n].requires_grad
+                                                              for n in self._hooked[p].param_names.values()))
+        if missing:
+            raise UnsupportedModuleError(
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} ran with gradients off inside the "
+                "training forward (or only inside the backward), so no per-sample gradient of their trainable "
+                "parameters was recorded: a reentrant activation checkpoint (torch.utils.checkpoint(..., "
+                "use_reentrant=True)) runs its region so, and computes its gradients with a backward of its own. "
+                "Use use_reentrant=False (Hugging Face: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}); "
+                "FSDP's checkpoint_wrapper: CheckpointImpl.NO_REENTRANT, its default); for a part of the model "
+                "run under torch.no_grad() on purpose, set requires_grad=False on its parameters")
+
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before the engine was created."""
         self._recorder.remove()
+        if self._sharding is not None:
+            self._sharding.remove()
         self._removed = True

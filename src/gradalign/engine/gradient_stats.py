@@ -18,7 +18,7 @@ multiples by scale^2 and overflow only where the true value does not fit the dty
 
 Data parallel (`process_group` given): the sums over samples (S, sum_i g_i**2, the weighted
 sum, B) are summed over the ranks here, once each and flattened into one all-reduce per
-call (`engine/distributed.py` lists the calls per step), so every ratio below is formed
+call (`engine/distributed/ddp.py` lists the calls per step), so every ratio below is formed
 from global sums in this one place; per-sample quantities (norms, <g_i, S>, cosines)
 stay with the rank that holds the sample. Every rank must read the same statistics in
 the same order (the collectives are issued on first access); the engine and the methods do.
@@ -77,7 +77,7 @@ class GradientStats:
                  scale: Tensor | None = None, sums: dict[str, Tensor] | None = None, trace: Trace = None):
         self._per_sample = per_sample
         self._given = sums or {}  # {name: S} that autograd formed in the backward (unscaled)
-        units = units_.plan(per_sample)
+        units = self._plan(per_sample)
         self._live_units: list | None = units if trace is None else [TracedUnit(u, trace) for u in units]  # None: released
         self._device = device
         self._scale = scale  # None: the representations hold g_i itself
@@ -89,6 +89,10 @@ class GradientStats:
         self._shapes = param_shapes or {}
         self._global_batch: int | None = None if process_group is not None else batch_size
         self._gram: tuple[Tensor, list] | None = None  # (K, its units) once the cosines used it
+
+    def _plan(self, per_sample: dict[str, PerSampleGrad]) -> list:
+        """The units serving the parameters (engine/units.py); a sharded model's plans them per FSDP unit."""
+        return units_.plan(per_sample)
 
     @property
     def _units(self) -> list:

@@ -64,6 +64,12 @@ def _eager(hook):
     return run
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward: a forward now is a recomputation (an activation
+    checkpoint's), whose records the original forward took already."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _inside_torch_func(t: Tensor) -> bool:
     """True for a tensor inside a torch.func transform (vmap, grad): not a training forward."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -90,9 +96,18 @@ class Recorder:
 
     hooked: {module path: Hooked}; params: {full name: trainable parameter} of every served
     module (a tied parameter under its first name).
+
+    A sharded model (`sharding`, engine/distributed/fsdp.py): its forwards register other tensors
+    in place of the sharded parameters (`sharding.forward_params`), which are watched in their
+    stead, and the hooks of a fully_shard module itself run before FSDP's post-forward reshards it.
+
+    Forwards that run inside a backward (an activation checkpoint recomputing its region) are not
+    recorded: the original forward's records serve the backward. `recomputed` and `without_grad`
+    name the hooked modules whose forward ran inside a backward, or with gradients off inside a
+    training forward, to tell a reentrant checkpoint (which does both, with no record).
     """
 
-    def __init__(self, model: nn.Module, registry: RuleRegistry, max_pending_forwards: int):
+    def __init__(self, model: nn.Module, registry: RuleRegistry, max_pending_forwards: int, sharding=None):
         self.model, self.registry, self.max_pending_forwards = model, registry, max_pending_forwards
         self._capturing = True
         self._generation = 0   # training forwards of the model so far
@@ -102,14 +117,21 @@ class Recorder:
         self.params: dict[str, nn.Parameter] = {}  # every hooked trainable parameter, by full name
         self._layout: list[int] = []  # batch dims of the transformers whose forward is running
         self._root_batch: list[int | None] = []  # B of each forward of the model in progress
+        self.forward_params: dict[str, Tensor] = sharding.forward_params if sharding is not None else {}
+        self.recomputed: set[str] = set()
+        self.without_grad: set[str] = set()  # hooked modules run with gradients off inside a training forward
+        self._training_roots: list[bool] = []
+        self._last_batch: int | None = None
         self._check_and_collect()
         self._handles = []
+        units = {id(m) for m in sharding.modules.values()} if sharding is not None else set()
         for path, h in self.hooked.items():
             if h.rule.watch or h.rule.capture:
                 self._handles.append(h.module.register_forward_pre_hook(_eager(self._make_pre_hook(path, h)),
                                                                         with_kwargs=True))
             self._handles.append(h.module.register_forward_hook(
-                _eager(self._make_hook(path, h)), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture)))
+                _eager(self._make_hook(path, h)), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture),
+                prepend=id(h.module) in units))
         self._hook_layouts()
 
     def remove(self) -> None:
@@ -135,11 +157,18 @@ class Recorder:
             return _eager(hook)
 
         def root_pre(module, args, kwargs):  # the forward's generation, and B for the watches
-            if self._capturing and torch.is_grad_enabled():
+            training = self._capturing and torch.is_grad_enabled() and not _in_backward()
+            if training:
                 self._generation += 1
             self._root_batch.append(_batch_of(args, kwargs, root_dim))
+            self._training_roots.append(training)
+            self._last_batch = self._root_batch[-1]  # for a checkpoint's recomputation, after the forward
+
+        def root_post(*_):
+            self._root_batch.pop()
+            self._training_roots.pop()
         self._handles += [self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True),
-                          self.model.register_forward_hook(pop(self._root_batch), always_call=True)]
+                          self.model.register_forward_hook(_eager(root_post), always_call=True)]
         for module, bd in layouts:
             def push(*_, bd=bd):
                 self._layout.append(bd)
@@ -156,26 +185,34 @@ class Recorder:
             self.params.update({full: s.module.get_parameter(local) for local, full in s.param_names.items()})
 
     def _active(self, args: tuple, kwargs: dict) -> bool:
-        """A training forward: capturing, gradients on, not inside a torch.func transform."""
+        """A training forward: capturing, gradients on, not inside a torch.func transform, not a
+        recomputation inside a backward."""
         first = _first_tensor(args, kwargs)
-        return self._capturing and torch.is_grad_enabled() and not (first is not None and _inside_torch_func(first))
+        return (self._capturing and torch.is_grad_enabled() and not (first is not None and _inside_torch_func(first))
+                and not _in_backward())
 
     def _make_pre_hook(self, path: str, hooked: Hooked):
         rule, where = hooked.rule, f"{path or '<model>'} ({type(hooked.module).__name__})"
 
         def pre_hook(module, args, kwargs):
             state = None
-            if self._active(args, kwargs):
+            recompute = rule.watch and self._capturing and torch.is_grad_enabled() and _in_backward()
+            if self._active(args, kwargs) or recompute:
                 batch_dim = self._layout[-1] if self._layout else 0
                 if not rule.watch:
                     state = rule.capture(module, args, kwargs, batch_dim)
                 else:  # (the output is not known yet: the first argument stands in for it)
+                    # a checkpoint's recomputation watches too, so that it saves what the forward saved
+                    # (the expanded uses), but nothing it sees is kept
                     no_fallback = rule.check_call and rule.check_call(module, args, kwargs, args[0] if args else None)
                     can_fall_back = not no_fallback
-                    captured = rule.capture(module, args, kwargs, batch_dim) if rule.capture and can_fall_back else None
+                    captured = (rule.capture(module, args, kwargs, batch_dim)
+                                if rule.capture and can_fall_back and not recompute else None)
                     params = {local: p for local, full in hooked.param_names.items()
-                              if (p := module._parameters.get(local)) is self.params[full] and p.requires_grad}
-                    batch = self._root_batch[-1] if self._root_batch else _batch_of(args, kwargs, batch_dim)
+                              if ((p := module._parameters.get(local)) is self.params[full]
+                                  or p is self.forward_params.get(full)) and p.requires_grad}
+                    batch = (self._root_batch[-1] if self._root_batch else
+                             self._last_batch if recompute else _batch_of(args, kwargs, batch_dim))
                     state = (Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back), captured)
                     state[0].no_fallback = no_fallback or state[0].no_fallback
                     state[0].start()
@@ -189,6 +226,13 @@ class Recorder:
 
         def hook(module, args, kwargs, output):
             state = hooked.pending.pop() if rule.watch or rule.capture else None
+            if self._capturing and torch.is_grad_enabled() and _in_backward():  # a checkpoint's recomputation
+                self.recomputed.add(path)
+                if state is not None and rule.watch:
+                    state[0].stop()
+                return None
+            if not torch.is_grad_enabled() and self._training_roots and self._training_roots[-1]:
+                self.without_grad.add(path)  # (a reentrant checkpoint runs its region so)
             captured = state
             if rule.watch:
                 if state is None:
@@ -283,6 +327,8 @@ class Recorder:
         for h in self.hooked.values():
             h.calls.clear()
         self._oldest = None
+        self.recomputed.clear()
+        self.without_grad.clear()
 
     @contextlib.contextmanager
     def paused(self):

@@ -25,7 +25,9 @@ samples (one all-reduce of 2P + 1 numbers per increment, via `GradientStats.mome
 and the global sample count, so every rank's accumulator holds the same sums, takes the
 same decision at the same SNR, and `mean_grad()` is the same on every rank: exactly a
 single process fed the concatenated increments. An increment is then the global batch
-(e.g. 2 ranks x 16 samples for increment=32).
+(e.g. 2 ranks x 16 samples for increment=32). A sharded model (FSDP2): the sums are DTensor
+shards (a reduce-scatter of 2P + 1 per increment), each rank accumulates its parts, the SNR's
+sums over parameters take one scalar all-reduce, and `mean_grad()` is shards for set_grad.
 
 References: Byrd, Chin, Nocedal, Wu, "Sample size selection in optimization methods for
 machine learning", Math. Programming 2012; McCandlish, Kaplan, Amodei, "An Empirical Model
@@ -39,6 +41,7 @@ import math
 import torch
 from torch import Tensor
 
+from gradalign.engine.distributed import global_sums
 from gradalign.engine.gradient_stats import GradientStats
 
 SNR_RULES = ("mean_snr", "per_sample")
@@ -135,17 +138,15 @@ class GSNRAccumulator:
         n = self.n
         if n < 2:
             return float("nan")
-        mean_sq, var_total, per_sample, count = 0.0, 0.0, 0.0, 0
+        terms, count = [], 0  # elementwise terms, summed over their elements below
         for name, total in self._sum.items():
             m = total / n
             v = ((self._sum_sq[name] - n * m.square()) / (n - 1)).clamp_min(0)
-            if self.rule == "mean_snr":
-                mean_sq += float(m.square().sum())
-                var_total += float(v.sum())
-            else:
-                per_sample += float((m.square() / (v + self.eps)).sum())
-                count += m.numel()
+            terms.extend([m.square(), v] if self.rule == "mean_snr" else [m.square() / (v + self.eps)])
+            count += m.numel()
+        sums = global_sums(terms)  # one host read; sharded sums (DTensors): their shards' sums all-reduced
         if self.rule == "per_sample":
-            return per_sample / max(count, 1)
+            return float(sums.sum()) / max(count, 1)
+        mean_sq, var_total = float(sums[0::2].sum()), float(sums[1::2].sum())
         noise = var_total / n
         return float("inf") if noise == 0 else (mean_sq - noise) / noise

@@ -17,6 +17,12 @@ autograd differentiates the same penalty without a create_graph pass.
 mode="auto": closed_form when `layers` is one nn.Linear whose output is the model's logits
 (checked at every step), otherwise autograd.
 
+Sharded models (FSDP2, fully_shard): both modes give what data parallel gives (each rank's
+penalty on its shard, gradients averaged by FSDP's own reduce-scatter in total.backward()).
+mode="autograd" differentiates gradients a second time, and that second backward reads the
+parameter values FSDP frees after each backward: the units the penalty's gradients all-gather
+stay unsharded until total.backward() reshards them (`unsharded_after_backward`).
+
 Reference: the authors' repository (gradient variance regularisation, CIFAR-100 ResNet-18);
 the closed form is ours.
 
@@ -43,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from gradalign.engine.distributed import unsharded_after_backward
 from gradalign.errors import GradAlignError
 from gradalign.methods.head import HeadRecorder, is_head_output, residual
 
@@ -159,21 +166,32 @@ class GVR:
                              f"{tuple(x1.shape)} and labels {tuple(y.shape)}")
         params = self._trainable_params()
         create_graph = self.alpha > 0
+        # the tensors the forwards use (FSDP2: unsharded ones); under FSDP2 the penalty's gradients leave the
+        # units they all-gather unsharded until total.backward(), whose second backward reads those parameters
+        second = (unsharded_after_backward(model) if self.requested_mode != "closed_form" and create_graph
+                  else contextlib.nullcontext())
+        with _forward_parameters(self.layers) as used, second:
+            (loss1, loss2, logits1, logits2, idx, penalty) = self._views_and_penalty(model, x1, x2, y, used, params,
+                                                                                      create_graph)
+        total = (loss1 + loss2 + self.alpha * penalty) if create_graph else (loss1 + loss2)
+        info = dict(loss1=loss1.item(), loss2=loss2.item(), penalty=penalty.item(),
+                    logits1=logits1.detach(), logits2=logits2.detach(), subset=idx)
+        return total, info
+
+    def _views_and_penalty(self, model, x1, x2, y, used, params, create_graph):
+        """(loss1, loss2, logits1, logits2, subset, penalty) of one step."""
         if self.subset_forward == "separate":      # subset forwards first: the full-batch view 2 is the
             idx = self._draw(x1.shape[0], x1.device)  # head's last forward, as a GWA monitor expects
-            penalty = self._penalty(*self._forward_views(model, x1[idx], x2[idx], frozen=True), y[idx], None,
-                                    params, create_graph)
+            views = self._forward_views(model, x1[idx], x2[idx], frozen=True)
+            penalty = self._penalty(*views, y[idx], None, used(params), create_graph)
             (logits1, _), (logits2, _) = self._forward_views(model, x1, x2, frozen=False, record=False)
             loss1, loss2 = F.cross_entropy(logits1, y), F.cross_entropy(logits2, y)
         else:
             (logits1, z1), (logits2, z2) = self._forward_views(model, x1, x2, frozen=False)
             loss1, loss2 = F.cross_entropy(logits1, y), F.cross_entropy(logits2, y)
             idx = self._draw(x1.shape[0], logits1.device)
-            penalty = self._penalty((logits1, z1), (logits2, z2), y, idx, params, create_graph)
-        total = (loss1 + loss2 + self.alpha * penalty) if create_graph else (loss1 + loss2)
-        info = dict(loss1=loss1.item(), loss2=loss2.item(), penalty=penalty.item(),
-                    logits1=logits1.detach(), logits2=logits2.detach(), subset=idx)
-        return total, info
+            penalty = self._penalty((logits1, z1), (logits2, z2), y, idx, used(params), create_graph)
+        return loss1, loss2, logits1, logits2, idx, penalty
 
     def _forward_views(self, model: nn.Module, x1: Tensor, x2: Tensor, *, frozen: bool, record: bool = True):
         """((logits1, z1), (logits2, z2)); z (the head's input) only in closed form with `record`.
@@ -259,6 +277,31 @@ class GVR:
         if head.bias is not None and head.bias.requires_grad:
             penalty = penalty + (r1 - r2).mean(dim=0).pow(2).sum()            # (C,) G_b1 - G_b2
         return penalty
+
+
+@contextlib.contextmanager
+def _forward_parameters(layers: list[nn.Module]):
+    """Yields `used(params) -> [tensor]`: for each parameter of `layers`, the tensor their latest
+    forward registered in its place (FSDP2 registers unsharded tensors for the forward and the
+    sharded DTensor parameters outside it; autograd's graph holds the former), else the parameter."""
+    slots = {}  # id(parameter) -> (module, local name)
+    for layer in layers:
+        for module in layer.modules():
+            for local, p in module._parameters.items():
+                if p is not None:
+                    slots.setdefault(id(p), (module, local))
+    seen: dict[tuple[int, str], Tensor] = {}
+
+    def hook(module, args):
+        for local, p in module._parameters.items():
+            if p is not None:
+                seen[(id(module), local)] = p
+    handles = [m.register_forward_pre_hook(hook) for m in {id(m): m for m, _ in slots.values()}.values()]
+    try:
+        yield lambda params: [seen.get((id(slots[id(p)][0]), slots[id(p)][1]), p) for p in params]
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _rows(t: Tensor, idx: Tensor | None) -> Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradalign.engine.distributed import all_gather_rows
+from gradalign.engine.distributed import all_gather_rows, full_norm, full_value, mesh_group
 from gradalign.errors import GradAlignError
 from gradalign.methods.head import HeadRecorder, is_head_output, label_distribution, residual
 
@@ -194,7 +194,9 @@ class GWAMonitor:
         process_group: data parallel: at end_epoch() every rank's scores and sample ids are
             gathered (two all_gathers per epoch: the counts, then an (n, 2) float64 table),
             so GWA_T, the best epoch and sample_scores() are those of the whole data set and
-            the same on every rank. None: this process's samples only.
+            the same on every rank. None: this process's samples only, or, for a head sharded
+            with FSDP2 (a DTensor weight), its mesh's group (every rank then calls update() in
+            step: |W| of a sharded head is one scalar all-reduce, its bias one all-gather).
 
     Attributes:
         epoch_scores: GWA_T per epoch (nan: not selectable, see `unselectable`).
@@ -206,7 +208,7 @@ class GWAMonitor:
     def __init__(self, head: nn.Linear, *, process_group=None):
         self._recorder = HeadRecorder(head, detach=True, grad_only=True)
         self.head = head
-        self.process_group = process_group
+        self.process_group = process_group if process_group is not None else mesh_group(head.weight)
         self.epoch_scores: list[float] = []
         self.epoch_mean_alignment: list[float] = []
         self.epoch_kurtosis: list[float] = []
@@ -250,9 +252,10 @@ class GWAMonitor:
         _check_targets(targets, B, C)
         bias = self.head.bias
         # everything below is detached, so no autograd bookkeeping (and no no_grad context) is needed
+        # a sharded head (FSDP2, resharded after its forward): |W| from its shards, the bias gathered
         self._pending.append(_BatchRecord(ids, logits.detach(), targets.detach(), torch.linalg.vector_norm(z, dim=1),
-                                   torch.linalg.vector_norm(self.head.weight.detach()),
-                                   None if bias is None else bias.detach().clone()))
+                                   full_norm(self.head.weight.detach()),
+                                   None if bias is None else full_value(bias.detach()).clone()))
 
     def update_recorded(self, targets: Tensor, sample_ids) -> bool:
         """update() with the head's own recorded output as the logits (for callbacks that see

@@ -50,6 +50,9 @@ class Rule:
     own_cosines(module, args) -> bool: whether the cosine terms of this call's `own_cosine_params`
         come without S (from the Gram matrix: `representations.cosine_route`), so the backward need not
         form their S.
+    reads_parameters: compute reads the module's parameter VALUES, not only their shapes and
+        requires_grad (attention's projections, a forward re-run by torch.func, the chains from a
+        watched parameter): under FSDP the engine all-gathers the module's unit around it.
     """
 
     compute: Callable[[nn.Module, tuple, Tensor], dict]
@@ -61,6 +64,7 @@ class Rule:
     watch: bool = False
     own_cosines: Callable[[nn.Module, tuple], bool] | None = None
     own_cosine_params: tuple[str, ...] = ()
+    reads_parameters: bool = False
 
     def reason(self, module: nn.Module) -> str | None:
         return self.check(module) if self.check else None
@@ -146,10 +150,10 @@ def default_registry() -> RuleRegistry:
             "transformers.pytorch_utils.Conv1D": Rule(hf_conv1d_rule, own_cosines=hf_conv1d_own_cosines,
                                                       own_cosine_params=("weight",)),  # GPT-2's transposed Linear
             nn.MultiheadAttention: Rule(attention_rule, check_call=attention_check_call, capture=attention_capture,
-                                        output=attention_output, owns=("out_proj",)),
+                                        output=attention_output, owns=("out_proj",), reads_parameters=True),
         },
         fallback=Rule(fallback_rule, check_call=fallback_check_call, capture=fallback_capture,
-                      output=fallback_output, watch=True),
+                      output=fallback_output, watch=True, reads_parameters=True),
         layouts=dict.fromkeys(transformers, transformer_batch_dim),
     )
     for attention in _T5_FAMILY:  # relative-position buckets (T_q, T_k), the same for every sample

@@ -1,0 +1,24 @@
+"""Data parallel and sharded models: the collectives that make per-sample statistics global.
+
+    ddp.py            data parallel (one full copy of the model per rank, DDP or none): the
+                      flattened all-reduce / all_gather helpers, DDP's group, broadcast_parameters
+    fsdp.py           FSDP2 (fully_shard): the model's units, the tensors its forward registers,
+                      what the engine refuses (HSDP, tensor parallel, FSDP1)
+    shards.py         a sharded parameter's spec, the reduce-scatter into FSDP's layout, and
+                      sums and norms over the shards of DTensors (for the methods)
+    sharded_stats.py  GradientStats over a sharded model: one unit's full sums at a time
+"""
+from gradalign.engine.distributed.ddp import (
+    all_gather_rows,
+    all_reduce_dicts,
+    all_reduce_flat,
+    broadcast_parameters,
+    resolve_group,
+    world_size,
+)
+from gradalign.engine.distributed.fsdp import Sharding, sharding_of, unsharded_after_backward
+from gradalign.engine.distributed.shards import full_norm, full_value, global_sums, local_part, mesh_group
+
+__all__ = ["Sharding", "all_gather_rows", "all_reduce_dicts", "all_reduce_flat", "broadcast_parameters",
+           "full_norm", "full_value", "global_sums", "local_part", "mesh_group", "resolve_group", "sharding_of",
+           "unsharded_after_backward", "world_size"]
