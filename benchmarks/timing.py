@@ -52,10 +52,11 @@ class _HeldStorages(TorchDispatchMode):
     that are still alive, and the largest such count (`peak`). A result sharing an argument's
     storage (a view, an in-place result) is not counted: that memory existed before."""
 
-    def __init__(self):
+    def __init__(self, extra: Callable[[], int] | None = None):
         super().__init__()
         self.live: dict[int, int] = {}
         self.held = self.peak = 0
+        self.extra = extra  # bytes held outside the counted storages, sampled at every operator
 
     def _freed(self, key: int) -> None:
         self.held -= self.live.pop(key, 0)
@@ -74,18 +75,21 @@ class _HeldStorages(TorchDispatchMode):
                     self.live[key] = storage.nbytes()
                     self.held += storage.nbytes()
                     weakref.finalize(storage, self._freed, key)
-        self.peak = max(self.peak, self.held)
+        self.peak = max(self.peak, self.held + (self.extra() if self.extra is not None else 0))
         return out
 
 
-def peak_memory_mb(step: Callable[[], None], device: torch.device, free_grads: Callable[[], None]) -> float:
+def peak_memory_mb(step: Callable[[], None], device: torch.device, free_grads: Callable[[], None],
+                   extra: Callable[[], int] | None = None) -> float:
     """Extra memory one step needs at its peak, in MB, above the memory held once the previous
     step's gradients are freed (`free_grads`, what the step's own zero_grad does first).
 
     CUDA: torch.cuda.max_memory_allocated above what is allocated then. CPU: the largest total
     size of the tensor storages created during the step and alive at once (every operator call
     watched by a dispatch mode; each storage counted until it is freed): exact, and independent
-    of the load and of the C allocator, which keeps freed memory in the resident set.
+    of the load and of the C allocator, which keeps freed memory in the resident set. `extra`:
+    bytes held in storages the count cannot see, sampled at every operator (FSDP's unsharded
+    parameters live in storages resized in place, not created by an operator).
     """
     step()
     free_grads()
@@ -97,7 +101,7 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, free_grads: C
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with _HeldStorages() as held:
+    with _HeldStorages(extra) as held:
         step()
     return held.peak / 2**20
 

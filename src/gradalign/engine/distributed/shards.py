@@ -27,10 +27,6 @@ except ImportError:  # torch < 2.5: no public DTensor, so nothing is sharded
         pass
 
 
-# torch >= 2.12 names it reduce_scatter_single (reduce_scatter_tensor is deprecated there)
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
 @dataclass(frozen=True)
 class ShardSpec:
     """One sharded parameter: its global shape and stride, the mesh and placements of its
@@ -113,7 +109,9 @@ def reduce_scatter(tensors: list[Tensor], specs: list[ShardSpec], group, count: 
     buffer = torch.cat(columns, 1) if len(columns) > 1 else columns[0].contiguous()
     del columns
     out = buffer.new_empty(buffer.shape[1])
-    _REDUCE_SCATTER(out, buffer.view(-1), op=dist.ReduceOp.SUM, group=group)
+    # (torch >= 2.12 names it reduce_scatter_single; reduce_scatter_tensor is deprecated there)
+    reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter_single(out, buffer.view(-1), op=dist.ReduceOp.SUM, group=group)
     parts, start = [], 0
     for spec in specs:
         size = spec.padded_numel()
