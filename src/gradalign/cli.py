@@ -7,6 +7,7 @@
     gradalign train gasw --arm gasw --param lr=0.0045 --param gamma=2.09
     gradalign tune gaga --arm gaga --trials 10
     gradalign train gasw --arm gasw --param lr=0.003 --nproc 2     # data parallel, 2 processes
+    gradalign train gasw --arm gasw --param lr=0.003 --nproc 2 --shard   # the model sharded (FSDP2)
     gradalign reproduce gvr-cifar100 --data-dir ~/data --device cuda   # CIFAR archives, a GPU
 
 Exit codes: 0 success, 1 a run failed (e.g. every trial diverged, a disk error), 2 a bad
@@ -184,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun (gloo on CPU, nccl on GPU); every rank trains on its shard of the same global "
                         "batches, only rank 0 prints and writes. Same as `torchrun --nproc_per_node N -m "
                         "gradalign.cli train ...`")
+    p.add_argument("--shard", action="store_true",
+                   help="with --nproc N (or torchrun): shard the model with FSDP2 (torch.distributed.fsdp."
+                        "fully_shard, each child module holding parameters a unit) instead of DDP; every rank "
+                        "holds its part of the parameters and optimizer state, the numbers are those of one process")
     _common(p)
 
     p = sub.add_parser("tune", help="tune arms with Optuna only, print the best parameters",
@@ -255,7 +260,10 @@ def _cmd_train(args) -> int:
         _writable_file(args.csv, "--csv")
     if args.nproc > 1 and not par.launched_by_torchrun():
         return par.relaunch(args.nproc, args.argv)
-    parallel = par.init_from_env()
+    parallel = par.init_from_env(sharded=args.shard)
+    if args.shard and parallel is None:
+        raise ConfigError("--shard shards the model over data-parallel processes: give --nproc N (N > 1) or "
+                          "launch with torchrun --nproc_per_node N")
     try:
         result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
                             overrides=dict(args.overrides), eval_split=args.split,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from gradalign.engine.distributed import resolve_group, sharding_of
-from gradalign.engine.distributed.sharded_stats import ShardedGradientStats
+from gradalign.engine.sharded_stats import ShardedGradientStats
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
 from gradalign.engine.representations import PerSampleGrad, full_precision

@@ -77,7 +77,7 @@ class GradientStats:
                  scale: Tensor | None = None, sums: dict[str, Tensor] | None = None, trace: Trace = None):
         self._per_sample = per_sample
         self._given = sums or {}  # {name: S} that autograd formed in the backward (unscaled)
-        units = self._plan(per_sample)
+        units = units_.plan(per_sample)
         self._live_units: list | None = units if trace is None else [TracedUnit(u, trace) for u in units]  # None: released
         self._device = device
         self._scale = scale  # None: the representations hold g_i itself
@@ -89,10 +89,6 @@ class GradientStats:
         self._shapes = param_shapes or {}
         self._global_batch: int | None = None if process_group is not None else batch_size
         self._gram: tuple[Tensor, list] | None = None  # (K, its units) once the cosines used it
-
-    def _plan(self, per_sample: dict[str, PerSampleGrad]) -> list:
-        """The units serving the parameters (engine/units.py); a sharded model's plans them per FSDP unit."""
-        return units_.plan(per_sample)
 
     @property
     def _units(self) -> list:

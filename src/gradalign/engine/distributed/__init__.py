@@ -6,7 +6,9 @@
                       what the engine refuses (HSDP, tensor parallel, FSDP1)
     shards.py         a sharded parameter's spec, the reduce-scatter into FSDP's layout, and
                       sums and norms over the shards of DTensors (for the methods)
-    sharded_stats.py  GradientStats over a sharded model: one unit's full sums at a time
+
+GradientStats over a sharded model is engine/sharded_stats.py (it builds on gradient_stats.py,
+which this package sits below).
 """
 from gradalign.engine.distributed.ddp import (
     all_gather_rows,

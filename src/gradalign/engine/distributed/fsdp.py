@@ -13,7 +13,7 @@ What FSDP2 does, and what the engine does about it:
 - FSDP's backward hooks all-gather a unit again where the backward needs its parameters and
   reshard it after; its post-backward reduce-scatters `unsharded_param.grad`. The engine's
   backward asks autograd for layer-output gradients only, so no unsharded gradient exists and
-  FSDP reduces nothing: the engine's reduction (engine/distributed/sharded_stats.py) is the
+  FSDP reduces nothing: the engine's reduction (engine/sharded_stats.py) is the
   only one, a reduce-scatter per unit, the same layout as FSDP's (engine/distributed/shards.py).
 - A rule that reads parameter VALUES after the backward (`Rule.reads_parameters`: attention's
   projections, the torch.func fallback, watched parameters) runs with its unit all-gathered

@@ -65,7 +65,7 @@ from gradalign.experiments.training import checkpoint as ckpt_mod
 from gradalign.experiments.training import device as device_mod
 from gradalign.experiments.training.evaluation import evaluate, logits_of
 from gradalign.experiments.training.optimizer import Optimizer
-from gradalign.experiments.training.parallel import Parallel
+from gradalign.experiments.training.parallel import Parallel, wrap
 from gradalign.experiments.training.summary import run_summary
 
 NAN = float("nan")
@@ -88,10 +88,13 @@ def generators(seed: int) -> dict[str, torch.Generator]:
     return {k: torch.Generator().manual_seed(int(s) & (2**63 - 1)) for k, s in zip(("order", "augment", "gvr"), states)}
 
 
-def check_finite(model: nn.Module, where: str) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise TrainingDiverged(f"{where}: parameter {name} is no longer finite; lower the learning rate")
+def check_finite(model: nn.Module, where: str, parallel: Parallel | None = None) -> None:
+    """Every parameter finite (a sharded one on every rank: the ranks decide together)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(ga.distributed.local_part(p)).all()]
+    if parallel is not None and parallel.sharded and parallel.sum(len(bad)) and not bad:
+        bad = ["on another rank"]
+    if bad:
+        raise TrainingDiverged(f"{where}: parameter {bad[0]} is no longer finite; lower the learning rate")
 
 
 class TrainingRun:
@@ -142,9 +145,7 @@ class TrainingRun:
         channels_last = self.device.type == "cuda" and getattr(model, "channels_last", False)
         model.to(self.device, memory_format=torch.channels_last) if channels_last else model.to(self.device)
         model.train()
-        net = model
-        if self.parallel is not None:
-            net = nn.parallel.DistributedDataParallel(model, process_group=self.parallel.group, broadcast_buffers=False)
+        net = model if self.parallel is None else wrap(model, self.parallel)  # DDP, or FSDP2 in place
         return model, net, channels_last
 
     def resume(self, state: dict | None, progress=None) -> None:
@@ -177,7 +178,7 @@ class TrainingRun:
                    epoch=samples // n if samples % n == 0 else samples / n,
                    mean_alignment=self.monitor.epoch_mean_alignment[-1], lr=self.optim.lr)
         row.update(self.step.window())
-        check_finite(self.model, self.where)
+        check_finite(self.model, self.where, self.parallel)
         for name, split in self.evals.items():
             if split is not None:
                 row[f"{name}_loss"], row[f"{name}_acc"] = evaluate(self.model, split, prepare=self.pipeline.prepare,

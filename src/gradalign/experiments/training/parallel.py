@@ -15,6 +15,12 @@ GWA monitor gathers every rank's scores at each evaluation. Only rank 0 prints a
 files. Backend: gloo, since the experiments' models train on the CPU (the library itself
 works with nccl: `ga.PerSampleGradients(process_group=)` only needs the group). The global
 batch must hold at least one sample per rank.
+
+`--shard` shards the model with FSDP2 instead (`torch.distributed.fsdp.fully_shard` on each
+child of the model that holds parameters, then on the model): every rank holds its part of
+each parameter and of the optimizer's state, the engine takes the mesh's group and writes
+p.grad as shards, plain backwards go through FSDP's own reduce-scatter (the same average as
+DDP's); the numbers are again those of one process.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class Parallel:
     rank: int
     world: int
     group: Any = None
+    sharded: bool = False  # FSDP2 (fully_shard) instead of DistributedDataParallel
 
     def shard(self, t: Tensor) -> Tensor:
         """This rank's contiguous part of a global batch."""
@@ -52,13 +59,28 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_from_env() -> Parallel | None:
+def init_from_env(sharded: bool = False) -> Parallel | None:
     """Join the process group torchrun describes (None when not launched by torchrun with > 1 ranks)."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
         return None
     if not dist.is_initialized():
         dist.init_process_group("gloo")          # the experiments' models are on the CPU
-    return Parallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    return Parallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, sharded)
+
+
+def wrap(model: nn.Module, parallel: Parallel) -> nn.Module:
+    """What the step trains: the model in DistributedDataParallel, or (sharded) the model itself
+    sharded with FSDP2, each child holding parameters a unit, then the model (the same
+    initialisation on every rank either way: the seed builds it)."""
+    if not parallel.sharded:
+        return nn.parallel.DistributedDataParallel(model, process_group=parallel.group, broadcast_buffers=False)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = DeviceMesh.from_group(parallel.group, next(model.parameters()).device.type)
+    for child in model.children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:

@@ -34,6 +34,7 @@ from gradalign.engine.distributed import ddp
 from gradalign.engine.distributed.fsdp import Sharding, Unit
 from gradalign.engine.distributed.shards import full_value, reduce_scatter
 from gradalign.engine.gradient_stats import GradientStats
+from gradalign.engine.phases import TracedUnit
 from gradalign.engine.representations import PerSampleGrad, in_full_precision
 
 
@@ -51,6 +52,8 @@ class ShardedGradientStats(GradientStats):
         self._spans: list[tuple[Unit, list[str], int, int]] = []
         super().__init__(per_sample, batch_size, device=device, process_group=sharding.group,
                          param_shapes=param_shapes, scale=scale, trace=trace)
+        units = self._plan(per_sample)  # planned again, inside each FSDP unit
+        self._live_units = units if trace is None else [TracedUnit(u, trace) for u in units]
 
     def _plan(self, per_sample: dict[str, PerSampleGrad]) -> list:
         """The engine's units inside each FSDP unit, in the model's order (one DenseBlock per unit)."""
