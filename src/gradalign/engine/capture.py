@@ -84,7 +84,11 @@ class PerSampleGradients:
             process group when none is given: DDP's reducer never runs on the engine's
             backward (autograd is asked for layer-output gradients, not parameter ones), so
             the engine's reduction is the only one and nothing is reduced twice. Every rank
-            must call backward in step (same model, same statistics read).
+            must call backward in step (same model, same statistics read). A model sharded
+            with FSDP2 (`fully_shard` modules, DTensor parameters) uses its mesh's group, and
+            p.grad is written as each parameter's DTensor shard, reduced one FSDP unit at a
+            time (engine/sharded_stats.py); ShardingError for what is not supported yet
+            (HSDP, tensor parallel).
         trace: a callable name -> context manager entered around each phase of a backward and
             each statistic of each unit, e.g. `torch.profiler.record_function` or a timer
             (engine/phases.py lists the names). None (default): nothing is traced.
