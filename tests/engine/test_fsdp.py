@@ -122,6 +122,7 @@ def test_gvr_under_fsdp_averages_each_ranks_penalty(ranks, mode):
     ("tensor_parallel", ["no fully_shard module owns", "tensor parallel", "not supported yet"]),
     ("hsdp", ["2-D mesh", "HSDP", "not supported yet"]),
     ("other_group", ["process_group has ranks [0]", "mesh of ranks [0, 1]"]),
+    ("late", ["sharded (fully_shard) after this engine was created", "after fully_shard"]),
 ])
 def test_refused_models_say_why(ranks, case, words):
     message = ranks[0]["refusals"][case]

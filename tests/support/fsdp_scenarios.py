@@ -24,7 +24,7 @@ WEIGHTINGS = {"plain": lambda: None, "gasw": lambda: ga.GASW(gamma=2.0),
 ENGINE = {
     "transformer/plain": ("transformer", "plain", {}, False),
     "transformer/gasw": ("transformer", "gasw", {}, True),
-    "transformer/gdsw_loo": ("transformer", "gdsw_loo", {}, False),
+    "transformer/gdsw_loo": ("transformer", "gdsw_loo", {"verify": True}, False),
     "transformer/gasw-no-reshard": ("transformer", "gasw", {"reshard": False}, True),
     "transformer/gasw-checkpoint-wrapper": ("transformer", "gasw", {"checkpoint": "wrapper"}, True),
     "transformer/gasw-mp": ("transformer", "gasw", {"mp": True}, True),
@@ -38,9 +38,9 @@ def shard(t, rank, world):
     return torch.tensor_split(t, world)[rank]
 
 
-def train(model, kind: str, x, y, weighting: str, *, release: bool, steps: int = 2) -> dict:
+def train(model, kind: str, x, y, weighting: str, *, release: bool, steps: int = 2, verify: bool = False) -> dict:
     """Steps of engine.backward + Adam; per step the statistics and p.grad, then the parameters."""
-    engine = ga.PerSampleGradients(model)
+    engine = ga.PerSampleGradients(model, verify=verify)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-4)
     out = []
     for _ in range(steps):
@@ -94,9 +94,11 @@ def train_mixed_reference(kind: str, x, y, weighting: str, steps: int = 2) -> di
 
 def engine_run(name: str, rank: int = 0, world: int = 1) -> dict:
     kind, weighting, options, release = ENGINE[name]
+    options = dict(options)
+    verify = options.pop("verify", False)  # the engine's own check against autograd, every step
     x, y = batch(kind)
     model = build(kind, shard=world > 1, **options)
-    return train(model, kind, shard(x, rank, world), shard(y, rank, world), weighting, release=release)
+    return train(model, kind, shard(x, rank, world), shard(y, rank, world), weighting, release=release, verify=verify)
 
 
 def engine_reference(name: str) -> dict:
@@ -189,6 +191,12 @@ def refusals(rank: int, world: int) -> dict:
     sharded = shard_head_net(HeadNet())
     if rank == 0:
         out["other_group"] = _message(lambda: ga.PerSampleGradients(sharded, process_group=alone))
+    late = HeadNet()  # an engine created before fully_shard
+    engine = ga.PerSampleGradients(late)
+    shard_head_net(late)
+    x, y = head_batch(0)
+    out["late"] = _message(lambda: engine.backward(F.cross_entropy(late(shard(x, rank, world)), shard(y, rank, world),
+                                                                   reduction="none")))
     return out
 
 

@@ -112,7 +112,8 @@ class HeadNet(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Sequential(nn.Linear(12, 16), nn.Tanh()), nn.Sequential(nn.Linear(16, 8), nn.Tanh()))
+        self.body = nn.Sequential(nn.Sequential(nn.Linear(12, 16), nn.Tanh()),
+                                  nn.Sequential(nn.Linear(16, 8), nn.Tanh()))
         self.head = nn.Linear(8, 5)
 
     def forward(self, x):

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from gradalign.engine.distributed import resolve_group, sharding_of
+from gradalign.engine.distributed import refuse_late_sharding, resolve_group, sharding_of
 from gradalign.engine.sharded_stats import ShardedGradientStats
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
@@ -108,6 +108,7 @@ class PerSampleGradients:
         self._recorder = Recorder(model, self.registry, max_pending_forwards, self._sharding)
         self._hooked, self._params = self._recorder.hooked, self._recorder.params  # shared dicts
         self._removed = False
+        self._first_backward = True
 
     def clear(self) -> None:
         """Forget every recorded forward (their inputs are freed); the next backward uses only
@@ -151,6 +152,9 @@ class PerSampleGradients:
         if self._removed:
             raise GradAlignError("this engine was removed (engine.remove()), so it recorded nothing: create a "
                                  "new ga.PerSampleGradients(model) to use it again")
+        if self._first_backward and self._sharding is None:
+            refuse_late_sharding(self.model)
+        self._first_backward = False
         if release and not write_grad:
             raise ValueError("release=True frees the per-sample gradients as p.grad is written; with "
                              "write_grad=False nothing is written, so the statistics would be lost: drop one")

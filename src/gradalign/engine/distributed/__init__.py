@@ -18,9 +18,14 @@ from gradalign.engine.distributed.ddp import (
     resolve_group,
     world_size,
 )
-from gradalign.engine.distributed.fsdp import Sharding, sharding_of, unsharded_after_backward
+from gradalign.engine.distributed.fsdp import (
+    Sharding,
+    refuse_late_sharding,
+    sharding_of,
+    unsharded_after_backward,
+)
 from gradalign.engine.distributed.shards import full_norm, full_value, global_sums, local_part, mesh_group
 
 __all__ = ["Sharding", "all_gather_rows", "all_reduce_dicts", "all_reduce_flat", "broadcast_parameters",
-           "full_norm", "full_value", "global_sums", "local_part", "mesh_group", "resolve_group", "sharding_of",
+           "full_norm", "full_value", "global_sums", "local_part", "mesh_group", "refuse_late_sharding", "resolve_group", "sharding_of",
            "unsharded_after_backward", "world_size"]

@@ -212,6 +212,14 @@ def unsharded_after_backward(model: nn.Module):
             m.set_reshard_after_backward(True, recurse=False)
 
 
+def refuse_late_sharding(model: nn.Module) -> None:
+    """For an engine created without a Sharding: refuse a model sharded since (its hooks and
+    parameters are those fully_shard replaced)."""
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ShardingError("the model was sharded (fully_shard) after this engine was created, so the engine holds "
+                            "the parameters FSDP replaced: create ga.PerSampleGradients(model) after fully_shard")
+
+
 def sharding_of(model: nn.Module, process_group: Any = None) -> Sharding | None:
     """The model's Sharding when a fully_shard module or a DTensor parameter is in it, else None
     (a plain or DistributedDataParallel model)."""
