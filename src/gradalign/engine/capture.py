@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from gradalign.engine.distributed import refuse_late_sharding, resolve_group, sharding_of
-from gradalign.engine.sharded_stats import ShardedGradientStats
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
 from gradalign.engine.representations import PerSampleGrad, full_precision
 from gradalign.engine.recording import Recorder, Call
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.scale import rescale
+from gradalign.engine.sharded_stats import ShardedGradientStats
 from gradalign.engine.representations import combine
 from gradalign.engine.validate import verify, verify_rtol
 from gradalign.errors import GradAlignError, UnsupportedModuleError
@@ -163,6 +163,7 @@ class PerSampleGradients:
         try:
             with full_precision(losses.device):  # backward and rules in float32, also inside autocast
                 wanted = self._sums_wanted(weights, params)
+                self._recorder.recomputed.clear()  # (what a checkpoint recomputes in this backward)
                 with phase(self.trace, BACKWARD):
                     sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
                 self._refuse_reentrant_checkpoint()
