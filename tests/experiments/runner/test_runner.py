@@ -201,6 +201,17 @@ def _trials(run_dir, states=("COMPLETE", "PRUNED", "FAIL", "RUNNING")):
         return 0
 
 
+def _final_progress(run_dir):
+    """What the final runs have saved so far: finished runs and checkpoint states (by time)."""
+    found = []
+    for f in list((run_dir / "runs").rglob("seed*.json")) + list((run_dir / "checkpoints").rglob("state.pt")):
+        try:
+            found.append((str(f), f.stat().st_mtime_ns))
+        except FileNotFoundError:            # a checkpoint removed as its run was written
+            pass
+    return sorted(found)
+
+
 def _evaluations(run_dir):
     """Every value of every final run's CSV, wall time aside."""
     out = {}
@@ -222,21 +233,23 @@ def test_sigkill_at_random_points_ends_with_the_uninterrupted_numbers(tmp_path):
     cmd = [sys.executable, "-m", "gradalign.cli", "reproduce", str(tmp_path / "tiny.toml"), "--out", str(run_dir),
            "--no-progress", "-q"]
     rng = random.Random(0)
-    killed = {"tuning": 0, "final runs": 0}
-    for _ in range(5):                     # a moment after a trial starts (asked and RUNNING)
+    kills = []                             # "tuning" or "final runs", where each kill landed
+    for _ in range(15):                    # a moment after a trial starts (asked and RUNNING)
+        if kills.count("tuning") == 5:
+            break
         started = _trials(run_dir)
-        if _kill_when(cmd, lambda: _trials(run_dir) > started, delay=rng.uniform(0.0, 0.6)):
-            killed["tuning" if _trials(run_dir, ("COMPLETE", "PRUNED")) < 8 else "final runs"] += 1
-    assert killed["tuning"] >= 3, killed
+        if _kill_when(cmd, lambda: _trials(run_dir) > started, delay=rng.uniform(0.0, 0.4)):
+            kills.append("tuning" if _trials(run_dir, ("COMPLETE", "PRUNED")) < 8 else "final runs")
+    assert kills.count("tuning") == 5, kills
     finished = {(t.number, tuple(t.params.items())) for t in arm_trials(run_dir, "baseline")
                 if t.state.name in ("COMPLETE", "PRUNED")}
-    for _ in range(5):                     # a moment into a final run (its checkpoint, or a finished one)
-        done = len(mtimes(run_dir)) if (run_dir / "runs").exists() else 0
-        ready = lambda: (run_dir / "checkpoints").exists() or (  # noqa: E731
-            (run_dir / "runs").exists() and len(mtimes(run_dir)) > done)
-        if _kill_when(cmd, ready, delay=rng.uniform(0.0, 0.8)):
-            killed["final runs"] += 1
-    assert killed["final runs"] >= 3, killed
+    for _ in range(15):                    # a moment after a final run saved a checkpoint or finished
+        if kills.count("final runs") >= 5:
+            break
+        progress = _final_progress(run_dir)
+        if _kill_when(cmd, lambda: _final_progress(run_dir) != progress, delay=rng.uniform(0.0, 0.3)):
+            kills.append("final runs" if _trials(run_dir, ("COMPLETE", "PRUNED")) == 8 else "tuning")
+    assert kills.count("final runs") >= 5, kills
     before = mtimes(run_dir)
     reproduce(tmp_path / "tiny.toml", run_dir, progress=False, report=False)
     assert _evaluations(run_dir) == _evaluations(reference)
