@@ -68,8 +68,38 @@ def test_gasw_on_gpt2_language_model_with_padding(tmp_path):
     torch.testing.assert_close(grads.grads[0], weighted_grad(G, hf.gasw_weights(G)), rtol=1e-4, atol=1e-7)
 
 
-def test_masked_lm_per_sample_losses_are_the_models_own_loss_per_sample(tmp_path):
-    model, rows = hf.bert(head=BertForMaskedLM), hf.lm_data(masked=True)[:6]
+@pytest.mark.parametrize("kind", ["none", "gdsw", "callable"])
+def test_other_weightings_on_bert(tmp_path, kind):
+    """None: the plain mean gradient; GDSW; a callable GradientStats -> (B,) weights."""
+    model, ref, rows = hf.bert(), hf.bert(), hf.classification_data()[:8]
+    weighting = {"none": None, "gdsw": ga.GDSW(2.0), "callable": lambda stats: 1.0 / stats.norms}[kind]
+    grads = hf.GradRecorder()
+    PerSampleTrainer(model=model, args=hf.arguments(tmp_path, max_steps=1), train_dataset=rows,
+                     weighting=weighting, callbacks=[grads]).train()
+    G = hf.per_sample_grads(ref, rows)
+    if kind == "none":
+        w = torch.ones(8)
+    elif kind == "gdsw":
+        gbar = G.mean(0)
+        raw = (1 - G @ gbar / (G.norm(dim=1) * gbar.norm())) ** 2
+        w = raw * 8 / raw.sum()
+    else:
+        w = 1.0 / G.norm(dim=1)
+    torch.testing.assert_close(grads.grads[0], weighted_grad(G, w), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("task", ["masked_lm", "regression", "multi_label"])
+def test_per_sample_losses_are_the_models_own_loss_on_each_sample(tmp_path, task):
+    if task == "masked_lm":
+        model, rows = hf.bert(head=BertForMaskedLM), hf.lm_data(masked=True)[:6]
+    else:
+        model = hf.bert()
+        model.config.problem_type = "regression" if task == "regression" else "multi_label_classification"
+        rows = hf.classification_data()[:6]
+        g = torch.Generator().manual_seed(3)
+        for r in rows:
+            r["labels"] = (torch.randn(hf.CLASSES, generator=g) if task == "regression"
+                           else (torch.rand(hf.CLASSES, generator=g) > 0.5).float())
     trainer = PerSampleTrainer(model=model, args=hf.arguments(tmp_path), train_dataset=rows)
     with torch.no_grad():
         losses = trainer.compute_per_sample_losses(model, hf.collate(rows))
@@ -172,10 +202,13 @@ def test_gwa_callback_with_a_plain_trainer_matches_the_monitor_and_restores_the_
 def test_gwa_callback_stops_by_patience(tmp_path):
     model = hf.bert()
     callback = GWACallback("classifier", patience=1, skip_epochs=0, restore_best=False)
-    trainer = PerSampleTrainer(model=model, args=hf.arguments(tmp_path, num_train_epochs=20, learning_rate=0.5),
-                               train_dataset=hf.classification_data(), callbacks=[callback])
+    rows = hf.classification_data()
+    trainer = PerSampleTrainer(model=model, args=hf.arguments(tmp_path, num_train_epochs=20, learning_rate=0.5,
+                                                              eval_strategy="epoch"),
+                               train_dataset=rows, eval_dataset=rows[:4], callbacks=[callback])
     trainer.train()
     scores = callback.monitor.epoch_scores
+    assert sum("eval_loss" in entry for entry in trainer.state.log_history) == len(scores)
     assert callback.stopped_epoch == len(scores) - 1 < 19 and trainer.state.epoch == len(scores)
     assert scores[-1] <= max(scores[:-1])                   # the last epoch did not improve
     assert [e["gwa"] for e in trainer.state.log_history if "gwa" in e] == pytest.approx(scores)
@@ -251,3 +284,7 @@ def test_bad_settings_are_refused(tmp_path):
     trainer = PerSampleTrainer(model=model, args=hf.arguments(tmp_path), train_dataset=rows, weighting=ga.GASW())
     with pytest.raises(ga.GradAlignError, match=STATE_FILE):
         trainer.train(resume_from_checkpoint=str(tmp_path))
+    trainer = PerSampleTrainer(model=model, args=hf.arguments(tmp_path, max_steps=2), train_dataset=rows,
+                               callbacks=[GWACallback(model.classifier, label_key="targets")])
+    with pytest.raises(ga.GradAlignError, match="'targets' keyword"):
+        trainer.train()

@@ -146,6 +146,9 @@ class GWACallback(TrainerCallback):
         return int(0.1 * planned + 1e-9) if self.mode == "scratch" else 0
 
     def _close_epoch(self, args, state, control, model: nn.Module) -> None:
+        if not self.monitor.pending_updates and self.monitor.process_group is None:
+            raise GradAlignError(f"GWACallback recorded no training batch this epoch: the model was never called "
+                                 f"with a {self.label_key!r} keyword in a training forward (set label_key=...)")
         score = self.monitor.end_epoch()                 # data parallel: every rank's scores, gathered
         epoch = len(self.monitor.epoch_scores) - 1
         skip = self._skip_epochs(state)
