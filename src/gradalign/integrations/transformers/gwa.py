@@ -116,6 +116,7 @@ class GWACallback(TrainerCallback):
         self.monitor = ga.GWAMonitor(self._resolve_head(model), process_group=active_group())
         self._hook = model.register_forward_pre_hook(self._keep_labels, with_kwargs=True)
         self._labels, self._seen = None, 0
+        self.best_epoch = self.stopped_epoch = self._best_state = None
         if state.global_step > 0:
             self._load(self._resume or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
