@@ -319,10 +319,9 @@ class GWAMonitor:
         return score
 
     def state_dict(self) -> dict:
-        """Everything recorded, for a checkpoint: per-epoch sample ids and scores as lists of numpy
-        arrays (a checkpoint can store each epoch once), and "pending", the open epoch's records
-        (one dict of CPU tensors per update(); empty between epochs), so a run resumed mid-epoch
-        closes it with the same scores."""
+        """Everything recorded, for a checkpoint: per-epoch sample ids and scores (lists of numpy
+        arrays, one per epoch) and "pending", the open epoch's records (a dict of CPU tensors per
+        update(); empty between epochs), so a run resumed mid-epoch closes it with the same scores."""
         pending = [{k: None if v is None else v.detach().cpu() for k, v in step._asdict().items()}
                    for step in self._pending]
         return {"epoch_scores": list(self.epoch_scores), "epoch_mean_alignment": list(self.epoch_mean_alignment),
