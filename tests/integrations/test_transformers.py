@@ -17,7 +17,9 @@ from transformers import BertForMaskedLM, Trainer  # noqa: E402
 
 import gradalign as ga  # noqa: E402
 import tests.support.hf_models as hf  # noqa: E402
-from gradalign.integrations.transformers import GWA_FILE, STATE_FILE, GWACallback, PerSampleTrainer  # noqa: E402
+from gradalign.integrations.transformers import GWACallback, PerSampleTrainer  # noqa: E402
+from gradalign.integrations.transformers.gwa import GWA_FILE  # noqa: E402
+from gradalign.integrations.transformers.trainer import STATE_FILE  # noqa: E402
 
 
 def weighted_grad(G, weights, max_norm=0.0):

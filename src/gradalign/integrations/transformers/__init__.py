@@ -23,8 +23,8 @@ the Trainer's. The method's numbers go to the Trainer's log (diagnostics.py); it
 saved in every checkpoint and restored on resume. `GWACallback` (gwa.py): GWA_T per epoch in the
 log, early stopping and epoch selection without a validation set.
 """
-from gradalign.integrations.transformers.gwa import GWA_FILE, GWACallback
+from gradalign.integrations.transformers.gwa import GWACallback
 from gradalign.integrations.transformers.losses import per_sample_losses
-from gradalign.integrations.transformers.trainer import STATE_FILE, MicroBatchShare, PerSampleTrainer
+from gradalign.integrations.transformers.trainer import PerSampleTrainer
 
-__all__ = ["GWACallback", "GWA_FILE", "MicroBatchShare", "PerSampleTrainer", "STATE_FILE", "per_sample_losses"]
+__all__ = ["GWACallback", "PerSampleTrainer", "per_sample_losses"]

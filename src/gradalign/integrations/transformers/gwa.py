@@ -44,7 +44,13 @@ GWA_FILE = "gradalign_gwa.pt"
 
 
 class GWACallback(TrainerCallback):
-    """GWA per epoch, early stopping and the selected epoch's weights (module docstring).
+    """GWA per epoch in the Trainer's log, early stopping and epoch selection without a
+    validation set, the selected epoch's weights restored at the end.
+
+    Works with `PerSampleTrainer` and with a plain `transformers.Trainer` (call
+    `bind(trainer)` so that the numbers reach every `report_to` backend). Each training
+    micro-batch is scored with the head's weight before the optimizer step; an epoch closes at
+    the step that completes it and logs `gwa`, `gwa_mean_alignment` and `gwa_best_epoch`.
 
     Args:
         head: the classifier's final nn.Linear (e.g. `model.classifier`), its name in the model

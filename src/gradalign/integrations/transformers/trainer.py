@@ -58,9 +58,18 @@ class MicroBatchShare:
 
 
 class PerSampleTrainer(Trainer):
-    """transformers.Trainer with GASW/GDSW weighting or GAGA accumulation (module docstring).
+    """A `transformers.Trainer` whose training step forms p.grad through the engine.
 
-    Args (besides the Trainer's own):
+    It takes every argument of `transformers.Trainer`, and the ones below. Each micro-batch:
+    per-sample losses (`compute_per_sample_losses`), then `engine.backward(losses, weighting)`
+    (p.grad += (1/B) sum_i w_i g_i / n for n micro-batches per step: weights over each
+    micro-batch), or with `accumulation` the statistics only, and GAGA's accumulated mean
+    written when it closes. Under GAGA a Trainer step is one increment (global_step and the
+    scheduler count increments) and the optimizer moves only when GAGA closes an
+    accumulation. The rest (clipping, optimizer, scheduler, evaluation, checkpoints with the
+    method's state, logs with the method's numbers) is the Trainer's.
+
+    Args:
         weighting: None (the plain mean gradient, through the engine), ga.GASW(...),
             ga.GDSW(...) or any callable GradientStats -> (B,) weights.
         accumulation: a ga.GSNRAccumulator (GAGA); its `increment` must equal the samples of
@@ -70,6 +79,7 @@ class PerSampleTrainer(Trainer):
         causal_lm: shift token labels (position t predicts token t + 1); default: the
             Trainer's own test (the model class is one of transformers' causal LMs).
         engine_options: keywords for ga.PerSampleGradients (registry, verify, ...).
+
     Attributes:
         engine: the ga.PerSampleGradients of the current train() call (None outside it).
 
