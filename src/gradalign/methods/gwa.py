@@ -319,9 +319,8 @@ class GWAMonitor:
         return score
 
     def state_dict(self) -> dict:
-        """Everything recorded, for a checkpoint: per-epoch sample ids and scores (lists of numpy
-        arrays, one per epoch) and "pending", the open epoch's records (a dict of CPU tensors per
-        update(); empty between epochs), so a run resumed mid-epoch closes it with the same scores."""
+        """For a checkpoint: per-epoch sample ids and scores (numpy arrays, one per epoch) and "pending", the
+        open epoch's records (CPU tensors; [] between epochs): resumed mid-epoch, it closes with the same scores."""
         pending = [{k: None if v is None else v.detach().cpu() for k, v in step._asdict().items()}
                    for step in self._pending]
         return {"epoch_scores": list(self.epoch_scores), "epoch_mean_alignment": list(self.epoch_mean_alignment),
@@ -330,14 +329,12 @@ class GWAMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() gave (then continues as if never stopped), on the head's device."""
-        self.epoch_scores = list(state["epoch_scores"])
-        self.epoch_mean_alignment = list(state["epoch_mean_alignment"])
-        self.epoch_kurtosis = list(state["epoch_kurtosis"])
+        self.epoch_scores, self.epoch_mean_alignment, self.epoch_kurtosis = (
+            list(state[k]) for k in ("epoch_scores", "epoch_mean_alignment", "epoch_kurtosis"))
         self.unselectable = {int(k): v for k, v in state["unselectable"].items()}
         self._ids, self._scores = list(state["sample_ids"]), list(state["sample_scores"])
-        device = self.head.weight.device
-        self._pending = [_BatchRecord(**{k: None if v is None else v.to(device) for k, v in step.items()})
-                         for step in state.get("pending", [])]
+        self._pending = [_BatchRecord(**{k: None if v is None else v.to(self.head.weight.device)
+                                         for k, v in step.items()}) for step in state.get("pending", [])]
 
     def sample_scores(self) -> dict[str, np.ndarray]:
         """Every finished epoch's per-sample scores: {"sample_id", "epoch", "score"}, equal lengths."""
