@@ -111,8 +111,9 @@ class PerSampleTrainer(Trainer):
             raise GradAlignError("nn.DataParallel (several GPUs in one process) replicates the model, which the "
                                  "engine cannot hook: launch one process per GPU (torchrun / accelerate launch)")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise GradAlignError("DeepSpeed and FSDP shard the parameters; the engine needs each layer whole: "
-                                 "use DDP (torchrun / accelerate launch) with PerSampleTrainer")
+            raise GradAlignError("PerSampleTrainer runs under DDP (torchrun / accelerate launch), not under the "
+                                 "Trainer's DeepSpeed or FSDP (the engine serves FSDP2-sharded models in your own "
+                                 "loop: see the sharded-models guide)")
         if args.label_smoothing_factor or self.compute_loss_func is not None:
             raise GradAlignError("label_smoothing_factor and compute_loss_func shape the Trainer's batch loss; "
                                  "PerSampleTrainer forms per-sample losses: override compute_per_sample_losses")
