@@ -267,11 +267,6 @@ class GWAMonitor:
         self.update(logits, targets, sample_ids)
         return True
 
-    @property
-    def pending_updates(self) -> int:
-        """update() calls since the last end_epoch() (the open epoch's steps so far)."""
-        return len(self._pending)
-
     def last_scores(self) -> Tensor:
         """(B,) float64 alignment scores of the latest update() of the current epoch."""
         if not self._pending:

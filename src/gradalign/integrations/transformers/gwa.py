@@ -143,7 +143,7 @@ class GWACallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, model: nn.Module | None = None, **kwargs):
         """An epoch cut short (max_steps, a data set without a length) closes here."""
         self._record()
-        if self.monitor.pending_updates:
+        if self._seen:                                   # samples recorded since the last close
             self._close_epoch(args, state, control, model)
 
     def _skip_epochs(self, state) -> int:
@@ -153,7 +153,7 @@ class GWACallback(TrainerCallback):
         return int(0.1 * planned + 1e-9) if self.mode == "scratch" else 0
 
     def _close_epoch(self, args, state, control, model: nn.Module) -> None:
-        if not self.monitor.pending_updates and self.monitor.process_group is None:
+        if not self._seen and self.monitor.process_group is None:
             raise GradAlignError(f"GWACallback recorded no training batch this epoch: the model was never called "
                                  f"with a {self.label_key!r} keyword in a training forward (set label_key=...)")
         score = self.monitor.end_epoch()                 # data parallel: every rank's scores, gathered
