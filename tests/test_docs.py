@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.md"))
 EXAMPLE_PAGES = [p for p in PAGES if blocks(p)]
-INTEGRATIONS = ["gradalign.integrations.lightning"]
+INTEGRATIONS = ["gradalign.integrations.lightning", "gradalign.integrations.transformers"]
 
 
 @pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=lambda p: str(p.relative_to(DOCS)))

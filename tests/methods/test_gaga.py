@@ -107,3 +107,23 @@ def test_set_grad_replaces_and_refuses_unknown_names():
     assert not model[0].weight.grad.any()
     with pytest.raises(KeyError, match="nope"):
         engine.set_grad({"nope": torch.zeros(1)})
+
+
+def test_state_dict_mid_accumulation_resumes_exactly(tmp_path):
+    """A checkpoint between two increments of one accumulation: the loaded accumulator takes
+    the same decision and writes the same mean as the one that never stopped."""
+    model, loss_fn, batches = increments(4, 8)
+    engine = ga.PerSampleGradients(model)
+    stats = [engine.backward(loss_fn(model(x), y), write_grad=False) for x, y in batches]
+    acc = ga.GSNRAccumulator(tau=float("inf"), increment=8, max_samples=24)
+    for s in stats[:2]:
+        assert not acc.update(s)
+    torch.save(acc.state_dict(), tmp_path / "acc.pt")
+    resumed = ga.GSNRAccumulator(tau=float("inf"), increment=8, max_samples=24)
+    resumed.load_state_dict(torch.load(tmp_path / "acc.pt", weights_only=True))
+    assert resumed.update(stats[2]) and acc.update(stats[2])           # the cap, 24 samples, in both
+    for name, g in acc.mean_grad().items():
+        assert resumed.mean_grad()[name].dtype == g.dtype
+        torch.testing.assert_close(resumed.mean_grad()[name], g, rtol=0, atol=0)
+    assert resumed.samples_per_step == acc.samples_per_step == [24] and resumed.last_snr == acc.last_snr
+    assert not resumed.update(stats[3]) and resumed.n == 8               # the next accumulation starts anew

@@ -315,3 +315,34 @@ def test_class_out_of_range_is_refused_and_the_monitor_keeps_working(monkeypatch
         monitor.end_epoch()
     monitor.update(net(x), y, torch.arange(10))
     assert math.isfinite(monitor.end_epoch()) and len(monitor.epoch_scores) == 2
+
+
+
+def test_state_dict_mid_epoch_resumes_with_the_same_scores(tmp_path):
+    """A checkpoint in the middle of an epoch keeps that epoch's records: a new monitor loaded
+    from it closes the epoch with the scores of a monitor that never stopped."""
+    def run(stop_after=None):
+        net = Net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        monitor = GWAMonitor(net.head)
+        for k in range(4):                                   # 2 epochs of 2 steps
+            x, y = data(seed=k)
+            logits = net(x)
+            F.cross_entropy(logits, y).backward()
+            monitor.update(logits, y, torch.arange(10) + 10 * (k % 2))
+            opt.step()
+            opt.zero_grad()
+            if k == stop_after:                              # epoch 1, half done: save, and go on anew
+                assert len(monitor.state_dict()["pending"]) == 1
+                torch.save(monitor.state_dict(), tmp_path / "gwa.pt")
+                monitor.remove()
+                monitor = GWAMonitor(net.head)
+                monitor.load_state_dict(torch.load(tmp_path / "gwa.pt", weights_only=False))
+                assert len(monitor.state_dict()["pending"]) == 1
+            if k % 2:
+                monitor.end_epoch()
+        return monitor
+    whole, resumed = run(), run(stop_after=2)
+    assert resumed.epoch_scores == whole.epoch_scores and len(whole.epoch_scores) == 2
+    for key, value in whole.sample_scores().items():
+        np.testing.assert_array_equal(resumed.sample_scores()[key], value)

@@ -1,1 +1,2 @@
-"""Integrations with training frameworks (optional extras): `gradalign.integrations.lightning`."""
+"""Integrations with training frameworks (optional extras): `gradalign.integrations.lightning`,
+`gradalign.integrations.transformers` (the Hugging Face Trainer)."""

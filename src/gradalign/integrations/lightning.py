@@ -51,10 +51,10 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradalign.engine.capture import PerSampleGradients, Weights
+from gradalign.engine.distributed import active_group
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.methods.gaga import GSNRAccumulator
 from gradalign.methods.gwa import SELECTION_MODES, GWAMonitor
@@ -62,9 +62,7 @@ from gradalign.methods.gwa import SELECTION_MODES, GWAMonitor
 
 def ddp_process_group() -> Any:
     """torch.distributed's WORLD when several processes run (Lightning's DDP), else None."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
+    return active_group()
 
 
 def _targets(batch) -> Tensor:

@@ -128,6 +128,25 @@ class GSNRAccumulator:
             self._closed = True
         return ready
 
+    def state_dict(self) -> dict:
+        """Everything update() has accumulated, for a checkpoint taken at any point (also in the
+        middle of an accumulation): the running float64 sums (2P numbers), the sample count and
+        the history of steps. Loading it (with torch.load's map_location on the device the
+        statistics live on) continues exactly as if never stopped."""
+        return {"n": self.n, "closed": self._closed, "sum": dict(self._sum), "sum_sq": dict(self._sum_sq),
+                "dtype": {name: str(dtype).removeprefix("torch.") for name, dtype in self._dtype.items()},
+                "samples_per_step": list(self.samples_per_step), "snr_per_step": list(self.snr_per_step),
+                "last_snr": self.last_snr}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() gave (the settings tau, increment, ... stay this object's)."""
+        self.n, self._closed = int(state["n"]), bool(state["closed"])
+        self._sum, self._sum_sq = dict(state["sum"]), dict(state["sum_sq"])
+        self._dtype = {name: getattr(torch, dtype) for name, dtype in state["dtype"].items()}
+        self.samples_per_step = [int(n) for n in state["samples_per_step"]]
+        self.snr_per_step = [float(s) for s in state["snr_per_step"]]
+        self.last_snr = float(state["last_snr"])
+
     def mean_grad(self) -> dict[str, Tensor]:
         """{param name: mean gradient over the n samples of the current accumulation}, in the
         gradients' dtype; for `engine.set_grad`. Empty before the first update()."""

@@ -314,23 +314,22 @@ class GWAMonitor:
         return score
 
     def state_dict(self) -> dict:
-        """Everything the monitor has recorded, for a checkpoint; call it between epochs (after
-        end_epoch(), before the next update()). Per-epoch sample ids and scores are lists of
-        numpy arrays, one per epoch, so a checkpoint can store each epoch once."""
-        if self._pending:
-            raise GradAlignError("state_dict() in the middle of an epoch: call it after end_epoch()")
+        """For a checkpoint: per-epoch sample ids and scores (numpy arrays, one per epoch) and "pending", the
+        open epoch's records (CPU tensors; [] between epochs): resumed mid-epoch, it closes with the same scores."""
+        pending = [{k: None if v is None else v.detach().cpu() for k, v in step._asdict().items()}
+                   for step in self._pending]
         return {"epoch_scores": list(self.epoch_scores), "epoch_mean_alignment": list(self.epoch_mean_alignment),
                 "epoch_kurtosis": list(self.epoch_kurtosis), "unselectable": dict(self.unselectable),
-                "sample_ids": list(self._ids), "sample_scores": list(self._scores)}
+                "sample_ids": list(self._ids), "sample_scores": list(self._scores), "pending": pending}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() gave (the monitor then continues as if never stopped)."""
-        self.epoch_scores = list(state["epoch_scores"])
-        self.epoch_mean_alignment = list(state["epoch_mean_alignment"])
-        self.epoch_kurtosis = list(state["epoch_kurtosis"])
+        """Restore what state_dict() gave (then continues as if never stopped), on the head's device."""
+        self.epoch_scores, self.epoch_mean_alignment, self.epoch_kurtosis = (
+            list(state[k]) for k in ("epoch_scores", "epoch_mean_alignment", "epoch_kurtosis"))
         self.unselectable = {int(k): v for k, v in state["unselectable"].items()}
         self._ids, self._scores = list(state["sample_ids"]), list(state["sample_scores"])
-        self._pending = []
+        self._pending = [_BatchRecord(**{k: None if v is None else v.to(self.head.weight.device)
+                                         for k, v in step.items()}) for step in state.get("pending", [])]
 
     def sample_scores(self) -> dict[str, np.ndarray]:
         """Every finished epoch's per-sample scores: {"sample_id", "epoch", "score"}, equal lengths."""

@@ -11,6 +11,7 @@ GradientStats over a sharded model is engine/sharded_stats.py (it builds on grad
 which this package sits below).
 """
 from gradalign.engine.distributed.ddp import (
+    active_group,
     all_gather_rows,
     all_reduce_dicts,
     all_reduce_flat,
@@ -26,6 +27,6 @@ from gradalign.engine.distributed.fsdp import (
 )
 from gradalign.engine.distributed.shards import full_norm, full_value, global_sums, local_part, mesh_group
 
-__all__ = ["Sharding", "all_gather_rows", "all_reduce_dicts", "all_reduce_flat", "broadcast_parameters",
+__all__ = ["Sharding", "active_group", "all_gather_rows", "all_reduce_dicts", "all_reduce_flat", "broadcast_parameters",
            "full_norm", "full_value", "global_sums", "local_part", "mesh_group", "refuse_late_sharding", "resolve_group", "sharding_of",
            "unsharded_after_backward", "world_size"]

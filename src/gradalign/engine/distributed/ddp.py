@@ -42,6 +42,14 @@ def resolve_group(model: nn.Module, process_group: Any) -> Any:
     return None
 
 
+def active_group() -> Any:
+    """torch.distributed's WORLD when several processes were launched (torchrun, `accelerate
+    launch`, Lightning's DDP) and initialised it, else None (one process: no communication)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def world_size(group: Any) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
