@@ -13,6 +13,7 @@ raw parameters and the extra token apart. `--interleave` times the models' varia
 round by round, and adds each variant's ratio to the same variant of the first model.
     python -m benchmarks.engine --models resnet_gn   # a small ResNet with GroupNorm, B = 32
     python -m benchmarks.engine --models gpt2 --variants norms gasw --threads 1   # needs transformers
+    python -m benchmarks.engine --models lstm_lm --variants clip gasw "opacus dplstm clip" --quick
 
 `gpt2` is a Hugging Face GPT2LMHeadModel from a small config (4 layers, d = 128, 4 heads, vocab
 1000, 64 tokens, input and output embeddings tied, SDPA attention), B = 16, with per-sample
@@ -30,6 +31,8 @@ Variants, each on its own copy of the model (same weights, same batch):
   gaga         engine.backward(losses); stats.grad_sq_sum
   vmap gasw    torch.func vmap(grad) per-sample gradients, then the GASW statistics and p.grad
   opacus gasw  Opacus GradSampleModule grad_sample, then the same (when opacus is installed)
+  opacus dplstm clip  lstm_lm only: Opacus's DPLSTM in place of nn.LSTM, GradSampleModule's per-sample
+               gradients, then the clipped p.grad (the per-sample clipping workload, as `clip`)
   backpack gasw BackPACK BatchGrad, then the same (when backpack is installed)
 Memory: extra peak memory of one step in a fresh process, above the memory held once the previous
 step's gradients are freed (CPU: the largest total size of the tensor storages the step's operators
@@ -50,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import gradalign as ga
-from benchmarks.models import BATCHES, MODELS, build, clip_weights, per_sample_losses
+from benchmarks.models import BATCHES, MODELS, TOKEN_MODELS, LSTMLanguageModel, build, clip_weights, per_sample_losses
 from benchmarks.timing import memory_in_subprocess, peak_memory_mb, print_table, time_variants
 
 def gasw_from_materialised(grads: dict, params: dict, gamma: float = 2.0) -> None:
@@ -66,6 +69,29 @@ def gasw_from_materialised(grads: dict, params: dict, gamma: float = 2.0) -> Non
         p.grad = torch.tensordot(w, grads[n], dims=1) / B
 
 
+def opacus_dplstm_clip(base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """Opacus's per-sample clipping of the LSTM language model: the same weights with DPLSTM in place
+    of nn.LSTM, GradSampleModule's grad_sample, then p.grad = (1/B) sum_i min(1, C/|g_i|) g_i."""
+    from opacus import GradSampleModule
+    model = LSTMLanguageModel(recurrent="opacus").to(device)
+    for name in ("embed", "rnn", "out"):  # DPLSTM takes nn.LSTM's state dict (its own load_state_dict)
+        getattr(model, name).load_state_dict(getattr(base, name).state_dict())
+    op_model = GradSampleModule(model, loss_reduction="sum")
+    params = [p for p in op_model.parameters() if p.requires_grad]
+
+    def step():
+        op_model.zero_grad(set_to_none=True)
+        per_sample_losses("lstm_lm", op_model(x), y).sum().backward()
+        grads = [p.grad_sample for p in params]
+        norms = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+        w = (1.0 / norms).clamp(max=1.0)
+        for p, g in zip(params, grads):
+            p.grad = torch.tensordot(w, g, dims=1) / x.shape[0]
+            p.grad_sample = None
+    step.params = params
+    return step
+
+
 def make_variants(kind: str, B: int, device: torch.device, only: str | None = None,
                   names: list[str] | None = None) -> dict:
     """The variants' step functions; `only` builds just that one (for memory measurement),
@@ -73,8 +99,8 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
     torch.manual_seed(0)
     base, sample_shape = build(kind)
     base = base.to(device)
-    if kind == "gpt2":  # token ids, the targets the same ids (shifted inside the loss)
-        x = torch.randint(0, 1000, (B, *sample_shape), device=device)
+    if kind in TOKEN_MODELS:  # token ids, the targets the same ids (shifted inside the loss)
+        x = torch.randint(0, TOKEN_MODELS[kind][1], (B, *sample_shape), device=device)
         y = x
     else:
         x = torch.randn(B, *sample_shape, device=device)
@@ -129,6 +155,9 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
         opacus_step.params = list(op_params.values())
         variants["opacus gasw"] = opacus_step
 
+    if kind == "lstm_lm" and importlib.util.find_spec("opacus"):
+        variants["opacus dplstm clip"] = opacus_dplstm_clip(base, x, y, device)
+
     if importlib.util.find_spec("backpack"):
         from backpack import backpack, extend
         from backpack.extensions import BatchGrad
@@ -147,7 +176,7 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
         return {only: variants[only]}
     if names is not None:
         variants = {n: v for n, v in variants.items() if n in names}
-    for name in ("opacus gasw", "backpack gasw"):  # optional libraries may not support the model
+    for name in ("opacus gasw", "opacus dplstm clip", "backpack gasw"):  # optional libraries may not support the model
         try:
             variants.get(name, lambda: None)()
         except Exception as err:  # noqa: BLE001 - report and leave the variant out

@@ -17,10 +17,13 @@ MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (2 convs with G
           "vit": "ViT D=64, 4 layers, 16 patches, cls token + position embedding",
           "vit_plain": "the same ViT without cls token and position embedding",
           "vit_embedding": "the same ViT, cls token and positions from nn.Embedding children",
-          "resnet_gn": "ResNet with GroupNorm: 3 stages of one basic block, 16-32-64 channels, 32x32 RGB"}
+          "resnet_gn": "ResNet with GroupNorm: 3 stages of one basic block, 16-32-64 channels, 32x32 RGB",
+          "lstm_lm": "LSTM language model: Embedding 1000x64, nn.LSTM 64-128 (2 layers, batch_first), Linear 128-1000, T=32"}
 BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "wide_mlp": (256,), "vit_linear": (64,), "vit": (64,),
-           "vit_plain": (64,), "vit_embedding": (64,), "resnet_gn": (32,), "gpt2": (16,)}
+           "vit_plain": (64,), "vit_embedding": (64,), "resnet_gn": (32,), "gpt2": (16,), "lstm_lm": (32,)}
 GPT2_T = 64
+LSTM_T, LSTM_VOCAB = 32, 1000
+TOKEN_MODELS = {"gpt2": (GPT2_T, 1000), "lstm_lm": (LSTM_T, LSTM_VOCAB)}  # (T, vocab) of the token models
 
 
 class ViT(torch.nn.Module):
@@ -143,9 +146,27 @@ class GPT2Logits(nn.Module):
         return self.lm(input_ids=ids, use_cache=False).logits
 
 
+class LSTMLanguageModel(nn.Module):
+    """ids (B, T) -> logits (B, T, vocab): Embedding, a 2-layer LSTM, a Linear per token. With
+    recurrent="opacus", Opacus's DPLSTM (the same parameters and names) in place of nn.LSTM."""
+
+    def __init__(self, vocab: int = LSTM_VOCAB, dim: int = 64, hidden: int = 128, recurrent: str = "torch"):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        if recurrent == "opacus":
+            from opacus.layers import DPLSTM
+            self.rnn = DPLSTM(dim, hidden, num_layers=2, batch_first=True)
+        else:
+            self.rnn = nn.LSTM(dim, hidden, num_layers=2, batch_first=True)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        return self.out(self.rnn(self.embed(ids))[0])
+
+
 def per_sample_losses(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B,): cross-entropy; for the language model, averaged over each sample's next-token predictions."""
-    if kind == "gpt2":
+    """(B,): cross-entropy; for the language models, averaged over each sample's next-token predictions."""
+    if kind in TOKEN_MODELS:
         return ga.token_losses(out, y, shift=True)
     return F.cross_entropy(out, y, reduction="none")
 
@@ -154,6 +175,8 @@ def build(kind: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """(model, shape of one input sample)."""
     if kind == "gpt2":
         return GPT2Logits(), (GPT2_T,)
+    if kind == "lstm_lm":
+        return LSTMLanguageModel(), (LSTM_T,)
     if kind == "resnet_gn":
         return ResNetGN(), (3, 32, 32)
     if kind == "wide_mlp":

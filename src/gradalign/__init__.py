@@ -11,6 +11,7 @@ from gradalign.engine import (
     reference_statistics,
     replace_batchnorm,
     token_losses,
+    Validation,
     validate,
 )
 from gradalign.engine import distributed  # ga.distributed.broadcast_parameters, all_reduce_flat
@@ -22,7 +23,7 @@ __all__ = [
     "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError", "RunFolderError",
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "ShardingError", "UnsupportedModuleError",
     "check_model", "compare_with_reference", "default_registry", "distributed", "gwa_alignment", "gwa_score",
-    "reference_gradients", "reference_statistics", "replace_batchnorm", "token_losses", "validate",
+    "reference_gradients", "reference_statistics", "replace_batchnorm", "token_losses", "Validation", "validate",
 ]
 
 _DEPRECATED = {"per_sample_gradients": ("reference_gradients", reference_gradients)}

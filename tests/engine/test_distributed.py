@@ -40,6 +40,20 @@ def test_engine_is_one_process_on_the_concatenated_batch(ranks, model, kind):
         assert float(total) == pytest.approx(sc.B)
 
 
+@pytest.mark.parametrize("kind", ["plain", "gasw"])
+def test_a_rank_with_an_empty_batch_takes_part(ranks, kind):
+    """Rank 1 has no sample: rank 0's statistics and both ranks' p.grad are one process's on rank 0's batch."""
+    x, y = sc.batch()
+    ref = sc.engine_step(sc.mlp(), x, y, sc.weighting(kind))
+    for key in ("norms", "cosines", "weights"):
+        close(ranks[0][f"empty/{kind}"][key], ref[key])
+        assert ranks[1][f"empty/{kind}"][key].shape == (0,)
+    for res in ranks:  # |gbar|^2 global on the empty rank too
+        close(res[f"empty/{kind}"]["mean_sq"], ref["mean_sq"])
+        for name, g in ref["grad"].items():
+            close(res[f"empty/{kind}"]["grad"][name], g)
+
+
 def test_ddp_wrapped_model_is_reduced_once(ranks):
     model = sc.mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

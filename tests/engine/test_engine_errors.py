@@ -211,11 +211,11 @@ def test_embedding_options_that_mix_samples_are_refused():
         PerSampleGradients(nn.Embedding(5, 2, scale_grad_by_freq=True))
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(()), torch.zeros(4, 1), torch.zeros(0)])
+@pytest.mark.parametrize("bad", [torch.zeros(()), torch.zeros(4, 1)])
 def test_losses_must_be_one_dimensional(bad):
     model = nn.Linear(3, 1)
     engine = PerSampleGradients(model)
-    losses = bad + model.weight.sum() if bad.numel() else bad.requires_grad_()
+    losses = bad + model.weight.sum()
     with pytest.raises(ValueError, match=r"1-D tensor of shape \(B,\)"):
         engine.backward(losses)
 
@@ -224,7 +224,7 @@ def test_losses_must_have_one_entry_per_sample():
     model = nn.Linear(3, 2)
     engine = PerSampleGradients(model)
     out = model(torch.randn(4, 3))
-    with pytest.raises(ValueError, match="batch of 4 samples but losses has 8"):
+    with pytest.raises(ValueError, match=r"input has 4 entries on dim 0.*losses has 8 entries.*one loss per sample"):
         engine.backward(out.reshape(-1))
 
 

@@ -32,3 +32,9 @@ def grid_token_batch(vocab=20):
 
 def sequence_batch(T, E, classes=3):
     return classification_batch(T, E, classes=classes)
+
+
+def labelled_token_batch(vocab=20, T=6, classes=5):
+    def make(B, gen):
+        return torch.randint(0, vocab, (B, T), generator=gen), torch.randint(0, classes, (B,), generator=gen)
+    return make

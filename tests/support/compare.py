@@ -11,10 +11,10 @@ def close(actual, expected, rtol=2e-4):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-6 + rtol * scale)
 
 
-def run_engine(model, x, y, loss_fn, weights=None, forward_seed=None):
+def run_engine(model, x, y, loss_fn, weights=None, forward_seed=None, **options):
     for p in model.parameters():
         p.grad = None
-    engine = PerSampleGradients(model)
+    engine = PerSampleGradients(model, **options)
     if forward_seed is not None:  # dropout: the same masks as the reference's forward
         torch.manual_seed(forward_seed)
     stats = engine.backward(loss_fn(model(x), y), weights=weights)
@@ -23,12 +23,14 @@ def run_engine(model, x, y, loss_fn, weights=None, forward_seed=None):
     return stats, grads
 
 
-def compare_all(model, make_batch, loss_fn, B, seed=0, reference=reference_statistics, forward_seed=None):
+def compare_all(model, make_batch, loss_fn, B, seed=0, reference=reference_statistics, forward_seed=None, **options):
+    """Every statistic and p.grad (plain and weighted) of the engine (created with `options`, e.g.
+    batch_first=False) against `reference` on one batch of B samples."""
     gen = torch.Generator().manual_seed(seed)
     x, y = make_batch(B, gen)
     weights = torch.rand(B, generator=gen) * 2
     ref = reference(model, x, y, loss_fn, weights=weights)
-    stats, grads = run_engine(model, x, y, loss_fn, forward_seed=forward_seed)
+    stats, grads = run_engine(model, x, y, loss_fn, forward_seed=forward_seed, **options)
     close(stats.norms, ref["norms"])
     close(stats.cosines, ref["cosines"], rtol=1e-3)
     for name, expected in ref["grad_sq_sum"].items():
@@ -36,7 +38,7 @@ def compare_all(model, make_batch, loss_fn, B, seed=0, reference=reference_stati
         close(grads[name], ref["mean_grad"][name])
         close(stats.mean_grad[name], ref["mean_grad"][name])
     close(stats.weights, torch.ones(B))
-    reread, weighted = run_engine(model, x, y, loss_fn, weights=weights, forward_seed=forward_seed)
+    reread, weighted = run_engine(model, x, y, loss_fn, weights=weights, forward_seed=forward_seed, **options)
     for name, expected in ref["weighted_grad"].items():
         close(weighted[name], expected)
     # The same statistics read the other way round, |gbar|^2 and <g_i, gbar> before any norm:

@@ -58,7 +58,8 @@ def engine_step(model, x, y, weights, group=None):
     engine = ga.PerSampleGradients(model, process_group=group)
     stats = engine.backward(cross_entropy(model(x), y), weights=weights)
     engine.remove()
-    out = dict(norms=stats.norms, cosines=stats.cosines, weights=stats.weights, grad=grads(model))
+    out = dict(norms=stats.norms, cosines=stats.cosines, weights=stats.weights, grad=grads(model),
+               mean_sq=stats.mean_grad_sq_norm)
     model.zero_grad(set_to_none=True)
     return out
 
@@ -133,6 +134,9 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for name, build in MODELS.items():
             for kind in ("plain", "gasw", "gdsw_loo"):
                 results[f"{name}/{kind}"] = engine_step(build(), xs, ys, weighting(kind), group)
+        for kind in ("plain", "gasw"):  # an empty rank (Poisson sampling): rank 0 holds every sample
+            mine = slice(None) if rank == 0 else slice(0, 0)
+            results[f"empty/{kind}"] = engine_step(mlp(), x[mine], y[mine], weighting(kind), group)
         # a DDP-wrapped model: the engine takes DDP's group and reduces once; two optimizer steps
         ddp = nn.parallel.DistributedDataParallel(mlp())
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)

@@ -54,16 +54,21 @@ gradalign.engine.rules:
     BatchNorm in eval mode, random running statistics and affine parameters: 1-D (B, C):
         shared_bn_fallback; 2-D (B, C, H, W), eps 0.25 so that eps matters: conv2d_bn_eval
     torch.func fallback: shared_bn_fallback scale (a custom module)
+    LSTM (2 layers, batch_first, the output sequence): lstm_lm; GRU (bidirectional, seq-first inside a
+        batch-first model, h0 given by another layer, h_n read): bag_gru; every other configuration,
+        packed sequences and dropout: test_rules_recurrent.py
+    EmbeddingBag (2-D input, mean): bag_gru; offsets, sum/max, per_sample_weights, padding_idx:
+        test_rules_embedding_bag.py
 """
 import torch
 from torch import nn
 
 from tests.support.attention_models import (MHA_CONFIGS, Attention, Decoder, Encoder, LayerScale,  # noqa: F401
                                             RawParameters, Seq2Seq, TinyViT)
-from tests.support.batches import (classification_batch, cross_entropy, grid_token_batch, sequence_batch,  # noqa: F401
-                                   token_batch, token_cross_entropy)
-from tests.support.nets import (Conv1dNet, Conv2dBatchNormEval, Conv2dGroupNorm, ManyPositions, ResidualMLP,  # noqa: F401
-                                SharedEmbeddingTokens, SharedPositions, SharedTwice, SinglePositionGroups,
+from tests.support.batches import (classification_batch, cross_entropy, grid_token_batch,  # noqa: F401
+                                   labelled_token_batch, sequence_batch, token_batch, token_cross_entropy)
+from tests.support.nets import (BagGRUClassifier, Conv1dNet, Conv2dBatchNormEval, Conv2dGroupNorm,  # noqa: F401
+                                LSTMLanguageModel, ManyPositions, ResidualMLP, SharedEmbeddingTokens, SharedPositions, SharedTwice, SinglePositionGroups,
                                 SubclassedLayers, TiedLM, TinySequenceModel, seed_mlp)
 from tests.support.routes import PERSAMPLE_ROUTES, recording_engine, route_labels  # noqa: F401
 
@@ -83,6 +88,8 @@ ARCHITECTURES = {
     "conv2d_bn_eval": lambda: (Conv2dBatchNormEval(), classification_batch(3, 6, 6, classes=5), cross_entropy),
     "shared_embedding_tokens": lambda: (SharedEmbeddingTokens(), grid_token_batch(), token_cross_entropy),
     "many_positions": lambda: (ManyPositions(), classification_batch(16, 6, classes=5), cross_entropy),
+    "lstm_lm": lambda: (LSTMLanguageModel(), token_batch(), token_cross_entropy),
+    "bag_gru": lambda: (BagGRUClassifier(), labelled_token_batch(), cross_entropy),
 }
 
 

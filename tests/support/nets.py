@@ -253,3 +253,35 @@ class SharedEmbeddingTokens(nn.Module):
 
 def seed_mlp():
     return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding, a 2-layer LSTM (batch_first), a Linear per token: (B, T) ids -> (B, T, V)."""
+
+    def __init__(self, vocab=20, dim=6, hidden=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, hidden, num_layers=2, batch_first=True)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        return self.out(self.rnn(self.embed(ids))[0])
+
+
+class BagGRUClassifier(nn.Module):
+    """(B, T) ids: an EmbeddingBag (mean) of the ids, and a bidirectional GRU (seq-first inside,
+    given h0 from the bag) over their Embedding; the head reads h_n and the bag."""
+
+    def __init__(self, vocab=20, dim=4, hidden=3, classes=5):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, dim, mode="mean")
+        self.embed = nn.Embedding(vocab, dim)
+        self.init = nn.Linear(dim, 2 * hidden)
+        self.rnn = nn.GRU(dim, hidden, bidirectional=True)
+        self.head = nn.Linear(2 * hidden + dim, classes)
+
+    def forward(self, ids):
+        bag = self.bag(ids)                                                   # (B, dim)
+        h0 = self.init(bag).view(-1, 2, self.rnn.hidden_size).transpose(0, 1).contiguous()
+        _, h = self.rnn(self.embed(ids).transpose(0, 1), h0)                  # (T, B, dim) in
+        return self.head(torch.cat([h[0], h[1], bag], -1))

@@ -5,10 +5,10 @@ from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.losses import token_losses
 from gradalign.engine.reference import check_model, compare_with_reference, reference_gradients, reference_statistics
 from gradalign.engine.rules import Rule, RuleRegistry, default_registry
-from gradalign.engine.validate import validate
+from gradalign.engine.validation import Validation, validate
 
 __all__ = [
     "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "check_model", "compare_with_reference",
     "default_registry", "reference_gradients", "reference_statistics", "replace_batchnorm", "token_losses",
-    "validate",
+    "Validation", "validate",
 ]

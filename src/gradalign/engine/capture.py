@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from gradalign.engine.distributed import refuse_late_sharding, resolve_group, sharding_of
 from gradalign.engine.gradient_stats import GradientStats
+from gradalign.engine.rules.layout import batch_mismatch, root_mismatch
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
 from gradalign.engine.representations import PerSampleGrad, full_precision
 from gradalign.engine.recording import Recorder, Call
@@ -24,7 +25,7 @@ from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.scale import rescale
 from gradalign.engine.sharded_stats import ShardedGradientStats
 from gradalign.engine.representations import combine
-from gradalign.engine.validate import verify, verify_rtol
+from gradalign.engine.validate import check_losses, unseen_use, verify, verify_rtol
 from gradalign.errors import GradAlignError, UnsupportedModuleError
 
 Weights = Tensor | Callable[[GradientStats], Tensor] | None
@@ -51,13 +52,18 @@ class PerSampleGradients:
     operation it cannot follow, the torch.func fallback (a vmap over that module's forward)
     or, for a module that does not take one tensor and return one, UnsupportedModuleError.
 
-    The batch contract: the batch is dim 0 of the model's first tensor argument and of every
-    module's inputs and outputs, dim 1 inside an nn.Transformer* with batch_first=False
-    (`RuleRegistry.register_layout` declares other such modules).
+    The batch contract (engine/rules/layout.py): the batch is dim 0 of the model's first tensor argument
+    and of every module's inputs and outputs, or dim 1 with batch_first=False; dim 1 inside an
+    nn.Transformer* with batch_first=False (`RuleRegistry.register_layout` declares other such modules).
 
     Args:
         model: the network. Checked at once (`ga.validate` runs the same walk): every
             unsupported module is listed in one UnsupportedModuleError.
+        batch_first: False for a sequence-first model: the batch is dim 1 of its input and of its
+            modules' inputs, except where a module fixes its own (convolutions, norms over channels,
+            batch_first flags of LSTM/GRU/RNN and attention) or an input lacks that dim (a pooled
+            (B, H)); `registry.register_layout` per module type (engine/rules/layout.py). True or None
+            (not declared; `ga.validate(model, example)` then flags T == B): dim 0.
         registry: per-layer rules (default: `default_registry()`, with watching and the
             torch.func fallback for modules without a rule).
         verify: after every backward, check that the per-sample gradients add up to
@@ -94,8 +100,10 @@ class PerSampleGradients:
             (engine/phases.py lists the names). None (default): nothing is traced.
     """
 
-    def __init__(self, model: nn.Module, *, registry: RuleRegistry | None = None, verify: bool = False,
-                 max_pending_forwards: int = 8, process_group=None, trace: Trace = None):
+    def __init__(self, model: nn.Module, *, batch_first: bool | None = None, registry: RuleRegistry | None = None,
+                 verify: bool = False, max_pending_forwards: int = 8, process_group=None, trace: Trace = None):
+        if batch_first not in (None, True, False):
+            raise ValueError(f"batch_first must be True, False or None (not declared), got {batch_first!r}")
         if not (isinstance(max_pending_forwards, int) and max_pending_forwards >= 1):
             raise ValueError(f"max_pending_forwards must be an integer >= 1, got {max_pending_forwards!r}")
         self.model = model
@@ -105,10 +113,23 @@ class PerSampleGradients:
         self._sharding = sharding_of(model, process_group)  # FSDP2: before the recorder, which hooks after it
         self.process_group = self._sharding.group if self._sharding is not None else resolve_group(model, process_group)
         self.trace = trace
-        self._recorder = Recorder(model, self.registry, max_pending_forwards, self._sharding)
+        self._recorder = Recorder(model, self.registry, max_pending_forwards, self._sharding, batch_first)
         self._hooked, self._params = self._recorder.hooked, self._recorder.params  # shared dicts
         self._removed = False
         self._first_backward = True
+        self._routes: dict[str, str] = {}
+
+    def routes(self) -> dict[str, str]:
+        """{module path: the route that served it} in the latest backward: "rule", "watched" (no rule:
+        its parameters watched at their point of use), "fallback" (torch.func) or "shared" (a rule on a
+        value shared by all samples), comma-separated for a module called several ways; modules without
+        a part in the losses are left out ({} before any backward). As `ga.validate(model, example)`."""
+        return dict(self._routes)
+
+    def ambiguous(self) -> dict[str, tuple[int, ...]]:
+        """{module path: input shape} of the calls whose input had the batch size on both dims 0 and 1
+        while the model's layout was undeclared (batch_first=None): the engine took dim 0 there."""
+        return dict(self._recorder.ambiguous)
 
     def clear(self) -> None:
         """Forget every recorded forward (their inputs are freed); the next backward uses only
@@ -141,48 +162,25 @@ class PerSampleGradients:
         Returns:
             GradientStats of the unweighted per-sample gradients, with `.weights` set.
         """
-        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
-            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(
-                f"losses must be a 1-D tensor of shape (B,) with one loss per sample, got {shape}; "
-                "use reduction='none' in the loss function")
-        if not losses.requires_grad:
-            raise ValueError("losses does not require grad: compute it from the model's output "
-                             "with gradients enabled")
-        if self._removed:
-            raise GradAlignError("this engine was removed (engine.remove()), so it recorded nothing: create a "
-                                 "new ga.PerSampleGradients(model) to use it again")
-        if self._first_backward and self._sharding is None:
-            refuse_late_sharding(self.model)
-        self._first_backward = False
-        if release and not write_grad:
-            raise ValueError("release=True frees the per-sample gradients as p.grad is written; with "
-                             "write_grad=False nothing is written, so the statistics would be lost: drop one")
+        self._check_backward(losses, write_grad, release)
         B = losses.shape[0]
         params = {n: p for n, p in self._params.items() if p.requires_grad}
-        try:
-            with full_precision(losses.device):  # backward and rules in float32, also inside autocast
-                wanted = self._sums_wanted(weights, params)
-                self._recorder.recomputed.clear()  # (what a checkpoint recomputes in this backward)
-                with phase(self.trace, BACKWARD):
-                    sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
-                self._refuse_reentrant_checkpoint()
-                rtol = verify_rtol([g for h in self._hooked.values() for c in h.calls for g in (c.grads or ())])
-                with phase(self.trace, LOSS_SCALE):
-                    scale = rescale([c for h in self._hooked.values() for c in h.calls], sums)
-                with phase(self.trace, RULES):
-                    per_sample = self._per_sample_grads(B, params)
+        try:  # an empty batch (Poisson sampling) has no sample, so no per-sample gradient
+            per_sample, sums, scale, rtol = self._rules(losses, weights, params) if B else ({}, {}, None, 0.0)
         finally:
+            self._routes = self._recorder.routes()
             self.clear()
         stats = self._stats(per_sample, B, losses.device, params, scale, sums)
         del per_sample, sums  # the statistics hold them now (and free them with release=True)
-        if self.verify:
+        if self.verify and B:
             verify(stats, losses, self._graph_params(self._params), rtol)
         with phase(self.trace, WEIGHTS):
             w = self._resolve_weights(weights, stats, losses)
         stats.weights = w
         with phase(self.trace, WRITE):
-            if release:  # (1/B) sum_i w_i g_i, a layer at a time, each layer's factors freed after
+            if (release or write_grad) and stats.global_batch_size == 0:
+                pass  # no sample anywhere: p.grad is left as it is (adds zero)
+            elif release:  # (1/B) sum_i w_i g_i, a layer at a time, each layer's factors freed after
                 stats.release_into(None if weights is None else w, functools.partial(self._write_grad, add=True),
                                    factor=1.0 / stats.global_batch_size)
             elif write_grad:  # fresh tensors: p.grad never aliases a statistic the caller may read later
@@ -190,6 +188,33 @@ class PerSampleGradients:
                           else stats.weighted_sum(w, factor=1.0 / stats.global_batch_size))  # (1/B) sum_i w_i g_i
                 self._write_grad(update, add=True)
         return stats
+
+    def _rules(self, losses: Tensor, weights: Weights, params: dict[str, nn.Parameter]) -> tuple:
+        """(per-sample gradients, autograd's S where wanted, the loss scale, verify's tolerance)."""
+        roots = {c.root for h in self._hooked.values() for c in h.calls if c.root is not None}
+        if roots and losses.shape[0] not in roots:  # before the backward, whose checks would blame a module
+            raise ValueError(root_mismatch(roots.pop(), losses.shape[0], self._recorder.batch_first))
+        with full_precision(losses.device):  # backward and rules in float32, also inside autocast
+            wanted = self._sums_wanted(weights, params)
+            self._recorder.recomputed.clear()  # (what a checkpoint recomputes in this backward)
+            with phase(self.trace, BACKWARD):
+                sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
+            self._refuse_reentrant_checkpoint()
+            calls = [c for h in self._hooked.values() for c in h.calls]
+            rtol = verify_rtol([g for c in calls for g in (c.grads or ())])
+            with phase(self.trace, LOSS_SCALE):
+                scale = rescale(calls, sums)
+            with phase(self.trace, RULES):
+                return self._per_sample_grads(losses.shape[0], params), sums, scale, rtol
+
+    def _check_backward(self, losses: Tensor, write_grad: bool, release: bool) -> None:
+        check_losses(losses, write_grad, release)
+        if self._removed:
+            raise GradAlignError("this engine was removed (engine.remove()), so it recorded nothing: create a "
+                                 "new ga.PerSampleGradients(model) to use it again")
+        if self._first_backward and self._sharding is None:
+            refuse_late_sharding(self.model)
+        self._first_backward = False
 
     def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale, sums) -> GradientStats:
         sums = {n: s for n, s in sums.items() if n in per_sample}
@@ -293,15 +318,9 @@ class PerSampleGradients:
         names = {id(p): n for n, p in unseen_named.items()}
         for p, g in zip(unseen, grads[start:]):
             if g is not None:  # the loss depends on p, yet no use of it was seen: no host read needed
-                compiled = "" if edges else (
-                    "; no hooked module recorded a call: if the model was compiled (torch.compile) and run "
-                    "before this engine was created, the compiled code skips the engine's hooks, so create "
-                    "the engine before the first compiled call (or call torch._dynamo.reset())")
-                raise UnsupportedModuleError(
-                    f"parameter {names[id(p)]} has a gradient but the engine saw no use of it in its module's "
-                    "forward; a parameter used outside its own module (e.g. F.linear(x, m.weight)), or, in a "
-                    "module without a rule, only inside a custom autograd.Function or a reentrant checkpoint, "
-                    f"is not supported{compiled}")
+                owners = [f"{h.path or '<model>'} ({type(h.module).__name__})" for h in self._hooked.values()
+                          if names[id(p)] in h.param_names.values()]
+                raise UnsupportedModuleError(unseen_use(names[id(p)], owners, any_call=bool(edges)))
         return sums
 
     def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
@@ -324,9 +343,7 @@ class PerSampleGradients:
             if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
                 continue
             if call.batch != B:
-                raise ValueError(
-                    f"{call.path} saw a batch of {call.batch} samples but losses has {B} entries; "
-                    "the engine needs batch-first inputs and one loss per sample")
+                raise ValueError(batch_mismatch(call, B, self._recorder.batch_first))
             for local, grads in call.finish(call.grads).items():
                 name = h.param_names[local]
                 if name not in params:  # frozen since the engine was created

@@ -79,13 +79,9 @@ class GradientStats:
         self._given = sums or {}  # {name: S} that autograd formed in the backward (unscaled)
         units = units_.plan(per_sample)
         self._live_units: list | None = units if trace is None else [TracedUnit(u, trace) for u in units]  # None: released
-        self._device = device
-        self._scale = scale  # None: the representations hold g_i itself
-        self.batch_size = batch_size
-        self.weights: Tensor | None = None
-        self.process_group = process_group
-        # every rank reduces the same names in the same order, zeros for a parameter that
-        # took no part in this rank's losses
+        self._device, self._scale = device, scale  # scale None: the representations hold g_i itself
+        self.batch_size, self.weights, self.process_group = batch_size, None, process_group
+        # every rank reduces the same names in the same order, zeros where this rank's losses had no part
         self._shapes = param_shapes or {}
         self._global_batch: int | None = None if process_group is not None else batch_size
         self._gram: tuple[Tensor, list] | None = None  # (K, its units) once the cosines used it
@@ -218,7 +214,8 @@ class GradientStats:
 
     @property
     def global_batch_size(self) -> int:
-        """B summed over ranks (batch_size without a process group)."""
+        """B summed over ranks (batch_size without a process group); 0 for an empty batch, whose
+        sums are zero and whose means are taken as zero too (divided by max(B, 1))."""
         if self._global_batch is None:
             self.grad_sum  # noqa: B018 - the count travels with S
         return self._global_batch
@@ -235,14 +232,14 @@ class GradientStats:
     def mean_grad(self) -> dict[str, Tensor]:
         if self.process_group is None:
             return self._unscaled(self.local_grad_sum, power=0, divide=self.batch_size)
-        return self._unscaled(self.grad_sum, power=0, divide=self.global_batch_size)
+        return self._unscaled(self.grad_sum, power=0, divide=max(self.global_batch_size, 1))
 
     def mean_update(self) -> dict[str, Tensor]:
         """Fresh tensors gbar for p.grad (never the cached statistics a caller may hold): the sum
         with every weight 1/B (the 1/B and the scale then multiply the narrower factor, not a
         parameter-sized result); with a process group, the global S / B."""
         if self.process_group is not None:
-            return dict(zip(self.grad_sum, torch._foreach_div(list(self.grad_sum.values()), self.global_batch_size)))
+            return dict(zip(self.grad_sum, torch._foreach_div(list(self.grad_sum.values()), max(self.global_batch_size, 1))))
         return self.weighted_sum(None, factor=1.0 / self.batch_size)
 
     # ------------------------------------------------------------ <g_i, S>, |S|^2 (scaled)
@@ -252,17 +249,18 @@ class GradientStats:
     def _cosine_terms(self) -> tuple[Tensor, Tensor]:
         """((B,) <g_i, S>, () |S|^2), both / scale^2. Each layer takes the cheapest of its Gram
         matrix (summed over layers into one (B, B) K), S with the factors, and its per-sample
-        gradients formed once (units.Layer); with a process group S is global, so the Gram
-        matrix, which only pairs this rank's samples, is not used."""
+        gradients formed once (units.Layer); with a process group S (and |S|^2, over every
+        parameter) is global, and the Gram matrix, which pairs this rank's samples, is not used."""
         dots, squares, scalars = [], [], []
         if self.process_group is not None:
             reduced = self.grad_sum
             inv = None if self._scale is None else 1.0 / self._scale
             local = dict(zip(reduced, reduced.values() if inv is None else torch._foreach_mul(list(reduced.values()), inv)))
             for u in self._units:
-                d, s = u.cosine_terms([local[n] for n in u.names])
+                d, s = u.cosine_terms([local.pop(n) for n in u.names])
                 dots.append(d)
                 (squares.extend if isinstance(s, list) else scalars.append)(s)
+            squares.extend(local.values())  # no unit here (an empty batch on this rank)
         else:
             K, gram_units = None, []
             for u in self._units:
@@ -291,7 +289,7 @@ class GradientStats:
     def dots_with_mean(self) -> Tensor:
         """<g_i, gbar> = <g_i, S> / B."""
         dots = self._cosine_terms[0]
-        factor = 1.0 / self.global_batch_size if self._scale is None else self._scale ** 2 / self.global_batch_size
+        factor = 1.0 / max(self.global_batch_size, 1) if self._scale is None else self._scale ** 2 / max(self.global_batch_size, 1)
         return dots * factor
 
     @cached_property
@@ -299,7 +297,7 @@ class GradientStats:
     def mean_grad_sq_norm(self) -> Tensor:
         """|gbar|^2 = |S|^2 / B^2, S the sum over samples of every parameter's gradient."""
         sq = self._cosine_terms[1]
-        factor = 1.0 / self.global_batch_size ** 2
+        factor = 1.0 / max(self.global_batch_size, 1) ** 2
         return sq * factor if self._scale is None else sq * (self._scale ** 2 * factor)
 
     @cached_property
@@ -307,7 +305,7 @@ class GradientStats:
     def mean_grad_norm(self) -> Tensor:
         """|gbar|, from the scaled |S|^2 (finite and non-zero whenever |gbar| itself fits)."""
         root = self._cosine_terms[1].clamp_min(0).sqrt()
-        return root * ((1.0 if self._scale is None else self._scale) / self.global_batch_size)
+        return root * ((1.0 if self._scale is None else self._scale) / max(self.global_batch_size, 1))
 
     @cached_property
     @_full_precision

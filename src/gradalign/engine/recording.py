@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradalign.engine.rules import RuleRegistry
+from gradalign.engine.rules.layout import ambiguous, batch_size, call_batch_dim, feature_dims, first_argument
 from gradalign.engine.validate import Served, survey
 from gradalign.engine.watching import Watch, refuse_watched_input, watch_shared_output
 from gradalign.errors import UnsupportedModuleError
@@ -38,6 +39,9 @@ class Call:
     own_cosines: bool = False  # its cosine terms come without S (Rule.own_cosines)
     full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
     watched: bool = False      # served through a watch (engine/watching/watch.py): its S is not asked of autograd
+    route: str = "rule"        # rule, watched, fallback (torch.func), or shared (a rule on a value shared by all samples)
+    root: int | None = None    # B of the model's forward that made this call (from its first argument)
+    batch_dim: int = 0         # where this call's input had the batch
 
 
 @dataclass
@@ -85,17 +89,13 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     return None
 
 
-def _batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
-    """The batch contract: B is the size of the batch dim of the first tensor argument."""
-    t = _first_tensor(args, kwargs)
-    return t.shape[batch_dim] if t is not None and t.dim() > batch_dim else None
-
-
 class Recorder:
     """Hooks every served module of `model` and keeps the records of its training forwards.
 
     hooked: {module path: Hooked}; params: {full name: trainable parameter} of every served
-    module (a tied parameter under its first name).
+    module (a tied parameter under its first name). batch_first: the model's declared layout
+    (False: sequence-first, the batch on dim 1; None: not declared, taken as batch-first);
+    `ambiguous` collects the modules called with T == B where nothing declared the layout.
 
     A sharded model (`sharding`, engine/distributed/fsdp.py): its forwards register other tensors
     in place of the sharded parameters (`sharding.forward_params`), which are watched in their
@@ -107,8 +107,12 @@ class Recorder:
     training forward, to tell a reentrant checkpoint (which does both, with no record).
     """
 
-    def __init__(self, model: nn.Module, registry: RuleRegistry, max_pending_forwards: int, sharding=None):
+    def __init__(self, model: nn.Module, registry: RuleRegistry, max_pending_forwards: int, sharding=None,
+                 batch_first: bool | None = None):
         self.model, self.registry, self.max_pending_forwards = model, registry, max_pending_forwards
+        self.batch_first = batch_first
+        self._base = 1 if batch_first is False else 0  # the batch dim outside every declared layout
+        self.ambiguous: dict[str, tuple[int, ...]] = {}  # path -> input shape, T == B and undeclared
         self._capturing = True
         self._generation = 0   # training forwards of the model so far
         self._oldest: int | None = None  # the oldest generation with a record
@@ -149,7 +153,8 @@ class Recorder:
         called without the batch), with the count of training forwards. Their pre-hooks run
         before every other hook of a module, their post-hooks after."""
         layouts = [(m, bd) for m in self.model.modules() if (bd := self.registry.batch_dim_for(m)) is not None]
-        root_dim = self.registry.batch_dim_for(self.model) or 0
+        root_dim = self.registry.batch_dim_for(self.model)
+        root_dim = self._root_dim = self._base if root_dim is None else root_dim
 
         def pop(stack: list):
             def hook(*_):
@@ -160,7 +165,7 @@ class Recorder:
             training = self._capturing and torch.is_grad_enabled() and not _in_backward()
             if training:
                 self._generation += 1
-            self._root_batch.append(_batch_of(args, kwargs, root_dim))
+            self._root_batch.append(batch_size(args, kwargs, root_dim))
             self._training_roots.append(training)
             self._last_batch = self._root_batch[-1]  # for a checkpoint's recomputation, after the forward
 
@@ -191,6 +196,22 @@ class Recorder:
         return (self._capturing and torch.is_grad_enabled() and not (first is not None and _inside_torch_func(first))
                 and not _in_backward())
 
+    def _batch_dim(self, path: str, module: nn.Module, x) -> int:
+        """The batch dim of a call whose first input is x, within the enclosing layout (engine/rules/layout.py)."""
+        B = self._root_batch[-1] if self._root_batch else None
+        features = feature_dims(self.hooked[path].rule.features, module)
+        if self.batch_first is None and not self._layout and ambiguous(x, B, features):
+            self.ambiguous[path] = tuple(x.shape)
+        return call_batch_dim(x, self._layout[-1] if self._layout else self._base, B, features)
+
+    def _layout_hint(self) -> str:
+        """Where the model's layout is undeclared: how to declare it, for the messages of refusals."""
+        if self.batch_first is not None or not self._root_batch or self._root_batch[-1] is None:
+            return ""
+        return (f". If the model's input is sequence-first ((T, B, ...)): the engine read the batch, "
+                f"{self._root_batch[-1]}, from its dim {self._root_dim}; declare "
+                "ga.PerSampleGradients(model, batch_first=False)")
+
     def _make_pre_hook(self, path: str, hooked: Hooked):
         rule, where = hooked.rule, f"{path or '<model>'} ({type(hooked.module).__name__})"
 
@@ -198,7 +219,7 @@ class Recorder:
             state = None
             recompute = rule.watch and self._capturing and torch.is_grad_enabled() and _in_backward()
             if self._active(args, kwargs) or recompute:
-                batch_dim = self._layout[-1] if self._layout else 0
+                batch_dim = self._batch_dim(path, module, first_argument(args, kwargs))
                 if not rule.watch:
                     state = rule.capture(module, args, kwargs, batch_dim)
                 else:  # (the output is not known yet: the first argument stands in for it)
@@ -212,8 +233,9 @@ class Recorder:
                               if ((p := module._parameters.get(local)) is self.params[full]
                                   or p is self.forward_params.get(full)) and p.requires_grad}
                     batch = (self._root_batch[-1] if self._root_batch else
-                             self._last_batch if recompute else _batch_of(args, kwargs, batch_dim))
+                             self._last_batch if recompute else batch_size(args, kwargs, batch_dim))
                     state = (Watch(module, where, params, hooked.param_names, batch, batch_dim, can_fall_back), captured)
+                    state[0].hint = self._layout_hint()
                     state[0].no_fallback = no_fallback or state[0].no_fallback
                     state[0].start()
             hooked.pending.append(state)
@@ -242,7 +264,8 @@ class Recorder:
                 if output is None:  # the forward raised
                     return None
                 if watch.stopped is None:  # watch.edges is live: uses after the forward still count
-                    self._append(hooked, Call(path, watch.batch, watch.edges, watch.per_sample, watched=True))
+                    self._append(hooked, Call(path, watch.batch, watch.edges, watch.per_sample, watched=True,
+                                              route="watched"))
                     return None
                 reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
                 if reason:  # the torch.func fallback cannot serve it either
@@ -272,7 +295,7 @@ class Recorder:
         for check in (rule.reason(module), rule.check_call(module, args, kwargs, output) if rule.check_call else None):
             if check:
                 raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
-        batch_dim = self._layout[-1] if self._layout else 0
+        batch_dim = self._batch_dim(path, module, first_argument(args, kwargs))
         refuse_watched_input(args, f"{path or '<model>'} ({type(module).__name__})")
         if captured is None:  # default: the positional inputs, batch first
             captured = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
@@ -283,8 +306,8 @@ class Recorder:
         B = self._root_batch[-1] if self._root_batch else None
         if B is not None and (batch != B or hooked.shared) and isinstance(first, Tensor) and not (rule.output or rule.capture):
             watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
-                                                rule.compute, captured, output, B, batch_dim)
-            self._append(hooked, Call(path, B, watch.edges, watch.per_sample, watched=True))
+                                                rule.compute, captured, output, B, batch_dim, self._layout_hint())
+            self._append(hooked, Call(path, B, watch.edges, watch.per_sample, watched=True, route="shared"))
             return shared
         n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
         edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
@@ -297,11 +320,23 @@ class Recorder:
 
         own_cosines = bool(rule.own_cosines and rule.own_cosines(module, captured))
         full = outputs[live[0]].dtype in (torch.float32, torch.float64)
-        self._append(hooked, Call(path, batch, edges, finish, own_cosines=own_cosines, full=full))
+        self._append(hooked, Call(path, batch, edges, finish, own_cosines=own_cosines, full=full,
+                                  route="fallback" if rule.watch else "rule", batch_dim=batch_dim))
+
+    def routes(self) -> dict[str, str]:
+        """{path: its calls' routes} over the calls recorded now that took part in a backward (or,
+        before one, every recorded call)."""
+        out = {}
+        for path, h in self.hooked.items():
+            used = [c for c in h.calls if c.grads is None or any(g is not None for g in c.grads)]
+            if used:
+                out[path] = ", ".join(dict.fromkeys(c.route for c in used))
+        return out
 
     def _append(self, hooked: Hooked, call: Call) -> None:
         """Keep a record; drop those of forwards older than the last `max_pending_forwards`."""
         call.generation = self._generation
+        call.root = self._root_batch[-1] if self._root_batch else None
         hooked.calls.append(call)
         keep_from = self._generation - self.max_pending_forwards + 1
         if self._oldest is None:

@@ -1,9 +1,9 @@
 """One walk over a model: which modules the engine serves with which rule, and every problem;
 and `verify`, the check of one backward's per-sample gradients against autograd (verify=True).
 
-`ga.validate(model)` returns the problems without hooking anything (what Opacus users know
-as ModuleValidator); `PerSampleGradients` runs the same walk and refuses the model with all
-of them at once.
+`ga.validate(model)` (engine/validation.py) returns the problems without hooking anything (what
+Opacus users know as ModuleValidator); `PerSampleGradients` runs the same walk and refuses the
+model with all of them at once.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.representations import full_precision
-from gradalign.engine.rules import Rule, RuleRegistry, default_registry
+from gradalign.engine.rules import Rule, RuleRegistry
 from gradalign.errors import UnsupportedModuleError
 
 
@@ -61,16 +61,31 @@ def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list
     return served, problems
 
 
-def validate(model: nn.Module, *, registry: RuleRegistry | None = None) -> list[str]:
-    """Every reason the engine would refuse `model`, one line per module; [] when it is supported.
+def check_losses(losses: Tensor, write_grad: bool, release: bool) -> None:
+    """The arguments of `PerSampleGradients.backward`: one loss per sample (an empty batch included)."""
+    if not isinstance(losses, Tensor) or losses.dim() != 1:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"losses must be a 1-D tensor of shape (B,) with one loss per sample, got {shape}; "
+            "use reduction='none' in the loss function (and ga.token_losses to average a sequence's tokens)")
+    if not losses.requires_grad and losses.numel():
+        raise ValueError("losses does not require grad: compute it from the model's output with gradients enabled")
+    if release and not write_grad:
+        raise ValueError("release=True frees the per-sample gradients as p.grad is written; with "
+                         "write_grad=False nothing is written, so the statistics would be lost: drop one")
 
-    Example:
-        ```python
-        problems = ga.validate(model)
-        assert not problems, "\\n".join(problems)
-        ```
-    """
-    return survey(model, registry if registry is not None else default_registry())[1]
+
+def unseen_use(name: str, owners: list[str], any_call: bool) -> str:
+    """Why parameter `name` has a gradient although no use of it was seen in its modules' forwards."""
+    compiled = "" if any_call else (
+        "; no hooked module recorded a call: if the model was compiled (torch.compile) and run before this "
+        "engine was created, the compiled code skips the engine's hooks, so create the engine before the first "
+        "compiled call (or call torch._dynamo.reset())")
+    return (f"parameter {name} has a gradient but the engine saw no use of it in the forward of "
+            f"{' or '.join(owners)}, which owns it: it is used outside that forward (e.g. F.linear(x, m.weight) in "
+            "a parent; call the module instead), the forward was bypassed (m.forward(x) instead of m(x): the "
+            "engine's hooks do not run), or, in a module without a rule, it is used only inside a custom "
+            f"autograd.Function or a reentrant checkpoint{compiled}")
 
 
 def verify_rtol(grads: list) -> float:
@@ -101,10 +116,13 @@ def verify(stats: GradientStats, losses: Tensor, all_params: dict[str, nn.Parame
         exp = torch.zeros_like(mine) if exp is None else exp.to(mine.dtype)
         if not torch.allclose(mine, exp, rtol=rtol, atol=rtol / 10 * (1 + exp.abs().max().item())):
             raise UnsupportedModuleError(
-                f"per-sample gradients of {name} do not add up to autograd's gradient: the parameter is "
-                "used outside its module's forward, a module mixes samples, or a module's input has the "
-                "batch size on its batch dim without carrying the batch (declare such a module with "
-                "RuleRegistry.register_shared)")
+                f"per-sample gradients of {name} do not add up to autograd's gradient. Causes and fixes: a "
+                "module's input carries the batch on another dim than the one the engine took (a sequence-first "
+                "(T, B, ...) input with T == B: declare ga.PerSampleGradients(model, batch_first=False), or for one "
+                "module type registry.register_layout(Type, lambda m: 1)); an input with the batch size on its "
+                "batch dim that does not carry the batch (T5's (T, T) buckets when T == B: "
+                "registry.register_shared(parent type, child name)); the parameter used outside its module's "
+                "forward (call the module instead); or a module that mixes samples (register a rule for it)")
     norms = stats.norms.double()  # not sq_norms: |g_i|^2 may overflow float32 where |g_i| does not
     samples = sorted({0, int(norms.argmax())})
     for k, i in enumerate(samples):
@@ -115,6 +133,7 @@ def verify(stats: GradientStats, losses: Tensor, all_params: dict[str, nn.Parame
                              atol=rtol * float(norms.max().square())):
             raise UnsupportedModuleError(
                 f"the per-sample gradient of sample {i} has |g|^2 = {float(got):.6g}, but a backward of its "
-                f"loss alone gives {float(exact):.6g}: a module mixes the samples of a batch, or a layer got "
-                "its batch on another dim than the one the engine uses (the batch must be dim 0 of every "
-                "hooked module's input, dim 1 inside an nn.Transformer* with batch_first=False)")
+                f"loss alone gives {float(exact):.6g}: a layer got its batch on another dim than the one the "
+                "engine took (a sequence-first (T, B, ...) input with T == B: declare "
+                "ga.PerSampleGradients(model, batch_first=False), or registry.register_layout(Type, lambda m: 1) "
+                "for one module type), or a module mixes the samples of a batch (register a rule for it)")

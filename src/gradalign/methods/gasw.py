@@ -34,7 +34,8 @@ class _CosineWeighting:
     """Shared mechanism: cosines -> raw weights (subclass) -> normalised weights, with guards.
 
     Degenerate steps (|gbar| = 0, every raw weight 0, or anything non-finite) fall back to
-    uniform weights and are counted in `fallbacks`; they never produce NaN. The choice is made
+    uniform weights and are counted in `fallbacks`; they never produce NaN. An empty batch (B = 0
+    over every rank, e.g. from Poisson sampling) gets weights of shape (0,) and is not counted. The choice is made
     on the device (torch.where) and counted in a tensor, so a step never waits for the GPU:
     only reading `fallbacks` (or last_zero_fraction, last_entropy) does.
     """
@@ -59,6 +60,8 @@ class _CosineWeighting:
         """(B,) weights summing to B for the batch whose statistics are `stats` (data parallel:
         this rank's samples' weights; summed over ranks they give the global B)."""
         B, reduce = _global_batch(stats), getattr(stats, "sum_over_ranks", None)
+        if B == 0:  # an empty batch (on every rank): no weights, and no step to count
+            return torch.ones_like(stats.norms)
         self.steps += 1
         cosines = leave_one_out_cosines(stats) if self.leave_one_out else stats.cosines
         raw = self._raw(cosines)

@@ -250,6 +250,8 @@ class GWAMonitor:
                 "update() right after the training forward), or the model changes the head's output before "
                 "returning it (pass the head's own output)")
         _check_targets(targets, B, C)
+        if B == 0:  # an empty batch: nothing to score
+            return
         bias = self.head.bias
         # everything below is detached, so no autograd bookkeeping (and no no_grad context) is needed
         # a sharded head (FSDP2, resharded after its forward): |W| from its shards, the bias gathered

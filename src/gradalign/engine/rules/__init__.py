@@ -20,10 +20,13 @@ from gradalign.engine.rules.attention import (attention_capture, attention_check
 from gradalign.engine.rules.conv import conv_rule
 from gradalign.engine.rules.conv_transpose import conv_transpose_rule
 from gradalign.engine.rules.embedding import embedding_check, embedding_rule
+from gradalign.engine.rules.embedding_bag import embedding_bag_capture, embedding_bag_check, embedding_bag_rule
 from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_output, fallback_rule
 from gradalign.engine.rules.hf_conv1d import hf_conv1d_own_cosines, hf_conv1d_rule
 from gradalign.engine.rules.linear import linear_own_cosines, linear_rule
 from gradalign.engine.rules.norm import batch_norm_check, batch_norm_rule, group_norm_rule, layer_norm_rule
+from gradalign.engine.rules.recurrent import (recurrent_capture, recurrent_check_call, recurrent_output,
+                                              recurrent_rule)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class Rule:
     reads_parameters: compute reads the module's parameter VALUES, not only their shapes and
         requires_grad (attention's projections, a forward re-run by torch.func, the chains from a
         watched parameter): under FSDP the engine all-gathers the module's unit around it.
+    features: how many trailing dims of the module's first input are features, never the batch
+        (nn.Linear: 1, nn.LayerNorm: its normalised dims, nn.Embedding: 0), or a function of the
+        module giving it; None: torch fixes the batch on dim 0 whatever the enclosing layout
+        (convolutions, GroupNorm, BatchNorm). Where the batch is: engine/rules/layout.py.
     """
 
     compute: Callable[[nn.Module, tuple, Tensor], dict]
@@ -65,6 +72,7 @@ class Rule:
     own_cosines: Callable[[nn.Module, tuple], bool] | None = None
     own_cosine_params: tuple[str, ...] = ()
     reads_parameters: bool = False
+    features: int | Callable[[nn.Module], int] | None = 0
 
     def reason(self, module: nn.Module) -> str | None:
         return self.check(module) if self.check else None
@@ -77,8 +85,12 @@ class RuleRegistry:
     module without a rule. A type may be registered by its qualified name
     ("transformers.pytorch_utils.Conv1D"), so a library need not be imported to be served.
 
-    `layouts` maps module types to `module -> batch dim (or None)` for modules that move the
-    batch off dim 0 for everything they call (nn.Transformer* with batch_first=False: dim 1).
+    `layouts` maps module types (or qualified names) to `module -> batch dim (or None)` for modules
+    that put the batch on a dim of their own, for their own call and everything they call
+    (nn.Transformer* with batch_first=False: dim 1; Opacus's SequenceBias: 1 unless batch_first;
+    a batch-first block in a model declared batch_first=False: 0). A function returning None
+    leaves the enclosing layout, so one can single out instances. Where the batch is:
+    engine/rules/layout.py.
 
     `register_shared(parent type, child names)` declares children that are always called on
     inputs shared by all samples, whatever their sizes: a module called on a tensor whose batch
@@ -96,7 +108,7 @@ class RuleRegistry:
     def register(self, module_type: type | str, rule: Rule) -> None:
         self._rules[module_type] = rule
 
-    def register_layout(self, module_type: type, batch_dim: Callable[[nn.Module], int | None]) -> None:
+    def register_layout(self, module_type: type | str, batch_dim: Callable[[nn.Module], int | None]) -> None:
         self._layouts[module_type] = batch_dim
 
     def register_shared(self, parent_type: type | str, *children: str) -> None:
@@ -130,31 +142,41 @@ def _most_specific(table: dict, module: nn.Module, own_forward: bool = False):
 
 def default_registry() -> RuleRegistry:
     """A fresh registry with every built-in rule and the watching / torch.func fallback."""
-    conv, conv_transpose = Rule(conv_rule), Rule(conv_transpose_rule)
-    norm_check = Rule(batch_norm_rule, check=batch_norm_check)
+    conv, conv_transpose = Rule(conv_rule, features=None), Rule(conv_transpose_rule, features=None)
+    norm_check = Rule(batch_norm_rule, check=batch_norm_check, features=None)
+    recurrent = Rule(recurrent_rule, check_call=recurrent_check_call, capture=recurrent_capture,
+                     output=recurrent_output, features=None, reads_parameters=True)  # its own batch_first decides
     transformers = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
                     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     registry = RuleRegistry(
         {
-            nn.Linear: Rule(linear_rule, own_cosines=linear_own_cosines, own_cosine_params=("weight", "bias")),
+            nn.Linear: Rule(linear_rule, own_cosines=linear_own_cosines, own_cosine_params=("weight", "bias"),
+                            features=1),
             nn.Conv1d: conv,
             nn.Conv2d: conv,
             nn.Conv3d: conv,
             nn.ConvTranspose1d: conv_transpose,
             nn.ConvTranspose2d: conv_transpose,
             nn.ConvTranspose3d: conv_transpose,
-            nn.LayerNorm: Rule(layer_norm_rule),
-            nn.GroupNorm: Rule(group_norm_rule),
+            nn.LayerNorm: Rule(layer_norm_rule, features=lambda m: len(m.normalized_shape)),
+            nn.GroupNorm: Rule(group_norm_rule, features=None),
             nn.modules.batchnorm._BatchNorm: norm_check,
             nn.Embedding: Rule(embedding_rule, check=embedding_check),
+            nn.EmbeddingBag: Rule(embedding_bag_rule, check=embedding_bag_check, capture=embedding_bag_capture,
+                                  features=None, reads_parameters=True),  # max mode reads the rows
             "transformers.pytorch_utils.Conv1D": Rule(hf_conv1d_rule, own_cosines=hf_conv1d_own_cosines,
-                                                      own_cosine_params=("weight",)),  # GPT-2's transposed Linear
+                                                      own_cosine_params=("weight",), features=1),  # GPT-2's transposed Linear
             nn.MultiheadAttention: Rule(attention_rule, check_call=attention_check_call, capture=attention_capture,
-                                        output=attention_output, owns=("out_proj",), reads_parameters=True),
+                                        output=attention_output, owns=("out_proj",), reads_parameters=True,
+                                        features=None),
+            nn.LSTM: recurrent,
+            nn.GRU: recurrent,
+            nn.RNN: recurrent,
         },
         fallback=Rule(fallback_rule, check_call=fallback_check_call, capture=fallback_capture,
                       output=fallback_output, watch=True, reads_parameters=True),
-        layouts=dict.fromkeys(transformers, transformer_batch_dim),
+        layouts={**dict.fromkeys(transformers, transformer_batch_dim),
+                 "opacus.layers.dp_multihead_attention.SequenceBias": lambda m: 0 if m.batch_first else 1},
     )
     for attention in _T5_FAMILY:  # relative-position buckets (T_q, T_k), the same for every sample
         registry.register_shared(f"transformers.models.{attention}", "relative_attention_bias")

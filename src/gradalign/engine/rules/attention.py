@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradalign.engine.representations import Dense, Factored, RowBlocks
+from gradalign.engine.rules.rng import RngState, replaying, save_rng
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
          "is_causal")
@@ -44,7 +45,7 @@ class _Options:
     is_causal: bool
     training: bool
     same: tuple[bool, bool]  # (query is key, key is value)
-    rng: tuple | None  # (CPU state, (device, CUDA state) or None) when dropout draws a mask
+    rng: RngState | None  # when dropout draws a mask
 
 
 def transformer_batch_dim(module: nn.Module) -> int | None:
@@ -85,10 +86,7 @@ def attention_capture(module: nn.MultiheadAttention, args: tuple, kwargs: dict, 
                             other_name="attn_mask", target_type=q.dtype)
     mask = F._canonical_mask(mask=mask, mask_name="attn_mask", other_type=None, other_name="",
                              target_type=q.dtype, check_other=False)
-    rng = None
-    if module.training and module.dropout > 0:
-        device = q.device
-        rng = (torch.get_rng_state(), (device, torch.cuda.get_rng_state(device)) if device.type == "cuda" else None)
+    rng = save_rng(q.device) if module.training and module.dropout > 0 else None
     options = _Options(None if kpm is None else kpm.detach(), None if mask is None else mask.detach(),
                        bool(bound["need_weights"]), bool(bound["average_attn_weights"]), bool(bound["is_causal"]),
                        module.training, (q is k, k is v), rng)
@@ -159,23 +157,12 @@ def _attention_without_weights(module: nn.MultiheadAttention, Q: Tensor, K: Tens
     return out.permute(2, 0, 1, 3).reshape(L, B, E)
 
 
-def _with_rng(o: _Options, fn):
-    if o.rng is None:
-        return fn()
-    cpu, cuda = o.rng
-    with torch.random.fork_rng(devices=[cuda[0]] if cuda else []):
-        torch.set_rng_state(cpu)
-        if cuda:
-            torch.cuda.set_rng_state(cuda[1], cuda[0])
-        return fn()
-
-
 def attention_rule(module: nn.MultiheadAttention, args: tuple, grad_output: tuple) -> dict:
     q, k, v, o = args
     d_out, d_weights = grad_output
     first = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))  # module layout -> (B, T, E)
-    with torch.enable_grad():
-        leaves, out, weights = _with_rng(o, lambda: _recompute(module, q, k, v, o))
+    with torch.enable_grad(), replaying(o.rng):
+        leaves, out, weights = _recompute(module, q, k, v, o)
         outputs, grads = [], []
         if d_out is not None:
             outputs.append(out)

@@ -118,6 +118,7 @@ class Watch:
         self.fix = ("compute this step in a submodule that has a rule (nn.Linear, nn.LayerNorm, ...), register a rule "
                     "for this module type (gradalign.engine.default_registry().register), or freeze the parameter")
         self.no_fallback = "the torch.func fallback cannot serve this call"  # replaced by the fallback's reason
+        self.hint = ""  # the layout declaration, where the model's layout was not declared (engine/recording.py)
 
     def start(self) -> None:
         for name, p in self.params.items():
@@ -160,7 +161,7 @@ class Watch:
 
     def refusal(self, why_no_fallback: str) -> str:
         return (f"{self.where}: {self.stopped}, which the engine cannot follow (it follows {_FOLLOWS}), "
-                f"and {why_no_fallback}. Fix: {self.fix}")
+                f"and {why_no_fallback}. Fix: {self.fix}{self.hint}")
 
     def _size_at_batch_dim(self, t: Tensor, ndim: int | None = None) -> int | None:
         """t's size on the batch dim, t right-aligned to ndim dims (broadcasting); None if it has none."""
@@ -350,15 +351,13 @@ class Watch:
 
 
 def watch_shared_output(module: nn.Module, where: str, compute: Callable, captured: tuple, output: Tensor,
-                        batch: int, batch_dim: int) -> tuple[Watch, Tensor]:
+                        batch: int, batch_dim: int, hint: str = "") -> tuple[Watch, Tensor]:
     """A rule-served module called without the batch (BERT's and GPT-2's position embeddings
     look up (1, T) ids; T5's relative attention bias (T, T) buckets): its output is shared by
     all samples. It is watched like a raw parameter until it meets the batch; the per-sample
     gradients G (B, *output.shape) there are exactly those of the module's output for each
-    sample, so the rule runs once on its inputs expanded over the batch with G.
-
-    Returns the watch (its edges and per_sample make the engine's call) and the output to hand on.
-    """
+    sample, so the rule runs once on its inputs expanded over the batch with G. Returns the
+    watch (its edges and per_sample make the engine's call) and the output to hand on."""
     x = captured[0]
     size = x.shape[0] if x.dim() else None  # the batch dim, moved to 0 by the engine
     expand = size == 1 and output.dim() > batch_dim and output.shape[batch_dim] == 1
@@ -374,10 +373,14 @@ def watch_shared_output(module: nn.Module, where: str, compute: Callable, captur
         return compute(module, (xs, *captured[1:]), g.reshape(B, *per_sample_shape))
 
     watch = Watch(module, where, {}, {}, batch, batch_dim, can_fall_back=False)
-    has = "no batch dim" if size is None else f"{size} on its batch dim"
-    watch.no_fallback = f"its output is shared by all samples (its input has {has}, the batch {batch})"
-    watch.fix = ("give the module's input the batch (e.g. position_ids.expand(B, -1)), or use its output only in "
-                 "operations the engine follows")
+    has = "no batch dim" if size is None else f"{size} on its batch dim (dim {batch_dim})"
+    watch.no_fallback = f"its output is taken as shared by all samples (its input has {has}, the batch {batch})"
+    watch.fix = ("if it is a value shared by all samples, give the module's input the batch (e.g. "
+                 "position_ids.expand(B, -1)) or use its output only in operations the engine follows") + (
+        f"; if its {size} rows are a part of the batch (the sequences of a PackedSequence still running at one step, "
+        "as Opacus's DPLSTM/DPGRU/DPRNN call their cells), use torch's nn.LSTM/nn.GRU/nn.RNN, which the engine "
+        "serves with packed sequences, or pad the sequences" if size is not None and 1 < size < batch else "")
+    watch.hint = hint
     label = f"the output of {where}, shared by all samples,"
     return watch, watch.share(output, to_grads, label)
 
