@@ -127,8 +127,7 @@ class PerSampleGradients:
         return dict(self._routes)
 
     def ambiguous(self) -> dict[str, tuple[int, ...]]:
-        """{module path: input shape} of the calls whose input had the batch size on both dims 0 and 1
-        while the model's layout was undeclared (batch_first=None): the engine took dim 0 there."""
+        """{module path: input shape} of calls with size B on dims 0 and 1, layout undeclared: dim 0 taken."""
         return dict(self._recorder.ambiguous)
 
     def clear(self) -> None:

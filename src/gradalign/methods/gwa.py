@@ -250,10 +250,9 @@ class GWAMonitor:
                 "update() right after the training forward), or the model changes the head's output before "
                 "returning it (pass the head's own output)")
         _check_targets(targets, B, C)
-        if B == 0:  # an empty batch: nothing to score
+        if B == 0:  # an empty batch: nothing to score (everything below is detached: no autograd bookkeeping)
             return
         bias = self.head.bias
-        # everything below is detached, so no autograd bookkeeping (and no no_grad context) is needed
         # a sharded head (FSDP2, resharded after its forward): |W| from its shards, the bias gathered
         self._pending.append(_BatchRecord(ids, logits.detach(), targets.detach(), torch.linalg.vector_norm(z, dim=1),
                                    full_norm(self.head.weight.detach()),
