@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 import gradalign as ga
-from benchmarks.models import BATCHES, MODELS, build, clip_weights, per_sample_losses
+from benchmarks.models import BATCHES, LANGUAGE_MODELS, MODELS, batch, build_model, clip_weights, per_sample_losses
 from benchmarks.timing import memory_in_subprocess, peak_memory_mb, print_table, time_variants
 
 def gasw_from_materialised(grads: dict, params: dict, gamma: float = 2.0) -> None:
@@ -71,14 +71,8 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
     """The variants' step functions; `only` builds just that one (for memory measurement),
     `names` just those."""
     torch.manual_seed(0)
-    base, sample_shape = build(kind)
-    base = base.to(device)
-    if kind == "gpt2":  # token ids, the targets the same ids (shifted inside the loss)
-        x = torch.randint(0, 1000, (B, *sample_shape), device=device)
-        y = x
-    else:
-        x = torch.randn(B, *sample_shape, device=device)
-        y = torch.randint(0, 10, (B,), device=device)
+    base = build_model(kind).to(device)
+    x, y = batch(kind, B, device)
     variants = {}
 
     plain = copy.deepcopy(base)
@@ -189,9 +183,9 @@ def main() -> None:
         kind, B, name = args.measure_memory
         print(json.dumps(measure_memory(kind, int(B), name, device)))
         return
-    if "gpt2" in args.models and importlib.util.find_spec("transformers") is None:
+    if importlib.util.find_spec("transformers") is None and set(args.models) & set(LANGUAGE_MODELS):
         print("gpt2 skipped: transformers is not installed (pip install -e '.[test]')", file=sys.stderr)
-        args.models = [m for m in args.models if m != "gpt2"]
+        args.models = [m for m in args.models if m not in LANGUAGE_MODELS]
     rounds = 5 if args.quick else args.rounds
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"{rounds} rounds; median ms per step and ratio to plain\n")
