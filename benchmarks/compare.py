@@ -1,6 +1,6 @@
 """Per-sample clipping side by side: gradalign, torch.func, Opacus (hooks, ghost clipping), FastDP.
 
-    python -m benchmarks.compare                                  # the table (about 15 minutes on 1 thread)
+    python -m benchmarks.compare                                  # the table (about 12 minutes on 1 thread)
     python -m benchmarks.compare --quick                          # smoke run: 3 rounds, no memory
     python -m benchmarks.compare --fastdp ~/src/fast-differential-privacy
     python -m benchmarks.compare --models transformer --methods gradalign opacus_ghost --rounds 41
@@ -22,7 +22,10 @@ on a float64 copy of the model, clipped, summed): a relative error above clip_ch
 (1e-4; float32 methods that compute the right sum stay near 1e-6), a missing parameter, a NaN
 is marked **wrong**. A library that declines the model when it is set up, or raises
 NotImplementedError, **refuses** it; any other exception in its step is a **crash**. The notes
-under the table give each message. Wrong results are timed all the same.
+under the table give each message. Wrong results are timed all the same. A batch with a sample at
+a kink of the model (a ReLU pre-activation within float32 rounding of 0, where float32 and float64
+take different branches; clip_check.AtKink) has no reference: the next seed's batch is drawn, and
+the printout says so.
 
 Models (benchmarks/models.py; --models takes any name there):
   wide_mlp     MLP 784-1024-1024-10, B 256
@@ -74,12 +77,40 @@ class Outcome:
     memory_ratio: float | None = None
 
 
-def setup(kind: str, B: int, device: torch.device):
-    """(model, inputs, targets) of `kind`, the same in every process (seed 0)."""
+@dataclass
+class ModelRun:
+    """One model's results: the clip threshold C, the batch's seed, {method: Outcome}, and why
+    earlier batches were drawn again (a sample at a kink: clip_check.AtKink)."""
+    clip: float
+    seed: int
+    outcomes: dict[str, Outcome]
+    redrawn: list[str]
+
+
+def setup(kind: str, B: int, device: torch.device, seed: int = 0):
+    """(model, inputs, targets) of `kind`, the same in every process: the model from seed 0, the
+    batch drawn after it (seed 0) or from `seed`."""
     torch.manual_seed(0)
     model = build_model(kind).to(device)
+    if seed:
+        torch.manual_seed(seed)
     x, y = batch(kind, B, device)
     return model, x, y
+
+
+def referenced_batch(kind: str, B: int, device: torch.device, tries: int = 10):
+    """(model, x, y, reference, seed, [why each earlier seed was dropped]): the first batch
+    (seeds 0, 1, ...) with no sample at a kink."""
+    redrawn = []
+    for seed in range(tries):
+        model, x, y = setup(kind, B, device, seed)
+        try:
+            return (model, x, y, clip_check.reference(model, lambda out, t: per_sample_losses(kind, out, t), x, y),
+                    seed, redrawn)
+        except clip_check.AtKink as err:
+            redrawn.append(f"batch seed {seed}: {err}")
+            print(f"  {kind}: {redrawn[-1]}; drawing another batch", file=sys.stderr)
+    raise RuntimeError(f"{kind}: {tries} batches with a sample at a kink: " + "; ".join(redrawn))
 
 
 def try_method(name: str, kind: str, model, x, y, ref: clip_check.Reference, fastdp: str | None):
@@ -114,31 +145,35 @@ def changed_note(kind: str, model, changed, x, y, clip: float) -> str:
     with torch.no_grad():
         out, out_other = model(x), other(x)
     moved = ((out_other - out).abs().max() / out.abs().max()).item()
-    own_ref = clip_check.reference(other, lambda o, t: per_sample_losses(kind, o, t), x, y, clip=clip)
+    try:
+        own_ref = clip_check.reference(other, lambda o, t: per_sample_losses(kind, o, t), x, y, clip=clip)
+    except clip_check.AtKink as err:
+        return f"the model it ran computes another function (outputs up to {moved:.0%} of the largest output " \
+               f"away); no reference for that model on this batch ({err})"
     own = clip_check.check(gradient(), own_ref)
     return (f"the model it ran computes another function (outputs up to {moved:.0%} of the largest output away); "
             + ("its update is right for that model" if own is None else f"for that model too: {own}")
             + f" (relative error {clip_check.relative_error(gradient(), own_ref):.1e})")
 
 
-def memory(kind: str, B: int, name: str, clip: float, args) -> float:
+def memory(kind: str, B: int, name: str, clip: float, seed: int, args) -> float:
     """Extra peak MB of one step of `name`, in a fresh process (see measure_memory)."""
     extra = ["--threads", str(args.threads), "--device", args.device] + (["--fastdp", args.fastdp] if args.fastdp else [])
-    return memory_in_subprocess("benchmarks.compare", [kind, str(B), name, repr(clip), *extra])
+    return memory_in_subprocess("benchmarks.compare", [kind, str(B), name, repr(clip), str(seed), *extra])
 
 
-def measure_memory(kind: str, B: int, name: str, clip: float, device: torch.device, fastdp: str | None) -> float:
+def measure_memory(kind: str, B: int, name: str, clip: float, seed: int, device: torch.device,
+                   fastdp: str | None) -> float:
     """Peak extra MB of a step of `name`, after one step that initialises what is lazy."""
-    model, x, y = setup(kind, B, device)
+    model, x, y = setup(kind, B, device, seed)
     method = clip_methods.build(name, kind, model, x, y, clip, fastdp_path=fastdp)
     return peak_memory_mb(method.step, device, method.clear)
 
 
-def run_model(kind: str, B: int, args) -> tuple[float, dict[str, Outcome]]:
-    """(C, {method: Outcome}) for one model: the reference, the checks, the times, the memory."""
+def run_model(kind: str, B: int, args) -> ModelRun:
+    """One model: the reference, the checks, the times, the memory."""
     device = torch.device(args.device)
-    model, x, y = setup(kind, B, device)
-    ref = clip_check.reference(model, lambda out, t: per_sample_losses(kind, out, t), x, y)
+    model, x, y, ref, seed, redrawn = referenced_batch(kind, B, device)
     plain, _ = try_method("plain", kind, model, x, y, ref, args.fastdp)
     steps, outcomes = {"plain": plain.step}, {}
     for name in args.methods:
@@ -148,7 +183,7 @@ def run_model(kind: str, B: int, args) -> tuple[float, dict[str, Outcome]]:
         print(f"  {kind}: {name} {outcomes[name].status}" + (f" ({outcomes[name].note})" if outcomes[name].note else ""),
               file=sys.stderr)
     medians = time_variants(steps, rounds=args.rounds, warmup=1 if args.quick else 3)
-    plain_mb = None if args.quick or args.no_memory else memory(kind, B, "plain", ref.clip, args)
+    plain_mb = None if args.quick or args.no_memory else memory(kind, B, "plain", ref.clip, seed, args)
     for name, seconds in medians.items():
         if name == "plain":
             continue
@@ -156,13 +191,13 @@ def run_model(kind: str, B: int, args) -> tuple[float, dict[str, Outcome]]:
         outcome.seconds, outcome.time_ratio = seconds, seconds / medians["plain"]
         if plain_mb is not None:
             try:
-                outcome.memory_mb = memory(kind, B, name, ref.clip, args)
+                outcome.memory_mb = memory(kind, B, name, ref.clip, seed, args)
                 outcome.memory_ratio = outcome.memory_mb / max(plain_mb, 1e-6)
             except Exception as err:  # noqa: BLE001 - say so in the table rather than lose the run
                 print(f"  {kind}: {name} memory not measured: {err}", file=sys.stderr)
     outcomes["plain"] = Outcome("ok", seconds=medians["plain"], time_ratio=1.0, memory_mb=plain_mb,
                                 memory_ratio=None if plain_mb is None else 1.0)
-    return ref.clip, outcomes
+    return ModelRun(ref.clip, seed, outcomes, redrawn)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,7 +212,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--fastdp", metavar="PATH", help="root of a fast-differential-privacy source checkout")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (float32)")
-    parser.add_argument("--measure-memory", nargs=4, metavar=("MODEL", "B", "METHOD", "C"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure-memory", nargs=5, metavar=("MODEL", "B", "METHOD", "C", "SEED"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 3
@@ -189,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")  # the libraries' deprecation and hook warnings
     torch.set_num_threads(args.threads)
     if args.measure_memory:
-        kind, B, name, clip = args.measure_memory
-        print(json.dumps(measure_memory(kind, int(B), name, float(clip), torch.device(args.device), args.fastdp)))
+        kind, B, name, clip, seed = args.measure_memory
+        print(json.dumps(measure_memory(kind, int(B), name, float(clip), int(seed), torch.device(args.device),
+                                        args.fastdp)))
         return
     if importlib.util.find_spec("transformers") is None and set(args.models) & set(LANGUAGE_MODELS):
         print("gpt2 skipped: transformers is not installed (pip install -e '.[test]')", file=sys.stderr)

@@ -103,10 +103,10 @@ def cell(outcome, notes: dict[str, int], memory: bool) -> str:
 
 def detail_rows(results: dict, methods: list[str]) -> list[dict]:
     rows = []
-    for (kind, B), (clip, outcomes) in results.items():
+    for (kind, B), run in results.items():
         for name in ["plain", *methods]:
-            o = outcomes[name]
-            rows.append({"model": kind, "B": B, "C": clip, "method": name,
+            o = run.outcomes[name]
+            rows.append({"model": kind, "B": B, "seed": run.seed, "C": run.clip, "method": name,
                          "ms": "" if o.seconds is None else o.seconds * 1e3,
                          "x plain": "" if o.time_ratio is None else o.time_ratio,
                          "extra MB": "" if o.memory_mb is None else o.memory_mb,
@@ -126,19 +126,23 @@ def print_report(header: list[str], results: dict, methods: list[str], memory: b
     columns = ["model", *(LABELS[m] for m in methods)]
     print("| " + " | ".join(columns) + " |")
     print("| " + " | ".join("---" for _ in columns) + " |")
-    for (kind, B), (clip, outcomes) in results.items():
-        cells = [cell(outcomes[m], notes, memory) for m in methods]
+    for (kind, B), run in results.items():
+        cells = [cell(run.outcomes[m], notes, memory) for m in methods]
         print(f"| {ROWS.get(kind, kind)}, B {B} | " + " | ".join(cells) + " |")
     owners = {}
-    for (kind, B), (clip, outcomes) in results.items():
+    for (kind, B), run in results.items():
         for m in methods:
-            if outcomes[m].note:
-                owners.setdefault(outcomes[m].note, []).append(f"{LABELS[m]} on {kind}")
+            if run.outcomes[m].note:
+                owners.setdefault(run.outcomes[m].note, []).append(f"{LABELS[m]} on {kind}")
     if notes:
         print()
     for note, number in notes.items():
         print(f"[{number}] {'; '.join(owners[note])}: {clean(note)}")
-    print("\nDetails (C: the clip threshold, the median per-sample gradient norm; ms: median per step; "
-          "rel. error: |update - reference| / |reference|):\n")
-    print_table(detail_rows(results, methods), ["model", "B", "C", "method", "ms", "x plain", "extra MB",
+    redrawn = [f"{kind}: {why}" for (kind, B), run in results.items() for why in run.redrawn]
+    if redrawn:
+        print("\nBatches drawn again (a sample at a kink, where float32 and float64 take different branches and "
+              "no reference exists):\n" + "\n".join(redrawn))
+    print("\nDetails (seed: the batch's; C: the clip threshold, the median per-sample gradient norm; ms: median "
+          "per step; rel. error: |update - reference| / |reference|):\n")
+    print_table(detail_rows(results, methods), ["model", "B", "seed", "C", "method", "ms", "x plain", "extra MB",
                                                 "memory x plain", "rel. error", "result"])

@@ -120,6 +120,25 @@ def test_reference_without_clipping_is_the_mean_gradient(tiny):
         torch.testing.assert_close(r, g, rtol=1e-12, atol=1e-15, msg=name)
 
 
+class Float32Kink(nn.Module):
+    """ReLU in float32, identity in float64: every sample with a negative input takes another
+    branch in the two precisions, as a sample at a ReLU kink does through rounding."""
+
+    def forward(self, z):
+        return z.relu() if z.dtype == torch.float32 else z
+
+
+def test_reference_refuses_a_batch_at_a_kink():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1), Float32Kink(), nn.Linear(1, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    negative = (model[0](x)[:, 0] < 0).nonzero().flatten().tolist()
+    assert 0 < len(negative) < 6
+    with pytest.raises(clip_check.AtKink) as raised:
+        clip_check.reference(model, mlp_loss, x, y, chunk=4)
+    assert raised.value.samples == negative and raised.value.deviation > 0.1
+
+
 def test_compare_prints_the_table_and_marks_what_failed(capsys, monkeypatch):
     """End to end on the seed MLP, no memory: the table, and a method whose update is wrong marked."""
     real = clip_methods.build
@@ -141,3 +160,20 @@ def test_compare_prints_the_table_and_marks_what_failed(capsys, monkeypatch):
     assert gradalign_cell.endswith("x") and "*" not in gradalign_cell
     assert "**wrong** [1]" in vmap_cell and fastdp_cell == "not run [2]"
     assert "[1] torch.func vmap on mlp: relative error" in out and "--fastdp PATH" in out
+
+
+def test_compare_draws_another_batch_at_a_kink(monkeypatch):
+    real, batches = clip_check.reference, []
+
+    def reference(model, loss_fn, x, y, **options):
+        batches.append(x)
+        if len(batches) == 1:
+            raise clip_check.AtKink([2], 0.03)
+        return real(model, loss_fn, x, y, **options)
+    monkeypatch.setattr(clip_check, "reference", reference)
+    model, x, y, ref, seed, redrawn = compare.referenced_batch("mlp", 8, torch.device("cpu"))
+    assert seed == 1 and redrawn == ["batch seed 0: sample(s) [2] at a kink: float32 per-sample gradient 3.0e-02 "
+                                     "(relative) away from float64"]
+    assert torch.equal(x, batches[1]) and not torch.equal(batches[0], batches[1])
+    first_model = compare.setup("mlp", 8, torch.device("cpu"), seed=0)[0]  # the model stays seed 0's
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), first_model.parameters()))
