@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install install-test install-docs install-compare demo test docs bench clean
+.PHONY: install install-test install-docs install-compare demo test docs bench compare clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ $(VENV)/.installed-docs: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[docs]"
 	touch $@
 
-# Optional: the per-sample gradient libraries benchmarks/engine.py compares against.
+# Optional: the per-sample gradient libraries benchmarks/engine.py and benchmarks/compare.py compare against.
 # The constraint keeps the torch already installed; BackPACK without its torchvision pin.
 install-compare: install
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
@@ -49,6 +49,10 @@ docs: install-docs
 bench: install
 	$(BIN)/python -m benchmarks.engine
 	$(BIN)/python -m benchmarks.methods
+
+# Per-sample clipping side by side (benchmarks/compare.py); FastDP with COMPARE_ARGS="--fastdp PATH".
+compare: install-compare
+	$(BIN)/python -m benchmarks.compare $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) build site src/*.egg-info .pytest_cache

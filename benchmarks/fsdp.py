@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import gradalign as ga
-from benchmarks.models import BATCHES, build, clip_weights, per_sample_losses
+from benchmarks.models import BATCHES, build_model, build_shape, clip_weights, per_sample_losses
 from benchmarks.timing import peak_memory_mb, print_table
 
 VARIANTS = ("plain FSDP", "mean", "clip", "gasw")
@@ -57,7 +57,7 @@ def units(kind: str, model: torch.nn.Module) -> list[torch.nn.Module]:
 def sharded(kind: str):
     from torch.distributed.fsdp import fully_shard
     torch.manual_seed(0)
-    model, shape = build(kind)
+    model, shape = build_model(kind), build_shape(kind)
     for unit in units(kind, model):
         fully_shard(unit)
     fully_shard(model)

@@ -1,5 +1,5 @@
-"""The models of the engine benchmark (engine.py, profile_engine.py), built here so that the
-benchmark depends on the library alone: `build(kind)` -> (model, shape of one input sample),
+"""The models of the benchmarks (engine.py, profile_engine.py, compare.py), built here so that the
+benchmarks depend on the library alone: `build_model(kind)`, `batch(kind, B)` -> (inputs, targets),
 `per_sample_losses(kind, output, targets)` -> (B,), `clip_weights` (the per-sample clipping
 workload)."""
 from __future__ import annotations
@@ -18,12 +18,18 @@ MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (2 convs with G
           "vit_plain": "the same ViT without cls token and position embedding",
           "vit_embedding": "the same ViT, cls token and positions from nn.Embedding children",
           "resnet_gn": "ResNet with GroupNorm: 3 stages of one basic block, 16-32-64 channels, 32x32 RGB",
-          "lstm_lm": "LSTM language model: Embedding 1000x64, nn.LSTM 64-128 (2 layers, batch_first), Linear 128-1000, T=32"}
+          "lstm_lm": "LSTM language model: Embedding 1000x64, nn.LSTM 64-128 (2 layers, batch_first), Linear 128-1000, T=32",
+          "transformer": "nn.TransformerEncoder classifier: token + position nn.Embedding (vocab 1000), d=256, 4 heads, "
+                         "4 layers, MLP 1024, pre-norm, T=64, mean-pooled, LayerNorm, linear head to 10 classes",
+          "gpt2_d256": "Hugging Face GPT2LMHeadModel: 4 layers, d=256, 4 heads, vocab 1000, T=64, tied embeddings, SDPA"}
 BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "wide_mlp": (256,), "vit_linear": (64,), "vit": (64,),
-           "vit_plain": (64,), "vit_embedding": (64,), "resnet_gn": (32,), "gpt2": (16,), "lstm_lm": (32,)}
+           "vit_plain": (64,), "vit_embedding": (64,), "resnet_gn": (32,), "gpt2": (16,), "transformer": (32,),
+           "gpt2_d256": (8,), "lstm_lm": (32,)}
 GPT2_T = 64
 LSTM_T, LSTM_VOCAB = 32, 1000
-TOKEN_MODELS = {"gpt2": (GPT2_T, 1000), "lstm_lm": (LSTM_T, LSTM_VOCAB)}  # (T, vocab) of the token models
+VOCAB = 1000  # token ids of the language models and the transformer classifier
+TOKEN_MODELS = ("gpt2", "gpt2_d256", "transformer", "lstm_lm")  # inputs are token ids
+LANGUAGE_MODELS = ("gpt2", "gpt2_d256", "lstm_lm")  # targets are the inputs (shifted inside the loss)
 
 
 class ViT(torch.nn.Module):
@@ -132,14 +138,35 @@ class ResNetGN(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
-class GPT2Logits(nn.Module):
-    """A tiny-config GPT-2 language model from transformers (no download), ids -> logits."""
+class TransformerClassifier(nn.Module):
+    """Token ids (B, T) -> 10 class scores: token and position nn.Embedding, a pre-norm
+    nn.TransformerEncoder (nn.MultiheadAttention, MLP 4d, no dropout), LayerNorm, mean over tokens,
+    linear head."""
 
-    def __init__(self):
+    def __init__(self, dim=256, heads=4, depth=4, tokens=GPT2_T, vocab=VOCAB, classes=10):
+        super().__init__()
+        self.embed, self.position = nn.Embedding(vocab, dim), nn.Embedding(tokens, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):  # (B, T)
+        # contiguous (repeat, not expand): Opacus's ghost clipping views the ids of an nn.Embedding
+        positions = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
+        x = self.encoder(self.embed(ids) + self.position(positions))
+        return self.head(self.norm(x).mean(1))
+
+
+class GPT2Logits(nn.Module):
+    """A tiny-config GPT-2 language model from transformers (no download), ids -> logits; `lm` is
+    the GPT2LMHeadModel (input and output embeddings tied)."""
+
+    def __init__(self, dim: int = 128):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
-        config = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1000, n_positions=GPT2_T, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+        config = GPT2Config(n_layer=4, n_embd=dim, n_head=4, vocab_size=VOCAB, n_positions=GPT2_T, bos_token_id=0,
+                            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
         self.lm = GPT2LMHeadModel(config)
 
     def forward(self, ids):
@@ -166,29 +193,48 @@ class LSTMLanguageModel(nn.Module):
 
 def per_sample_losses(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,): cross-entropy; for the language models, averaged over each sample's next-token predictions."""
-    if kind in TOKEN_MODELS:
+    if kind in LANGUAGE_MODELS:
         return ga.token_losses(out, y, shift=True)
     return F.cross_entropy(out, y, reduction="none")
 
 
-def build(kind: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    """(model, shape of one input sample)."""
-    if kind == "gpt2":
-        return GPT2Logits(), (GPT2_T,)
+def build_model(kind: str) -> torch.nn.Module:
+    """The model `kind` of MODELS, freshly initialised from torch's global generator."""
+    if kind in ("gpt2", "gpt2_d256"):
+        return GPT2Logits(dim=256 if kind == "gpt2_d256" else 128)
+    if kind == "transformer":
+        return TransformerClassifier()
     if kind == "lstm_lm":
-        return LSTMLanguageModel(), (LSTM_T,)
+        return LSTMLanguageModel()
     if kind == "resnet_gn":
-        return ResNetGN(), (3, 32, 32)
+        return ResNetGN()
     if kind == "wide_mlp":
-        return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                             nn.Linear(1024, 10)), (784,)
+        return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     if kind == "vit_linear":
-        return LinearViT(), (3, 16, 16)
+        return LinearViT()
     if kind.startswith("vit"):
-        return ViT(tokens={"vit": "raw", "vit_embedding": "embedding", "vit_plain": None}[kind]), (3, 16, 16)
+        return ViT(tokens={"vit": "raw", "vit_embedding": "embedding", "vit_plain": None}[kind])
     if kind == "conv1d":
-        return conv1d_net(), (40,)
-    return seed_mlp(), (40,)
+        return conv1d_net()
+    return seed_mlp()
+
+
+def batch(kind: str, B: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of B random samples for `kind` (draws from torch's global generator):
+    token ids for the token models (a language model's targets are its inputs), else standard
+    normal inputs and 10 classes."""
+    shape = build_shape(kind)
+    if kind in TOKEN_MODELS:
+        x = torch.randint(0, VOCAB, (B, *shape), device=device)
+        return x, x if kind in LANGUAGE_MODELS else torch.randint(0, 10, (B,), device=device)
+    return torch.randn(B, *shape, device=device), torch.randint(0, 10, (B,), device=device)
+
+
+def build_shape(kind: str) -> tuple[int, ...]:
+    """The shape of one input sample of `kind` (what `build` returns beside the model)."""
+    if kind in TOKEN_MODELS:
+        return (LSTM_T,) if kind == "lstm_lm" else (GPT2_T,)
+    return {"resnet_gn": (3, 32, 32), "wide_mlp": (784,), "conv1d": (40,), "mlp": (40,)}.get(kind, (3, 16, 16))
 
 
 def seed_mlp() -> nn.Module:

@@ -34,7 +34,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import gradalign as ga
-from benchmarks.models import BATCHES, MODELS, build, clip_weights, per_sample_losses
+from benchmarks.models import BATCHES, MODELS, batch, build_model, clip_weights, per_sample_losses
 from gradalign.engine.phases import PHASES
 
 _PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
@@ -89,12 +89,8 @@ def counts(events) -> dict:
 def make_step(kind: str, B: int, variant: str, trace=None):
     """One step of `variant` on a fresh model; the engine's phases go to `trace` (engine/phases.py)."""
     torch.manual_seed(0)
-    model, shape = build(kind)
-    if kind == "gpt2":  # token ids, the targets the same ids (shifted inside the loss)
-        x = torch.randint(0, 1000, (B, *shape))
-        y = x
-    else:
-        x, y = torch.randn(B, *shape), torch.randint(0, 10, (B,))
+    model = build_model(kind)
+    x, y = batch(kind, B)
     if variant == "plain":
         def step():
             model.zero_grad(set_to_none=True)

@@ -1,14 +1,19 @@
 """The benchmark scripts' measuring parts: the CPU peak-memory count (the README's memory
-columns) and the wall-clock phase split of profile_engine --phases."""
+columns), the wall-clock phase split of profile_engine --phases, and the comparison's check of
+each library's clipped update against the float64 reference (compare.py)."""
 import contextlib
+import importlib.util
 
 import pytest
 import torch
 from torch import nn
 
 import gradalign as ga
-from benchmarks import profile_engine, timing
+from benchmarks import clip_check, clip_methods, compare, profile_engine, timing
+from benchmarks.models import batch, build_model, per_sample_losses
 from gradalign.engine.phases import PHASES
+
+OPACUS = pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="opacus is not installed")
 
 
 def test_peak_memory_counts_new_storages_not_views_of_existing_ones():
@@ -58,3 +63,117 @@ def test_trace_sees_every_phase_in_order_and_every_unit_statistic():
     assert "unit 2.weight+2.bias [Factored T=1 + bias, factors]: weighted" in units
     assert any(name.startswith("unit 0.weight+0.bias [Factored T=1 + bias, ") and name.endswith(": add_gram")
                for name in units), units
+
+
+def mlp_loss(out, targets):
+    return per_sample_losses("mlp", out, targets)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The seed MLP (40-256-256-10) on 8 samples and its float64 clipped reference (C the median norm)."""
+    torch.manual_seed(0)
+    model = build_model("mlp")
+    x, y = batch("mlp", 8)
+    return model, x, y, clip_check.reference(model, mlp_loss, x, y, chunk=3)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus's hooks on a model whose input needs no grad
+@pytest.mark.parametrize("name", ["gradalign", "vmap", pytest.param("opacus", marks=OPACUS),
+                                  pytest.param("opacus_ghost", marks=OPACUS)])
+def test_installed_methods_pass_the_clipping_check(tiny, name):
+    model, x, y, ref = tiny
+    assert (ref.norms > ref.clip).sum() == 4  # C the median of 8 norms (the lower middle one): 4 clipped
+    method = clip_methods.build(name, "mlp", model, x, y, ref.clip)
+    method.step()
+    method.step()  # what a step leaves does not leak into the next
+    assert clip_check.check(method.gradient(), ref) is None
+    assert clip_check.relative_error(method.gradient(), ref) < 1e-5
+
+
+def test_check_flags_wrong_updates(tiny):
+    model, x, y, ref = tiny
+    method = clip_methods.build("gradalign", "mlp", model, x, y, ref.clip)
+    method.step()
+    good = {n: g.clone() for n, g in method.gradient().items()}
+    assert clip_check.check(good, ref) is None
+    unclipped = clip_methods.build("plain", "mlp", model, x, y, ref.clip)  # the plain mean gradient
+    unclipped.step()
+    assert clip_check.check(unclipped.gradient(), ref).startswith("relative error")
+    name = next(iter(good))
+    nudged = {**good, name: good[name] * (1 + 1e-3)}  # one parameter 0.1 % off
+    assert clip_check.check(nudged, ref).startswith("relative error")
+    assert clip_check.check({**good, name: good[name] * float("nan")}, ref).startswith("relative error")
+    assert clip_check.check({**good, name: None}, ref) == f"no gradient for 1 of {len(good)} parameters ({name})"
+    assert clip_check.check({**good, name: good[name].flatten()}, ref) == f"wrong shape for {name}"
+
+
+def test_reference_without_clipping_is_the_mean_gradient(tiny):
+    model, x, y, _ = tiny
+    ref = clip_check.reference(model, mlp_loss, x, y, clip=1e30, chunk=5)
+    model64 = model.double()
+    try:
+        mean = torch.autograd.grad(mlp_loss(model64(x.double()), y).mean(), list(model64.parameters()))
+    finally:
+        model.float()
+    for (name, r), g in zip(ref.grad.items(), mean):
+        torch.testing.assert_close(r, g, rtol=1e-12, atol=1e-15, msg=name)
+
+
+class Float32Kink(nn.Module):
+    """ReLU in float32, identity in float64: every sample with a negative input takes another
+    branch in the two precisions, as a sample at a ReLU kink does through rounding."""
+
+    def forward(self, z):
+        return z.relu() if z.dtype == torch.float32 else z
+
+
+def test_reference_refuses_a_batch_at_a_kink():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1), Float32Kink(), nn.Linear(1, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    negative = (model[0](x)[:, 0] < 0).nonzero().flatten().tolist()
+    assert 0 < len(negative) < 6
+    with pytest.raises(clip_check.AtKink) as raised:
+        clip_check.reference(model, mlp_loss, x, y, chunk=4)
+    assert raised.value.samples == negative and raised.value.deviation > 0.1
+
+
+def test_compare_prints_the_table_and_marks_what_failed(capsys, monkeypatch):
+    """End to end on the seed MLP, no memory: the table, and a method whose update is wrong marked."""
+    real = clip_methods.build
+
+    def build(name, kind, model, x, y, clip, fastdp_path=None):
+        if name == "vmap":  # a clip threshold twice too large: a wrong update
+            return real(name, kind, model, x, y, 2 * clip)
+        return real(name, kind, model, x, y, clip, fastdp_path)
+    monkeypatch.setattr(clip_methods, "build", build)
+    threads = torch.get_num_threads()
+    try:
+        compare.main(["--quick", "--no-memory", "--models", "mlp", "--batch", "8", "--methods", "gradalign", "vmap",
+                      "fastdp"])
+    finally:
+        torch.set_num_threads(threads)  # main sets 1
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| mlp, B 8 |"))
+    gradalign_cell, vmap_cell, fastdp_cell = row.strip("| ").split(" | ")[1:]
+    assert gradalign_cell.endswith("x") and "*" not in gradalign_cell
+    assert "**wrong** [1]" in vmap_cell and fastdp_cell == "not run [2]"
+    assert "[1] torch.func vmap on mlp: relative error" in out and "--fastdp PATH" in out
+
+
+def test_compare_draws_another_batch_at_a_kink(monkeypatch):
+    real, batches = clip_check.reference, []
+
+    def reference(model, loss_fn, x, y, **options):
+        batches.append(x)
+        if len(batches) == 1:
+            raise clip_check.AtKink([2], 0.03)
+        return real(model, loss_fn, x, y, **options)
+    monkeypatch.setattr(clip_check, "reference", reference)
+    model, x, y, ref, seed, redrawn = compare.referenced_batch("mlp", 8, torch.device("cpu"))
+    assert seed == 1 and redrawn == ["batch seed 0: sample(s) [2] at a kink: float32 per-sample gradient 3.0e-02 "
+                                     "(relative) away from float64"]
+    assert torch.equal(x, batches[1]) and not torch.equal(batches[0], batches[1])
+    first_model = compare.setup("mlp", 8, torch.device("cpu"), seed=0)[0]  # the model stays seed 0's
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), first_model.parameters()))
