@@ -226,7 +226,8 @@ def test_sigkill_at_random_points_ends_with_the_uninterrupted_numbers(tmp_path):
     """The resume promise as written: SIGKILL at random points during tuning (5 times) and during
     the final runs (5 times), then a re-run: every final run's numbers equal an uninterrupted
     run's, no finished trial is repeated and no finished run is written again."""
-    cfg = tiny(tmp_path).read_text().replace("trials = 2", "trials = 4").replace("num_samples = 200", "num_samples = 400")
+    cfg = (tiny(tmp_path).read_text().replace("trials = 2", "trials = 4").replace("num_samples = 200", "num_samples = 400")
+           .replace("seeds = 2", "seeds = 4"))   # 12 final runs: enough saves that 5 kills land on a fast machine
     (tmp_path / "tiny.toml").write_text(cfg)
     reference = reproduce(tmp_path / "tiny.toml", tmp_path / "reference", progress=False, report=False).run_dir
     run_dir = tmp_path / "run"
@@ -247,7 +248,7 @@ def test_sigkill_at_random_points_ends_with_the_uninterrupted_numbers(tmp_path):
         if kills.count("final runs") >= 5:
             break
         progress = _final_progress(run_dir)
-        if _kill_when(cmd, lambda: _final_progress(run_dir) != progress, delay=rng.uniform(0.0, 0.3)):
+        if _kill_when(cmd, lambda: _final_progress(run_dir) != progress, delay=rng.uniform(0.0, 0.1)):
             kills.append("final runs" if _trials(run_dir, ("COMPLETE", "PRUNED")) == 8 else "tuning")
     assert kills.count("final runs") >= 5, kills
     before = mtimes(run_dir)

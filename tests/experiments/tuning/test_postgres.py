@@ -92,15 +92,18 @@ def test_two_workers_one_killed_mid_trial(postgres_url, tmp_path):
         killed = None
         deadline = time.monotonic() + 120
         while killed is None and time.monotonic() < deadline and a.poll() is None:
-            for t in _trials(postgres_url):             # kill A while it trains one of its trials
-                if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{a.pid}"):
-                    time.sleep(0.3)
-                    a.send_signal(signal.SIGKILL)
-                    a.wait()
-                    killed = t.number
-                    break
-            else:
-                time.sleep(0.1)
+            mine = [t for t in _trials(postgres_url)    # kill A while it trains one of its trials
+                    if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{a.pid}")]
+            if not mine:
+                time.sleep(0.05)
+                continue
+            a.send_signal(signal.SIGKILL)
+            a.wait()
+            # the trial A held when it died, read after the kill (the one seen may have finished since)
+            stale = [t.number for t in _trials(postgres_url)
+                     if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{a.pid}")]
+            assert stale, "worker A was killed between two trials; nothing was left RUNNING to recover"
+            killed = stale[0]
         assert killed is not None, "worker A never ran a trial:\n" + (tmp_path / "a.log").read_text()[-2000:]
         assert b.wait(timeout=180) == 0, (tmp_path / "b.log").read_text()[-3000:]
     finally:
