@@ -68,8 +68,9 @@ from tests.support.attention_models import (MHA_CONFIGS, Attention, Decoder, Enc
 from tests.support.batches import (classification_batch, cross_entropy, grid_token_batch,  # noqa: F401
                                    labelled_token_batch, sequence_batch, token_batch, token_cross_entropy)
 from tests.support.nets import (BagGRUClassifier, Conv1dNet, Conv2dBatchNormEval, Conv2dGroupNorm,  # noqa: F401
-                                LSTMLanguageModel, ManyPositions, ResidualMLP, SharedEmbeddingTokens, SharedPositions, SharedTwice, SinglePositionGroups,
-                                SubclassedLayers, TiedLM, TinySequenceModel, seed_mlp)
+                                LSTMLanguageModel, ManyPositions, NormEps, ResidualMLP, SharedEmbeddingTokens,
+                                SharedPositions, SharedTwice, SinglePositionGroups, SubclassedLayers, TiedLM,
+                                TinySequenceModel, WatchedRootTwice, seed_mlp)
 from tests.support.routes import PERSAMPLE_ROUTES, recording_engine, route_labels  # noqa: F401
 
 
@@ -90,6 +91,8 @@ ARCHITECTURES = {
     "many_positions": lambda: (ManyPositions(), classification_batch(16, 6, classes=5), cross_entropy),
     "lstm_lm": lambda: (LSTMLanguageModel(), token_batch(), token_cross_entropy),
     "bag_gru": lambda: (BagGRUClassifier(), labelled_token_batch(), cross_entropy),
+    "norm_eps": lambda: (NormEps(), classification_batch(10, classes=4), cross_entropy),
+    "watched_root_twice": lambda: (WatchedRootTwice(), sequence_batch(4, 6), cross_entropy),
 }
 
 
@@ -127,4 +130,7 @@ ARCHITECTURES.update({
     "decoder_layer": lambda: (Decoder(), sequence_batch(4 + 6, 8), cross_entropy),
     "transformer_seq_first": lambda: (Seq2Seq(batch_first=False), sequence_batch(3 + 4, 8), cross_entropy),
     "raw_parameters": lambda: (RawParameters(), sequence_batch(4, 6), cross_entropy),
+    # dropout configured but the model in eval mode: the attention rule's recompute must not drop
+    "mha_eval_dropout": lambda: (Attention(dropout=0.5).eval(), sequence_batch(5, 8), cross_entropy),
+    "encoder_eval_dropout": lambda: (Encoder(dropout=0.1).eval(), sequence_batch(5, 8), cross_entropy),
 })
