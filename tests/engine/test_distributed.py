@@ -24,19 +24,37 @@ def close(a, b):
     torch.testing.assert_close(a, b, **TOL)
 
 
+PER_SAMPLE = ("norms", "cosines", "weights", "sq_norms", "dots_with_sum", "dots_with_mean")
+GLOBAL = ("sum_sq_norm", "mean_grad_norm", "mean_grad_sq_norm")
+PARAMETER_SIZED = ("grad", "grad_sum", "mean_grad", "grad_sq_sum")
+
+
+@pytest.mark.parametrize("scale", sc.LOSS_SCALES, ids=lambda s: f"loss_x{s:g}")
 @pytest.mark.parametrize("model", list(sc.MODELS))
 @pytest.mark.parametrize("kind", ["plain", "gasw", "gdsw_loo"])
-def test_engine_is_one_process_on_the_concatenated_batch(ranks, model, kind):
+def test_engine_is_one_process_on_the_concatenated_batch(ranks, model, kind, scale):
+    """Every statistic (engine_step lists them; divided by the loss scale) of each rank against one
+    process on the concatenated batch, with losses x1, x1e20 and x1e-30: S reduced over the ranks
+    must be divided by the rank's scale before <g_i, S> and |S|^2 are formed, and gbar is S over
+    the global B (13), not the rank's (7 or 6)."""
     x, y = sc.batch()
-    ref = sc.engine_step(sc.MODELS[model](), x, y, sc.weighting(kind))
+    ref = sc.engine_step(sc.MODELS[model](), x, y, sc.weighting(kind), loss_scale=scale)
+    assert ref["global_batch_size"] == sc.B and (ref["norms"] > 0).all() and (ref["cosines"] != 0).all()
     for rank, res in enumerate(ranks):
-        got = res[f"{model}/{kind}"]
-        for key in ("norms", "cosines", "weights"):          # each rank: its own samples
-            close(got[key], sc.shard(ref[key], rank, WORLD))
-        for name, g in ref["grad"].items():                  # p.grad: the same on every rank
-            close(got["grad"][name], g)
+        got = res[f"{model}/{kind}/{scale:g}"]
+        assert got["global_batch_size"] == sc.B
+        assert set(got) == set(ref)
+        for key in PER_SAMPLE:                               # each rank: its own samples
+            if key in ref:
+                close(got[key], sc.shard(ref[key], rank, WORLD))
+        for key in GLOBAL:                                   # the same on every rank
+            if key in ref:
+                close(got[key], ref[key])
+        for key in PARAMETER_SIZED:
+            for name, g in ref.get(key, {}).items():
+                close(got[key][name], g)
     if kind != "plain":                                      # weights normalised over the global batch
-        total = sum(res[f"{model}/{kind}"]["weights"].sum() for res in ranks)
+        total = sum(res[f"{model}/{kind}/{scale:g}"]["weights"].sum() for res in ranks)
         assert float(total) == pytest.approx(sc.B)
 
 
@@ -49,7 +67,7 @@ def test_a_rank_with_an_empty_batch_takes_part(ranks, kind):
         close(ranks[0][f"empty/{kind}"][key], ref[key])
         assert ranks[1][f"empty/{kind}"][key].shape == (0,)
     for res in ranks:  # |gbar|^2 global on the empty rank too
-        close(res[f"empty/{kind}"]["mean_sq"], ref["mean_sq"])
+        close(res[f"empty/{kind}"]["mean_grad_sq_norm"], ref["mean_grad_sq_norm"])
         for name, g in ref["grad"].items():
             close(res[f"empty/{kind}"]["grad"][name], g)
 

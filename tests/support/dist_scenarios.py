@@ -54,12 +54,33 @@ def grads(model):
 
 # ---------------------------------------------------------------- the engine (GASW, GDSW, plain)
 
-def engine_step(model, x, y, weights, group=None):
+LOSS_SCALES = (1.0, 1e20, 1e-30)  # x1e20 and x1e-30: the engine divides by its loss scale (squares overflow)
+
+
+def engine_step(model, x, y, weights, group=None, loss_scale=1.0):
+    """Every statistic of one backward of the losses times `loss_scale`, in float64 divided by
+    loss_scale (squares by its square), so that the comparisons are relative at every scale:
+    the weights and cosines, the per-sample sums |g_i|^2, <g_i, S>, |S|^2 (from scaled_sums(),
+    which stay in range where the squares themselves overflow or underflow float32), S, gbar,
+    sum_i g_i**2 (at scale 1: elsewhere it does not fit float32), |gbar| and p.grad."""
     engine = ga.PerSampleGradients(model, process_group=group)
-    stats = engine.backward(cross_entropy(model(x), y), weights=weights)
+    stats = engine.backward(cross_entropy(model(x), y) * loss_scale, weights=weights)
     engine.remove()
-    out = dict(norms=stats.norms, cosines=stats.cosines, weights=stats.weights, grad=grads(model),
-               mean_sq=stats.mean_grad_sq_norm)
+    s = float(stats.scale) / loss_scale  # the statistics' own scale, over the loss scale
+
+    def per_scale(t, power=1):
+        return t.double() / loss_scale ** power
+
+    sq_norms, dots, sum_sq = (t.double() * s * s for t in stats.scaled_sums())
+    out = dict(norms=per_scale(stats.norms), cosines=stats.cosines.double(), weights=stats.weights.double(),
+               sq_norms=sq_norms, dots_with_sum=dots, sum_sq_norm=sum_sq,
+               mean_grad_norm=per_scale(stats.mean_grad_norm), global_batch_size=stats.global_batch_size,
+               grad_sum={n: per_scale(g) for n, g in stats.grad_sum.items()},
+               mean_grad={n: per_scale(g) for n, g in stats.mean_grad.items()},
+               grad={n: per_scale(g) for n, g in grads(model).items()})
+    if loss_scale == 1.0:
+        out["grad_sq_sum"] = {n: per_scale(g, 2) for n, g in stats.grad_sq_sum.items()}
+        out["dots_with_mean"], out["mean_grad_sq_norm"] = stats.dots_with_mean.double(), stats.mean_grad_sq_norm.double()
     model.zero_grad(set_to_none=True)
     return out
 
@@ -133,7 +154,8 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         xs, ys = shard(x, rank, world), shard(y, rank, world)
         for name, build in MODELS.items():
             for kind in ("plain", "gasw", "gdsw_loo"):
-                results[f"{name}/{kind}"] = engine_step(build(), xs, ys, weighting(kind), group)
+                for scale in LOSS_SCALES:
+                    results[f"{name}/{kind}/{scale:g}"] = engine_step(build(), xs, ys, weighting(kind), group, scale)
         for kind in ("plain", "gasw"):  # an empty rank (Poisson sampling): rank 0 holds every sample
             mine = slice(None) if rank == 0 else slice(0, 0)
             results[f"empty/{kind}"] = engine_step(mlp(), x[mine], y[mine], weighting(kind), group)
