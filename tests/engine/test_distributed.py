@@ -1,12 +1,19 @@
 """Data parallel with 2 gloo processes on CPU: every statistic and p.grad against one process
 on the concatenated batch (GASW, GDSW, plain, a DDP-wrapped model, GAGA, GWA), and GVR under
-DDP against the mean of each shard's single-process gradient."""
+DDP against the mean of each shard's single-process gradient. Each rank ends its gloo group
+for good before it exits (tests/support/gloo.py: a group alive at the interpreter's exit aborts
+the process now and then), and checks that no gloo thread outlives it."""
+import weakref
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import gradalign as ga
 import tests.support.dist_scenarios as sc
+from tests.support.gloo import end_process_group
 
 WORLD = 2
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -129,3 +136,35 @@ def test_gvr_under_ddp_averages_each_ranks_penalty(ranks, mode):
     for res in ranks:
         for name in per_rank[0]:
             close(res[f"gvr/{mode}"][name], (per_rank[0][name] + per_rank[1][name]) / WORLD)
+
+
+def test_engine_statistics_and_monitor_never_keep_a_destroyed_group_alive(tmp_path):
+    """They hold the group by weak reference (engine/distributed.WeakGroup): after
+    destroy_process_group it is freed and its gloo threads end although they are still referenced
+    (a group kept alive runs its threads into the interpreter's shutdown: gloo.py); reading it
+    afterwards raises GradAlignError, as does a global statistic that was not read before."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        model = sc.mlp()
+        engine = ga.PerSampleGradients(model, process_group=group)
+        x, y = sc.batch(n=4)
+        stats = engine.backward(sc.cross_entropy(model(x), y), weights=ga.GASW(gamma=2.0))
+        monitor = ga.GWAMonitor(model[2], process_group=group)
+        assert engine.process_group is group and stats.process_group is group and monitor.process_group is group
+        alive = weakref.ref(group)
+        del group
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    end_process_group("this test")           # raises if anything still held the group
+    assert alive() is None
+    for holder in (engine, stats, monitor):
+        with pytest.raises(ga.GradAlignError, match="no longer exists"):
+            holder.process_group  # noqa: B018
+    with pytest.raises(ga.GradAlignError, match="no longer exists"):
+        stats.grad_sq_sum  # noqa: B018
+    engine.remove()
+    monitor.remove()

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from gradalign.engine.distributed import refuse_late_sharding, resolve_group, sharding_of
+from gradalign.engine.distributed import WeakGroup, refuse_late_sharding, resolve_group, sharding_of
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.rules.layout import batch_mismatch, root_mismatch
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
@@ -94,11 +94,14 @@ class PerSampleGradients:
             with FSDP2 (`fully_shard` modules, DTensor parameters) uses its mesh's group, and
             p.grad is written as each parameter's DTensor shard, reduced one FSDP unit at a
             time (engine/sharded_stats.py); ShardingError for what is not supported yet
-            (HSDP, tensor parallel).
+            (HSDP, tensor parallel). The engine and its statistics hold the group by weak
+            reference: they never keep it alive after torch.distributed.destroy_process_group.
         trace: a callable name -> context manager entered around each phase of a backward and
             each statistic of each unit, e.g. `torch.profiler.record_function` or a timer
             (engine/phases.py lists the names). None (default): nothing is traced.
     """
+
+    process_group = WeakGroup()  # never keeps a group alive (a DDP model holds its own)
 
     def __init__(self, model: nn.Module, *, batch_first: bool | None = None, registry: RuleRegistry | None = None,
                  verify: bool = False, max_pending_forwards: int = 8, process_group=None, trace: Trace = None):

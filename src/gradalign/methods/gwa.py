@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradalign.engine.distributed import all_gather_rows, full_norm, full_value, mesh_group
+from gradalign.engine.distributed import WeakGroup, all_gather_rows, full_norm, full_value, mesh_group
 from gradalign.errors import GradAlignError
 from gradalign.methods.head import HeadRecorder, is_head_output, label_distribution, residual
 
@@ -197,6 +197,8 @@ class GWAMonitor:
             the same on every rank. None: this process's samples only, or, for a head sharded
             with FSDP2 (a DTensor weight), its mesh's group (every rank then calls update() in
             step: |W| of a sharded head is one scalar all-reduce, its bias one all-gather).
+            Held by weak reference: the monitor never keeps the group alive after
+            destroy_process_group.
 
     Attributes:
         epoch_scores: GWA_T per epoch (nan: not selectable, see `unselectable`).
@@ -204,6 +206,8 @@ class GWAMonitor:
         epoch_kurtosis: biased excess kurtosis per epoch (nan when undefined).
         unselectable: {epoch: reason} for every epoch whose GWA_T is nan.
     """
+
+    process_group = WeakGroup()  # never keeps a group alive past destroy_process_group
 
     def __init__(self, head: nn.Linear, *, process_group=None):
         self._recorder = HeadRecorder(head, detach=True, grad_only=True)
