@@ -68,11 +68,9 @@ class GradientStats:
     With a process group (data parallel), batch_size, norms, cosines and weights are this
     rank's samples'; global_batch_size is B over all ranks, and grad_sum, mean_grad,
     mean_grad_sq_norm, grad_sq_sum and weighted_sum() are over every rank's samples, the
-    same on every rank; cosines are to that global mean. The group is held by weak reference
-    (`distributed.WeakGroup`): statistics kept after destroy_process_group do not keep it alive.
+    same on every rank; cosines are to that global mean.
     """
-
-    process_group = dist_.WeakGroup()
+    process_group = dist_.WeakGroup()  # held weakly: statistics never keep a destroyed group alive
 
     def __init__(self, per_sample: dict[str, PerSampleGrad], batch_size: int, *,
                  device: torch.device | None = None, process_group=None,

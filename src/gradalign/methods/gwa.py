@@ -197,8 +197,6 @@ class GWAMonitor:
             the same on every rank. None: this process's samples only, or, for a head sharded
             with FSDP2 (a DTensor weight), its mesh's group (every rank then calls update() in
             step: |W| of a sharded head is one scalar all-reduce, its bias one all-gather).
-            Held by weak reference: the monitor never keeps the group alive after
-            destroy_process_group.
 
     Attributes:
         epoch_scores: GWA_T per epoch (nan: not selectable, see `unselectable`).
@@ -206,8 +204,7 @@ class GWAMonitor:
         epoch_kurtosis: biased excess kurtosis per epoch (nan when undefined).
         unselectable: {epoch: reason} for every epoch whose GWA_T is nan.
     """
-
-    process_group = WeakGroup()  # never keeps a group alive past destroy_process_group
+    process_group = WeakGroup()  # held weakly: never keeps a group alive past destroy_process_group
 
     def __init__(self, head: nn.Linear, *, process_group=None):
         self._recorder = HeadRecorder(head, detach=True, grad_only=True)

@@ -56,7 +56,7 @@ class WeakGroup:
             try:
                 ref = weakref.ref(group)
             except TypeError:
-                ref = lambda: group  # noqa: E731 - held strongly: no weak reference possible
+                ref = lambda: group  # held strongly: no weak reference possible
         obj.__dict__[self._slot] = ref
 
     def __get__(self, obj, owner=None):
