@@ -59,6 +59,13 @@ gradalign.engine.rules:
         packed sequences and dropout: test_rules_recurrent.py
     EmbeddingBag (2-D input, mean): bag_gru; offsets, sum/max, per_sample_weights, padding_idx:
         test_rules_embedding_bag.py
+    watched LayerNorm subclasses (their own forward) with eps 0.5 and 1e-6 on inputs ~1e-3 (x-hat
+        recomputed with the module's eps, not F.layer_norm's default): norm_eps
+    a raw parameter of the root used twice, x * gamma + gamma (per-sample gradients summed over its
+        uses): watched_root_twice
+    nn.MultiheadAttention with dropout 0.5 and a TransformerEncoderLayer with dropout 0.1, in eval
+        mode (the recompute must not drop): mha_eval_dropout, encoder_eval_dropout; query is key
+        with a different value, att(x, x, 2 x): MHA_CONFIGS "self_distinct_value"
 """
 import torch
 from torch import nn
