@@ -11,6 +11,12 @@ collective. `end_process_group` drops the group while the interpreter runs (dest
 frees it and joins its threads, provided nothing else holds it) and checks that no gloo thread
 is left, so that a holder of the group fails every run instead of a few.
 
+The garbage is collected BEFORE destroy_process_group, while torch.distributed still holds the
+group: a DDP model collected later may drop the group's last reference from its reducer, whose
+destructor joins the gloo threads without releasing the GIL, which a worker freeing a collective
+waits for: a deadlock (seen on main as a test_distributed.py run hanging for 20 minutes).
+destroy_process_group itself frees the group with the GIL released.
+
 What holds a group: DDP models (collected here: they sit in reference cycles), and
 torch.distributed.nn when first imported after init_process_group (its functions take
 `group=group.WORLD` as a default argument, evaluated at import; DDP's constructor imports it
