@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 import gradalign as ga
 import tests.support.dist_scenarios as sc
-from tests.support.gloo import end_process_group
+from tests.support.gloo import end_process_group, gloo_threads
 
 WORLD = 2
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -145,6 +145,7 @@ def test_engine_statistics_and_monitor_never_keep_a_destroyed_group_alive(tmp_pa
     afterwards raises GradAlignError, as does a global statistic that was not read before."""
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
+    before = gloo_threads()  # an earlier test's group may still run (e.g. a docs example's FSDP model)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         group = dist.group.WORLD
@@ -159,7 +160,7 @@ def test_engine_statistics_and_monitor_never_keep_a_destroyed_group_alive(tmp_pa
     except BaseException:
         dist.destroy_process_group()
         raise
-    end_process_group("this test")           # raises if anything still held the group
+    end_process_group("this test", before)   # raises if anything still held the group
     assert alive() is None
     for holder in (engine, stats, monitor):
         with pytest.raises(ga.GradAlignError, match="no longer exists"):

@@ -48,12 +48,14 @@ def gloo_threads() -> int:
     return sum(n.startswith(("pt_gloo", "gloo")) for n in names)
 
 
-def end_process_group(where: str) -> None:
-    """Collect garbage, destroy every process group, and raise if a gloo thread outlives it."""
+def end_process_group(where: str, before: int = 0) -> None:
+    """Collect garbage, destroy every process group, and raise if a gloo thread outlives it
+    (`before`: the gloo threads this process had before the group was created, e.g. in a pytest
+    process where an earlier test left a group alive)."""
     gc.collect()
     dist.destroy_process_group()
-    left = gloo_threads()
-    if left:
+    left = gloo_threads() - before
+    if left > 0:
         raise RuntimeError(f"{where}: {left} gloo threads outlived destroy_process_group: something still holds "
                            "the process group (a DDP model, an engine, statistics or a monitor holding it strongly, "
                            "or torch.distributed.nn first imported after init_process_group)")
