@@ -264,17 +264,18 @@ def _cmd_train(args) -> int:
     if args.shard and parallel is None:
         raise ConfigError("--shard shards the model over data-parallel processes: give --nproc N (N > 1) or "
                           "launch with torchrun --nproc_per_node N")
+    rank = None if parallel is None else parallel.rank
     try:
         result = run_single(args.experiment, args.arm, dict(args.param), args.seed, quick=args.quick,
                             overrides=dict(args.overrides), eval_split=args.split,
-                            progress=not args.no_progress and (parallel is None or parallel.rank == 0),
+                            progress=not args.no_progress and rank in (None, 0),
                             threads=args.threads, parallel=parallel, data_dir=args.data_dir, device=args.device,
                             tensorboard=args.tensorboard)
     finally:
         if parallel is not None:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-    if parallel is not None and parallel.rank != 0:      # only rank 0 prints and writes
+            parallel = None                               # it holds the group: par.finish frees it
+            par.finish()
+    if rank not in (None, 0):                            # only rank 0 prints and writes
         return 0
     keys = ("epoch", "samples", "train_loss", "train_acc", "val_acc", "test_acc", "gwa")
     print("  ".join(f"{k:>10}" for k in keys))

@@ -1,12 +1,19 @@
 """Data parallel with 2 gloo processes on CPU: every statistic and p.grad against one process
 on the concatenated batch (GASW, GDSW, plain, a DDP-wrapped model, GAGA, GWA), and GVR under
-DDP against the mean of each shard's single-process gradient."""
+DDP against the mean of each shard's single-process gradient. Each rank ends its gloo group
+for good before it exits (tests/support/gloo.py: a group alive at the interpreter's exit aborts
+the process now and then), and checks that no gloo thread outlives it."""
+import weakref
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import gradalign as ga
 import tests.support.dist_scenarios as sc
+from tests.support.gloo import end_process_group, gloo_threads
 
 WORLD = 2
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -24,19 +31,37 @@ def close(a, b):
     torch.testing.assert_close(a, b, **TOL)
 
 
+PER_SAMPLE = ("norms", "cosines", "weights", "sq_norms", "dots_with_sum", "dots_with_mean")
+GLOBAL = ("sum_sq_norm", "mean_grad_norm", "mean_grad_sq_norm")
+PARAMETER_SIZED = ("grad", "grad_sum", "mean_grad", "grad_sq_sum")
+
+
+@pytest.mark.parametrize("scale", sc.LOSS_SCALES, ids=lambda s: f"loss_x{s:g}")
 @pytest.mark.parametrize("model", list(sc.MODELS))
 @pytest.mark.parametrize("kind", ["plain", "gasw", "gdsw_loo"])
-def test_engine_is_one_process_on_the_concatenated_batch(ranks, model, kind):
+def test_engine_is_one_process_on_the_concatenated_batch(ranks, model, kind, scale):
+    """Every statistic (engine_step lists them; divided by the loss scale) of each rank against one
+    process on the concatenated batch, with losses x1, x1e20 and x1e-30: S reduced over the ranks
+    must be divided by the rank's scale before <g_i, S> and |S|^2 are formed, and gbar is S over
+    the global B (13), not the rank's (7 or 6)."""
     x, y = sc.batch()
-    ref = sc.engine_step(sc.MODELS[model](), x, y, sc.weighting(kind))
+    ref = sc.engine_step(sc.MODELS[model](), x, y, sc.weighting(kind), loss_scale=scale)
+    assert ref["global_batch_size"] == sc.B and (ref["norms"] > 0).all() and (ref["cosines"] != 0).all()
     for rank, res in enumerate(ranks):
-        got = res[f"{model}/{kind}"]
-        for key in ("norms", "cosines", "weights"):          # each rank: its own samples
-            close(got[key], sc.shard(ref[key], rank, WORLD))
-        for name, g in ref["grad"].items():                  # p.grad: the same on every rank
-            close(got["grad"][name], g)
+        got = res[f"{model}/{kind}/{scale:g}"]
+        assert got["global_batch_size"] == sc.B
+        assert set(got) == set(ref)
+        for key in PER_SAMPLE:                               # each rank: its own samples
+            if key in ref:
+                close(got[key], sc.shard(ref[key], rank, WORLD))
+        for key in GLOBAL:                                   # the same on every rank
+            if key in ref:
+                close(got[key], ref[key])
+        for key in PARAMETER_SIZED:
+            for name, g in ref.get(key, {}).items():
+                close(got[key][name], g)
     if kind != "plain":                                      # weights normalised over the global batch
-        total = sum(res[f"{model}/{kind}"]["weights"].sum() for res in ranks)
+        total = sum(res[f"{model}/{kind}/{scale:g}"]["weights"].sum() for res in ranks)
         assert float(total) == pytest.approx(sc.B)
 
 
@@ -49,7 +74,7 @@ def test_a_rank_with_an_empty_batch_takes_part(ranks, kind):
         close(ranks[0][f"empty/{kind}"][key], ref[key])
         assert ranks[1][f"empty/{kind}"][key].shape == (0,)
     for res in ranks:  # |gbar|^2 global on the empty rank too
-        close(res[f"empty/{kind}"]["mean_sq"], ref["mean_sq"])
+        close(res[f"empty/{kind}"]["mean_grad_sq_norm"], ref["mean_grad_sq_norm"])
         for name, g in ref["grad"].items():
             close(res[f"empty/{kind}"]["grad"][name], g)
 
@@ -111,3 +136,36 @@ def test_gvr_under_ddp_averages_each_ranks_penalty(ranks, mode):
     for res in ranks:
         for name in per_rank[0]:
             close(res[f"gvr/{mode}"][name], (per_rank[0][name] + per_rank[1][name]) / WORLD)
+
+
+def test_engine_statistics_and_monitor_never_keep_a_destroyed_group_alive(tmp_path):
+    """They hold the group by weak reference (engine/distributed.WeakGroup): after
+    destroy_process_group it is freed and its gloo threads end although they are still referenced
+    (a group kept alive runs its threads into the interpreter's shutdown: gloo.py); reading it
+    afterwards raises GradAlignError, as does a global statistic that was not read before."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    before = gloo_threads()  # an earlier test's group may still run (e.g. a docs example's FSDP model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        model = sc.mlp()
+        engine = ga.PerSampleGradients(model, process_group=group)
+        x, y = sc.batch(n=4)
+        stats = engine.backward(sc.cross_entropy(model(x), y), weights=ga.GASW(gamma=2.0))
+        monitor = ga.GWAMonitor(model[2], process_group=group)
+        assert engine.process_group is group and stats.process_group is group and monitor.process_group is group
+        alive = weakref.ref(group)
+        del group
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    end_process_group("this test", before)   # raises if anything still held the group
+    assert alive() is None
+    for holder in (engine, stats, monitor):
+        with pytest.raises(ga.GradAlignError, match="no longer exists"):
+            holder.process_group  # noqa: B018
+    with pytest.raises(ga.GradAlignError, match="no longer exists"):
+        stats.grad_sq_sum  # noqa: B018
+    engine.remove()
+    monitor.remove()

@@ -19,9 +19,11 @@ ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}
 # every kind of representation: Linear on features (Gram and factor routes) and on tokens,
 # Embedding, LayerNorm, Conv with GroupNorm, the torch.func fallback, attention, raw parameters,
 # a tied Embedding + Linear matrix (Summed, its S from autograd), position embeddings shared by all samples,
-# layers over many positions whose cosine terms come from per-sample gradients formed once
+# layers over many positions whose cosine terms come from per-sample gradients formed once,
+# LoRA adapters at initialisation (B = 0: layers whose output gradients are all zero, which must
+# not take part in choosing the scale)
 SOME = ["seed_mlp", "residual_mlp", "sequence", "conv2d_groupnorm", "shared_bn_fallback", "encoder_post_norm",
-        "vit_cls_pos", "raw_parameters", "tied_lm", "shared_positions", "many_positions"]
+        "vit_cls_pos", "raw_parameters", "tied_lm", "shared_positions", "many_positions", "lora_init"]
 
 
 def scaled(loss_fn, scale):
@@ -63,10 +65,11 @@ def test_scaled_losses_against_a_float64_reference(arch, scale):
         torch.testing.assert_close(g.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("arch", ["seed_mlp", "lora_init"])
 @pytest.mark.parametrize("scale", [1e20, 1e-30])
-def test_gasw_does_not_fall_back_and_leave_one_out_agrees(scale):
+def test_gasw_does_not_fall_back_and_leave_one_out_agrees(scale, arch):
     torch.manual_seed(0)
-    model, make_batch, loss_fn = ALL["seed_mlp"]()
+    model, make_batch, loss_fn = ALL[arch]()
     x, y = make_batch(32, torch.Generator().manual_seed(1))
     for leave_one_out in (False, True):
         plain_gasw, gasw = ga.GASW(2.0, leave_one_out=leave_one_out), ga.GASW(2.0, leave_one_out=leave_one_out)
@@ -95,3 +98,26 @@ def test_the_scale_is_a_power_of_two_above_the_largest_output_gradient(monkeypat
     scale = float(stats.scale)
     assert scale == 2.0 ** round(torch.log2(torch.tensor(scale)).item())
     assert 1e24 < scale < 1e27
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_all_zero_output_gradients_take_no_part_in_the_scale(scale):
+    """LoRA adapters at initialisation (B = 0): A's output gradients are all zero. frexp(0) gives
+    exponent 0, which must not win over the others' (about +-66 and -100 here): the scale follows
+    the largest non-zero output gradient, so it is within a few powers of two of the loss scale."""
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ALL["lora_init"]()
+    x, y = make_batch(8, torch.Generator().manual_seed(0))
+    stats, _ = engine_run(model, x, y, scaled(loss_fn, scale), None)
+    assert 2.0 ** -20 < float(stats.scale) / scale < 2.0 ** 20
+    assert (stats.norms > 0).all() and torch.isfinite(stats.norms).all()
+
+
+def test_every_output_gradient_zero_is_left_unscaled():
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = ALL["seed_mlp"]()
+    x, y = make_batch(4, torch.Generator().manual_seed(0))
+    stats, grads = engine_run(model, x, y, scaled(loss_fn, 0.0), ga.GASW(2.0))
+    assert float(stats.scale) == 1.0
+    assert (stats.norms == 0).all() and (stats.cosines == 0).all() and (stats.weights == 1).all()
+    assert all((g == 0).all() for g in grads.values())

@@ -70,6 +70,7 @@ MHA_CONFIGS = {
     "cross_kv_same": {"cross": True},
     "cross_seq_first": {"cross": True, "batch_first": False, "key_padding": True},
     "cross_distinct_value": {"cross": True, "distinct_value": True},
+    "self_distinct_value": {"distinct_value": True},  # att(x, x, 2 x): query is key, the value differs
     "kdim_vdim": {"cross": True, "kdim": 6, "vdim": 4},
     "no_bias": {"bias": False},
     "bias_kv_zero_attn": {"add_bias_kv": True, "add_zero_attn": True, "mask": "bool", "key_padding": True},

@@ -14,6 +14,7 @@ from torch import nn
 
 import gradalign as ga
 from tests.support.engine_models import Conv1dNet, cross_entropy
+from tests.support.gloo import end_process_group
 
 B = 13                                          # global batch; shards of 7 and 6
 
@@ -54,12 +55,33 @@ def grads(model):
 
 # ---------------------------------------------------------------- the engine (GASW, GDSW, plain)
 
-def engine_step(model, x, y, weights, group=None):
+LOSS_SCALES = (1.0, 1e20, 1e-30)  # x1e20 and x1e-30: the engine divides by its loss scale (squares overflow)
+
+
+def engine_step(model, x, y, weights, group=None, loss_scale=1.0):
+    """Every statistic of one backward of the losses times `loss_scale`, in float64 divided by
+    loss_scale (squares by its square), so that the comparisons are relative at every scale:
+    the weights and cosines, the per-sample sums |g_i|^2, <g_i, S>, |S|^2 (from scaled_sums(),
+    which stay in range where the squares themselves overflow or underflow float32), S, gbar,
+    sum_i g_i**2 (at scale 1: elsewhere it does not fit float32), |gbar| and p.grad."""
     engine = ga.PerSampleGradients(model, process_group=group)
-    stats = engine.backward(cross_entropy(model(x), y), weights=weights)
+    stats = engine.backward(cross_entropy(model(x), y) * loss_scale, weights=weights)
     engine.remove()
-    out = dict(norms=stats.norms, cosines=stats.cosines, weights=stats.weights, grad=grads(model),
-               mean_sq=stats.mean_grad_sq_norm)
+    s = float(stats.scale) / loss_scale  # the statistics' own scale, over the loss scale
+
+    def per_scale(t, power=1):
+        return t.double() / loss_scale ** power
+
+    sq_norms, dots, sum_sq = (t.double() * s * s for t in stats.scaled_sums())
+    out = dict(norms=per_scale(stats.norms), cosines=stats.cosines.double(), weights=stats.weights.double(),
+               sq_norms=sq_norms, dots_with_sum=dots, sum_sq_norm=sum_sq,
+               mean_grad_norm=per_scale(stats.mean_grad_norm), global_batch_size=stats.global_batch_size,
+               grad_sum={n: per_scale(g) for n, g in stats.grad_sum.items()},
+               mean_grad={n: per_scale(g) for n, g in stats.mean_grad.items()},
+               grad={n: per_scale(g) for n, g in grads(model).items()})
+    if loss_scale == 1.0:
+        out["grad_sq_sum"] = {n: per_scale(g, 2) for n, g in stats.grad_sq_sum.items()}
+        out["dots_with_mean"], out["mean_grad_sq_norm"] = stats.dots_with_mean.double(), stats.mean_grad_sq_norm.double()
     model.zero_grad(set_to_none=True)
     return out
 
@@ -123,40 +145,50 @@ def gvr_views(seed=7):
 
 # ---------------------------------------------------------------- one rank
 
+def scenarios(rank: int, world: int, group) -> dict:
+    """Every scenario on this rank's shards. Everything that holds the group (DDP models, engines,
+    statistics, monitors) is local here, so it is garbage once this returns."""
+    results = {}
+    x, y = batch()
+    xs, ys = shard(x, rank, world), shard(y, rank, world)
+    for name, build in MODELS.items():
+        for kind in ("plain", "gasw", "gdsw_loo"):
+            for scale in LOSS_SCALES:
+                results[f"{name}/{kind}/{scale:g}"] = engine_step(build(), xs, ys, weighting(kind), group, scale)
+    for kind in ("plain", "gasw"):  # an empty rank (Poisson sampling): rank 0 holds every sample
+        mine = slice(None) if rank == 0 else slice(0, 0)
+        results[f"empty/{kind}"] = engine_step(mlp(), x[mine], y[mine], weighting(kind), group)
+    # a DDP-wrapped model: the engine takes DDP's group and reduces once; two optimizer steps
+    ddp = nn.parallel.DistributedDataParallel(mlp())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    engine = ga.PerSampleGradients(ddp)
+    gasw = ga.GASW(gamma=2.0)
+    steps = []
+    for _ in range(2):
+        engine.backward(cross_entropy(ddp(xs), ys), weights=gasw, release=True)  # as the experiments
+        steps.append({n.removeprefix("module."): g for n, g in grads(ddp).items()})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    engine.remove()
+    results["ddp/gasw"] = steps
+    results["gaga"] = gaga_run(mlp(), group, rank, world)
+    results["gwa"] = gwa_run(HeadNet(), group, rank, world)
+    x1, x2, yv = gvr_views()
+    for mode in ("closed_form", "autograd"):   # each rank's penalty on its shard; DDP averages
+        ddp = nn.parallel.DistributedDataParallel(HeadNet())
+        gvr_loss_backward(ddp, ddp.module, *(shard(t, rank, world) for t in (x1, x2, yv)), mode)
+        results[f"gvr/{mode}"] = {n.removeprefix("module."): g for n, g in grads(ddp).items()}
+    return results
+
+
 def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """The scenarios on one rank, then a teardown that really ends the gloo group (gloo.py: a
+    group alive at the interpreter's exit aborts the process now and then)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    group = dist.group.WORLD
-    results = {}
     try:
-        x, y = batch()
-        xs, ys = shard(x, rank, world), shard(y, rank, world)
-        for name, build in MODELS.items():
-            for kind in ("plain", "gasw", "gdsw_loo"):
-                results[f"{name}/{kind}"] = engine_step(build(), xs, ys, weighting(kind), group)
-        for kind in ("plain", "gasw"):  # an empty rank (Poisson sampling): rank 0 holds every sample
-            mine = slice(None) if rank == 0 else slice(0, 0)
-            results[f"empty/{kind}"] = engine_step(mlp(), x[mine], y[mine], weighting(kind), group)
-        # a DDP-wrapped model: the engine takes DDP's group and reduces once; two optimizer steps
-        ddp = nn.parallel.DistributedDataParallel(mlp())
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        engine = ga.PerSampleGradients(ddp)
-        gasw = ga.GASW(gamma=2.0)
-        steps = []
-        for _ in range(2):
-            engine.backward(cross_entropy(ddp(xs), ys), weights=gasw, release=True)  # as the experiments
-            steps.append({n.removeprefix("module."): g for n, g in grads(ddp).items()})
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        engine.remove()
-        results["ddp/gasw"] = steps
-        results["gaga"] = gaga_run(mlp(), group, rank, world)
-        results["gwa"] = gwa_run(HeadNet(), group, rank, world)
-        x1, x2, yv = gvr_views()
-        for mode in ("closed_form", "autograd"):   # each rank's penalty on its shard; DDP averages
-            ddp = nn.parallel.DistributedDataParallel(HeadNet())
-            gvr_loss_backward(ddp, ddp.module, *(shard(t, rank, world) for t in (x1, x2, yv)), mode)
-            results[f"gvr/{mode}"] = {n.removeprefix("module."): g for n, g in grads(ddp).items()}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        torch.save(scenarios(rank, world, dist.group.WORLD), os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        dist.destroy_process_group()  # the failure's frames may hold the group: no thread check
+        raise
+    end_process_group(f"rank {rank}")

@@ -59,6 +59,13 @@ gradalign.engine.rules:
         packed sequences and dropout: test_rules_recurrent.py
     EmbeddingBag (2-D input, mean): bag_gru; offsets, sum/max, per_sample_weights, padding_idx:
         test_rules_embedding_bag.py
+    watched LayerNorm subclasses (their own forward) with eps 0.5 and 1e-6 on inputs ~1e-3 (x-hat
+        recomputed with the module's eps, not F.layer_norm's default): norm_eps
+    a raw parameter of the root used twice, x * gamma + gamma (per-sample gradients summed over its
+        uses): watched_root_twice
+    nn.MultiheadAttention with dropout 0.5 and a TransformerEncoderLayer with dropout 0.1, in eval
+        mode (the recompute must not drop): mha_eval_dropout, encoder_eval_dropout; query is key
+        with a different value, att(x, x, 2 x): MHA_CONFIGS "self_distinct_value"
 """
 import torch
 from torch import nn
@@ -68,8 +75,9 @@ from tests.support.attention_models import (MHA_CONFIGS, Attention, Decoder, Enc
 from tests.support.batches import (classification_batch, cross_entropy, grid_token_batch,  # noqa: F401
                                    labelled_token_batch, sequence_batch, token_batch, token_cross_entropy)
 from tests.support.nets import (BagGRUClassifier, Conv1dNet, Conv2dBatchNormEval, Conv2dGroupNorm,  # noqa: F401
-                                LSTMLanguageModel, ManyPositions, ResidualMLP, SharedEmbeddingTokens, SharedPositions, SharedTwice, SinglePositionGroups,
-                                SubclassedLayers, TiedLM, TinySequenceModel, seed_mlp)
+                                LSTMLanguageModel, ManyPositions, NormEps, ResidualMLP, SharedEmbeddingTokens,
+                                SharedPositions, SharedTwice, SinglePositionGroups, SubclassedLayers, TiedLM,
+                                TinySequenceModel, WatchedRootTwice, seed_mlp)
 from tests.support.routes import PERSAMPLE_ROUTES, recording_engine, route_labels  # noqa: F401
 
 
@@ -90,6 +98,8 @@ ARCHITECTURES = {
     "many_positions": lambda: (ManyPositions(), classification_batch(16, 6, classes=5), cross_entropy),
     "lstm_lm": lambda: (LSTMLanguageModel(), token_batch(), token_cross_entropy),
     "bag_gru": lambda: (BagGRUClassifier(), labelled_token_batch(), cross_entropy),
+    "norm_eps": lambda: (NormEps(), classification_batch(10, classes=4), cross_entropy),
+    "watched_root_twice": lambda: (WatchedRootTwice(), sequence_batch(4, 6), cross_entropy),
 }
 
 
@@ -127,4 +137,7 @@ ARCHITECTURES.update({
     "decoder_layer": lambda: (Decoder(), sequence_batch(4 + 6, 8), cross_entropy),
     "transformer_seq_first": lambda: (Seq2Seq(batch_first=False), sequence_batch(3 + 4, 8), cross_entropy),
     "raw_parameters": lambda: (RawParameters(), sequence_batch(4, 6), cross_entropy),
+    # dropout configured but the model in eval mode: the attention rule's recompute must not drop
+    "mha_eval_dropout": lambda: (Attention(dropout=0.5).eval(), sequence_batch(5, 8), cross_entropy),
+    "encoder_eval_dropout": lambda: (Encoder(dropout=0.1).eval(), sequence_batch(5, 8), cross_entropy),
 })

@@ -59,15 +59,19 @@ class ConvTranspose3dNet(nn.Module):
 
 class LoRALinear(nn.Module):
     """A LoRA-style adapter: a frozen base Linear plus trainable low-rank A (in -> r) and
-    B (r -> out), output base(x) + B(A(x)) * alpha / r. B starts non-zero here (LoRA starts
-    it at zero) so that A has a gradient in the test."""
+    B (r -> out), output base(x) + B(A(x)) * alpha / r. B starts non-zero by default so that A
+    has a gradient in the test; `zero_B` starts it at zero as LoRA does, so that A's output
+    gradient is all zero (every sample's gradient of A is 0)."""
 
-    def __init__(self, d_in, d_out, r=2, alpha=4.0):
+    def __init__(self, d_in, d_out, r=2, alpha=4.0, *, zero_B=False):
         super().__init__()
         self.base = nn.Linear(d_in, d_out).requires_grad_(False)
         self.A = nn.Linear(d_in, r, bias=False)
         self.B = nn.Linear(r, d_out, bias=False)
-        nn.init.normal_(self.B.weight, std=0.5)
+        if zero_B:
+            nn.init.zeros_(self.B.weight)
+        else:
+            nn.init.normal_(self.B.weight, std=0.5)
         self.scale = alpha / r
 
     def forward(self, x):
@@ -75,13 +79,14 @@ class LoRALinear(nn.Module):
 
 
 class LoRANet(nn.Module):
-    """LoRA on a token model ((B, T, d) inputs) and on the head."""
+    """LoRA on a token model ((B, T, d) inputs) and on the head; `zero_B`: both adapters as at
+    LoRA's initialisation (B = 0: two layers whose output gradients are all zero)."""
 
-    def __init__(self, d=12, classes=3):
+    def __init__(self, d=12, classes=3, *, zero_B=False):
         super().__init__()
-        self.mix = LoRALinear(d, d, r=3)
+        self.mix = LoRALinear(d, d, r=3, zero_B=zero_B)
         self.norm = nn.LayerNorm(d)
-        self.head = LoRALinear(d, classes, r=2)
+        self.head = LoRALinear(d, classes, r=2, zero_B=zero_B)
 
     def forward(self, x):  # (B, T, d)
         return self.head(self.norm(torch.relu(self.mix(x))).mean(1))
@@ -93,4 +98,5 @@ LAYER_ARCHITECTURES = {
     "conv_transpose2d": lambda: (ConvTranspose2dNet(), classification_batch(4, 3, 4, classes=3), cross_entropy),
     "conv_transpose3d": lambda: (ConvTranspose3dNet(), classification_batch(2, 2, 3, 2, classes=3), cross_entropy),
     "lora": lambda: (LoRANet(), classification_batch(5, 12, classes=3), cross_entropy),
+    "lora_init": lambda: (LoRANet(zero_B=True), classification_batch(5, 12, classes=3), cross_entropy),
 }

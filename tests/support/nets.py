@@ -112,6 +112,39 @@ class FloatLayerNorm(nn.LayerNorm):  # its own forward: F.layer_norm followed by
         return super().forward(x.float()).type_as(x)
 
 
+class NormEps(nn.Module):
+    """Watched LayerNorms (subclasses with their own forward) whose eps is not F.layer_norm's
+    default 1e-5: eps 0.5 on inputs of order 1, and eps 1e-6 on inputs of order 1e-3 (their
+    variance ~1e-6, so the x-hat the watch recomputes is wrong unless it takes the module's eps)."""
+
+    def __init__(self, d=10, classes=4):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.wide = FloatLayerNorm(d, eps=0.5)
+        self.mix = nn.Linear(d, d)
+        self.tight = FloatLayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # (B, d)
+        h = self.mix(torch.tanh(self.wide(self.inp(x))))
+        return self.head(self.tight(h * 1e-3))
+
+
+class WatchedRootTwice(nn.Module):
+    """A raw parameter of the root module used twice, x * gamma + gamma: its per-sample gradients
+    at the two uses must be summed (each use alone gives a different gradient)."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # (B, T, d)
+        h = torch.tanh(self.inp(x))
+        return self.head(torch.tanh(h * self.gamma + self.gamma).mean(1))
+
+
 class TablePositions(nn.Module):
     """A raw table looked up with F.embedding and ids without the batch, inside its module."""
 

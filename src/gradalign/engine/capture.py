@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from gradalign.engine.distributed import refuse_late_sharding, resolve_group, sharding_of
+from gradalign.engine.distributed import WeakGroup, refuse_late_sharding, resolve_group, sharding_of
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.rules.layout import batch_mismatch, root_mismatch
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
@@ -75,30 +75,28 @@ class PerSampleGradients:
             warning the first time, so forwards that no engine.backward follows (an evaluation
             with gradients on, a plain loss.backward()) cannot grow memory; `clear()` and
             `paused()` avoid the warning.
-        process_group: data parallel (torch.distributed, e.g. `dist.group.WORLD`): every
-            statistic becomes global. With R ranks holding B_r samples each, cosines are to
-            the mean gradient over all sum_r B_r samples, GASW/GDSW weights are normalised
-            over that global batch, and p.grad = (1/B) sum over ALL samples of w_i g_i, the
-            same on every rank and equal to one process on the concatenated batch (to float
-            tolerance). Norms, cosines and weights of a rank's own samples stay on that rank.
-            Communication per backward (P = trainable parameters; one flattened all-reduce
-            per line): plain mean gradient: P + 1 numbers; GASW/GDSW: P + 1 (S and B), 1
-            (the weights' normaliser), P (the weighted gradient), i.e. two parameter-sized
-            calls and a scalar; GAGA (write_grad=False, GSNRAccumulator): 2P + 1 (S,
-            sum g**2, B); norms only: none. None (default): no communication at all, as in
-            a single process. A model wrapped in DistributedDataParallel uses its own
-            process group when none is given: DDP's reducer never runs on the engine's
-            backward (autograd is asked for layer-output gradients, not parameter ones), so
-            the engine's reduction is the only one and nothing is reduced twice. Every rank
-            must call backward in step (same model, same statistics read). A model sharded
-            with FSDP2 (`fully_shard` modules, DTensor parameters) uses its mesh's group, and
-            p.grad is written as each parameter's DTensor shard, reduced one FSDP unit at a
-            time (engine/sharded_stats.py); ShardingError for what is not supported yet
-            (HSDP, tensor parallel).
+        process_group: data parallel (torch.distributed, e.g. `dist.group.WORLD`): every statistic becomes
+            global. With R ranks holding B_r samples each, cosines are to the mean gradient over all sum_r B_r
+            samples, GASW/GDSW weights are normalised over that global batch, and p.grad = (1/B) sum over ALL
+            samples of w_i g_i, the same on every rank and equal to one process on the concatenated batch (to
+            float tolerance). Norms, cosines and weights of a rank's own samples stay on that rank.
+            Communication per backward (P = trainable parameters; one flattened all-reduce per line): plain mean
+            gradient: P + 1 numbers; GASW/GDSW: P + 1 (S and B), 1 (the weights' normaliser), P (the weighted
+            gradient), i.e. two parameter-sized calls and a scalar; GAGA (write_grad=False, GSNRAccumulator):
+            2P + 1 (S, sum g**2, B); norms only: none. None (default): no communication at all, as in a single
+            process. A model wrapped in DistributedDataParallel uses its own process group when none is given:
+            DDP's reducer never runs on the engine's backward (autograd is asked for layer-output gradients, not
+            parameter ones), so the engine's reduction is the only one and nothing is reduced twice. Every rank
+            must call backward in step (same model, same statistics read). A model sharded with FSDP2
+            (`fully_shard` modules, DTensor parameters) uses its mesh's group, and p.grad is written as each
+            parameter's DTensor shard, reduced one FSDP unit at a time (engine/sharded_stats.py); ShardingError
+            for what is not supported yet (HSDP, tensor parallel). The engine and its statistics hold the group
+            by weak reference: they never keep it alive after torch.distributed.destroy_process_group.
         trace: a callable name -> context manager entered around each phase of a backward and
             each statistic of each unit, e.g. `torch.profiler.record_function` or a timer
             (engine/phases.py lists the names). None (default): nothing is traced.
     """
+    process_group = WeakGroup()  # held weakly: never keeps a group alive (a DDP model holds its own)
 
     def __init__(self, model: nn.Module, *, batch_first: bool | None = None, registry: RuleRegistry | None = None,
                  verify: bool = False, max_pending_forwards: int = 8, process_group=None, trace: Trace = None):

@@ -70,6 +70,7 @@ class GradientStats:
     mean_grad_sq_norm, grad_sq_sum and weighted_sum() are over every rank's samples, the
     same on every rank; cosines are to that global mean.
     """
+    process_group = dist_.WeakGroup()  # held weakly: statistics never keep a destroyed group alive
 
     def __init__(self, per_sample: dict[str, PerSampleGrad], batch_size: int, *,
                  device: torch.device | None = None, process_group=None,

@@ -14,6 +14,9 @@ from torch import Tensor
 # Output gradients whose largest magnitude lies in [2^-SAFE, 2^SAFE] are left as they are on the CPU
 # (their squares, summed over up to 2^40 numbers, stay far inside float32's range).
 _SAFE_EXPONENT = 32
+# the exponent a zero extreme is given: below every float32 exponent (-148), so it never wins the max;
+# where every extreme is zero the clamp below makes it 2^-126 (dividing zeros changes nothing)
+_NO_EXPONENT = -1000
 
 
 def rescale(calls: list, sums: dict[str, Tensor]) -> Tensor | None:
@@ -25,17 +28,23 @@ def rescale(calls: list, sums: dict[str, Tensor]) -> Tensor | None:
     (always on an accelerator, which must not wait for the host to decide). None (no scaling) when
     a gradient is float16 (its range cannot need it, and scaling could push its small values below
     float16's normal range) or float64, or, on the CPU, when the largest magnitude is within
-    2^-32 .. 2^32.
+    2^-32 .. 2^32 or every gradient is zero. Zeros never choose the scale: a layer whose output
+    gradient is all zero (a LoRA adapter at initialisation) leaves it to the others.
     """
     grads = [g for c in calls for g in (c.grads or ()) if g is not None]
     if not grads or any(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
         return None
-    # |x| = mantissa * 2^exponent, mantissa in [0.5, 1) (exponent 0 for 0, inf and nan): the
-    # largest exponent of every gradient's min and max gives a scale above the largest |x|
-    _, exponents = torch.frexp(torch.stack([m for g in grads for m in g.aminmax()]))
-    exponent = exponents.amax()
-    if grads[0].device.type == "cpu" and -_SAFE_EXPONENT <= int(exponent) <= _SAFE_EXPONENT:
-        return None  # on the CPU a host read is free: skip the multiply pass when squares are safe anyway
+    # |x| = mantissa * 2^exponent, mantissa in [0.5, 1): the largest exponent of every gradient's
+    # min and max gives a scale above the largest |x|. frexp gives exponent 0 for 0, which would
+    # win over the negative exponents of tiny gradients (losses x1e-30 with one all-zero output
+    # gradient, e.g. a LoRA adapter at initialisation): zero extremes take no part
+    extremes = torch.stack([m for g in grads for m in g.aminmax()])
+    _, exponents = torch.frexp(extremes)
+    exponent = exponents.masked_fill(extremes == 0, _NO_EXPONENT).amax()
+    if grads[0].device.type == "cpu":  # a host read is free: skip the multiply pass when squares are safe anyway
+        e = int(exponent)
+        if e == _NO_EXPONENT or -_SAFE_EXPONENT <= e <= _SAFE_EXPONENT:  # every gradient zero, or safe
+            return None
     scale = torch.exp2(exponent.clamp(-126, 126))  # an int exponent: float32, exact
     # in place where that is safe (a tensor owning its storage, seen once, not autograd's S for some
     # parameter); out of place for views (an expanded seed, a view of another gradient) and those,

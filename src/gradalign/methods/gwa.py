@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradalign.engine.distributed import all_gather_rows, full_norm, full_value, mesh_group
+from gradalign.engine.distributed import WeakGroup, all_gather_rows, full_norm, full_value, mesh_group
 from gradalign.errors import GradAlignError
 from gradalign.methods.head import HeadRecorder, is_head_output, label_distribution, residual
 
@@ -204,6 +204,7 @@ class GWAMonitor:
         epoch_kurtosis: biased excess kurtosis per epoch (nan when undefined).
         unselectable: {epoch: reason} for every epoch whose GWA_T is nan.
     """
+    process_group = WeakGroup()  # held weakly: never keeps a group alive past destroy_process_group
 
     def __init__(self, head: nn.Linear, *, process_group=None):
         self._recorder = HeadRecorder(head, detach=True, grad_only=True)

@@ -25,11 +25,53 @@ protocol for every weights callable; a latency-bound scalar is not worth that.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from gradalign.errors import GradAlignError
+
+
+class WeakGroup:
+    """A `process_group` attribute held by weak reference (a descriptor: `process_group =
+    WeakGroup()` in the class, then plain assignment and reads), so that an engine, its
+    statistics or a GWA monitor never keep a process group alive: the group lives as long as
+    torch.distributed (until `destroy_process_group`) or a DDP model holds it. A gloo group that
+    something keeps alive past `destroy_process_group` runs its worker threads into interpreter
+    shutdown, and a worker freeing the last collectives' tensors there (they need the GIL) aborts
+    the process ("terminate called without an active exception", SIGABRT). Reading the attribute
+    after the group was freed raises GradAlignError; a group that cannot be weakly referenced is
+    held as before."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self._slot = f"_{name}_ref"
+
+    def __set__(self, obj, group) -> None:
+        if group is None:
+            ref = None
+        else:
+            try:
+                ref = weakref.ref(group)
+            except TypeError:
+                ref = lambda: group  # held strongly: no weak reference possible
+        obj.__dict__[self._slot] = ref
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        ref = obj.__dict__.get(self._slot)
+        if ref is None:
+            return None
+        group = ref()
+        if group is None:
+            raise GradAlignError(
+                f"the process group of this {type(obj).__name__} no longer exists (torch.distributed."
+                "destroy_process_group was called, or nothing else held it): it is held by weak reference "
+                "so that it never outlives the group; create a new one for a new group")
+        return group
 
 
 def resolve_group(model: nn.Module, process_group: Any) -> Any:

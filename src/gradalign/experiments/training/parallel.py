@@ -24,6 +24,7 @@ DDP's); the numbers are again those of one process.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import uuid
@@ -60,9 +61,14 @@ def launched_by_torchrun() -> bool:
 
 
 def init_from_env(sharded: bool = False) -> Parallel | None:
-    """Join the process group torchrun describes (None when not launched by torchrun with > 1 ranks)."""
+    """Join the process group torchrun describes (None when not launched by torchrun with > 1 ranks).
+
+    torch.distributed.nn is imported first: its functions take `group=group.WORLD` as a default
+    argument, evaluated at import, and imported after the group exists (DDP's constructor imports
+    it through torch._dynamo) it would hold the group for the rest of the process (see `finish`)."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
         return None
+    import torch.distributed.nn  # noqa: F401 - before init_process_group (the docstring says why)
     if not dist.is_initialized():
         dist.init_process_group("gloo")          # the experiments' models are on the CPU
     return Parallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, sharded)
@@ -81,6 +87,17 @@ def wrap(model: nn.Module, parallel: Parallel) -> nn.Module:
         if any(p.requires_grad for p in child.parameters()):
             fully_shard(child, mesh=mesh)
     return fully_shard(model, mesh=mesh)
+
+
+def finish() -> None:
+    """Destroy the process group for good while the interpreter runs. Call it once nothing of the
+    run holds the group any more (the Parallel, the DDP model): the garbage is collected first
+    (DDP models sit in reference cycles), so destroy_process_group frees the group and joins its
+    threads. A gloo group left alive runs its worker threads into the interpreter's shutdown,
+    where a worker freeing the last collectives (they need the GIL) now and then aborts the
+    process: "terminate called without an active exception", SIGABRT."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
