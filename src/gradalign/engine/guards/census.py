@@ -125,7 +125,7 @@ def take_census_when_due(recorder, losses: Tensor, params: dict[str, Tensor], ca
         return  # (no record at all and no cause: the engine's check of unseen parameters says why)
     take_census(losses, recorder.hooked, params, recorder.unrecorded)
     if recorder.census_due or verify:
-        check_separable(losses, calls, recorder.outputs)
+        check_separable(losses, calls, recorder.outputs, recorder.ambiguous if recorder.batch_first is None else {})
     recorder.census_due = False
 
 
@@ -137,12 +137,18 @@ def take_census(losses: Tensor, hooked: dict, params: dict[str, nn.Parameter], c
     names = {id(p): n for n, p in params.items()}
     consumers = _consumers([losses.grad_fn], set(names), hooked, params)
     claimed: dict[int, set] = {}
-    for h in hooked.values():
+    owners: dict[int, list[str]] = {}  # the modules with a recorded call that serve each parameter
+    for path, h in hooked.items():
         own = {id(p) for local, full in h.param_names.items() if (p := params.get(full)) is not None}
+        for key in own if h.calls else ():
+            owners.setdefault(key, []).append(f"{path or '<model>'} ({type(h.module).__name__})")
         for call in h.calls:
             for key, nodes in _claimed(call, own).items():
                 claimed.setdefault(key, set()).update(nodes)
-    unseen = sorted(names[key] for key, nodes in consumers.items() if nodes - claimed.get(key, set()))
+    # (a parameter none of whose modules recorded a call: the backward's own check says why, unless a forward
+    # may have gone unrecorded)
+    unseen = sorted(names[key] for key, nodes in consumers.items()
+                    if nodes - claimed.get(key, set()) and (causes or key in owners))
     if not unseen:
         return
     listed = ", ".join(unseen[:6]) + (f" and {len(unseen) - 6} more" if len(unseen) > 6 else "")
@@ -150,13 +156,15 @@ def take_census(losses: Tensor, hooked: dict, params: dict[str, nn.Parameter], c
         raise GradAlignError(
             f"the losses depend on a forward of the model that the engine has no record of (parameters {listed} are "
             f"used there): {'; or '.join(causes)}. Per-sample gradients of that forward cannot be formed")
+    where = sorted({o for key, n in names.items() if n in unseen for o in owners.get(key, [])})
     raise UnsupportedModuleError(
-        f"parameter(s) {listed} are used outside their module's forward, where the engine sees no use of them (e.g. a "
-        "tied weight used by its own module and again as F.linear(h, enc.weight.t()) in the parent's forward, or a "
-        "penalty on a parameter added to the losses): their per-sample gradients would be wrong. Fix: make every use "
-        "happen in a module's forward, e.g. register the same Parameter on a small module that does the computation "
-        "(self.weight = enc.weight; forward: F.linear(h, self.weight.t())): the engine watches it there and adds the "
-        "uses exactly; or freeze the parameter")
+        f"parameter(s) {listed} are used outside the forward of {' and '.join(where)}, which owns them (as well as "
+        "inside it), and the engine sees no use there (e.g. a tied weight used by its own module and again as "
+        "F.linear(h, enc.weight.t()) in the parent's forward, a penalty on a parameter added to the losses, or a "
+        "forward bypassed once: m.forward(x) instead of m(x)): their per-sample gradients would be wrong. Fix: make "
+        "every use happen in a module's forward (call the module instead), e.g. register the same Parameter on a "
+        "small module that does the computation (self.weight = enc.weight; forward: F.linear(h, self.weight.t())): "
+        "the engine watches it there and adds the uses exactly; or freeze the parameter")
 
 
 def output_edges(output, batch: int | None, batch_dim: int) -> list:
@@ -178,14 +186,15 @@ def _spread(g: Tensor, batch_dim: int, B: int, k: int) -> list[int] | None:
     return [i for i, nz in enumerate(nonzero) if nz and i != k] + ([k] if nonzero[k] else [])
 
 
-def check_separable(losses: Tensor, calls: list, outputs: list) -> None:
+def check_separable(losses: Tensor, calls: list, outputs: list, ambiguous: dict | None = None) -> None:
     """Raise unless losses[k] depends on sample k alone, checked for two samples k (the first and
     the largest loss) at the model's outputs and at the output of every layer served by a rule:
     LossesError where a model output sees other samples (the losses mix them, or are out of
     order), UnsupportedModuleError where only layers inside the model do (a layer whose output
     does not carry the batch on the engine's batch dim, or a module after it that mixes samples).
     `outputs`: (generation, edge, batch dim) of the model's outputs; without them, the last layer
-    recorded in each forward stands for its output."""
+    recorded in each forward stands for its output. `ambiguous`: {path: input shape} of calls with
+    the batch size on dims 0 and 1 and the layout undeclared: then the layout is named first."""
     B = losses.shape[0]
     layers = [(c.generation, c.edges[0], c.batch_dim, c.path) for c in calls
               if c.single_output and len(c.edges) == 1 and c.batch == B]
@@ -205,14 +214,24 @@ def check_separable(losses: Tensor, calls: list, outputs: list) -> None:
         (_, _, dim, path), spread = at_end[-1] if at_end else mixed[-1]
         others = [i for i in spread if i != k]
         shown = ", ".join(map(str, others[:5])) + (", ..." if len(others) > 5 else "")
-        if not at_end:  # mixed inside the model only
+        if ambiguous:
+            shapes = ", ".join(f"{p or '<model>'} {tuple(x)}" for p, x in list(ambiguous.items())[:3])
             raise UnsupportedModuleError(
+                f"the gradient of losses[{k}] reaches samples {shown} too, and modules were called with the batch "
+                f"size on both dims 0 and 1 ({shapes}) with the model's layout undeclared, so the engine took dim 0 "
+                "(batch-first). If the model is sequence-first ((T, B, ...)), declare ga.PerSampleGradients(model, "
+                "batch_first=False) (or for one module type registry.register_layout(Type, lambda m: 1)); if it is "
+                "batch-first, the losses or a module mix samples")
+        if not at_end:  # mixed inside the model only
+            error = UnsupportedModuleError(
                 f"the gradient of losses[{k}] at the output of module {path!r} reaches samples {shown}, at the "
                 f"model's output sample {k} only: {path!r}'s output does not carry the batch on dim {dim} sample by "
                 "sample, or a module after it mixes samples. A layer fed time-first ((T, B, ...) with T == B): give "
                 "it batch-first inputs, or declare its layout with RuleRegistry.register_layout; a module called on "
                 "an input with the batch size on that dim that does not carry the batch ((T, T) position buckets with "
                 "T == B): declare it with RuleRegistry.register_shared")
+            error.samples_mixed = True  # (ga.validate does not repeat it for a module it already refused)
+            raise error
         where = f"at the output of module {path!r}" if path else "at the model's output"
         if spread == others[:1]:
             raise LossesError(
