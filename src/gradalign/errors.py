@@ -12,6 +12,11 @@ class UnsupportedModuleError(GradAlignError):
     """
 
 
+class LossesError(GradAlignError, ValueError):
+    """Losses the engine cannot take per sample: not one loss per sample in the order of the
+    model's inputs, or losses that mix samples (a contrastive loss over the batch)."""
+
+
 class ConfigError(GradAlignError, ValueError):
     """A bad experiment configuration or command-line option."""
 

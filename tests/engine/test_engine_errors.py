@@ -92,7 +92,9 @@ def test_parameter_used_outside_its_module_is_refused():
         engine.backward(losses)
 
 
-def test_verify_catches_partial_use_outside_the_module():
+@pytest.mark.parametrize("verify", [False, True])
+def test_partial_use_outside_the_module_is_refused(verify):
+    """Used to be caught by verify=True only; the census of the first backward's graph sees it."""
     class HalfSneaky(nn.Module):
         def __init__(self):
             super().__init__()
@@ -102,8 +104,8 @@ def test_verify_catches_partial_use_outside_the_module():
             return self.lin(x) + F.linear(x, self.lin.weight)
 
     model = HalfSneaky()
-    engine = PerSampleGradients(model, verify=True)
-    with pytest.raises(ga.UnsupportedModuleError, match="do not add up"):
+    engine = PerSampleGradients(model, verify=verify)
+    with pytest.raises(ga.UnsupportedModuleError, match=r"lin.weight are used outside the forward of lin \(Linear\)"):
         engine.backward(model(torch.randn(4, 3)).sum(1))
 
 
@@ -304,3 +306,10 @@ def test_a_shared_value_fed_to_a_module_with_a_rule_is_refused_with_the_fix():
     PerSampleGradients(model)
     with pytest.raises(ga.UnsupportedModuleError, match=r"norm \(LayerNorm\): its input is the output of pos"):
         model(torch.randn(4, 3, 3))
+
+
+@pytest.mark.parametrize("group", ["gloo", "nccl", 0])
+def test_a_process_group_given_as_a_backend_name_is_refused(group):
+    """process_group="gloo" used to be accepted and fail inside torch at the first backward."""
+    with pytest.raises(ValueError, match="process_group must be a torch.distributed process group"):
+        ga.PerSampleGradients(nn.Sequential(nn.Linear(3, 2)), process_group=group)

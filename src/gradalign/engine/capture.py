@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from gradalign.engine.distributed import WeakGroup, refuse_late_sharding, resolve_group, sharding_of
 from gradalign.engine.gradient_stats import GradientStats
+from gradalign.engine.guards.census import refuse_reentrant_checkpoint, refuse_unfrozen, take_census_when_due
+from gradalign.engine.guards.inputs import InputVersions, read_lazily
 from gradalign.engine.rules.layout import batch_mismatch, root_mismatch
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
 from gradalign.engine.representations import PerSampleGrad, full_precision
@@ -130,8 +132,8 @@ class PerSampleGradients:
 
     def clear(self) -> None:
         """Forget every recorded forward (their inputs are freed); the next backward uses only
-        forwards that come after this."""
-        self._recorder.clear()
+        forwards that come after this (a backward of losses from a forgotten forward is refused)."""
+        self._recorder.clear(forget=True)
 
     @contextlib.contextmanager
     def paused(self):
@@ -163,12 +165,15 @@ class PerSampleGradients:
         B = losses.shape[0]
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         try:  # an empty batch (Poisson sampling) has no sample, so no per-sample gradient
-            per_sample, sums, scale, rtol = self._rules(losses, weights, params) if B else ({}, {}, None, 0.0)
+            per_sample, sums, scale, rtol, inputs = (self._rules(losses, weights, params) if B
+                                                     else ({}, {}, None, 0.0, None))
         finally:
             self._routes = self._recorder.routes()
-            self.clear()
-        stats = self._stats(per_sample, B, losses.device, params, scale, sums)
-        del per_sample, sums  # the statistics hold them now (and free them with release=True)
+            self._recorder.clear()
+            self._recorder.unrecorded.clear()  # (the census took them into account)
+            self._recorder.record_outputs = self.verify or self._recorder.census_due  # (for the separability check)
+        stats = self._stats(per_sample, B, losses.device, params, scale, sums, inputs)
+        del per_sample, sums, inputs  # the statistics hold them now (and free them with release=True)
         if self.verify and B:
             verify(stats, losses, self._graph_params(self._params), rtol)
         with phase(self.trace, WEIGHTS):
@@ -187,22 +192,26 @@ class PerSampleGradients:
         return stats
 
     def _rules(self, losses: Tensor, weights: Weights, params: dict[str, nn.Parameter]) -> tuple:
-        """(per-sample gradients, autograd's S where wanted, the loss scale, verify's tolerance)."""
-        roots = {c.root for h in self._hooked.values() for c in h.calls if c.root is not None}
+        """(per-sample gradients, autograd's S where wanted, the loss scale, verify's tolerance, the
+        layer inputs the representations read: engine/guards/inputs.py)."""
+        calls = [c for h in self._hooked.values() for c in h.calls]
+        roots = {c.root for c in calls if c.root is not None}
         if roots and losses.shape[0] not in roots:  # before the backward, whose checks would blame a module
             raise ValueError(root_mismatch(roots.pop(), losses.shape[0], self._recorder.batch_first))
         with full_precision(losses.device):  # backward and rules in float32, also inside autocast
+            take_census_when_due(self._recorder, losses, self._graph_params(params), calls, self.verify)
             wanted = self._sums_wanted(weights, params)
             self._recorder.recomputed.clear()  # (what a checkpoint recomputes in this backward)
             with phase(self.trace, BACKWARD):
                 sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
-            self._refuse_reentrant_checkpoint()
-            calls = [c for h in self._hooked.values() for c in h.calls]
+            refuse_reentrant_checkpoint(self._recorder, self._params)
             rtol = verify_rtol([g for c in calls for g in (c.grads or ())])
             with phase(self.trace, LOSS_SCALE):
                 scale = rescale(calls, sums)
+            InputVersions.check_calls(calls, "between its forward and this backward")
             with phase(self.trace, RULES):
-                return self._per_sample_grads(losses.shape[0], params), sums, scale, rtol
+                per_sample = self._per_sample_grads(losses.shape[0], params)
+        return per_sample, sums, scale, rtol, InputVersions.of_calls(calls)
 
     def _check_backward(self, losses: Tensor, write_grad: bool, release: bool) -> None:
         check_losses(losses, write_grad, release)
@@ -212,18 +221,21 @@ class PerSampleGradients:
         if self._first_backward and self._sharding is None:
             refuse_late_sharding(self.model)
         self._first_backward = False
+        refuse_unfrozen(self._recorder.unfrozen())
 
-    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale, sums) -> GradientStats:
+    def _stats(self, per_sample, B: int, device, params: dict[str, nn.Parameter], scale, sums,
+               inputs: InputVersions | None) -> GradientStats:
         sums = {n: s for n, s in sums.items() if n in per_sample}
-        if self._sharding is not None:
-            shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
-            return ShardedGradientStats(per_sample, B, sharding=self._sharding, param_shapes=shapes, device=device,
-                                        scale=scale, trace=self.trace)
-        if self.process_group is None:
-            return GradientStats(per_sample, B, device=device, scale=scale, sums=sums, trace=self.trace)
         shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
-        return GradientStats(per_sample, B, device=device, process_group=self.process_group, param_shapes=shapes,
-                             scale=scale, sums=sums, trace=self.trace)
+        if self._sharding is not None:
+            stats = ShardedGradientStats(per_sample, B, sharding=self._sharding, param_shapes=shapes, device=device,
+                                         scale=scale, trace=self.trace)
+        else:
+            group = self.process_group
+            stats = GradientStats(per_sample, B, device=device, process_group=group, inputs=inputs, scale=scale,
+                                  param_shapes=shapes if group is not None else None, sums=sums, trace=self.trace)
+        stats.trainable_names = tuple(params)  # (GAGA counts the samples of each parameter trainable now)
+        return stats
 
     def _sums_wanted(self, weights: Weights, params: dict[str, nn.Parameter]) -> list[str]:
         """Parameters whose gradient sum S autograd should form in the backward itself, where
@@ -338,10 +350,14 @@ class PerSampleGradients:
         """The per-sample gradients of every call of one hooked module, added to `out`."""
         for call in h.calls:
             if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
+                call.inputs = []
                 continue
             if call.batch != B:
                 raise ValueError(batch_mismatch(call, B, self._recorder.batch_first))
-            for local, grads in call.finish(call.grads).items():
+            finished = call.finish(call.grads)
+            if call.inputs:  # (engine/guards/inputs.py)
+                call.inputs = read_lazily(call.inputs, finished.values())
+            for local, grads in finished.items():
                 name = h.param_names[local]
                 if name not in params:  # frozen since the engine was created
                     continue
@@ -371,24 +387,6 @@ class PerSampleGradients:
         if self._sharding is None:
             return params
         return {n: self._sharding.graph_param(n, p) for n, p in params.items()}
-
-    def _refuse_reentrant_checkpoint(self) -> None:
-        """A hooked module whose forward ran only inside the backward was never recorded: a reentrant
-        activation checkpoint runs its region without gradients, then again inside the backward,
-        where a backward of its own adds the region's gradients to p.grad."""
-        missing = sorted(p for p in self._recorder.recomputed | self._recorder.without_grad
-                         if not self._hooked[p].calls and any(self._params[n].requires_grad
-                                                              for n in self._hooked[p].param_names.values()))
-        if missing:
-            raise UnsupportedModuleError(
-                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} ran with gradients off inside the "
-                "training forward (or only inside the backward), so no per-sample gradient of their trainable "
-                "parameters was recorded: a reentrant activation checkpoint (torch.utils.checkpoint(..., "
-                "use_reentrant=True)) runs its region so, and computes its gradients with a backward of its own. "
-                "Use use_reentrant=False (Hugging Face: "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}); "
-                "FSDP's checkpoint_wrapper: CheckpointImpl.NO_REENTRANT, its default); for a part of the model "
-                "run under torch.no_grad() on purpose, set requires_grad=False on its parameters")
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before the engine was created."""

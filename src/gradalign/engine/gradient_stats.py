@@ -58,6 +58,7 @@ class GradientStats:
         cosines: (B,) cos(g_i, gbar); 0 where |g_i| or |gbar| is 0.
         grad_sq_sum: {param name: sum_i g_i**2}, elementwise.
         weights (Tensor): (B,) the weights p.grad was formed with (ones when none were given).
+        trainable_names (tuple): every trainable parameter's name (set by the engine), also those not in the losses.
         scale (Tensor): () the power of two the representations are divided by, so that every square
             is formed near 1 (losses scaled by 1e20 or 1e-30 give the same cosines and weights).
 
@@ -73,10 +74,10 @@ class GradientStats:
     process_group = dist_.WeakGroup()  # held weakly: statistics never keep a destroyed group alive
 
     def __init__(self, per_sample: dict[str, PerSampleGrad], batch_size: int, *,
-                 device: torch.device | None = None, process_group=None,
+                 device: torch.device | None = None, process_group=None, inputs=None,
                  param_shapes: dict[str, tuple[torch.Size, torch.dtype]] | None = None,
                  scale: Tensor | None = None, sums: dict[str, Tensor] | None = None, trace: Trace = None):
-        self._per_sample = per_sample
+        self._per_sample, self._inputs = per_sample, inputs  # inputs: what they read (guards/inputs.py), or None
         self._given = sums or {}  # {name: S} that autograd formed in the backward (unscaled)
         units = units_.plan(per_sample)
         self._live_units: list | None = units if trace is None else [TracedUnit(u, trace) for u in units]  # None: released
@@ -94,6 +95,8 @@ class GradientStats:
                 "this statistic was not read before the per-sample gradients of its backward were released "
                 "(engine.backward(..., release=True) frees them as p.grad is written): read it inside the "
                 "weighting callable, which sees the statistics first, or call backward without release=True")
+        if self._inputs is not None:  # layer inputs the caller may have changed in place since the backward
+            self._inputs.check("after the backward, before this statistic was first read")
         return self._live_units
 
     @cached_property
@@ -110,10 +113,7 @@ class GradientStats:
 
     def _by_name(self, per_unit) -> dict[str, Tensor]:
         """{name: tensor} from a function unit -> [tensor per name], over every unit."""
-        out = {}
-        for unit in self._units:
-            out.update(zip(unit.names, per_unit(unit)))
-        return out
+        return {name: t for unit in self._units for name, t in zip(unit.names, per_unit(unit))}
 
     def _unscaled(self, tensors: dict[str, Tensor], power: int = 1, divide: float = 1.0) -> dict[str, Tensor]:
         """{name: t * scale**power / divide} in one operator call (new tensors; the same ones
@@ -395,4 +395,4 @@ class GradientStats:
     def release(self) -> None:
         """Drop the per-sample representations (and autograd's S); cached statistics stay."""
         self.dtype  # noqa: B018 - cached now: it reads the representations
-        self._live_units, self._per_sample, self._given, self._gram = None, {}, {}, None
+        self._live_units, self._per_sample, self._given, self._gram, self._inputs = None, {}, {}, None, None

@@ -7,10 +7,14 @@ model with all of them at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.representations import full_precision
@@ -27,6 +31,28 @@ class Served:
     rule: Rule
     param_names: dict[str, str]  # local name ("weight", or "child.weight" for a child the rule owns) -> full name
     shared: bool = False  # declared to be called on inputs shared by all samples (RuleRegistry.register_shared)
+    derived: dict = field(default_factory=dict)  # computed tensor -> the local names it is computed from
+
+
+_OLD_STYLE = (WeightNorm, SpectralNorm, BasePruningMethod)  # pre-hooks that set module.<name>
+
+
+def derived_tensors(module: nn.Module) -> tuple[dict[str, tuple[str, ...]], dict[str, nn.Parameter], tuple[str, ...]]:
+    """({computed tensor name: local names of the trainable parameters it is computed from},
+    {local name: parameter} of those not owned by the module itself, child names they live in)."""
+    derived, extra, children = {}, {}, ()
+    if parametrize.is_parametrized(module):
+        children = ("parametrizations",)
+        for name, plist in module.parametrizations.items():
+            found = {f"parametrizations.{name}.{n}": p for n, p in plist.named_parameters() if p.requires_grad}
+            extra.update(found)
+            derived[name] = tuple(found)
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _OLD_STYLE):
+            name = hook._tensor_name if isinstance(hook, BasePruningMethod) else hook.name
+            derived[name] = tuple(n for n, p in module.named_parameters(recurse=False)
+                                  if p.requires_grad and n in {f"{name}_g", f"{name}_v", f"{name}_orig"})
+    return derived, extra, children
 
 
 def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list[str]]:
@@ -50,6 +76,11 @@ def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list
         for child in (rule.owns if rule is not None else ()):
             owned.append(f"{path}.{child}" if path else child)
             own.update({f"{child}.{n}": p for n, p in module.get_submodule(child).named_parameters() if p.requires_grad})
+        derived = {}
+        if rule is not None and not rule.watch:  # a weight computed from other parameters (recording/parametrized.py)
+            derived, computed_from, children = derived_tensors(module)
+            own.update(computed_from)
+            owned.extend(f"{path}.{child}" if path else child for child in children)
         if not own:
             continue
         where = f"{path or '<model>'} ({type(module).__name__})"
@@ -57,7 +88,8 @@ def survey(model: nn.Module, registry: RuleRegistry) -> tuple[list[Served], list
         if reason:
             problems.append(f"{where}: {reason}")
             continue
-        served.append(Served(path, module, rule, {local: full_names[id(p)] for local, p in own.items()}, path in shared))
+        served.append(Served(path, module, rule, {local: full_names[id(p)] for local, p in own.items()}, path in shared,
+                             derived))
     return served, problems
 
 

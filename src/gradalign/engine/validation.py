@@ -1,7 +1,9 @@
 """`ga.validate`: every reason the engine would refuse a model, before training.
 
 Without example inputs: the static walk (engine/validate.py `survey`), one line per module that no
-rule can serve as configured (BatchNorm in training mode, a sparse Embedding, ...), nothing hooked.
+rule can serve as configured (BatchNorm in training mode, a sparse Embedding, ...), and per trainable
+parameter read in another module's forward (found in the source: engine/guards/static_uses.py),
+nothing hooked.
 
 With example inputs: also one forward and one backward on them, with `verify=True`, so the
 problems that only a call shows are found too (a layer given the batch on another dim, T == B
@@ -19,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils._pytree import tree_leaves
 
 from gradalign.engine.capture import PerSampleGradients
+from gradalign.engine.guards.static_uses import reads_outside
 from gradalign.engine.rules.layout import batch_size
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.validate import survey
@@ -77,8 +80,10 @@ def validate(model: nn.Module, *example_inputs, registry: RuleRegistry | None = 
     routes = {s.path: "watched" if s.rule.watch else "rule" for s in served}
     refused = {p.split(" (")[0]: p for p in problems}
     routes.update(dict.fromkeys((p if p != "<model>" else "" for p in refused), "refused"))
-    if not example_inputs and not example_kwargs:
-        return Validation(problems, dict(sorted(routes.items())), types)
+    if not example_inputs and not example_kwargs:  # (a run finds the uses themselves: the census)
+        names = {id(s.module.get_parameter(local)): full for s in served for local, full in s.param_names.items()}
+        reads = reads_outside(model, names, {s.path: tuple(s.rule.owns) for s in served})
+        return Validation(problems + reads, dict(sorted(routes.items())), types)
     frozen = [p for path, m in model.named_modules() if (path or "<model>") in refused
               for p in m.parameters() if p.requires_grad]  # left out of the run, restored after it
     grads = {p: p.grad for p in model.parameters()}
@@ -113,7 +118,8 @@ def _run(model, registry, batch_first, loss, args: tuple, kwargs: dict, verify: 
                          for path, shape in engine.ambiguous().items()]
         engine.backward(losses, write_grad=False)
     except (GradAlignError, ValueError) as err:
-        problems.append(str(err))
+        if verify or not getattr(err, "samples_mixed", False):  # (else a refused module, left in, mixes them)
+            problems.append(str(err))
     finally:
         routes = engine.routes()
         engine.remove()

@@ -101,10 +101,17 @@ class GSNRAccumulator:
         self._closed = False
         self._sum: dict[str, Tensor] = {}
         self._sum_sq: dict[str, Tensor] = {}
+        self._count: dict[str, int] = {}  # samples over which each parameter was trainable
         self._dtype: dict[str, torch.dtype] = {}
 
     def update(self, stats: GradientStats) -> bool:
         """Add one increment's statistics (sum g_i and sum g_i**2 per parameter).
+
+        Each parameter's mean and variance are over the samples of the increments in which it
+        was trainable (`stats.trainable_names`): a parameter that takes no part in an
+        increment's losses counts those samples with a zero gradient, one frozen in the middle of
+        an accumulation leaves it (its partial sums are dropped: it is not written by
+        `mean_grad()`), one unfrozen in the middle counts from then on.
 
         Returns True when the optimizer should step now (rule passed or cap reached): then
         `mean_grad()` is the mean over the accumulation just closed, and the next update()
@@ -114,12 +121,20 @@ class GSNRAccumulator:
             self.reset()
         moments = getattr(stats, "moment_sums", None)   # one all-reduce for both under data parallel
         sums, sq_sums = moments() if moments is not None else (stats.grad_sum, stats.grad_sq_sum)
+        trainable = tuple(getattr(stats, "trainable_names", None) or sums)
+        for name in [n for n in self._count if n not in trainable]:  # frozen since the accumulation began
+            for table in (self._sum, self._sum_sq, self._count, self._dtype):
+                table.pop(name, None)
+        B = getattr(stats, "global_batch_size", stats.batch_size)
+        for name in trainable:
+            self._count[name] = self._count.get(name, 0) + B
         for name, total in sums.items():
             add, add_sq = total.double(), sq_sums[name].double()
             self._dtype[name] = total.dtype
+            self._count.setdefault(name, B)
             self._sum[name] = self._sum[name] + add if name in self._sum else add
             self._sum_sq[name] = self._sum_sq[name] + add_sq if name in self._sum_sq else add_sq
-        self.n += getattr(stats, "global_batch_size", stats.batch_size)
+        self.n += B
         self.last_snr = self.snr()
         ready = self.n >= self.max_samples or self.last_snr > self.tau
         if ready:
@@ -134,6 +149,7 @@ class GSNRAccumulator:
         the history of steps. Loading it (with torch.load's map_location on the device the
         statistics live on) continues exactly as if never stopped."""
         return {"n": self.n, "closed": self._closed, "sum": dict(self._sum), "sum_sq": dict(self._sum_sq),
+                "count": dict(self._count),  # samples per parameter (those trainable in part of it)
                 "dtype": {name: str(dtype).removeprefix("torch.") for name, dtype in self._dtype.items()},
                 "samples_per_step": list(self.samples_per_step), "snr_per_step": list(self.snr_per_step),
                 "last_snr": self.last_snr}
@@ -142,30 +158,35 @@ class GSNRAccumulator:
         """Restore what state_dict() gave (the settings tau, increment, ... stay this object's)."""
         self.n, self._closed = int(state["n"]), bool(state["closed"])
         self._sum, self._sum_sq = dict(state["sum"]), dict(state["sum_sq"])
+        self._count = {name: int(c) for name, c in state.get("count", dict.fromkeys(self._sum, self.n)).items()}
         self._dtype = {name: getattr(torch, dtype) for name, dtype in state["dtype"].items()}
         self.samples_per_step = [int(n) for n in state["samples_per_step"]]
         self.snr_per_step = [float(s) for s in state["snr_per_step"]]
         self.last_snr = float(state["last_snr"])
 
     def mean_grad(self) -> dict[str, Tensor]:
-        """{param name: mean gradient over the n samples of the current accumulation}, in the
-        gradients' dtype; for `engine.set_grad`. Empty before the first update()."""
-        return {name: (total / self.n).to(self._dtype[name]) for name, total in self._sum.items()}
+        """{param name: mean gradient over the samples of the current accumulation in which the
+        parameter was trainable}, in the gradients' dtype; for `engine.set_grad`. Empty before
+        the first update()."""
+        return {name: (total / self._count[name]).to(self._dtype[name]) for name, total in self._sum.items()}
 
     def snr(self) -> float:
-        """The aggregated SNR of the samples accumulated so far (nan before two samples)."""
-        n = self.n
-        if n < 2:
+        """The aggregated SNR of the samples accumulated so far (nan before two samples); each
+        parameter's mean m_j and variance v_j over its own n_j samples (n_j = n unless it was
+        frozen or unfrozen during the accumulation)."""
+        if self.n < 2:
             return float("nan")
         terms, count = [], 0  # elementwise terms, summed over their elements below
         for name, total in self._sum.items():
+            n = self._count[name]
+            if n < 2:
+                continue
             m = total / n
             v = ((self._sum_sq[name] - n * m.square()) / (n - 1)).clamp_min(0)
-            terms.extend([m.square(), v] if self.rule == "mean_snr" else [m.square() / (v + self.eps)])
+            terms.extend([m.square(), v / n] if self.rule == "mean_snr" else [m.square() / (v + self.eps)])
             count += m.numel()
         sums = global_sums(terms)  # one host read; sharded sums (DTensors): their shards' sums all-reduced
         if self.rule == "per_sample":
             return float(sums.sum()) / max(count, 1)
-        mean_sq, var_total = float(sums[0::2].sum()), float(sums[1::2].sum())
-        noise = var_total / n
+        mean_sq, noise = float(sums[0::2].sum()), float(sums[1::2].sum())  # sum_j |m_j|^2, sum_j v_j / n_j
         return float("inf") if noise == 0 else (mean_sq - noise) / noise

@@ -46,6 +46,8 @@ class _CosineWeighting:
     def __init__(self, gamma: float = 2.0, *, leave_one_out: bool = False):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+        if not isinstance(leave_one_out, bool):  # a truthy string ("no") would turn it on
+            raise ValueError(f"leave_one_out must be True or False, got {leave_one_out!r}")
         self.gamma = float(gamma)
         self.leave_one_out = leave_one_out
         self.steps = 0
@@ -87,8 +89,17 @@ class _CosineWeighting:
         return {"steps": self.steps, "fallbacks": self.fallbacks}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self._usable = self.steps - int(state["fallbacks"])
+        """Restore what state_dict() gave: {"steps": int, "fallbacks": int}."""
+        missing = [k for k in ("steps", "fallbacks") if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict needs the dict state_dict() returns, with "
+                             f"'steps' and 'fallbacks'; missing {missing}")
+        steps, fallbacks = int(state["steps"]), int(state["fallbacks"])
+        if not 0 <= fallbacks <= steps:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: need 0 <= fallbacks <= steps, got "
+                             f"steps={steps}, fallbacks={fallbacks}")
+        self.steps = steps
+        self._usable = steps - fallbacks
 
     @property
     def _fallbacks(self) -> Tensor | int:

@@ -291,9 +291,7 @@ class GWAMonitor:
             ids = torch.cat([step.ids for step in self._pending])
             scores = step_scores(self._pending, self.head.out_features)
         else:
-            device = self.head.weight.device
-            ids, scores = torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.float64,
-                                                                                        device=device)
+            ids, scores = (torch.zeros(0, dtype=t, device=self.head.weight.device) for t in (torch.long, torch.float64))
         self._pending = []
         if self.process_group is not None:          # the whole data set's scores, in rank order
             table = all_gather_rows(torch.stack([ids.to(scores.device, torch.float64), scores], 1),
@@ -316,20 +314,23 @@ class GWAMonitor:
         return score
 
     def state_dict(self) -> dict:
-        """For a checkpoint: per-epoch sample ids and scores (numpy arrays, one per epoch) and "pending", the
-        open epoch's records (CPU tensors; [] between epochs): resumed mid-epoch, it closes with the same scores."""
+        """For a checkpoint (torch.load(weights_only=True) loads it): per-epoch sample ids and scores (CPU tensors,
+        one per epoch), "pending": the open epoch's records ([] between epochs; resumed, it closes the same)."""
         pending = [{k: None if v is None else v.detach().cpu() for k, v in step._asdict().items()}
                    for step in self._pending]
+        ids, scores = ([torch.from_numpy(a) for a in arrays] for arrays in (self._ids, self._scores))
         return {"epoch_scores": list(self.epoch_scores), "epoch_mean_alignment": list(self.epoch_mean_alignment),
                 "epoch_kurtosis": list(self.epoch_kurtosis), "unselectable": dict(self.unselectable),
-                "sample_ids": list(self._ids), "sample_scores": list(self._scores), "pending": pending}
+                "sample_ids": ids, "sample_scores": scores, "pending": pending}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() gave (then continues as if never stopped), on the head's device."""
+        """Restore what state_dict() gave (then continues as if never stopped), on the head's device; the
+        per-epoch ids and scores may be tensors or numpy arrays."""
         self.epoch_scores, self.epoch_mean_alignment, self.epoch_kurtosis = (
             list(state[k]) for k in ("epoch_scores", "epoch_mean_alignment", "epoch_kurtosis"))
         self.unselectable = {int(k): v for k, v in state["unselectable"].items()}
-        self._ids, self._scores = list(state["sample_ids"]), list(state["sample_scores"])
+        self._ids, self._scores = ([torch.as_tensor(a).cpu().numpy().astype(dtype) for a in state[k]]
+                                   for k, dtype in (("sample_ids", np.int64), ("sample_scores", np.float32)))
         self._pending = [_BatchRecord(**{k: None if v is None else v.to(self.head.weight.device)
                                          for k, v in step.items()}) for step in state.get("pending", [])]
 

@@ -1,7 +1,8 @@
 """The classifier head, shared by GWA and GVR: its recorded input z and the residual p - y.
 
 For a head logits = W z + b under cross-entropy, the gradient of CE_i with respect to W is
-r_i z_i^T with r_i = p_i - y_i (p_i = softmax(logits_i)) and with respect to b it is r_i,
+r_i z_i^T with r_i = p_i - y_i (p_i = softmax(logits_i); (sum_c y_ic) p_i - y_i for soft or
+multi-hot targets whose rows do not sum to 1) and with respect to b it is r_i,
 so both methods need the head's input z from the same forward and r.
 """
 from __future__ import annotations
@@ -19,10 +20,16 @@ def label_distribution(targets: Tensor, num_classes: int, dtype: torch.dtype) ->
 
 
 def residual(logits: Tensor, targets: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """(B, C) r_i = softmax(logits_i) - y_i, the gradient of CE_i wrt logits_i, in `dtype`
-    (default: the logits' dtype)."""
+    """(B, C) r_i = (sum_c y_ic) softmax(logits_i) - y_i, the gradient of CE_i = -sum_c y_ic
+    log softmax(logits_i)_c wrt logits_i, in `dtype` (default: the logits' dtype). For class
+    indices and probability targets (rows summing to 1) this is p_i - y_i; multi-hot or
+    unnormalised soft targets keep their row sums, as F.cross_entropy does."""
     dtype = dtype or logits.dtype
-    return torch.softmax(logits.to(dtype), dim=1) - label_distribution(targets, logits.shape[1], dtype)
+    y = label_distribution(targets, logits.shape[1], dtype)
+    p = torch.softmax(logits.to(dtype), dim=1)
+    if targets.is_floating_point():  # rows of y need not sum to 1
+        p = p * y.sum(dim=1, keepdim=True)
+    return p - y
 
 
 def is_head_output(logits: Tensor, output: Tensor) -> bool:

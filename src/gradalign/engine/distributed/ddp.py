@@ -77,6 +77,11 @@ class WeakGroup:
 def resolve_group(model: nn.Module, process_group: Any) -> Any:
     """The group to reduce over: `process_group`, else a DistributedDataParallel model's own
     group, else None (single process: no communication at all)."""
+    if isinstance(process_group, (str, bytes, int, float)):  # e.g. "gloo": a backend, not a group
+        raise ValueError(
+            f"process_group must be a torch.distributed process group (dist.group.WORLD, or one from "
+            f"dist.new_group(backend=...)), got the {type(process_group).__name__} {process_group!r}; the backend "
+            "is chosen by dist.init_process_group(backend=...) or dist.new_group(backend=...)")
     if process_group is not None:
         return process_group
     if isinstance(model, nn.parallel.DistributedDataParallel):

@@ -24,7 +24,8 @@ from gradalign.engine.rules.embedding_bag import embedding_bag_capture, embeddin
 from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_output, fallback_rule
 from gradalign.engine.rules.hf_conv1d import hf_conv1d_own_cosines, hf_conv1d_rule
 from gradalign.engine.rules.linear import linear_own_cosines, linear_rule
-from gradalign.engine.rules.norm import batch_norm_check, batch_norm_rule, group_norm_rule, layer_norm_rule
+from gradalign.engine.rules.norm import (batch_norm_check, batch_norm_rule, group_norm_rule, instance_norm_rule,
+                                        layer_norm_rule)
 from gradalign.engine.rules.recurrent import (recurrent_capture, recurrent_check_call, recurrent_output,
                                               recurrent_rule)
 
@@ -161,6 +162,7 @@ def default_registry() -> RuleRegistry:
             nn.LayerNorm: Rule(layer_norm_rule, features=lambda m: len(m.normalized_shape)),
             nn.GroupNorm: Rule(group_norm_rule, features=None),
             nn.modules.batchnorm._BatchNorm: norm_check,
+            nn.modules.instancenorm._InstanceNorm: Rule(instance_norm_rule),
             nn.Embedding: Rule(embedding_rule, check=embedding_check),
             nn.EmbeddingBag: Rule(embedding_bag_rule, check=embedding_bag_check, capture=embedding_bag_capture,
                                   features=None, reads_parameters=True),  # max mode reads the rows

@@ -1,4 +1,5 @@
-"""Per-sample affine parameters of normalisation layers: LayerNorm, GroupNorm, eval BatchNorm.
+"""Per-sample affine parameters of normalisation layers: LayerNorm, GroupNorm, InstanceNorm,
+eval BatchNorm.
 
 With xhat the normalised input and d the output gradient, summed over every position that
 shares an affine entry: g_i(gamma) = sum_t d_it * xhat_it, g_i(beta) = sum_t d_it.
@@ -59,4 +60,17 @@ def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, args: tuple, grad_o
     xhat = (x - module.running_mean.view(view)) * torch.rsqrt(module.running_var.view(view) + module.eps)
     if x.dim() == 2:
         return _affine_grads(module, xhat.unsqueeze(1), grad_output.unsqueeze(1), (x.shape[1],))
+    return _affine_grads(module, _channels_last(xhat), _channels_last(grad_output), (x.shape[1],))
+
+
+def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, args: tuple, grad_output: Tensor) -> dict:
+    """InstanceNorm normalises each sample on its own (with its own statistics in training mode or
+    without running statistics, with the running statistics in eval mode), so it never mixes
+    samples; updating the running statistics is a side effect of the forward only."""
+    x, grad_output = upcast(args[0]), upcast(grad_output)
+    if module.training or not module.track_running_stats:
+        xhat = F.instance_norm(x, eps=module.eps)
+    else:
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        xhat = (x - module.running_mean.view(view)) * torch.rsqrt(module.running_var.view(view) + module.eps)
     return _affine_grads(module, _channels_last(xhat), _channels_last(grad_output), (x.shape[1],))

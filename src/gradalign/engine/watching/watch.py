@@ -46,11 +46,11 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_leaves, tree_map
 
-from gradalign.engine.representations import PerSampleGrad
-from gradalign.engine.representations import combine
+from gradalign.engine.guards.inputs import versions
+from gradalign.engine.representations import PerSampleGrad, combine
 from gradalign.engine.watching.uses import AtUse, EmbeddingUse, LinearUse, NormUse, Source, lookup_grads
 from gradalign.errors import UnsupportedModuleError
 
@@ -110,10 +110,9 @@ class Watch:
                  batch: int | None, batch_dim: int, can_fall_back: bool):
         self.module, self.where, self.params, self.names = module, where, params, names
         self.batch, self.batch_dim, self.can_fall_back = batch, batch_dim, can_fall_back
-        # uses and their edges; both grow until the backward, as a tensor computed from the
-        # parameters may leave the forward (returned by it) and meet the batch later
-        self.uses: list = []
-        self.edges: list[GradientEdge] = []
+        # uses, their edges, the inputs they keep (engine/guards/inputs.py) grow until the backward (a tensor computed
+        # from the parameters may leave the forward and meet the batch later); claims: the aliases' autograd nodes
+        self.uses, self.edges, self.inputs, self.claims = [], [], [], []
         self.stopped: str | None = None  # the operation it could not follow
         self.fix = ("compute this step in a submodule that has a rule (nn.Linear, nn.LayerNorm, ...), register a rule "
                     "for this module type (gradalign.engine.default_registry().register), or freeze the parameter")
@@ -125,6 +124,8 @@ class Watch:
             alias = p.as_subclass(_Watched)
             alias._ga_source = Source(self, p, alias=name, label=f"parameter {self.names[name]}")
             self.module._parameters[name] = alias
+            with torch._C.DisableTorchFunctionSubclass():
+                self.claims.append(alias.grad_fn)
 
     def stop(self) -> None:
         for name, p in self.params.items():
@@ -140,6 +141,7 @@ class Watch:
     def _use(self, use) -> None:
         self.uses.append(use)
         self.edges.append(use.edge)
+        self.inputs += versions([getattr(use, "x", getattr(use, "index", None))])
 
     def per_sample(self, grads: list[Tensor | None]) -> dict[str, PerSampleGrad]:
         """Per-sample gradients of the watched parameters from the gradients at the uses; the
@@ -170,8 +172,6 @@ class Watch:
 
     def _carries_batch(self, t: Tensor, ndim: int | None = None) -> bool:
         return self._size_at_batch_dim(t, ndim) == self.batch
-
-    # -- the operations ------------------------------------------------------------------
 
     def on_op(self, func, args: tuple, kwargs: dict):
         if self.stopped is not None or not torch.is_grad_enabled():

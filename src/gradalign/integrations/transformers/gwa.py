@@ -195,17 +195,11 @@ class GWACallback(TrainerCallback):
     def state_dict(self) -> dict:
         """The monitor's state (mid-epoch included; per-epoch arrays as tensors), the selection
         and the selected epoch's weights."""
-        monitor = self.monitor.state_dict()
-        for key in ("sample_ids", "sample_scores"):
-            monitor[key] = [torch.from_numpy(a) for a in monitor[key]]
-        return {"monitor": monitor, "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch,
+        return {"monitor": self.monitor.state_dict(), "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch,
                 "seen": self._seen, "best_state": self._best_state}
 
     def load_state_dict(self, state: dict) -> None:
-        monitor = dict(state["monitor"])
-        for key in ("sample_ids", "sample_scores"):
-            monitor[key] = [t.numpy() for t in monitor[key]]
-        self.monitor.load_state_dict(monitor)
+        self.monitor.load_state_dict(state["monitor"])  # (per-epoch ids and scores: tensors)
         self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
         self._seen, self._best_state = state["seen"], state["best_state"]
 

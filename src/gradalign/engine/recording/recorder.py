@@ -9,85 +9,24 @@ training forwards of the model; `PerSampleGradients.backward` consumes them.
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_leaves
 
+from gradalign.engine.guards.census import output_edges
+from gradalign.engine.guards.inputs import keep, versions
+from gradalign.engine.recording.calls import Call, Hooked, nodes
+from gradalign.engine.recording.hooks import eager, first_tensor, in_backward, inside_torch_func
 from gradalign.engine.rules import RuleRegistry
 from gradalign.engine.rules.layout import ambiguous, batch_size, call_batch_dim, feature_dims, first_argument
-from gradalign.engine.validate import Served, survey
+from gradalign.engine.recording.parametrized import derived_finish, used_tensors, watch_outputs
+from gradalign.engine.validate import survey
 from gradalign.engine.watching import Watch, refuse_watched_input, watch_shared_output
 from gradalign.errors import UnsupportedModuleError
-
-@dataclass
-class Call:
-    """One recorded call of a hooked module: the autograd edges where its gradients are taken
-    (fixed at the forward: later in-place ops on an output don't move them), how many samples
-    it saw, and `finish`, which turns the gradients there into {local name: per-sample grad}."""
-
-    path: str
-    batch: int | None
-    edges: list[GradientEdge]
-    finish: Callable[[list], dict]
-    grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
-    generation: int = 0        # which forward of the model recorded it
-    own_cosines: bool = False  # its cosine terms come without S (Rule.own_cosines)
-    full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
-    watched: bool = False      # served through a watch (engine/watching/watch.py): its S is not asked of autograd
-    route: str = "rule"        # rule, watched, fallback (torch.func), or shared (a rule on a value shared by all samples)
-    root: int | None = None    # B of the model's forward that made this call (from its first argument)
-    batch_dim: int = 0         # where this call's input had the batch
-
-
-@dataclass
-class Hooked(Served):
-    """A served module, the calls recorded since the last backward, and what the pre-forward
-    hook left for each forward in progress (a Watch, a rule's capture, or None)."""
-
-    calls: list[Call] = field(default_factory=list)
-    pending: list = field(default_factory=list)
-
-
-def _eager(hook):
-    """Under torch.compile every engine hook runs eagerly (a graph break at each hooked layer):
-    it needs the autograd edges of real tensors and mutates the engine's Python state. Outside
-    torch.compile the hook is called directly: the disabling wrapper costs several microseconds
-    per call (dynamo's frame callback is swapped out and back), at every hooked layer."""
-    disabled = torch.compiler.disable(hook)
-
-    @functools.wraps(hook)
-    def run(*args, **kwargs):
-        if torch.compiler.is_compiling():  # being traced: break the graph, run the hook eagerly
-            return disabled(*args, **kwargs)
-        return hook(*args, **kwargs)
-    return run
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward: a forward now is a recomputation (an activation
-    checkpoint's), whose records the original forward took already."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _inside_torch_func(t: Tensor) -> bool:
-    """True for a tensor inside a torch.func transform (vmap, grad): not a training forward."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
-    for a in args:  # a loop, not a generator: this runs at every hooked call
-        if isinstance(a, Tensor):
-            return a
-    for a in kwargs.values():
-        if isinstance(a, Tensor):
-            return a
-    return None
-
 
 class Recorder:
     """Hooks every served module of `model` and keeps the records of its training forwards.
@@ -126,17 +65,62 @@ class Recorder:
         self.without_grad: set[str] = set()  # hooked modules run with gradients off inside a training forward
         self._training_roots: list[bool] = []
         self._last_batch: int | None = None
-        self._check_and_collect()
+        self._root_inputs: list[tuple[int, ...]] = []  # the data_ptr of its tensor arguments (guards/inputs.py)
+        self.unrecorded: list[str] = []  # why a forward since the last backward may have no record (census)
+        self.census_due = True  # the first backward takes the census (engine/guards/census.py)
+        self.record_outputs = True  # the model's outputs' edges, for the separability check (census.py)
+        self.outputs: list[tuple[int, GradientEdge, int]] = []  # (generation, edge, batch dim)
         self._handles = []
-        units = {id(m) for m in sharding.modules.values()} if sharding is not None else set()
-        for path, h in self.hooked.items():
-            if h.rule.watch or h.rule.capture:
-                self._handles.append(h.module.register_forward_pre_hook(_eager(self._make_pre_hook(path, h)),
-                                                                        with_kwargs=True))
-            self._handles.append(h.module.register_forward_hook(
-                _eager(self._make_hook(path, h)), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture),
-                prepend=id(h.module) in units))
+        self._units = {id(m) for m in sharding.modules.values()} if sharding is not None else set()
+        self._frozen: list[nn.Parameter] = []  # parameters frozen when last surveyed
+        self._pre_hooks: dict[str, Callable] = {}
+        self._newly_hooked: list[str] = []
+        self.refresh()
         self._hook_layouts()
+
+    def refresh(self, *, strict: bool = True) -> list[str]:
+        """Survey the model again: parameters made trainable since (gradual unfreezing) are served
+        from now on, their modules hooked; returns their names. Runs before every training forward
+        in which a parameter frozen at the last survey requires grad (strict=False: not inside
+        torch.func's functional_call, whose tensors stand in for the parameters)."""
+        served, problems = survey(self.model, self.registry)
+        try:
+            found = {full: s.module.get_parameter(local) for s in served for local, full in s.param_names.items()}
+        except AttributeError:
+            if strict:
+                raise
+            return []
+        if problems:
+            raise UnsupportedModuleError(
+                "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
+        for s in served:
+            h = self.hooked.get(s.path)
+            if h is None:
+                h = self.hooked[s.path] = Hooked(s.path, s.module, s.rule, s.param_names, s.shared, s.derived)
+                self._hook(s.path, h)
+                self._newly_hooked.append(s.path)
+            else:  # in place: the hooks hold it
+                h.param_names.update(s.param_names)
+        new = [full for full in found if full not in self.params]
+        self.params.update(found)
+        self.census_due = self.census_due or bool(new)
+        served_ids = {id(p) for p in self.params.values()}
+        self._frozen = [p for p in self.model.parameters() if id(p) not in served_ids]
+        return new
+
+    def unfrozen(self) -> list[str]:
+        """The names of the parameters frozen at the last survey that require grad now."""
+        ids = {id(p) for p in self._frozen if p.requires_grad}
+        return [n for n, p in self.model.named_parameters() if id(p) in ids] if ids else []
+
+    def _hook(self, path: str, h: Hooked) -> None:
+        if h.rule.watch or h.rule.capture:
+            self._pre_hooks[path] = eager(self._make_pre_hook(path, h))
+            self._handles.append(h.module.register_forward_pre_hook(self._pre_hooks[path], with_kwargs=True))
+        self._handles.append(h.module.register_forward_hook(
+            eager(self._make_hook(path, h)), with_kwargs=True, always_call=bool(h.rule.watch or h.rule.capture),
+            prepend=id(h.module) in self._units))
+        self._handles += watch_outputs(h.module, h.latest, lambda: self._capturing and torch.is_grad_enabled())
 
     def remove(self) -> None:
         """Detach every hook and forget every record."""
@@ -159,42 +143,51 @@ class Recorder:
         def pop(stack: list):
             def hook(*_):
                 stack.pop()  # and return None: a forward hook's result would replace the output
-            return _eager(hook)
+            return eager(hook)
 
         def root_pre(module, args, kwargs):  # the forward's generation, and B for the watches
-            training = self._capturing and torch.is_grad_enabled() and not _in_backward()
-            if training:
-                self._generation += 1
+            training = self._capturing and torch.is_grad_enabled() and not in_backward()
             self._root_batch.append(batch_size(args, kwargs, root_dim))
             self._training_roots.append(training)
             self._last_batch = self._root_batch[-1]  # for a checkpoint's recomputation, after the forward
+            first = first_tensor(args, kwargs)  # plain: a forward with gradients, not a recomputation or torch.func
+            plain = (torch.is_grad_enabled() and not in_backward()
+                     and not (first is not None and inside_torch_func(first)))
+            self._root_inputs.append(tuple(t.data_ptr() for t in (*args, *kwargs.values())
+                                           if isinstance(t, Tensor)) if plain and self._capturing else ())
+            if plain and not self._capturing:
+                self._note("a forward ran inside engine.paused(), which records nothing")
+            if training:
+                self._generation += 1
+                if self._frozen and any(p.requires_grad for p in self._frozen):  # unfrozen: hook their modules first
+                    self._newly_hooked.clear()
+                    self.refresh(strict=False)
+                    if "" in self._newly_hooked and "" in self._pre_hooks:  # the root's own: too late to fire
+                        self._pre_hooks[""](module, args, kwargs)
 
-        def root_post(*_):
-            self._root_batch.pop()
-            self._training_roots.pop()
-        self._handles += [self.model.register_forward_pre_hook(_eager(root_pre), with_kwargs=True, prepend=True),
-                          self.model.register_forward_hook(_eager(root_post), always_call=True)]
+        def root_post(module, args, output):  # (returns None: a forward hook's result would replace the output)
+            B, training = self._root_batch.pop(), self._training_roots.pop()
+            self._root_inputs.pop()
+            if self.record_outputs and training and output is not None:
+                self.outputs += [(self._generation, edge, root_dim) for edge in output_edges(output, B, root_dim)]
+        self._handles += [self.model.register_forward_pre_hook(eager(root_pre), with_kwargs=True, prepend=True),
+                          self.model.register_forward_hook(eager(root_post), always_call=True)]
         for module, bd in layouts:
             def push(*_, bd=bd):
                 self._layout.append(bd)
-            self._handles += [module.register_forward_pre_hook(_eager(push), prepend=True),
+            self._handles += [module.register_forward_pre_hook(eager(push), prepend=True),
                               module.register_forward_hook(pop(self._layout), always_call=True)]
-
-    def _check_and_collect(self) -> None:
-        served, problems = survey(self.model, self.registry)
-        if problems:
-            raise UnsupportedModuleError(
-                "per-sample gradients are not available for these modules:\n  " + "\n  ".join(problems))
-        for s in served:
-            self.hooked[s.path] = Hooked(s.path, s.module, s.rule, s.param_names, s.shared)
-            self.params.update({full: s.module.get_parameter(local) for local, full in s.param_names.items()})
 
     def _active(self, args: tuple, kwargs: dict) -> bool:
         """A training forward: capturing, gradients on, not inside a torch.func transform, not a
         recomputation inside a backward."""
-        first = _first_tensor(args, kwargs)
-        return (self._capturing and torch.is_grad_enabled() and not (first is not None and _inside_torch_func(first))
-                and not _in_backward())
+        first = first_tensor(args, kwargs)
+        return (self._capturing and torch.is_grad_enabled() and not (first is not None and inside_torch_func(first))
+                and not in_backward())
+
+    def _note(self, cause: str) -> None:
+        if cause not in self.unrecorded:
+            self.unrecorded.append(cause)
 
     def _batch_dim(self, path: str, module: nn.Module, x) -> int:
         """The batch dim of a call whose first input is x, within the enclosing layout (engine/rules/layout.py)."""
@@ -217,11 +210,11 @@ class Recorder:
 
         def pre_hook(module, args, kwargs):
             state = None
-            recompute = rule.watch and self._capturing and torch.is_grad_enabled() and _in_backward()
+            recompute = rule.watch and self._capturing and torch.is_grad_enabled() and in_backward()
             if self._active(args, kwargs) or recompute:
                 batch_dim = self._batch_dim(path, module, first_argument(args, kwargs))
                 if not rule.watch:
-                    state = rule.capture(module, args, kwargs, batch_dim)
+                    state = (rule.capture(module, args, kwargs, batch_dim), versions(tree_leaves((args, kwargs))))
                 else:  # (the output is not known yet: the first argument stands in for it)
                     # a checkpoint's recomputation watches too, so that it saves what the forward saved
                     # (the expanded uses), but nothing it sees is kept
@@ -248,14 +241,14 @@ class Recorder:
 
         def hook(module, args, kwargs, output):
             state = hooked.pending.pop() if rule.watch or rule.capture else None
-            if self._capturing and torch.is_grad_enabled() and _in_backward():  # a checkpoint's recomputation
+            if self._capturing and torch.is_grad_enabled() and in_backward():  # a checkpoint's recomputation
                 self.recomputed.add(path)
                 if state is not None and rule.watch:
                     state[0].stop()
                 return None
             if not torch.is_grad_enabled() and self._training_roots and self._training_roots[-1]:
                 self.without_grad.add(path)  # (a reentrant checkpoint runs its region so)
-            captured = state
+            captured, kept = state if state is not None else (None, None)
             if rule.watch:
                 if state is None:
                     return None
@@ -265,17 +258,18 @@ class Recorder:
                     return None
                 if watch.stopped is None:  # watch.edges is live: uses after the forward still count
                     self._append(hooked, Call(path, watch.batch, watch.edges, watch.per_sample, watched=True,
-                                              route="watched"))
+                                              route="watched", inputs=watch.inputs, claims=tuple(watch.claims)))
                     return None
+                kept = versions(tree_leaves((args, kwargs)))
                 reason = rule.check_call(module, args, kwargs, output) if rule.check_call else None
                 if reason:  # the torch.func fallback cannot serve it either
                     raise UnsupportedModuleError(watch.refusal(reason))
-            return self._record(path, hooked, module, args, kwargs, output, captured)
+            return self._record(path, hooked, module, args, kwargs, output, captured, kept)
 
         return hook
 
     def _record(self, path: str, hooked: Hooked, module: nn.Module, args: tuple, kwargs: dict, output,
-                captured: tuple | None):
+                captured: tuple | None, kept: list | None = None):
         """Record one call of a rule's module: its output edges and how to finish it. Returns None,
         or the output to hand on in its place (a module called without the batch: watched)."""
         rule = hooked.rule
@@ -290,15 +284,15 @@ class Recorder:
             live = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
             if not live:
                 return
-        if _inside_torch_func(outputs[live[0]]):
+        if inside_torch_func(outputs[live[0]]):
             return
         for check in (rule.reason(module), rule.check_call(module, args, kwargs, output) if rule.check_call else None):
             if check:
                 raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
         batch_dim = self._batch_dim(path, module, first_argument(args, kwargs))
         refuse_watched_input(args, f"{path or '<model>'} ({type(module).__name__})")
-        if captured is None:  # default: the positional inputs, batch first
-            captured = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        if captured is None:  # default: the positional inputs (copies of the model's own), batch first
+            captured, kept = keep(args, self._root_inputs[-1] if self._root_inputs else ())
             if batch_dim and captured and isinstance(captured[0], Tensor):
                 captured = (captured[0].movedim(batch_dim, 0), *captured[1:])
         first = captured[0] if captured else None
@@ -307,7 +301,8 @@ class Recorder:
         if B is not None and (batch != B or hooked.shared) and isinstance(first, Tensor) and not (rule.output or rule.capture):
             watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
                                                 rule.compute, captured, output, B, batch_dim, self._layout_hint())
-            self._append(hooked, Call(path, B, watch.edges, watch.per_sample, watched=True, route="shared"))
+            self._append(hooked, Call(path, B, watch.edges, watch.per_sample, watched=True, route="shared", inputs=kept,
+                                      stops=nodes(args), starts=(output.grad_fn,)))
             return shared
         n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
         edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
@@ -318,10 +313,15 @@ class Recorder:
                 return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
             return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
 
+        if hooked.derived:  # a weight computed from other parameters (recording/parametrized.py): no S asked
+            finish = derived_finish(finish, module, hooked.derived, used_tensors(module, hooked.derived, hooked.latest))
         own_cosines = bool(rule.own_cosines and rule.own_cosines(module, captured))
         full = outputs[live[0]].dtype in (torch.float32, torch.float64)
         self._append(hooked, Call(path, batch, edges, finish, own_cosines=own_cosines, full=full,
-                                  route="fallback" if rule.watch else "rule", batch_dim=batch_dim))
+                                  route="fallback" if rule.watch else "rule", batch_dim=batch_dim,
+                                  single_output=rule.output is None and not rule.capture, inputs=kept,
+                                  watched=bool(hooked.derived),
+                                  stops=nodes(tree_leaves((args, kwargs)) if kwargs or rule.capture else args)))
 
     def routes(self) -> dict[str, str]:
         """{path: its calls' routes} over the calls recorded now that took part in a backward (or,
@@ -346,6 +346,9 @@ class Recorder:
         for h in self.hooked.values():
             h.calls[:] = [c for c in h.calls if c.generation >= keep_from]
         self._oldest = keep_from
+        self._note(f"more than max_pending_forwards={self.max_pending_forwards} forwards ran with gradients on since "
+                   "the last engine.backward(), so the records of the older ones were dropped (raise "
+                   "max_pending_forwards, or run the other forwards under torch.no_grad() or engine.paused())")
         if not self._warned_dropped:
             self._warned_dropped = True
             warnings.warn(
@@ -356,12 +359,16 @@ class Recorder:
                 "rather than loss.backward() while the engine is attached (or raise max_pending_forwards)",
                 RuntimeWarning, stacklevel=4)
 
-    def clear(self) -> None:
+    def clear(self, *, forget: bool = False) -> None:
         """Forget every recorded forward (their inputs are freed); the next backward uses only
-        forwards that come after this."""
+        forwards that come after this. forget=True (engine.clear()): a backward of losses from
+        a forgotten forward is then refused with this cause."""
+        if forget and any(h.calls for h in self.hooked.values()):
+            self._note("engine.clear() forgot the forwards recorded before it (call it only after forwards that no "
+                       "engine.backward() will use)")
         for h in self.hooked.values():
             h.calls.clear()
-        self._oldest = None
+        self._oldest, self.outputs = None, []
         self.recomputed.clear()
         self.without_grad.clear()
 
