@@ -324,8 +324,7 @@ class GWAMonitor:
                 "sample_ids": ids, "sample_scores": scores, "pending": pending}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() gave (then continues as if never stopped), on the head's device; the
-        per-epoch ids and scores may be tensors or numpy arrays."""
+        """Restore what state_dict() gave (continues as if never stopped), on the head's device; ids, scores: tensors or numpy."""
         self.epoch_scores, self.epoch_mean_alignment, self.epoch_kurtosis = (
             list(state[k]) for k in ("epoch_scores", "epoch_mean_alignment", "epoch_kurtosis"))
         self.unselectable = {int(k): v for k, v in state["unselectable"].items()}
