@@ -220,8 +220,10 @@ def check_separable(losses: Tensor, calls: list, outputs: list, ambiguous: dict 
                 f"the gradient of losses[{k}] reaches samples {shown} too, and modules were called with the batch "
                 f"size on both dims 0 and 1 ({shapes}) with the model's layout undeclared, so the engine took dim 0 "
                 "(batch-first). If the model is sequence-first ((T, B, ...)), declare ga.PerSampleGradients(model, "
-                "batch_first=False) (or for one module type registry.register_layout(Type, lambda m: 1)); if it is "
-                "batch-first, the losses or a module mix samples")
+                "batch_first=False) (or for one module type registry.register_layout(Type, lambda m: 1)); if a "
+                "module is called on a value with the batch size on a dim that does not carry the batch ((T, T) "
+                "position buckets with T == B), declare it with RuleRegistry.register_shared; otherwise the losses or "
+                "a module mixes samples")
         if not at_end:  # mixed inside the model only
             error = UnsupportedModuleError(
                 f"the gradient of losses[{k}] at the output of module {path!r} reaches samples {shown}, at the "

@@ -141,6 +141,11 @@ def fail_stale_trials(study: optuna.Study) -> None:
             optuna.storages.fail_stale_trials(study)
 
 
+def beat(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Record one heartbeat of the trial now (Optuna finds a RUNNING trial stale only once it has one)."""
+    study._storage.record_heartbeat(trial._trial_id)
+
+
 class Heartbeat:
     """Records the trial's heartbeat every interval while the `with` block runs (what
     Study.optimize does for its trials; we ask and tell by hand)."""

@@ -157,6 +157,7 @@ def _next_trial(study: optuna.Study, trials: int, heartbeat: bool) -> optuna.Tri
             trial = study.ask()
         if not heartbeat:
             return trial
+        storages.beat(study, trial)   # at once: a trial never beaten is never found stale if its worker dies now
         now = study.get_trials(deepcopy=False)
         if sum(_finished(t) for t in now) + _running(now, before=trial.number) < trials:
             return trial
