@@ -16,14 +16,14 @@ from gradalign.engine import (
 )
 from gradalign.engine import distributed  # ga.distributed.broadcast_parameters, all_reduce_flat
 from gradalign.errors import (ConfigError, GradAlignError, LossesError, RunFolderError, ShardingError,
-                              UnsupportedModuleError)
+                              StatisticNotKeptError, UnsupportedModuleError)
 from gradalign.methods import GASW, GDSW, GVR, GSNRAccumulator, GWAMonitor, gwa_alignment, gwa_score
 
 __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "GASW", "GDSW", "GSNRAccumulator", "GVR", "GWAMonitor", "GradAlignError", "LossesError",
     "RunFolderError", "GradientStats", "PerSampleGradients", "Rule", "RuleRegistry", "ShardingError",
-    "UnsupportedModuleError",
+    "StatisticNotKeptError", "UnsupportedModuleError",
     "check_model", "compare_with_reference", "default_registry", "distributed", "gwa_alignment", "gwa_score",
     "reference_gradients", "reference_statistics", "replace_batchnorm", "token_losses", "Validation", "validate",
 ]

@@ -31,3 +31,9 @@ class ShardingError(GradAlignError):
     """A distributed (sharded) model the engine cannot serve as it is: HSDP, tensor parallel,
     parameters on different meshes, FSDP1, a process group other than the mesh's. The message
     says what was found and what is supported."""
+
+
+class StatisticNotKeptError(GradAlignError, AttributeError):
+    """A statistic that the backward which made these statistics did not keep (memory="low"
+    reduces each layer to norms and cosines in the backward). An AttributeError too, so
+    getattr(stats, name, default) still falls back."""

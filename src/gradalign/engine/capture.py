@@ -21,12 +21,13 @@ from gradalign.engine.guards.census import refuse_reentrant_checkpoint, refuse_u
 from gradalign.engine.guards.inputs import InputVersions, read_lazily
 from gradalign.engine.rules.layout import batch_mismatch, root_mismatch
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
-from gradalign.engine.representations import PerSampleGrad, full_precision
+from gradalign.engine.representations import PerSampleGrad, combine, full_precision
 from gradalign.engine.recording import Recorder, Call
 from gradalign.engine.rules import RuleRegistry, default_registry
 from gradalign.engine.scale import rescale
+from gradalign.engine.low_memory import InBackward, check_memory
+from gradalign.engine.weights import resolve_weights
 from gradalign.engine.sharded_stats import ShardedGradientStats
-from gradalign.engine.representations import combine
 from gradalign.engine.validate import check_losses, unseen_use, verify, verify_rtol
 from gradalign.errors import GradAlignError, UnsupportedModuleError
 
@@ -143,7 +144,7 @@ class PerSampleGradients:
             yield self
 
     def backward(self, losses: Tensor, weights: Weights = None, *, write_grad: bool = True,
-                 release: bool = False) -> GradientStats:
+                 release: bool = False, memory: str = "default") -> GradientStats:
         """One backward of sum(losses); p.grad += (1/B) sum_i w_i g_i (w = 1 by default).
 
         Args:
@@ -157,31 +158,44 @@ class PerSampleGradients:
                 written, so the step's extra memory peaks as a plain backward's does. The
                 statistics read before (by the `weights` callable) stay readable; any other
                 raises GradAlignError.
+            memory: "default", or "low": each layer's output gradient is reduced to per-sample norms
+                (and the cosines, for a weighting whose `needs` names "cosines", e.g. GASW) inside the
+                backward and freed, and p.grad comes from a second backward of sum_i w_i l_i through
+                the retained graph (engine/low_memory.py): extra memory near a plain step's, time
+                about a backward more. The result then holds only those (ReducedStats); GAGA's
+                sums and a process group need the default.
 
         Returns:
             GradientStats of the unweighted per-sample gradients, with `.weights` set.
         """
-        self._check_backward(losses, write_grad, release)
+        self._check_backward(losses, write_grad, release, memory)
         B = losses.shape[0]
         params = {n: p for n, p in self._params.items() if p.requires_grad}
+        low = None if memory == "default" else InBackward(
+            self._hooked, params, B, losses.device, cosines="cosines" in getattr(weights, "needs", ()),
+            paused=self._recorder.paused, batch_first=self._recorder.batch_first)
         try:  # an empty batch (Poisson sampling) has no sample, so no per-sample gradient
-            per_sample, sums, scale, rtol, inputs = (self._rules(losses, weights, params) if B
+            per_sample, sums, scale, rtol, inputs = (self._rules(losses, weights, params, low) if B
                                                      else ({}, {}, None, 0.0, None))
         finally:
             self._routes = self._recorder.routes()
             self._recorder.clear()
             self._recorder.unrecorded.clear()  # (the census took them into account)
             self._recorder.record_outputs = self.verify or self._recorder.census_due  # (for the separability check)
-        stats = self._stats(per_sample, B, losses.device, params, scale, sums, inputs)
+        stats = (self._stats(per_sample, B, losses.device, params, scale, sums, inputs) if low is None
+                 else low.stats(tuple(params)))
         del per_sample, sums, inputs  # the statistics hold them now (and free them with release=True)
         if self.verify and B:
             verify(stats, losses, self._graph_params(self._params), rtol)
         with phase(self.trace, WEIGHTS):
-            w = self._resolve_weights(weights, stats, losses)
+            w = resolve_weights(weights, stats, losses, self.verify)
         stats.weights = w
         with phase(self.trace, WRITE):
             if (release or write_grad) and stats.global_batch_size == 0:
                 pass  # no sample anywhere: p.grad is left as it is (adds zero)
+            elif low is not None:
+                if write_grad:  # a second backward of sum_i w_i l_i through the retained graph
+                    self._write_grad(low.weighted_grads(losses, w, self._graph_params(params)), add=True)
             elif release:  # (1/B) sum_i w_i g_i, a layer at a time, each layer's factors freed after
                 stats.release_into(None if weights is None else w, functools.partial(self._write_grad, add=True),
                                    factor=1.0 / stats.global_batch_size)
@@ -191,20 +205,29 @@ class PerSampleGradients:
                 self._write_grad(update, add=True)
         return stats
 
-    def _rules(self, losses: Tensor, weights: Weights, params: dict[str, nn.Parameter]) -> tuple:
+    def _rules(self, losses: Tensor, weights: Weights, params: dict[str, nn.Parameter],
+               low: InBackward | None) -> tuple:
         """(per-sample gradients, autograd's S where wanted, the loss scale, verify's tolerance, the
-        layer inputs the representations read: engine/guards/inputs.py)."""
+        layer inputs the representations read: engine/guards/inputs.py); with `low`, everything is
+        reduced in the backward and nothing of that is kept."""
         calls = [c for h in self._hooked.values() for c in h.calls]
         roots = {c.root for c in calls if c.root is not None}
         if roots and losses.shape[0] not in roots:  # before the backward, whose checks would blame a module
             raise ValueError(root_mismatch(roots.pop(), losses.shape[0], self._recorder.batch_first))
         with full_precision(losses.device):  # backward and rules in float32, also inside autocast
             take_census_when_due(self._recorder, losses, self._graph_params(params), calls, self.verify)
-            wanted = self._sums_wanted(weights, params)
+            wanted = self._sums_wanted(weights, params) if low is None else []
             self._recorder.recomputed.clear()  # (what a checkpoint recomputes in this backward)
+            if low is not None:
+                InputVersions.check_calls(calls, "between its forward and this backward")
             with phase(self.trace, BACKWARD):
-                sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify)
+                sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify or low is not None,
+                                                 grad=torch.autograd.grad if low is None else low.grad)
+                if low is not None:
+                    low.flush()
             refuse_reentrant_checkpoint(self._recorder, self._params)
+            if low is not None:
+                return {}, {}, None, 0.0, None
             rtol = verify_rtol([g for c in calls for g in (c.grads or ())])
             with phase(self.trace, LOSS_SCALE):
                 scale = rescale(calls, sums)
@@ -213,8 +236,9 @@ class PerSampleGradients:
                 per_sample = self._per_sample_grads(losses.shape[0], params)
         return per_sample, sums, scale, rtol, InputVersions.of_calls(calls)
 
-    def _check_backward(self, losses: Tensor, write_grad: bool, release: bool) -> None:
+    def _check_backward(self, losses: Tensor, write_grad: bool, release: bool, memory: str) -> None:
         check_losses(losses, write_grad, release)
+        check_memory(memory, self.verify, self.process_group, self._sharding)
         if self._removed:
             raise GradAlignError("this engine was removed (engine.remove()), so it recorded nothing: create a "
                                  "new ga.PerSampleGradients(model) to use it again")
@@ -244,10 +268,8 @@ class PerSampleGradients:
         GASW), on the layers whose cosine terms come from S (not from a Gram matrix:
         `Rule.own_cosines`). p.grad itself always comes from the factors (for the plain mean,
         with every weight 1/B), as a fresh tensor: no second parameter-sized copy.
-        Not for a parameter with a watched use (a raw parameter, a module called without the
-        batch: their per-sample gradients are mapped after the backward), nor with a use that ran
-        in bfloat16 or float16 (there S is formed in float32 from the upcast factors, more
-        precisely than autograd's low-precision product). For a parameter with several uses (tied,
+        Not for a parameter with a watched use (a raw parameter, a module called without the batch),
+        nor with a use that ran in bfloat16 or float16 (S is then formed in float32 from the factors). For a parameter with several uses (tied,
         or one module called twice) no single call's route describes the combined representation,
         so its S is wanted with the cosines."""
         if "cosines" not in getattr(weights, "needs", ()) or self._sharding is not None:
@@ -295,7 +317,7 @@ class PerSampleGradients:
                 p.grad = g
 
     def _backward_to_outputs(self, losses: Tensor, params: dict[str, nn.Parameter], wanted: list[str],
-                             retain_graph: bool) -> dict[str, Tensor]:
+                             retain_graph: bool, grad=torch.autograd.grad) -> dict[str, Tensor]:
         """One backward of sum(losses) that fills every call's gradients; returns {name: S} for
         the `wanted` parameters.
 
@@ -316,8 +338,8 @@ class PerSampleGradients:
             return {}
         unseen_ids = {id(p) for p in unseen}
         wanted = [n for n in wanted if id(params[n]) not in unseen_ids]
-        grads = torch.autograd.grad(losses.sum(), edges + unseen + [params[n] for n in wanted], allow_unused=True,
-                                    retain_graph=retain_graph)
+        grads = grad(losses.sum(), edges + unseen + [params[n] for n in wanted], allow_unused=True,
+                     retain_graph=retain_graph)
         sums = {n: g for n, g in zip(wanted, grads[len(grads) - len(wanted):]) if g is not None}
         grads = grads[:len(grads) - len(wanted)]
         start = 0
@@ -362,24 +384,6 @@ class PerSampleGradients:
                 if name not in params:  # frozen since the engine was created
                     continue
                 out[name] = grads if name not in out else combine(out[name], grads)  # tied, or called twice
-
-    def _resolve_weights(self, weights: Weights, stats: GradientStats, losses: Tensor) -> Tensor:
-        """(B,) weights in the statistics' precision (at least float32). Finiteness is checked
-        where that costs no host sync (weights on the CPU) or with verify=True."""
-        B = losses.shape[0]
-        dtype = stats.dtype  # the statistics' precision, whatever the losses' dtype
-        if weights is None:
-            return torch.ones(B, device=losses.device, dtype=dtype)
-        w = weights(stats) if callable(weights) else weights
-        if not isinstance(w, Tensor) or w.shape != (B,):
-            got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-            raise ValueError(f"weights must be a tensor of shape ({B},), got {got}")
-        # (a weighting that guarantees finite weights, e.g. GASW with its fallback, says so)
-        checked = (w.device.type == "cpu" or self.verify) and not getattr(weights, "finite_weights", False)
-        if checked and not bool(torch.isfinite(w).all()):
-            raise ValueError("weights contain NaN or infinite values")
-        w = w.detach() if w.requires_grad else w
-        return w if w.device == losses.device and w.dtype == dtype else w.to(device=losses.device, dtype=dtype)
 
     def _graph_params(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """{name: the tensor autograd's graph holds for it}: the parameter itself, or under FSDP the

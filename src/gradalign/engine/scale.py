@@ -19,7 +19,7 @@ _SAFE_EXPONENT = 32
 _NO_EXPONENT = -1000
 
 
-def rescale(calls: list, sums: dict[str, Tensor]) -> Tensor | None:
+def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True) -> Tensor | None:
     """Divide the output gradients of one backward (each call's `.grads` list; replaced where a
     gradient is divided out of place) by one power of two near their largest magnitude, and return
     it (a 0-d float32 tensor, on their device; no host read). `sums`: autograd's S, never divided.
@@ -28,7 +28,8 @@ def rescale(calls: list, sums: dict[str, Tensor]) -> Tensor | None:
     (always on an accelerator, which must not wait for the host to decide). None (no scaling) when
     a gradient is float16 (its range cannot need it, and scaling could push its small values below
     float16's normal range) or float64, or, on the CPU, when the largest magnitude is within
-    2^-32 .. 2^32 or every gradient is zero. Zeros never choose the scale: a layer whose output
+    2^-32 .. 2^32 or every gradient is zero. in_place=False divides every gradient out of place
+    (memory="low": autograd still uses them). Zeros never choose the scale: a layer whose output
     gradient is all zero (a LoRA adapter at initialisation) leaves it to the others.
     """
     grads = [g for c in calls for g in (c.grads or ()) if g is not None]
@@ -55,7 +56,7 @@ def rescale(calls: list, sums: dict[str, Tensor]) -> Tensor | None:
         if id(g) in seen:
             continue
         seen.add(id(g))
-        (owned if g._base is None and g.is_contiguous() and id(g) not in keep else views).append(g)
+        (owned if in_place and g._base is None and g.is_contiguous() and id(g) not in keep else views).append(g)
     scaled = dict(zip(map(id, views), torch._foreach_div(views, scale))) if views else {}
     if owned:
         torch._foreach_div_(owned, scale)
