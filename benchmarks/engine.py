@@ -28,6 +28,8 @@ Variants, each on its own copy of the model (same weights, same batch):
                workload), each layer's factors freed once its part of p.grad is written
   gasw         engine.backward(losses, weights=GASW(2), release=True): norms, cosines, weighted p.grad
   clip kept, gasw kept   the same without release (the statistics keep every layer's factors)
+  clip low, gasw low     the same with memory="low": each layer reduced to norms (and cosines) inside the
+               backward, its output gradient not kept; p.grad from a second backward of sum_i w_i l_i
   gaga         engine.backward(losses); stats.grad_sq_sum
   vmap gasw    torch.func vmap(grad) per-sample gradients, then the GASW statistics and p.grad
   opacus gasw  Opacus GradSampleModule grad_sample, then the same (when opacus is installed)
@@ -126,6 +128,8 @@ def make_variants(kind: str, B: int, device: torch.device, only: str | None = No
     variants["gasw"] = engine_step(lambda e, l: e.backward(l, weights=ga.GASW(2.0), release=True))
     variants["clip kept"] = engine_step(lambda e, l: e.backward(l, weights=clip_weights))
     variants["gasw kept"] = engine_step(lambda e, l: e.backward(l, weights=ga.GASW(2.0)))
+    variants["clip low"] = engine_step(lambda e, l: e.backward(l, weights=clip_weights, memory="low"))
+    variants["gasw low"] = engine_step(lambda e, l: e.backward(l, weights=ga.GASW(2.0), memory="low"))
     variants["gaga"] = engine_step(lambda e, l: e.backward(l).grad_sq_sum)
 
     vmap_model = copy.deepcopy(base)

@@ -306,11 +306,15 @@ class Recorder:
             return shared
         n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
         edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
+        starts = None
+        if rule.inner and rule.output and (inner := rule.inner(module, captured, outputs)):
+            starts, edges = tuple(e.node for e in edges), edges + inner  # (the census: the call's part starts at its outputs)
 
         def finish(grads: list) -> dict:
-            if rule.output:  # every declared output's gradient, in the module's own layout
+            if rule.output:  # every declared output's gradient, in the module's own layout, then the inner edges'
                 by_output = dict(zip(live, grads))
-                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs)))
+                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs))
+                                    + tuple(grads[len(live):]))
             return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
 
         if hooked.derived:  # a weight computed from other parameters (recording/parametrized.py): no S asked
@@ -320,7 +324,7 @@ class Recorder:
         self._append(hooked, Call(path, batch, edges, finish, own_cosines=own_cosines, full=full,
                                   route="fallback" if rule.watch else "rule", batch_dim=batch_dim,
                                   single_output=rule.output is None and not rule.capture, inputs=kept,
-                                  watched=bool(hooked.derived),
+                                  watched=bool(hooked.derived), starts=starts,
                                   stops=nodes(tree_leaves((args, kwargs)) if kwargs or rule.capture else args)))
 
     def routes(self) -> dict[str, str]:

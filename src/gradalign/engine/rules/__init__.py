@@ -15,8 +15,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from gradalign.engine.rules.attention import (attention_capture, attention_check_call, attention_output,
-                                              attention_rule, transformer_batch_dim)
+from gradalign.engine.rules.attention import (attention_capture, attention_check_call, attention_inner,
+                                              attention_output, attention_rule, transformer_batch_dim)
 from gradalign.engine.rules.conv import conv_rule
 from gradalign.engine.rules.conv_transpose import conv_transpose_rule
 from gradalign.engine.rules.embedding import embedding_check, embedding_rule
@@ -57,6 +57,9 @@ class Rule:
     reads_parameters: compute reads the module's parameter VALUES, not only their shapes and
         requires_grad (attention's projections, a forward re-run by torch.func, the chains from a
         watched parameter): under FSDP the engine all-gathers the module's unit around it.
+    inner(module, args, outputs) -> [GradientEdge]: edges inside the module's own graph whose
+        gradients compute receives too, after grad_output's (nn.MultiheadAttention's in-projection
+        output: no recompute); [] where it cannot find them (compute then does without).
     features: how many trailing dims of the module's first input are features, never the batch
         (nn.Linear: 1, nn.LayerNorm: its normalised dims, nn.Embedding: 0), or a function of the
         module giving it; None: torch fixes the batch on dim 0 whatever the enclosing layout
@@ -74,6 +77,7 @@ class Rule:
     own_cosine_params: tuple[str, ...] = ()
     reads_parameters: bool = False
     features: int | Callable[[nn.Module], int] | None = 0
+    inner: Callable[[nn.Module, tuple, tuple], list] | None = None
 
     def reason(self, module: nn.Module) -> str | None:
         return self.check(module) if self.check else None
@@ -170,7 +174,7 @@ def default_registry() -> RuleRegistry:
                                                       own_cosine_params=("weight",), features=1),  # GPT-2's transposed Linear
             nn.MultiheadAttention: Rule(attention_rule, check_call=attention_check_call, capture=attention_capture,
                                         output=attention_output, owns=("out_proj",), reads_parameters=True,
-                                        features=None),
+                                        features=None, inner=attention_inner),
             nn.LSTM: recurrent,
             nn.GRU: recurrent,
             nn.RNN: recurrent,

@@ -16,6 +16,13 @@ add_zero_attn and need_weights pass through to torch's function unchanged; with 
 RNG state saved before the forward is restored around the recompute, which then draws the
 same mask (the global RNG stream is left as it was). If the loss uses the returned attention
 weights, their gradient enters the same backward.
+
+Self-attention needs no recompute (`attention_inner`, when query is key is value with one packed
+in_proj_weight, no bias_k/bias_v or zero attention, both projections trainable leaves and no
+saved-tensor hooks active): the forward hook finds the in-projection's product node and
+out_proj's in the call's own autograd graph; the engine's backward then also takes the gradient
+at the in-projection's output (dQ|dK|dV, exactly as autograd forms it), and out_proj's input A is
+the forward's own saved tensor. Dropout's masks are then the forward's, with nothing replayed.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from gradalign.engine.representations import Dense, Factored, RowBlocks
 from gradalign.engine.rules.rng import RngState, replaying, save_rng
@@ -46,6 +54,7 @@ class _Options:
     training: bool
     same: tuple[bool, bool]  # (query is key, key is value)
     rng: RngState | None  # when dropout draws a mask
+    inner: Tensor | None = None  # the out_proj input A of the forward, (T*B, E), where attention_inner found it
 
 
 def transformer_batch_dim(module: nn.Module) -> int | None:
@@ -157,10 +166,84 @@ def _attention_without_weights(module: nn.MultiheadAttention, Q: Tensor, K: Tens
     return out.permute(2, 0, 1, 3).reshape(L, B, E)
 
 
+def _saved_hooks_active() -> bool:
+    """Saved-tensor hooks (activation checkpointing, offloading): a saved tensor must not be read in the forward."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError):  # another torch: take the recompute
+        return True
+
+
+def _product_of(node, weight: Tensor) -> bool:
+    """Whether autograd node `node` is a matrix product with `weight` (through its transpose)."""
+    for child, _ in node.next_functions:
+        if child is not None and type(child).__name__ == "TBackward0":
+            leaf = child.next_functions[0][0]
+            if leaf is not None and getattr(leaf, "variable", None) is weight:
+                return True
+    return False
+
+
+def attention_inner(module: nn.MultiheadAttention, args: tuple, outputs: tuple) -> list:
+    """Self-attention (query is key is value, one packed in_proj_weight, no bias_k/bias_v or zero
+    attention, both projections trainable leaves): the in-projection's product node N and out_proj's
+    P inside the forward's own graph, found from the output. Returns [the edge of N's output]: its
+    gradient is dQ|dK|dV (the rows ordered (t, b), as torch projects a (T, B, E) query), and A, the
+    input of out_proj, is read from P's saved tensor now (kept in the call's options), so the rule
+    needs no recompute. [] (the rule then recomputes) where anything differs or saved-tensor hooks
+    are active."""
+    if len(args) != 4 or not all(args[3].same) or not module._qkv_same_embed_dim or module.bias_k is not None:
+        return []
+    W_in, W_out, out = module.in_proj_weight, module.out_proj.weight, outputs[0]
+    if (module.add_zero_attn or not (W_in.requires_grad and W_out.requires_grad) or out is None or out.grad_fn is None
+            or _saved_hooks_active()):
+        return []
+    found, seen, queue = {}, set(), [out.grad_fn]
+    while queue and len(seen) < 256 and len(found) < 2:  # the attention's own graph: tens of nodes
+        node = queue.pop(0)
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "P" not in found and _product_of(node, W_out):
+            found["P"] = node
+        elif _product_of(node, W_in):
+            found["N"] = node
+            continue  # (below it: the model before the attention)
+        queue.extend(child for child, _ in node.next_functions)
+    if len(found) < 2:
+        return []
+    P = found["P"]
+    A = P._saved_mat1 if hasattr(P, "_saved_mat1") else getattr(P, "_saved_self", None)
+    B, T, E = args[0].shape
+    if not isinstance(A, Tensor) or tuple(A.shape) != (T * B, E):
+        return []
+    args[3].inner = A.detach()
+    return [GradientEdge(found["N"], 0)]
+
+
+def _without_recompute(module: nn.MultiheadAttention, q: Tensor, o: _Options, d_out: Tensor, d_proj: Tensor,
+                       first) -> dict:
+    """attention_inner's path: in_proj from (q, dQ|dK|dV), out_proj from (A, d)."""
+    B, T, E = q.shape
+    packed = Factored(q.unsqueeze(1), d_proj.reshape(T, B, 3 * E).transpose(0, 1).unsqueeze(1),
+                      module.in_proj_weight.shape)
+    grads = {"in_proj_weight": packed}
+    if module.in_proj_bias is not None and module.in_proj_bias.requires_grad:
+        grads["in_proj_bias"] = packed.bias()
+    projection = Factored(o.inner.reshape(T, B, E).transpose(0, 1).unsqueeze(1), first(d_out).unsqueeze(1),
+                          module.out_proj.weight.shape)
+    grads["out_proj.weight"] = projection
+    if module.out_proj.bias is not None and module.out_proj.bias.requires_grad:
+        grads["out_proj.bias"] = projection.bias()
+    return grads
+
+
 def attention_rule(module: nn.MultiheadAttention, args: tuple, grad_output: tuple) -> dict:
     q, k, v, o = args
-    d_out, d_weights = grad_output
+    d_out, d_weights, *inner = grad_output
     first = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))  # module layout -> (B, T, E)
+    if inner and inner[0] is not None and d_out is not None and o.inner is not None:
+        return _without_recompute(module, q, o, d_out, inner[0], first)
     with torch.enable_grad(), replaying(o.rng):
         leaves, out, weights = _recompute(module, q, k, v, o)
         outputs, grads = [], []
