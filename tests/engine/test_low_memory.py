@@ -114,3 +114,27 @@ def test_write_grad_false_and_an_empty_batch():
     assert all(p.grad is None for p in model.parameters()) and stats.norms.shape == (6,)
     stats = engine.backward(loss_fn(model(x[:0]), y[:0]), memory="low")
     assert stats.norms.shape == (0,) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("how", ["function", "wrapper"])
+def test_activation_checkpointing(how):
+    """Blocks that recompute their forward in the backward: the hooks see the recomputed region's
+    gradients in the first backward, and the second backward recomputes it again."""
+    import torch.nn.functional as F
+    from gradalign.engine.reference import reference_statistics
+    from tests.support.compare import close
+    from tests.support.sharded_models import batch, build
+    x, y = batch(n=7)
+
+    def classify(out, t):
+        return F.cross_entropy(out, t, reduction="none")
+    for weighting in (clip, ga.GASW(2.0)):
+        model = build(checkpoint=how)
+        engine = ga.PerSampleGradients(model)
+        stats = engine.backward(classify(model(x), y), weights=weighting, memory="low")
+        ref = reference_statistics(build(), x, y, classify, weights=stats.weights)
+        close(stats.norms, ref["norms"])
+        for name, p in model.named_parameters():
+            close(p.grad, ref["weighted_grad"][name.replace("_checkpoint_wrapped_module.", "")])
+        engine.remove()
