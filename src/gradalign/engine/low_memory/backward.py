@@ -250,8 +250,17 @@ class InBackward:
             _, e = torch.frexp(w.detach().abs().amax().to(s.dtype))
             s = s * torch.exp2(e.to(s.dtype).clamp(-126, 126))
         total = (losses * w.detach()).sum()
-        grads = torch.autograd.grad(total if s is None else total / s.to(total.dtype), [graph_params[n] for n in names],
-                                    allow_unused=True)
+        grads = list(torch.autograd.grad(total if s is None else total / s.to(total.dtype),
+                                         [graph_params[n] for n in names], allow_unused=True))
         factor = (1.0 if s is None else s) / self.B
-        kept = [(n, g) for n, g in zip(names, grads) if g is not None]
-        return dict(zip([n for n, _ in kept], torch._foreach_mul([g for _, g in kept], factor))) if kept else {}
+        # in place where a gradient is the only one on its storage and has no stride-0 dims (no second
+        # parameter-sized copy); else one at a time, each copy's source freed before the next
+        storages = [None if g is None else g.untyped_storage().data_ptr() for g in grads]
+        out = {}
+        for k, name in enumerate(names):
+            g, grads[k] = grads[k], None
+            if g is None:
+                continue
+            alone = storages.count(storages[k]) == 1 and all(st or n <= 1 for st, n in zip(g.stride(), g.shape))
+            out[name] = g.mul_(factor) if alone else torch.mul(g, factor, out=torch.empty_like(g))
+        return out
