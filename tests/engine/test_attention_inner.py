@@ -20,12 +20,12 @@ FAST = {"self", "self_seq_first", "no_bias", "bool_mask", "float_mask_padding", 
 @pytest.fixture
 def fast_calls(monkeypatch):
     calls = []
-    original = attention_module._without_recompute
+    original = attention_module.projections_from_backward
 
     def spy(*args):
         calls.append(1)
         return original(*args)
-    monkeypatch.setattr(attention_module, "_without_recompute", spy)
+    monkeypatch.setattr(attention_module, "projections_from_backward", spy)
     return calls
 
 

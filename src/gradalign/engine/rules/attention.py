@@ -221,7 +221,7 @@ def attention_inner(module: nn.MultiheadAttention, args: tuple, outputs: tuple) 
     return [GradientEdge(found["N"], 0)]
 
 
-def _without_recompute(module: nn.MultiheadAttention, q: Tensor, o: _Options, d_out: Tensor, d_proj: Tensor,
+def projections_from_backward(module: nn.MultiheadAttention, q: Tensor, o: _Options, d_out: Tensor, d_proj: Tensor,
                        first) -> dict:
     """attention_inner's path: in_proj from (q, dQ|dK|dV), out_proj from (A, d)."""
     B, T, E = q.shape
@@ -243,7 +243,7 @@ def attention_rule(module: nn.MultiheadAttention, args: tuple, grad_output: tupl
     d_out, d_weights, *inner = grad_output
     first = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))  # module layout -> (B, T, E)
     if inner and inner[0] is not None and d_out is not None and o.inner is not None:
-        return _without_recompute(module, q, o, d_out, inner[0], first)
+        return projections_from_backward(module, q, o, d_out, inner[0], first)
     with torch.enable_grad(), replaying(o.rng):
         leaves, out, weights = _recompute(module, q, k, v, o)
         outputs, grads = [], []
