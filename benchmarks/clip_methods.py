@@ -6,6 +6,7 @@ unless said otherwise). Each library is used as its documentation shows, with no
 
   plain         forward, mean loss, backward (the unit of the ratios; not clipped)
   gradalign     ga.PerSampleGradients(model).backward(losses, weights=w, release=True)
+  gradalign_low the same with memory="low" (norms reduced in the backward, p.grad from a second backward)
   vmap          torch.func vmap(grad) per-sample gradients, their norms, p.grad = (1/B) sum_i w_i g_i
   opacus        Opacus GradSampleModule (hooks, grad_sample) and DPOptimizer.pre_step (clip, noise 0,
                 divide by B)
@@ -38,7 +39,8 @@ import gradalign as ga
 from benchmarks.clip_check import clip_factors, norms_of, per_sample_gradients
 from benchmarks.models import per_sample_losses
 
-LABELS = {"plain": "plain step", "gradalign": "gradalign clip", "vmap": "torch.func vmap",
+LABELS = {"plain": "plain step", "gradalign": "gradalign clip", "gradalign_low": "gradalign clip, memory=\"low\"",
+          "vmap": "torch.func vmap",
           "opacus": "Opacus hooks", "opacus_ghost": "Opacus ghost clipping", "fastdp": "FastDP (book-keeping)"}
 # FastDP's ghost differentiation: only these parameters (substrings of the names, as FastDP matches
 # them) keep requires_grad; the others' clipped gradients come from its hooks alone.
@@ -88,7 +90,7 @@ def plain(kind, model, x, y, clip) -> Method:
     return Method(step, grads_of(params), none_grads(params))
 
 
-def gradalign(kind, model, x, y, clip) -> Method:
+def gradalign(kind, model, x, y, clip, memory: str = "default") -> Method:
     net = copy.deepcopy(model)
     params = dict(net.named_parameters())
     engine = ga.PerSampleGradients(net)
@@ -98,8 +100,12 @@ def gradalign(kind, model, x, y, clip) -> Method:
 
     def step():
         net.zero_grad(set_to_none=True)
-        engine.backward(per_sample_losses(kind, net(x), y), weights=weights, release=True)
+        engine.backward(per_sample_losses(kind, net(x), y), weights=weights, release=True, memory=memory)
     return Method(step, grads_of(params), none_grads(params))
+
+
+def gradalign_low(kind, model, x, y, clip) -> Method:
+    return gradalign(kind, model, x, y, clip, memory="low")
 
 
 def vmap(kind, model, x, y, clip) -> Method:
@@ -235,8 +241,8 @@ def fastdp(kind, model, x, y, clip, path: str | None = None) -> Method:
     return Method(step, grads_of(params), none_grads(params))
 
 
-BUILDERS = {"plain": plain, "gradalign": gradalign, "vmap": vmap, "opacus": opacus, "opacus_ghost": opacus_ghost,
-            "fastdp": fastdp}
+BUILDERS = {"plain": plain, "gradalign": gradalign, "gradalign_low": gradalign_low, "vmap": vmap, "opacus": opacus,
+            "opacus_ghost": opacus_ghost, "fastdp": fastdp}
 
 
 def build(name: str, kind: str, model: nn.Module, x: Tensor, y: Tensor, clip: float,

@@ -62,7 +62,7 @@ from benchmarks.models import BATCHES, LANGUAGE_MODELS, MODELS, batch, build_mod
 from benchmarks.timing import memory_in_subprocess, peak_memory_mb, time_variants
 
 DEFAULT_MODELS = ["wide_mlp", "transformer", "gpt2_d256"]
-COMPARED = ["gradalign", "vmap", "opacus", "opacus_ghost", "fastdp"]
+COMPARED = ["gradalign", "gradalign_low", "vmap", "opacus", "opacus_ghost", "fastdp"]
 
 
 @dataclass

@@ -79,7 +79,7 @@ def tiny():
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus's hooks on a model whose input needs no grad
-@pytest.mark.parametrize("name", ["gradalign", "vmap", pytest.param("opacus", marks=OPACUS),
+@pytest.mark.parametrize("name", ["gradalign", "gradalign_low", "vmap", pytest.param("opacus", marks=OPACUS),
                                   pytest.param("opacus_ghost", marks=OPACUS)])
 def test_installed_methods_pass_the_clipping_check(tiny, name):
     model, x, y, ref = tiny
