@@ -138,3 +138,11 @@ def test_activation_checkpointing(how):
         for name, p in model.named_parameters():
             close(p.grad, ref["weighted_grad"][name.replace("_checkpoint_wrapped_module.", "")])
         engine.remove()
+
+
+def test_gaga_says_to_use_the_default_mode():
+    model, make_batch, loss_fn = ALL["seed_mlp"]()
+    x, y = make_batch(6, torch.Generator().manual_seed(0))
+    stats, _ = run(model, x, y, loss_fn, None, "low")
+    with pytest.raises(ga.StatisticNotKeptError, match="grad_sum is not kept.*memory='default'"):
+        ga.GSNRAccumulator(tau=0.5).update(stats)
