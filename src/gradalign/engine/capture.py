@@ -161,7 +161,7 @@ class PerSampleGradients:
             memory: "default", or "low": each layer's output gradient is reduced to per-sample norms
                 (and the cosines, for a weighting whose `needs` names "cosines", e.g. GASW) inside the
                 backward and freed, and p.grad comes from a second backward of sum_i w_i l_i through
-                the retained graph (engine/low_memory.py): extra memory near a plain step's, time
+                the retained graph (engine/low_memory/): extra memory near a plain step's, time
                 about a backward more. The result then holds only those (ReducedStats); GAGA's
                 sums and a process group need the default.
 
@@ -173,7 +173,7 @@ class PerSampleGradients:
         params = {n: p for n, p in self._params.items() if p.requires_grad}
         low = None if memory == "default" else InBackward(
             self._hooked, params, B, losses.device, cosines="cosines" in getattr(weights, "needs", ()),
-            paused=self._recorder.paused, batch_first=self._recorder.batch_first)
+            paused=self._recorder.paused, batch_first=self._recorder.batch_first, second=write_grad)
         try:  # an empty batch (Poisson sampling) has no sample, so no per-sample gradient
             per_sample, sums, scale, rtol, inputs = (self._rules(losses, weights, params, low) if B
                                                      else ({}, {}, None, 0.0, None))
@@ -207,9 +207,8 @@ class PerSampleGradients:
 
     def _rules(self, losses: Tensor, weights: Weights, params: dict[str, nn.Parameter],
                low: InBackward | None) -> tuple:
-        """(per-sample gradients, autograd's S where wanted, the loss scale, verify's tolerance, the
-        layer inputs the representations read: engine/guards/inputs.py); with `low`, everything is
-        reduced in the backward and nothing of that is kept."""
+        """(per-sample gradients, autograd's S where wanted, the loss scale, verify's tolerance, the layer
+        inputs the representations read: engine/guards/inputs.py); with `low`, none (reduced in the backward)."""
         calls = [c for h in self._hooked.values() for c in h.calls]
         roots = {c.root for c in calls if c.root is not None}
         if roots and losses.shape[0] not in roots:  # before the backward, whose checks would blame a module
@@ -221,7 +220,8 @@ class PerSampleGradients:
             if low is not None:
                 InputVersions.check_calls(calls, "between its forward and this backward")
             with phase(self.trace, BACKWARD):
-                sums = self._backward_to_outputs(losses, params, wanted, retain_graph=self.verify or low is not None,
+                retain = self.verify or (low is not None and low.second)  # (low: for the second backward)
+                sums = self._backward_to_outputs(losses, params, wanted, retain_graph=retain,
                                                  grad=torch.autograd.grad if low is None else low.grad)
                 if low is not None:
                     low.flush()
@@ -269,9 +269,9 @@ class PerSampleGradients:
         `Rule.own_cosines`). p.grad itself always comes from the factors (for the plain mean,
         with every weight 1/B), as a fresh tensor: no second parameter-sized copy.
         Not for a parameter with a watched use (a raw parameter, a module called without the batch),
-        nor with a use that ran in bfloat16 or float16 (S is then formed in float32 from the factors). For a parameter with several uses (tied,
-        or one module called twice) no single call's route describes the combined representation,
-        so its S is wanted with the cosines."""
+        nor with a use that ran in bfloat16 or float16 (S is then formed in float32 from the factors).
+        For a parameter with several uses (tied, or one module called twice) no single call's route
+        describes the combined representation, so its S is wanted with the cosines."""
         if "cosines" not in getattr(weights, "needs", ()) or self._sharding is not None:
             return []  # (sharded: S is formed a unit at a time, never the whole model's at once)
         uses: dict[str, list[tuple[str, Call]]] = {}  # name -> (local name, call) for every use

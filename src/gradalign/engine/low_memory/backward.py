@@ -88,12 +88,14 @@ class InBackward:
         cosines: also reduce <g_i, S> and |S|^2.
         paused: a context in which the rules run (the recorder paused: a rule may run its module).
         batch_first: the engine's layout declaration (for the messages of a batch mismatch).
+        second: a second backward follows (write_grad): the first retains the graph for it.
     """
 
     def __init__(self, hooked: dict, params: dict, batch_size: int, device, *, cosines: bool, paused,
-                 batch_first):
-        self.B, self.device, self.cosines, self.paused, self.batch_first = batch_size, device, cosines, paused, batch_first
-        self.params = params
+                 batch_first, second: bool = True):
+        self.B, self.device, self.cosines = batch_size, device, cosines
+        self.paused, self.batch_first = paused, batch_first
+        self.params, self.second = params, second  # second: p.grad will come from a second backward
         acc = torch.float32 if device.type == "mps" else torch.float64  # (MPS has no float64)
         self.sq_norms = torch.zeros(batch_size, device=device, dtype=acc)
         self.dots = torch.zeros(batch_size, device=device, dtype=acc)

@@ -1,6 +1,6 @@
 """ReducedStats: the statistics of a memory="low" backward, which keeps (B,) sums, not factors.
 
-engine/low_memory.py reduces every layer inside the backward to |g_i|^2 (and, for a weighting
+engine/low_memory/backward.py reduces every layer inside the backward to |g_i|^2 (and, for a weighting
 whose `needs` names "cosines", <g_i, S> and |S|^2), summed in float64 (float32 on MPS), so the
 ratios here are formed without overflow or underflow for any loss scale whose gradients fit
 float32. Everything else a GradientStats offers needs the per-sample gradients (sums over
