@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21, help="timing rounds per variant (median over rounds)")
     parser.add_argument("--batches", type=int, nargs="+", help="default: 32 128 512, the ViTs 64, the ResNet 32")
     parser.add_argument("--models", nargs="+", choices=list(MODELS),  # compare.py's models only when named
-                        default=[m for m in MODELS if m not in ("transformer", "gpt2_d256")])
+                        default=[m for m in MODELS if m not in ("transformer", "gpt2_d256", "transformer_d768")])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--variants", nargs="+", help="only these variants (plain is always timed)")
     parser.add_argument("--interleave", action="store_true",

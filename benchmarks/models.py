@@ -21,14 +21,15 @@ MODELS = {"mlp": "seed MLP 40-256-256-10", "conv1d": "Conv1d net (2 convs with G
           "lstm_lm": "LSTM language model: Embedding 1000x64, nn.LSTM 64-128 (2 layers, batch_first), Linear 128-1000, T=32",
           "transformer": "nn.TransformerEncoder classifier: token + position nn.Embedding (vocab 1000), d=256, 4 heads, "
                          "4 layers, MLP 1024, pre-norm, T=64, mean-pooled, LayerNorm, linear head to 10 classes",
-          "gpt2_d256": "Hugging Face GPT2LMHeadModel: 4 layers, d=256, 4 heads, vocab 1000, T=64, tied embeddings, SDPA"}
+          "gpt2_d256": "Hugging Face GPT2LMHeadModel: 4 layers, d=256, 4 heads, vocab 1000, T=64, tied embeddings, SDPA",
+          "transformer_d768": "the transformer classifier at d=768, 12 heads, MLP 3072 (the size the book-keeping papers report)"}
 BATCHES = {"mlp": (32, 128, 512), "conv1d": (32, 128, 512), "wide_mlp": (256,), "vit_linear": (64,), "vit": (64,),
            "vit_plain": (64,), "vit_embedding": (64,), "resnet_gn": (32,), "gpt2": (16,), "transformer": (32,),
-           "gpt2_d256": (8,), "lstm_lm": (32,)}
+           "gpt2_d256": (8,), "lstm_lm": (32,), "transformer_d768": (16,)}
 GPT2_T = 64
 LSTM_T, LSTM_VOCAB = 32, 1000
 VOCAB = 1000  # token ids of the language models and the transformer classifier
-TOKEN_MODELS = ("gpt2", "gpt2_d256", "transformer", "lstm_lm")  # inputs are token ids
+TOKEN_MODELS = ("gpt2", "gpt2_d256", "transformer", "transformer_d768", "lstm_lm")  # inputs are token ids
 LANGUAGE_MODELS = ("gpt2", "gpt2_d256", "lstm_lm")  # targets are the inputs (shifted inside the loss)
 
 
@@ -204,6 +205,8 @@ def build_model(kind: str) -> torch.nn.Module:
         return GPT2Logits(dim=256 if kind == "gpt2_d256" else 128)
     if kind == "transformer":
         return TransformerClassifier()
+    if kind == "transformer_d768":
+        return TransformerClassifier(dim=768, heads=12)
     if kind == "lstm_lm":
         return LSTMLanguageModel()
     if kind == "resnet_gn":

@@ -130,4 +130,9 @@ def data_parallel_runs(out: str, per_device: int) -> None:
 
 
 if __name__ == "__main__":
+    import torch.distributed as dist
+
+    from tests.support.gloo import end_process_group  # imports torch.distributed.nn before the Trainer's init
     data_parallel_runs(sys.argv[1], int(sys.argv[2]))
+    if dist.is_initialized():  # the Trainer's group ended while the interpreter runs (gloo.py: SIGABRT at exit)
+        end_process_group("the Hugging Face Trainer script")
