@@ -86,19 +86,26 @@ def mlp():
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
-def test_gaga_parameter_frozen_in_the_middle_of_an_accumulation():
-    """A parameter frozen after the first of two increments of 3 samples got the sum of 3
-    samples divided by 6; it now leaves the accumulation (it is not written), and the others'
-    mean stays over all 6 samples."""
-    model = mlp()
+def two_increments(model, between):
+    """GAGA over two increments of 3 samples (never stepping), `between()` run before the second;
+    returns the accumulator and the two (x, y) batches."""
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(3, 5, generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
     engine = ga.PerSampleGradients(model)
     acc = ga.GSNRAccumulator(tau=float("inf"), increment=3, max_samples=64)
     for k, (x, y) in enumerate(batches):
         if k == 1:
-            model[0].bias.requires_grad_(False)
+            between()
         acc.update(engine.backward(ce(model(x), y), write_grad=False))
+    return acc, batches
+
+
+def test_gaga_parameter_frozen_in_the_middle_of_an_accumulation():
+    """A parameter frozen after the first of two increments of 3 samples got the sum of 3
+    samples divided by 6; it now leaves the accumulation (it is not written), and the others'
+    mean stays over all 6 samples."""
+    model = mlp()
+    acc, batches = two_increments(model, lambda: model[0].bias.requires_grad_(False))
     mean = acc.mean_grad()
     assert "0.bias" not in mean
     model[0].bias.requires_grad_(True)
@@ -113,14 +120,7 @@ def test_gaga_parameter_unfrozen_in_the_middle_of_an_accumulation():
     was trainable (the engine picks it up), the others' over all 6; the SNR uses each one's count."""
     model = mlp()
     model[0].requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(3, 5, generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
-    engine = ga.PerSampleGradients(model)
-    acc = ga.GSNRAccumulator(tau=float("inf"), increment=3, max_samples=64)
-    for k, (x, y) in enumerate(batches):
-        if k == 1:
-            model[0].requires_grad_(True)
-        acc.update(engine.backward(ce(model(x), y), write_grad=False))
+    acc, batches = two_increments(model, lambda: model[0].requires_grad_(True))
     mean = acc.mean_grad()
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     everything = ga.reference_gradients(model, x, y, ce)

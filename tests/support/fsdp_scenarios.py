@@ -8,7 +8,6 @@ be the sign of rounding noise), and gathers p.grad and the parameters from their
 """
 from __future__ import annotations
 
-import gc
 import os
 
 import torch
@@ -16,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import gradalign as ga
-import tests.support.gloo  # noqa: F401 - imports torch.distributed.nn before init_process_group (gloo.py)
+from tests.support.gloo import end_process_group  # (imports torch.distributed.nn before init: gloo.py)
 from tests.support.sharded_models import B, HeadNet, batch, build, full, losses, shard_head_net
 
 WEIGHTINGS = {"plain": lambda: None, "gasw": lambda: ga.GASW(gamma=2.0),
@@ -237,5 +236,4 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     except BaseException:
         dist.destroy_process_group()  # the failure's frames may hold the group: no thread check
         raise
-    gc.collect()  # the models' references to the group go first (gloo.py); no thread check: after
-    dist.destroy_process_group()  # fully_shard gloo threads outlive it (what holds them is not found yet)
+    end_process_group(f"rank {rank}", check=False)  # garbage collected first (gloo.py)

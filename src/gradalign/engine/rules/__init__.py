@@ -19,8 +19,8 @@ from gradalign.engine.rules.attention import (attention_capture, attention_check
                                               attention_output, attention_rule, transformer_batch_dim)
 from gradalign.engine.rules.conv import conv_rule
 from gradalign.engine.rules.conv_transpose import conv_transpose_rule
-from gradalign.engine.rules.embedding import embedding_check, embedding_rule
-from gradalign.engine.rules.embedding_bag import embedding_bag_capture, embedding_bag_check, embedding_bag_rule
+from gradalign.engine.rules.embedding import embedding_rule, lookup_check
+from gradalign.engine.rules.embedding_bag import embedding_bag_capture, embedding_bag_rule
 from gradalign.engine.rules.fallback import fallback_capture, fallback_check_call, fallback_output, fallback_rule
 from gradalign.engine.rules.hf_conv1d import hf_conv1d_own_cosines, hf_conv1d_rule
 from gradalign.engine.rules.linear import linear_own_cosines, linear_rule
@@ -167,8 +167,8 @@ def default_registry() -> RuleRegistry:
             nn.GroupNorm: Rule(group_norm_rule, features=None),
             nn.modules.batchnorm._BatchNorm: norm_check,
             nn.modules.instancenorm._InstanceNorm: Rule(instance_norm_rule),
-            nn.Embedding: Rule(embedding_rule, check=embedding_check),
-            nn.EmbeddingBag: Rule(embedding_bag_rule, check=embedding_bag_check, capture=embedding_bag_capture,
+            nn.Embedding: Rule(embedding_rule, check=lookup_check),
+            nn.EmbeddingBag: Rule(embedding_bag_rule, check=lookup_check, capture=embedding_bag_capture,
                                   features=None, reads_parameters=True),  # max mode reads the rows
             "transformers.pytorch_utils.Conv1D": Rule(hf_conv1d_rule, own_cosines=hf_conv1d_own_cosines,
                                                       own_cosine_params=("weight",), features=1),  # GPT-2's transposed Linear

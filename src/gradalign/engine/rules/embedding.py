@@ -4,12 +4,14 @@ from torch import Tensor, nn
 from gradalign.engine.representations import IndexedRows
 
 
-def embedding_check(module: nn.Embedding) -> str | None:
+def lookup_check(module: nn.Embedding | nn.EmbeddingBag) -> str | None:
+    """Why an Embedding or EmbeddingBag cannot be served (None: it can)."""
+    kind = "EmbeddingBag" if isinstance(module, nn.EmbeddingBag) else "Embedding"
     if module.scale_grad_by_freq:
-        return ("scale_grad_by_freq scales gradients by token counts over the whole batch, "
-                "which mixes samples; construct the Embedding with scale_grad_by_freq=False")
+        return ("scale_grad_by_freq scales gradients by index counts over the whole batch, which mixes samples; "
+                f"construct the {kind} with scale_grad_by_freq=False")
     if module.sparse:
-        return "sparse gradients are not supported; construct the Embedding with sparse=False"
+        return f"sparse gradients are not supported; construct the {kind} with sparse=False"
     return None
 
 

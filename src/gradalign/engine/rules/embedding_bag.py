@@ -29,15 +29,6 @@ class _Bags:
     valid: Tensor         # (B, N) bool: a real entry other than padding_idx
 
 
-def embedding_bag_check(module: nn.EmbeddingBag) -> str | None:
-    if module.scale_grad_by_freq:
-        return ("scale_grad_by_freq scales gradients by index counts over the whole batch, which mixes samples; "
-                "construct the EmbeddingBag with scale_grad_by_freq=False")
-    if module.sparse:
-        return "sparse gradients are not supported; construct the EmbeddingBag with sparse=False"
-    return None
-
-
 def _bind(args: tuple, kwargs: dict) -> tuple:
     values = {**dict(zip(("input", "offsets", "per_sample_weights"), args)), **kwargs}
     return values.get("input"), values.get("offsets"), values.get("per_sample_weights")
