@@ -121,3 +121,20 @@ def test_every_output_gradient_zero_is_left_unscaled():
     assert float(stats.scale) == 1.0
     assert (stats.norms == 0).all() and (stats.cosines == 0).all() and (stats.weights == 1).all()
     assert all((g == 0).all() for g in grads.values())
+
+
+def test_the_norm_check_says_safe_only_where_the_exact_extremes_do():
+    """engine/scale.py's CPU fast path (one norm per gradient) may leave a decision to the exact
+    min/max pass, but never calls safe what the min/max exponent puts outside 2^-32 .. 2^32."""
+    torch.manual_seed(0)
+    verdicts = {}
+    for k in range(-80, 81, 2):
+        grads = [torch.randn(16, 33) * 2.0 ** k, torch.zeros(5), torch.randn(3, 7) * 2.0 ** (k // 2)]
+        exponent = max(int(torch.frexp(g.abs().amax())[1]) for g in grads if g.any())
+        verdicts[k] = scale_module._clearly_safe(grads)
+        if verdicts[k]:
+            assert -scale_module._SAFE_EXPONENT <= exponent <= scale_module._SAFE_EXPONENT, k
+    assert all(verdicts[k] for k in range(-20, 21, 2))  # the common case takes the fast path
+    assert not any(verdicts[k] for k in (-80, -70, 70, 80))
+    assert not scale_module._clearly_safe([torch.zeros(4)])
+    assert not scale_module._clearly_safe([torch.tensor([1.0, float("nan")])])
