@@ -181,3 +181,26 @@ def test_embedding_frozen_after_the_engine_was_created():
     ref = reference_statistics(model, x, y, loss_fn)
     close(stats.norms, ref["norms"])
     close(stats.cosines, ref["cosines"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(3, 5), (5, 3), (4, 4)])
+@pytest.mark.parametrize("stored", ["bt", "tb", "mixed"])
+def test_weighted_sums_over_positions_in_either_row_order(stored, n_in, n_out):
+    """Factored.weighted_sums takes the rows in the order the factors are stored in ((B, T) or
+    attention's (T, B)): sum_i w_i sum_t d_it a_it^T, and the bias sum_i w_i sum_t d_it, the same
+    whichever layout A and D come in (checked against an einsum)."""
+    from gradalign.engine.representations import Factored
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    A, D, w = torch.randn(B, T, n_in, generator=g), torch.randn(B, T, n_out, generator=g), torch.rand(B, generator=g)
+
+    def laid_out(X, tb):  # the same (B, T, n) numbers, stored (T, B, n) when tb
+        return X.transpose(0, 1).contiguous().transpose(0, 1) if tb else X
+    a = laid_out(A, stored != "bt")
+    d = laid_out(D, stored == "tb")
+    rep = Factored(a.unsqueeze(1), d.unsqueeze(1), torch.Size((n_out, n_in)))
+    for weights in (w, None):
+        ww = torch.ones(B) if weights is None else weights
+        W, b = rep.weighted_sums(weights, bias=True)
+        torch.testing.assert_close(W, torch.einsum("b,bto,bti->oi", ww, D, A))
+        torch.testing.assert_close(b, torch.einsum("b,bto->o", ww, D))

@@ -57,6 +57,20 @@ def cosine_route(B: int, G: int, T: int, n_in: int, n_out: int, have_sum: bool) 
     return min(costs, key=costs.get)
 
 
+def _ordered(X: Tensor, order: str) -> Tensor:
+    """X (B, 1, T, n) as (B, T, n) for order "bt", (T, B, n) for "tb" (views)."""
+    return X[:, 0] if order == "bt" else X[:, 0].transpose(0, 1)
+
+
+def _rows(X: Tensor, order: str) -> Tensor | None:
+    """X (B, 1, T, n) as a (B*T, n) or (T*B, n) view in `order`; None where that needs a copy."""
+    Y = _ordered(X, order)
+    try:
+        return Y.view(-1, X.shape[3])
+    except RuntimeError:
+        return None
+
+
 def _one(t: Tensor) -> Tensor:
     """A 0-d 1 of t's dtype and device: the bias's column of ones, added where a product is formed."""
     return torch.ones((), dtype=t.dtype, device=t.device)
@@ -288,22 +302,50 @@ class Factored:
         """(sum_i w_i g_i(W), sum_i w_i g_i(b) or None without bias); w = None: all ones."""
         B, G, T, n_in = self.A.shape
         n_out = self.D.shape[3]
+        if G == 1 and T > 1:
+            return self._weighted_positions(w, bias)
         if G == 1:
-            a, d = self._flat or (self.A.reshape(B * T, n_in), self.D.reshape(B * T, n_out))
+            a, d = self._flat
             if w is None:
                 return self._shaped(d.T.mm(a)), (d.sum(0) if bias else None)
             w = w.to(a.dtype) if w.dtype != a.dtype else w
             if n_in < n_out:  # scale the narrower factor (less memory traffic than scaling d)
-                aw = a * w[:, None] if T == 1 else (self.A * w.view(-1, 1, 1, 1)).reshape(B * T, n_in)
-                bias_sum = None
-                if bias:
-                    bias_sum = w @ (d if T == 1 else self.D.sum(2).view(B, n_out))
-                return self._shaped(d.T.mm(aw)), bias_sum
-            dw = d * w[:, None] if T == 1 else (self.D * w.view(-1, 1, 1, 1)).reshape(B * T, n_out)
+                aw = a * w[:, None]
+                return self._shaped(d.T.mm(aw)), (w @ d if bias else None)
+            dw = d * w[:, None]
             return self._shaped(dw.T.mm(a)), (dw.sum(0) if bias else None)
         D = self.D if w is None else self.D * w.to(self.D.dtype).view(-1, 1, 1, 1)
         return (torch.einsum("bgto,bgti->goi", D, self.A).reshape(self.shape),
                 D.sum(dim=(0, 2)).reshape(-1) if bias else None)
+
+    def _weighted_positions(self, w: Tensor | None, bias: bool) -> tuple[Tensor, Tensor | None]:
+        """weighted_sums for G = 1, T > 1: one (n_out, n_in) product over all B*T rows. The rows are
+        taken in the order the factors are stored in, (b, t) or (t, b) (attention's projections keep
+        (T, B) layouts), so that neither factor is copied to reorder it; the weights scale the
+        narrower factor, written in that order in the same pass."""
+        B, _, T, n_in = self.A.shape
+        n_out = self.D.shape[3]
+        scale_a = n_in < n_out
+        kept, scaled = (self.D, self.A) if scale_a else (self.A, self.D)
+        order = next((o for o in ("bt", "tb") if _rows(kept, o) is not None), "bt")
+        rows = _rows(kept, order)
+        if rows is None:  # (neither order is a view: one copy)
+            rows = _ordered(kept, order).reshape(B * T, kept.shape[3])
+        if w is None:
+            other = _rows(scaled, order)
+            other = _ordered(scaled, order).reshape(B * T, scaled.shape[3]) if other is None else other
+        else:
+            w = w.to(scaled.dtype) if w.dtype != scaled.dtype else w
+            src = _ordered(scaled, order)
+            other = torch.empty(src.shape, dtype=scaled.dtype, device=scaled.device)
+            torch.mul(src, w.view(-1, 1, 1) if order == "bt" else w.view(1, -1, 1), out=other)
+            other = other.view(B * T, scaled.shape[3])
+        d, a = (rows, other) if scale_a else (other, rows)
+        bias_sum = None
+        if bias:
+            bias_sum = (d.sum(0) if w is None or not scale_a
+                        else w @ self.D.sum(2).view(B, n_out))
+        return self._shaped(d.T.mm(a)), bias_sum
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
         return self.weighted_sums(w)[0]
