@@ -177,3 +177,22 @@ def test_compare_draws_another_batch_at_a_kink(monkeypatch):
     assert torch.equal(x, batches[1]) and not torch.equal(batches[0], batches[1])
     first_model = compare.setup("mlp", 8, torch.device("cpu"), seed=0)[0]  # the model stays seed 0's
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), first_model.parameters()))
+
+
+def test_floor_norm_kernels_compute_the_engines_norms():
+    """benchmarks/floor.py times these formulations as the best kernel for the norms: each must give
+    the engine's (B,) |g_i|^2 of the weight (over positions and for one position), and norm_macs
+    counts the cheaper route by hand."""
+    from benchmarks import floor
+    from gradalign.engine.representations import Factored
+    g = torch.Generator().manual_seed(0)
+    for T, n_in, n_out in ((5, 3, 4), (1, 6, 2)):
+        rep = Factored(torch.randn(7, 1, T, n_in, generator=g), torch.randn(7, 1, T, n_out, generator=g),
+                       torch.Size((n_out, n_in)))
+        expected = torch.einsum("bto,bti->boi", rep.D[:, 0], rep.A[:, 0]).square().sum((1, 2))
+        torch.testing.assert_close(rep.sq_norms(), expected)
+        for name, kernel in floor.norm_kernels(rep).items():
+            torch.testing.assert_close(kernel(), expected, msg=name)
+    assert floor.norm_macs(rep) == 7 * (6 + 2)  # one position: |a|^2 |d|^2
+    wide = Factored(torch.randn(2, 1, 10, 3), torch.randn(2, 1, 10, 4), torch.Size((4, 3)))
+    assert floor.norm_macs(wide) == 2 * min(10 * 10 * 7, 10 * 3 * 4)  # the formed route is cheaper here

@@ -137,6 +137,12 @@ class Factored:
             return self.A[:, 0, 0], self.D[:, 0, 0]
         return None
 
+    @cached_property
+    def position_sums(self) -> Tensor:
+        """(B, G, n_out) sum_t D[i, g, t]: the per-sample gradients of a bias on this map, formed
+        once (the norms' ghost route forms them while D is in cache; p.grad's bias reuses them)."""
+        return self.D.sum(2)
+
     def bias(self) -> "FactoredBias":
         """The per-sample gradients of a bias added to this map's output (G * n_out numbers)."""
         return FactoredBias(self)
@@ -172,7 +178,7 @@ class Factored:
             g = self._formed(self.A, self.D).reshape(B, -1)
             K = g @ g.T if K is None else K.addmm_(g, g.T)
             if bias:
-                b = self.D.sum(2).reshape(B, -1)
+                b = self.position_sums.reshape(B, -1)
                 K.addmm_(b, b.T)
             return K
         flat = self._flat
@@ -218,7 +224,7 @@ class Factored:
             torch.mv(g, R, out=dots[start:start + step])
         sq = norms.square_()
         if bias:
-            b = self.D.sum(2).reshape(B, -1)
+            b = self.position_sums.reshape(B, -1)
             Rb = S[1].reshape(-1).to(b.dtype)
             sq = sq.add_(torch.linalg.vecdot(b, b))
             dots = dots.add_(b @ Rb)
@@ -248,16 +254,18 @@ class Factored:
         if A.shape[2] == 1:
             aa = A.square().sum(-1)
             return ((aa + 1 if bias else aa) * D.square().sum(-1)).sum(dim=(1, 2))
-        if self.ghost_is_cheaper():  # <A A^T (+ 1), D D^T> per sample and group
+        if self.ghost_is_cheaper():  # <A A^T, D D^T> per sample and group (+ the bias's |sum_t d_t|^2)
             AA = A @ A.transpose(-1, -2)  # (B, G, T, T)
-            if bias:
-                AA += 1
-            return torch.linalg.vecdot(AA.reshape(B, -1), (D @ D.transpose(-1, -2)).reshape(B, -1))
+            out = torch.linalg.vecdot(AA.reshape(B, -1), (D @ D.transpose(-1, -2)).reshape(B, -1))
+            if bias:  # (formed now, while D is in cache after its product; weighted_sums reuses them)
+                b = self.position_sums.reshape(B, -1)
+                out += torch.linalg.vecdot(b, b)
+            return out
         out = A.new_empty(B)
         for start, g in self._materialised_chunks():
             out[start:start + g.shape[0]] = g.square().sum(dim=(1, 2, 3))
         if bias:
-            b = D.sum(2).reshape(B, -1)
+            b = self.position_sums.reshape(B, -1)
             out += torch.linalg.vecdot(b, b)
         return out
 
@@ -287,7 +295,7 @@ class Factored:
         DR = torch.einsum("bgto,goi->bgti", self.D, self._as_matrix(R))
         out = (DR * self.A).sum(dim=(1, 2, 3))
         if Rb is not None:
-            out = out + self.D.sum(2).reshape(B, -1) @ Rb.reshape(-1)
+            out = out + self.position_sums.reshape(B, -1) @ Rb.reshape(-1)
         return out
 
     def dots_with_sum(self, total: Callable[[], Tensor]) -> Tensor:
@@ -344,7 +352,7 @@ class Factored:
         bias_sum = None
         if bias:
             bias_sum = (d.sum(0) if w is None or not scale_a
-                        else w @ self.D.sum(2).view(B, n_out))
+                        else w @ self.position_sums.view(B, n_out))
         return self._shaped(d.T.mm(a)), bias_sum
 
     def weighted_sum(self, w: Tensor | None) -> Tensor:
@@ -362,7 +370,7 @@ class Factored:
         for _, g in self._materialised_chunks():
             total += g.square().sum(0)
         if bias:
-            bias_sq = D.sum(2).square().sum(0).reshape(-1)
+            bias_sq = self.position_sums.square().sum(0).reshape(-1)
         return total.reshape(self.shape), bias_sq
 
     def sq_sum(self) -> Tensor:
@@ -396,7 +404,7 @@ class FactoredBias(FromSum):
         if self.of._flat is not None:
             return self.of._flat[1]
         D = self.of.D
-        return (D[:, :, 0] if D.shape[2] == 1 else D.sum(2)).reshape(D.shape[0], -1)
+        return (D[:, :, 0] if D.shape[2] == 1 else self.of.position_sums).reshape(D.shape[0], -1)
 
     def dense(self) -> "Dense":
         return Dense(self.grads)
