@@ -23,9 +23,11 @@ weight-gradient products while each output gradient is in cache, and reuses its 
                        same warm plain products
   keep                 a plain step whose hooks keep every layer's output gradient to the end, minus
                        the same hooks keeping nothing (interleaved)
+  LayerNorms           every nn.LayerNorm call's per-sample gradients (sum_t d_t xhat_t, sum_t d_t), the
+                       faster of the engine's rule and a recompute of xhat with one product-sum, warm
 
-  floor @ peak    = 1 + norms @ peak + re-read + keep
-  floor, kernels  = 1 + norms, best kernel + re-read + keep
+  floor @ peak    = 1 + norms @ peak + re-read + keep + LayerNorms
+  floor, kernels  = 1 + norms, best kernel + re-read + keep + LayerNorms
 
 A goal below "floor @ peak" is out of reach for any exact one-backward method whose norms cost the
 cheaper route's multiply-adds; below "floor, kernels", for one built on this machine's kernels at
@@ -146,6 +148,38 @@ def step_times(kind: str, B: int, rounds: int) -> dict[str, float]:
     return time_variants({"plain": plain_step, "clip": clip_step}, rounds=rounds)
 
 
+def norm_layer_cost(kind: str, B: int, repeats: int) -> float:
+    """Seconds of every nn.LayerNorm call's per-sample weight and bias gradients, sum_t d_t * xhat_t and
+    sum_t d_t, by the faster of the engine's rule and xhat recomputed, then one product-sum per
+    parameter (warm), from one plain step's inputs and output gradients."""
+    from gradalign.engine.rules.norm import layer_norm_rule
+    torch.manual_seed(0)
+    model = build_model(kind)
+    x, y = batch(kind, B)
+    calls = []
+
+    def on_output(module, args, output):
+        call = [module, args[0].detach(), None]
+        output.register_hook(lambda g: call.__setitem__(2, g))
+        calls.append(call)
+    handles = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    per_sample_losses(kind, model(x), y).sum().backward()
+    for h in handles:
+        h.remove()
+    total = 0.0
+    for module, inputs, d in calls:
+        shape = module.normalized_shape
+        xs, ds = inputs.reshape(inputs.shape[0], -1, *shape), d.reshape(d.shape[0], -1, *shape)
+        ones, zeros = inputs.new_ones(shape), inputs.new_zeros(shape)
+
+        def recomputed():
+            xhat = torch.nn.functional.layer_norm(xs, shape, ones, zeros, eps=module.eps)
+            return torch.linalg.vecdot(ds, xhat, dim=1), ds.sum(1)
+        total += min(_median_seconds(lambda: layer_norm_rule(module, (inputs,), d), repeats),
+                     _median_seconds(recomputed, repeats))
+    return total
+
+
 def keep_cost(kind: str, B: int, rounds: int) -> float:
     """Seconds a plain step takes longer when every layer's output gradient is kept until the step
     ends (as a one-backward method must keep them for p.grad) than with the same hooks keeping
@@ -182,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     peak = peak_macs_per_second()
     print(f"torch {torch.__version__}, {args.threads} thread(s), peak product rate {peak / 1e9:.1f} GMAC/s\n")
     print("| model | B | plain ms | clip | norm MACs (M) | norms @ peak | norms, best kernel | norms, engine | "
-          "re-read | weighted, engine | keep | floor @ peak | floor, kernels | goal |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "re-read | weighted, engine | keep | LayerNorms | floor @ peak | floor, kernels | goal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.models:
         B = BATCHES[kind][0]
         times = step_times(kind, B, args.rounds)
@@ -194,12 +228,13 @@ def main(argv: list[str] | None = None) -> None:
         at_peak = macs / peak
         reread = max(costs["reread"], 0.0)
         keep = max(keep_cost(kind, B, args.rounds), 0.0)
+        norm_layers = norm_layer_cost(kind, B, repeats=max(5, args.rounds // 2))
         goal = GOALS.get(kind)
         share = lambda seconds: f"+{seconds / plain:.1%}"
         print(f"| {kind} | {B} | {plain * 1e3:.1f} | {times['clip'] / plain:.2f}x | {macs / 1e6:.0f} | {share(at_peak)} | "
               f"{share(costs['best'])} | {share(costs['engine'])} | {share(reread)} | {share(costs['weighted'])} | "
-              f"{share(keep)} | {(plain + at_peak + reread + keep) / plain:.2f}x | "
-              f"{(plain + costs['best'] + reread + keep) / plain:.2f}x | "
+              f"{share(keep)} | {share(norm_layers)} | {(plain + at_peak + reread + keep + norm_layers) / plain:.2f}x | "
+              f"{(plain + costs['best'] + reread + keep + norm_layers) / plain:.2f}x | "
               f"{'-' if goal is None else f'{goal:.2f}x'} |")
 
 if __name__ == "__main__":

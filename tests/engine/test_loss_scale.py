@@ -82,7 +82,7 @@ def test_gasw_does_not_fall_back_and_leave_one_out_agrees(scale, arch):
 @pytest.mark.parametrize("arch", sorted(ALL))
 def test_the_scaled_path_matches_torch_func_on_every_architecture(arch, monkeypatch):
     # on the CPU the multiply pass is skipped when it is not needed: force it everywhere
-    monkeypatch.setattr(scale_module, "_SAFE_EXPONENT", -1000)
+    monkeypatch.setattr(scale_module, "SAFE_EXPONENT", -1000)
     from tests.support.compare import compare_all
     torch.manual_seed(0)
     model, make_batch, loss_fn = ALL[arch]()
@@ -90,7 +90,7 @@ def test_the_scaled_path_matches_torch_func_on_every_architecture(arch, monkeypa
 
 
 def test_the_scale_is_a_power_of_two_above_the_largest_output_gradient(monkeypatch):
-    monkeypatch.setattr(scale_module, "_SAFE_EXPONENT", -1000)
+    monkeypatch.setattr(scale_module, "SAFE_EXPONENT", -1000)
     torch.manual_seed(0)
     model, make_batch, loss_fn = ALL["seed_mlp"]()
     x, y = make_batch(8, torch.Generator().manual_seed(0))
@@ -131,10 +131,10 @@ def test_the_norm_check_says_safe_only_where_the_exact_extremes_do():
     for k in range(-80, 81, 2):
         grads = [torch.randn(16, 33) * 2.0 ** k, torch.zeros(5), torch.randn(3, 7) * 2.0 ** (k // 2)]
         exponent = max(int(torch.frexp(g.abs().amax())[1]) for g in grads if g.any())
-        verdicts[k] = scale_module._clearly_safe(grads)
+        verdicts[k] = scale_module.clearly_safe(grads)
         if verdicts[k]:
-            assert -scale_module._SAFE_EXPONENT <= exponent <= scale_module._SAFE_EXPONENT, k
+            assert -scale_module.SAFE_EXPONENT <= exponent <= scale_module.SAFE_EXPONENT, k
     assert all(verdicts[k] for k in range(-20, 21, 2))  # the common case takes the fast path
     assert not any(verdicts[k] for k in (-80, -70, 70, 80))
-    assert not scale_module._clearly_safe([torch.zeros(4)])
-    assert not scale_module._clearly_safe([torch.tensor([1.0, float("nan")])])
+    assert not scale_module.clearly_safe([torch.zeros(4)])
+    assert not scale_module.clearly_safe([torch.tensor([1.0, float("nan")])])

@@ -75,7 +75,7 @@ def test_low_memory_against_a_float64_reference(arch, scale):
 @pytest.mark.parametrize("arch", ["seed_mlp", "encoder_post_norm", "tied_lm", "lstm_lm"])
 def test_every_group_scaled_matches_the_default_mode(arch, monkeypatch):
     """On the CPU a group whose gradients are safely in range is not divided: force the division."""
-    monkeypatch.setattr(scale_module, "_SAFE_EXPONENT", -1000)
+    monkeypatch.setattr(scale_module, "SAFE_EXPONENT", -1000)
     torch.manual_seed(0)
     model, make_batch, loss_fn = ALL[arch]()
     x, y = make_batch(9, torch.Generator().manual_seed(2))

@@ -15,13 +15,13 @@ from torch import Tensor
 
 # Output gradients whose largest magnitude lies in [2^-SAFE, 2^SAFE] are left as they are on the CPU
 # (their squares, summed over up to 2^40 numbers, stay far inside float32's range).
-_SAFE_EXPONENT = 32
+SAFE_EXPONENT = 32
 # the exponent a zero extreme is given: below every float32 exponent (-148), so it never wins the max;
 # where every extreme is zero the clamp below makes it 2^-126 (dividing zeros changes nothing)
 _NO_EXPONENT = -1000
 
 
-def _clearly_safe(grads: list[Tensor]) -> bool:
+def clearly_safe(grads: list[Tensor]) -> bool:
     """Whether the gradients' largest magnitude is surely within 2^-SAFE .. 2^SAFE, from one norm per
     gradient (a vectorised sum of squares, about 2.5x cheaper than aminmax on the CPU): every
     |x| <= |g| and some |x| >= |g| / sqrt(numel), with a factor 4 kept for the norms' rounding.
@@ -30,7 +30,7 @@ def _clearly_safe(grads: list[Tensor]) -> bool:
     norms = torch.stack(torch._foreach_norm(grads, 2)).float()
     roots = torch.tensor([math.sqrt(max(g.numel(), 1)) for g in grads])
     largest, typical = torch.stack([norms.amax(), (norms / roots).amax()]).tolist()  # one host read
-    return math.isfinite(largest) and largest <= 2.0 ** (_SAFE_EXPONENT - 2) and typical >= 2.0 ** (2 - _SAFE_EXPONENT)
+    return math.isfinite(largest) and largest <= 2.0 ** (SAFE_EXPONENT - 2) and typical >= 2.0 ** (2 - SAFE_EXPONENT)
 
 
 def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True) -> Tensor | None:
@@ -38,7 +38,7 @@ def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True) -> T
     gradient is divided out of place) by one power of two near their largest magnitude, and return
     it (a 0-d float32 tensor, on their device; no host read). `sums`: autograd's S, never divided.
 
-    Cost on the CPU: one norm pass, which settles most backwards (`_clearly_safe`); else, and on an
+    Cost on the CPU: one norm pass, which settles most backwards (`clearly_safe`); else, and on an
     accelerator, one min/max pass over the gradients, and one multiply pass where the scaling is needed
     (always on an accelerator, which must not wait for the host to decide). None (no scaling) when
     a gradient is float16 (its range cannot need it, and scaling could push its small values below
@@ -50,7 +50,7 @@ def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True) -> T
     grads = [g for c in calls for g in (c.grads or ()) if g is not None]
     if not grads or any(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
         return None
-    if grads[0].device.type == "cpu" and _clearly_safe(grads):
+    if grads[0].device.type == "cpu" and clearly_safe(grads):
         return None
     # |x| = mantissa * 2^exponent, mantissa in [0.5, 1): the largest exponent of every gradient's
     # min and max gives a scale above the largest |x|. frexp gives exponent 0 for 0, which would
@@ -61,7 +61,7 @@ def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True) -> T
     exponent = exponents.masked_fill(extremes == 0, _NO_EXPONENT).amax()
     if grads[0].device.type == "cpu":  # a host read is free: skip the multiply pass when squares are safe anyway
         e = int(exponent)
-        if e == _NO_EXPONENT or -_SAFE_EXPONENT <= e <= _SAFE_EXPONENT:  # every gradient zero, or safe
+        if e == _NO_EXPONENT or -SAFE_EXPONENT <= e <= SAFE_EXPONENT:  # every gradient zero, or safe
             return None
     scale = torch.exp2(exponent.clamp(-126, 126))  # an int exponent: float32, exact
     # in place where that is safe (a tensor owning its storage, seen once, not autograd's S for some

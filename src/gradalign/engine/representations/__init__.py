@@ -24,13 +24,13 @@ autocast or in a half model) and upcast to float32 when a representation is buil
 product and sum runs in float32 (a squared norm of float16 numbers would overflow at 65504).
 Statistics come out in float32 (float64 for a float64 model).
 
-Modules: factored.py (Factored, FactoredBias, the routes), dense.py (Dense, IndexedRows,
+Modules: factored.py (Factored, FactoredBias), routes.py (which route a Factored statistic takes), dense.py (Dense, IndexedRows,
 RowBlocks), summed.py (contributions of several uses of one parameter), precision.py.
 """
 from gradalign.engine.representations.dense import Dense, FromSum, IndexedRows, RowBlocks, sq_norm
-from gradalign.engine.representations.factored import (Factored, FactoredBias, PerSampleGrad, cosine_route,
-                                                       ghost_is_cheaper)
+from gradalign.engine.representations.factored import Factored, FactoredBias, PerSampleGrad
 from gradalign.engine.representations.precision import full_precision, in_full_precision, upcast
+from gradalign.engine.representations.routes import cosine_route, ghost_is_cheaper
 from gradalign.engine.representations.summed import Summed, combine
 
 __all__ = ["Dense", "Factored", "FactoredBias", "FromSum", "IndexedRows", "PerSampleGrad", "RowBlocks", "Summed",
