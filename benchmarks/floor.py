@@ -128,6 +128,8 @@ def layer_costs(reps: list[Factored], repeats: int) -> dict[str, float]:
         a = rep.A.reshape(-1, rep.A.shape[3]).contiguous()
         warm = _median_seconds(lambda: d.T.mm(a), repeats)
         out["reread"] += _median_seconds(lambda: d.T.mm(a), repeats, setup=_evict) - warm
+        if rep.A.shape[2] > 1:
+            rep.position_sums  # noqa: B018 - formed by the engine's norms (their ghost route) before p.grad
         out["weighted"] += _median_seconds(lambda: rep.weighted_sums(w, bias=True), repeats, setup=_evict) - warm
     return out
 
