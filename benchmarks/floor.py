@@ -37,14 +37,14 @@ these shapes. The clip ratio minus "floor, kernels" is what the engine spends be
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import torch
 
 import gradalign as ga
-from benchmarks.models import BATCHES, MODELS, batch, build_model, clip_weights, per_sample_losses
+from benchmarks.engine import make_variants
+from benchmarks.models import BATCHES, MODELS, batch, build_model, per_sample_losses
 from benchmarks.timing import time_variants
 from gradalign.engine.representations import Factored
 
@@ -135,21 +135,8 @@ def layer_costs(reps: list[Factored], repeats: int) -> dict[str, float]:
 
 
 def step_times(kind: str, B: int, rounds: int) -> dict[str, float]:
-    """Median seconds of the plain step and the engine's clipping step, interleaved."""
-    torch.manual_seed(0)
-    base = build_model(kind)
-    x, y = batch(kind, B)
-    plain, clipped = copy.deepcopy(base), copy.deepcopy(base)
-    engine = ga.PerSampleGradients(clipped)
-
-    def plain_step():
-        plain.zero_grad(set_to_none=True)
-        per_sample_losses(kind, plain(x), y).mean().backward()
-
-    def clip_step():
-        clipped.zero_grad(set_to_none=True)
-        engine.backward(per_sample_losses(kind, clipped(x), y), weights=clip_weights, release=True)
-    return time_variants({"plain": plain_step, "clip": clip_step}, rounds=rounds)
+    """Median seconds of the plain step and the engine's clipping step (benchmarks.engine's), interleaved."""
+    return time_variants(make_variants(kind, B, torch.device("cpu"), names=["plain", "clip"]), rounds=rounds)
 
 
 def norm_layer_cost(kind: str, B: int, repeats: int) -> float:

@@ -26,15 +26,6 @@ def _ordered(X: Tensor, order: str) -> Tensor:
     return X[:, 0] if order == "bt" else X[:, 0].transpose(0, 1)
 
 
-def _rows(X: Tensor, order: str) -> Tensor | None:
-    """X (B, 1, T, n) as a (B*T, n) or (T*B, n) view in `order`; None where that needs a copy."""
-    Y = _ordered(X, order)
-    try:
-        return Y.view(-1, X.shape[3])
-    except RuntimeError:
-        return None
-
-
 def _one(t: Tensor) -> Tensor:
     """A 0-d 1 of t's dtype and device: the bias's column of ones, added where a product is formed."""
     return torch.ones((), dtype=t.dtype, device=t.device)
@@ -299,13 +290,10 @@ class Factored:
         n_out = self.D.shape[3]
         scale_a = n_in < n_out
         kept, scaled = (self.D, self.A) if scale_a else (self.A, self.D)
-        order = next((o for o in ("bt", "tb") if _rows(kept, o) is not None), "bt")
-        rows = _rows(kept, order)
-        if rows is None:  # (neither order is a view: one copy)
-            rows = _ordered(kept, order).reshape(B * T, kept.shape[3])
+        order = "tb" if not _ordered(kept, "bt").is_contiguous() and _ordered(kept, "tb").is_contiguous() else "bt"
+        rows = _ordered(kept, order).reshape(B * T, kept.shape[3])  # (a view where the layout allows)
         if w is None:
-            other = _rows(scaled, order)
-            other = _ordered(scaled, order).reshape(B * T, scaled.shape[3]) if other is None else other
+            other = _ordered(scaled, order).reshape(B * T, scaled.shape[3])
         else:
             w = w.to(scaled.dtype) if w.dtype != scaled.dtype else w
             src = _ordered(scaled, order)
