@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from gradalign.engine.representations import Dense, Factored, FactoredBias, PerSampleGrad
+from gradalign.engine.representations.dense import row_sq_norms
 
 # Dense parameters with at most this many numbers per sample are concatenated into one block.
 _BLOCK_MAX = 1 << 13
@@ -123,7 +124,7 @@ class DenseBlock:
         return flat if flat.dtype == dtype else flat.to(dtype)
 
     def sq_norms(self) -> Tensor:
-        return torch.linalg.vecdot(self.X, self.X)
+        return row_sq_norms(self.X)
 
     def gram_is_cheaper(self, have_sum: bool) -> bool:
         return False

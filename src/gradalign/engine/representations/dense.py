@@ -19,6 +19,11 @@ def sq_norm(t: Tensor) -> Tensor:
     return flat.dot(flat)
 
 
+def row_sq_norms(t: Tensor) -> Tensor:
+    """(rows,) |t_i|^2 over the last dim, in one read of t (vecdot(t, t) writes a product first)."""
+    return torch.linalg.vector_norm(t, dim=-1).square_()
+
+
 class FromSum:
     """<g_i, S> and |S|^2 from S itself, for representations with no cheaper route."""
 
@@ -67,7 +72,7 @@ class IndexedRows(FromSum):
         B, T = self.index.shape
         if T > 4 * self.D.shape[-1]:  # many lookups of short rows (T5's (T, T) relative-position buckets):
             samples, _, grads = self._per_sample_rows()  # sum each (sample, row) first, B T dim not B T^2
-            return grads.new_zeros(B).index_add_(0, samples, torch.linalg.vecdot(grads, grads))
+            return grads.new_zeros(B).index_add_(0, samples, row_sq_norms(grads))
         # |g_i|^2 = sum_{t,s} [index_it == index_is] d_it . d_is
         same = (self.index.unsqueeze(2) == self.index.unsqueeze(1)).to(self.D.dtype)
         return (same * (self.D @ self.D.transpose(1, 2))).sum(dim=(1, 2))
@@ -109,8 +114,7 @@ class Dense(FromSum):
         return self.grads.reshape(self.grads.shape[0], -1)
 
     def sq_norms(self) -> Tensor:
-        flat = self._flat()
-        return torch.linalg.vecdot(flat, flat)
+        return row_sq_norms(self._flat())
 
     def dots(self, R: Tensor) -> Tensor:
         return self._flat() @ R.reshape(-1).to(self.grads.dtype)

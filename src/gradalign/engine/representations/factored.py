@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradalign.engine.representations import routes
-from gradalign.engine.representations.dense import Dense, FromSum, IndexedRows, RowBlocks, sq_norm
+from gradalign.engine.representations.dense import Dense, FromSum, IndexedRows, RowBlocks, row_sq_norms, sq_norm
 from gradalign.engine.representations.precision import upcast
 from gradalign.engine.representations.routes import cosine_route, ghost_is_cheaper
 
@@ -181,7 +181,7 @@ class Factored:
         if bias:
             b = self.position_sums.reshape(B, -1)
             Rb = S[1].reshape(-1).to(b.dtype)
-            sq = sq.add_(torch.linalg.vecdot(b, b))
+            sq = sq.add_(row_sq_norms(b))
             dots = dots.add_(b @ Rb)
         return sq, dots
 
@@ -203,7 +203,7 @@ class Factored:
         flat = self._flat
         if flat is not None:  # |d a^T|^2 = |a|^2 |d|^2; with the bias (|a|^2 + 1) |d|^2
             a, d = flat
-            aa, dd = torch.linalg.vecdot(a, a), torch.linalg.vecdot(d, d)
+            aa, dd = row_sq_norms(a), row_sq_norms(d)
             return torch.addcmul(dd, aa, dd) if bias else aa * dd
         B = self._B
         if A.shape[2] == 1:
@@ -214,14 +214,14 @@ class Factored:
             out = torch.linalg.vecdot(AA.reshape(B, -1), (D @ D.transpose(-1, -2)).reshape(B, -1))
             if bias:  # (formed now, while D is in cache after its product; weighted_sums reuses them)
                 b = self.position_sums.reshape(B, -1)
-                out += torch.linalg.vecdot(b, b)
+                out += row_sq_norms(b)
             return out
         out = A.new_empty(B)
         for start, g in self._materialised_chunks():
             out[start:start + g.shape[0]] = g.square().sum(dim=(1, 2, 3))
         if bias:
             b = self.position_sums.reshape(B, -1)
-            out += torch.linalg.vecdot(b, b)
+            out += row_sq_norms(b)
         return out
 
     def dots(self, R: Tensor, Rb: Tensor | None = None) -> Tensor:
@@ -362,7 +362,7 @@ class FactoredBias(FromSum):
         return Dense(self.grads)
 
     def sq_norms(self) -> Tensor:
-        return torch.linalg.vecdot(self.grads, self.grads)
+        return row_sq_norms(self.grads)
 
     def dots(self, R: Tensor) -> Tensor:
         return self.grads @ R.reshape(-1).to(self.grads.dtype)
