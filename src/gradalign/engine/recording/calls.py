@@ -6,6 +6,7 @@ guards need: its inputs' versions and autograd nodes) and the served module with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 from torch import Tensor
@@ -31,7 +32,8 @@ class Call:
     finish: Callable[[list], dict]
     grads: list | None = None  # after the backward: the gradient at each edge (None: unused)
     generation: int = 0        # which forward of the model recorded it
-    own_cosines: bool = False  # its cosine terms come without S (Rule.own_cosines)
+    own_cosines: Callable[[], bool] | None = None  # whether its cosine terms come without S (Rule.own_cosines), asked
+                                                  # only by a backward whose weighting needs cosines
     full: bool = True          # its output is float32 or float64 (not a half model, not autocast)
     watched: bool = False      # its S is not asked of autograd (a watch, engine/watching; a parametrization)
     route: str = "rule"        # rule, watched, fallback (torch.func), or shared (a rule on a value shared by all samples)
@@ -52,3 +54,8 @@ class Hooked(Served):
     calls: list[Call] = field(default_factory=list)
     pending: list = field(default_factory=list)
     latest: dict = field(default_factory=dict)  # its parametrizations' latest outputs (recording/parametrized.py)
+
+    @cached_property
+    def where(self) -> str:
+        """How messages name the module: "path (Type)"."""
+        return f"{self.path or '<model>'} ({type(self.module).__name__})"

@@ -7,6 +7,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
 def eager(hook):
@@ -22,6 +23,13 @@ def eager(hook):
             return disabled(*args, **kwargs)
         return hook(*args, **kwargs)
     return run
+
+
+def edge(t: Tensor) -> GradientEdge:
+    """The autograd edge where t's gradient arrives: torch's get_gradient_edge, without its Python
+    detour for the common case, an op's output."""
+    fn = t.grad_fn
+    return GradientEdge(fn, t.output_nr) if fn is not None else get_gradient_edge(t)
 
 
 def in_backward() -> bool:

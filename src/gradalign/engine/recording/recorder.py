@@ -9,18 +9,19 @@ training forwards of the model; `PerSampleGradients.backward` consumes them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge
 from torch.utils._pytree import tree_leaves
 
 from gradalign.engine.guards.census import output_edges
 from gradalign.engine.guards.inputs import keep, versions
 from gradalign.engine.recording.calls import Call, Hooked, nodes
-from gradalign.engine.recording.hooks import eager, first_tensor, in_backward, inside_torch_func
+from gradalign.engine.recording.hooks import eager, edge, first_tensor, in_backward, inside_torch_func
 from gradalign.engine.rules import RuleRegistry
 from gradalign.engine.rules.layout import ambiguous, batch_size, call_batch_dim, feature_dims, first_argument
 from gradalign.engine.recording.parametrized import derived_finish, used_tensors, watch_outputs
@@ -206,7 +207,7 @@ class Recorder:
                 "ga.PerSampleGradients(model, batch_first=False)")
 
     def _make_pre_hook(self, path: str, hooked: Hooked):
-        rule, where = hooked.rule, f"{path or '<model>'} ({type(hooked.module).__name__})"
+        rule, where = hooked.rule, hooked.where
 
         def pre_hook(module, args, kwargs):
             state = None
@@ -288,9 +289,9 @@ class Recorder:
             return
         for check in (rule.reason(module), rule.check_call(module, args, kwargs, output) if rule.check_call else None):
             if check:
-                raise UnsupportedModuleError(f"{path or '<model>'} ({type(module).__name__}): {check}")
+                raise UnsupportedModuleError(f"{hooked.where}: {check}")
         batch_dim = self._batch_dim(path, module, first_argument(args, kwargs))
-        refuse_watched_input(args, f"{path or '<model>'} ({type(module).__name__})")
+        refuse_watched_input(args, hooked.where)
         if captured is None:  # default: the positional inputs (copies of the model's own), batch first
             captured, kept = keep(args, self._root_inputs[-1] if self._root_inputs else ())
             if batch_dim and captured and isinstance(captured[0], Tensor):
@@ -299,13 +300,13 @@ class Recorder:
         batch = first.shape[0] if isinstance(first, Tensor) and first.dim() else None
         B = self._root_batch[-1] if self._root_batch else None
         if B is not None and (batch != B or hooked.shared) and isinstance(first, Tensor) and not (rule.output or rule.capture):
-            watch, shared = watch_shared_output(module, f"{path or '<model>'} ({type(module).__name__})",
+            watch, shared = watch_shared_output(module, hooked.where,
                                                 rule.compute, captured, output, B, batch_dim, self._layout_hint())
             self._append(hooked, Call(path, B, watch.edges, watch.per_sample, watched=True, route="shared", inputs=kept,
                                       stops=nodes(args), starts=(output.grad_fn,)))
             return shared
         n_outputs = len(outputs)  # the outputs themselves are not kept alive, only their edges
-        edges = [get_gradient_edge(output)] if rule.output is None else [get_gradient_edge(outputs[i]) for i in live]
+        edges = [edge(output)] if rule.output is None else [edge(outputs[i]) for i in live]
         starts = None
         if rule.inner and rule.output and (inner := rule.inner(module, captured, outputs)):
             starts, edges = tuple(e.node for e in edges), edges + inner  # (the census: the call's part starts at its outputs)
@@ -319,7 +320,7 @@ class Recorder:
 
         if hooked.derived:  # a weight computed from other parameters (recording/parametrized.py): no S asked
             finish = derived_finish(finish, module, hooked.derived, used_tensors(module, hooked.derived, hooked.latest))
-        own_cosines = bool(rule.own_cosines and rule.own_cosines(module, captured))
+        own_cosines = functools.partial(rule.own_cosines, module, captured) if rule.own_cosines else None
         full = outputs[live[0]].dtype in (torch.float32, torch.float64)
         self._append(hooked, Call(path, batch, edges, finish, own_cosines=own_cosines, full=full,
                                   route="fallback" if rule.watch else "rule", batch_dim=batch_dim,
