@@ -14,10 +14,11 @@ from gradalign.engine.representations import Dense, upcast
 
 
 def _affine_grads(module: nn.Module, xhat: Tensor, d: Tensor, channel_shape) -> dict:
-    """xhat, d: (B, positions..., or channels first) already arranged as (B, -1, *channel_shape)."""
+    """xhat, d: (B, positions..., or channels first) already arranged as (B, -1, *channel_shape);
+    xhat is the rule's own (overwritten: the product d * xhat is formed in its memory, in cache)."""
     grads = {}
     if getattr(module, "weight", None) is not None and module.weight.requires_grad:
-        grads["weight"] = Dense((d * xhat).sum(1).reshape(-1, *channel_shape))
+        grads["weight"] = Dense(xhat.mul_(d).sum(1).reshape(-1, *channel_shape))
     if getattr(module, "bias", None) is not None and module.bias.requires_grad:
         grads["bias"] = Dense(d.sum(1).reshape(-1, *channel_shape))
     return grads
