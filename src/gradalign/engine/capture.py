@@ -287,8 +287,7 @@ class PerSampleGradients:
                 continue
             if self.process_group is None and len(calls) == 1:
                 (local, call), = calls
-                if (call.own_cosines is not None and local in self._hooked[call.path].rule.own_cosine_params
-                        and call.own_cosines()):
+                if call.own_cosines and local in self._hooked[call.path].rule.own_cosine_params and call.own_cosines():
                     continue  # its cosine terms come without S
             wanted.append(n)
         return wanted

@@ -92,8 +92,9 @@ def test_two_workers_one_killed_mid_trial(postgres_url, tmp_path):
         killed = None
         deadline = time.monotonic() + 120
         while killed is None and time.monotonic() < deadline and a.poll() is None:
-            mine = [t for t in _trials(postgres_url)    # kill A while it trains one of its trials
-                    if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{a.pid}")]
+            mine = [t for t in _trials(postgres_url)    # kill A while it trains one of its trials (its
+                    if t.state == TrialState.RUNNING and t.params  # parameters drawn: the retry must reuse them)
+                    and t.user_attrs.get("worker", "").endswith(f":{a.pid}")]
             if not mine:
                 time.sleep(0.05)
                 continue
