@@ -15,6 +15,13 @@ machine by their counts; the times in `--where` are the profiler's, on whatever 
 each statistic of each unit, labelled with its parameters and the route it takes (the engine's
 `trace` labels, engine/phases.py).
 
+`--diff` sets the variant's step beside a plain step operator by operator: each op (with its input
+shapes) and its self CPU time per step in both, profiled alternately in one process (means over
+`--steps` steps of each), largest difference first; what the engine adds (its own operators) and
+what it makes slower (a weight-gradient product reading its factors out of cache):
+
+    python -m benchmarks.profile_engine --models wide_mlp --variants clip --diff --steps 10
+
 `--phases` times the engine's phases without the profiler (which adds time to every operator
 call): wall-clock medians of `--steps` steps, each engine phase timed through the engine's
 `trace` callback, beside a plain step run alternately:
@@ -147,6 +154,26 @@ def phases(kind: str, B: int, variant: str, steps: int) -> dict[str, float]:
     return {label: 1e3 * statistics.median(v) for label, v in samples.items()}
 
 
+def op_diff(kind: str, B: int, variant: str, steps: int) -> list[tuple[float, float, float, str, str]]:
+    """[(variant minus plain, variant, plain)] self CPU microseconds per step of each operator and
+    its input shapes, the two steps profiled alternately (means over `steps` steps), largest
+    difference first, with the op's name and shapes."""
+    plain, step = make_step(kind, B, "plain"), make_step(kind, B, variant)
+    for _ in range(3):
+        plain(), step()
+    spent = {"plain": collections.Counter(), "variant": collections.Counter()}
+    for _ in range(steps):
+        for name, fn in (("plain", plain), ("variant", step)):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                fn()
+            for e in prof.key_averages(group_by_input_shape=True):
+                if not e.key.startswith("ga/"):
+                    spent[name][(e.key, str(e.input_shapes))] += e.self_cpu_time_total / steps
+    keys = set(spent["plain"]) | set(spent["variant"])
+    rows = [(spent["variant"][k] - spent["plain"][k], spent["variant"][k], spent["plain"][k], *k) for k in keys]
+    return sorted(rows, reverse=True)
+
+
 def where(events) -> dict[str, float]:
     """Exclusive CPU ms per ga/ label (time inside nested ga/ labels goes to those)."""
     out = collections.defaultdict(float)
@@ -173,10 +200,26 @@ def main() -> None:
     parser.add_argument("--where", action="store_true", help="the time of one step per phase and route")
     parser.add_argument("--ops", action="store_true", help="list the operator calls of each step")
     parser.add_argument("--phases", action="store_true", help="wall-clock medians per engine phase, no profiler")
+    parser.add_argument("--diff", action="store_true", help="each operator's self CPU time beside a plain step's")
+    parser.add_argument("--top", type=int, default=20, help="--diff: the operators listed")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (times: the median step's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     default_batch = {"wide_mlp": 256, "vit_linear": 64, "mlp": 128}
+    if args.diff:
+        for kind in args.models:
+            for B in args.batches or [default_batch.get(kind, BATCHES[kind][0])]:
+                for variant in (v for v in args.variants if v != "plain"):
+                    rows = op_diff(kind, B, variant, args.steps)
+                    total, engine, base = (sum(r[i] for r in rows) / 1e3 for i in range(3))
+                    print(f"\n{kind} B={B} {variant}: self CPU {engine:.2f} ms per step, plain {base:.2f} ms "
+                          f"(+{total:.2f} ms; means of {args.steps} alternate profiled steps)")
+                    print("| + us | us | plain us | op | input shapes |\n|---|---|---|---|---|")
+                    for delta, mine, theirs, op, shapes in rows[:args.top]:
+                        print(f"| {delta:.0f} | {mine:.0f} | {theirs:.0f} | {op} | {shapes} |")
+                    rest = sum(r[0] for r in rows[args.top:])
+                    print(f"| {rest:.0f} | | | the other {len(rows) - args.top} | |")
+        return
     if args.phases:
         for kind in args.models:
             for B in args.batches or [default_batch.get(kind, BATCHES[kind][0])]:

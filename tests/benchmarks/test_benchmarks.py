@@ -39,6 +39,18 @@ def test_profile_engine_phases_cover_the_step():
     assert all(v > 0 for v in table.values())
 
 
+def test_profile_engine_diff_sets_each_operator_beside_the_plain_steps():
+    rows = profile_engine.op_diff("mlp", 8, "clip", steps=2)
+    deltas = [r[0] for r in rows]
+    assert deltas == sorted(deltas, reverse=True)
+    assert all(abs(delta - (mine - plain)) < 1e-6 for delta, mine, plain, _, _ in rows)
+    # the engine's own operators have no plain counterpart: the norms, the clipping weights' scaling
+    own = {op for delta, mine, plain, op, _ in rows if plain == 0 and mine > 0}
+    assert {"aten::linalg_vector_norm", "aten::mul"} <= own
+    # the plain step's weight-gradient products are there too, on both sides
+    assert any(op == "aten::mm" and plain > 0 and mine > 0 for _, mine, plain, op, _ in rows)
+
+
 def test_trace_sees_every_phase_in_order_and_every_unit_statistic():
     """The engine's `trace` hook: the phases of a GASW backward in their order, and each unit's
     statistics nested inside them, labelled with the parameters and the route."""
