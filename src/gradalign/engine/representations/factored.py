@@ -210,8 +210,12 @@ class Factored:
             aa = A.square().sum(-1)
             return ((aa + 1 if bias else aa) * D.square().sum(-1)).sum(dim=(1, 2))
         if self.ghost_is_cheaper():  # <A A^T, D D^T> per sample and group (+ the bias's |sum_t d_t|^2)
-            AA = A @ A.transpose(-1, -2)  # (B, G, T, T)
-            out = torch.linalg.vecdot(AA.reshape(B, -1), (D @ D.transpose(-1, -2)).reshape(B, -1))
+            if A.shape[1] == 1:  # one group: (B, T, T) products of (B, T, n) views, fewer operator calls
+                a, d = A[:, 0], D[:, 0]
+                AA, DD = torch.bmm(a, a.transpose(1, 2)), torch.bmm(d, d.transpose(1, 2))
+            else:
+                AA, DD = A @ A.transpose(-1, -2), D @ D.transpose(-1, -2)  # (B, G, T, T)
+            out = torch.linalg.vecdot(AA.view(B, -1), DD.view(B, -1))
             if bias:  # (formed now, while D is in cache after its product; weighted_sums reuses them)
                 b = self.position_sums.reshape(B, -1)
                 out += row_sq_norms(b)
@@ -290,7 +294,7 @@ class Factored:
         n_out = self.D.shape[3]
         scale_a = n_in < n_out
         kept, scaled = (self.D, self.A) if scale_a else (self.A, self.D)
-        order = "tb" if not _ordered(kept, "bt").is_contiguous() and _ordered(kept, "tb").is_contiguous() else "bt"
+        order = "tb" if not kept.is_contiguous() and _ordered(kept, "tb").is_contiguous() else "bt"
         rows = _ordered(kept, order).reshape(B * T, kept.shape[3])  # (a view where the layout allows)
         if w is None:
             other = _ordered(scaled, order).reshape(B * T, scaled.shape[3])
