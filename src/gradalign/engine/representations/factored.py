@@ -207,25 +207,21 @@ class Factored:
             return torch.addcmul(dd, aa, dd) if bias else aa * dd
         B = self._B
         if A.shape[2] == 1:
-            aa = A.square().sum(-1)
-            return ((aa + 1 if bias else aa) * D.square().sum(-1)).sum(dim=(1, 2))
-        if self.ghost_is_cheaper():  # <A A^T, D D^T> per sample and group (+ the bias's |sum_t d_t|^2)
+            aa = row_sq_norms(A)
+            return ((aa + 1 if bias else aa) * row_sq_norms(D)).sum(dim=(1, 2))
+        if self.ghost_is_cheaper():  # <A A^T, D D^T> per sample and group
             if A.shape[1] == 1:  # one group: (B, T, T) products of (B, T, n) views, fewer operator calls
                 a, d = A[:, 0], D[:, 0]
                 AA, DD = torch.bmm(a, a.transpose(1, 2)), torch.bmm(d, d.transpose(1, 2))
             else:
                 AA, DD = A @ A.transpose(-1, -2), D @ D.transpose(-1, -2)  # (B, G, T, T)
             out = torch.linalg.vecdot(AA.view(B, -1), DD.view(B, -1))
-            if bias:  # (formed now, while D is in cache after its product; weighted_sums reuses them)
-                b = self.position_sums.reshape(B, -1)
-                out += row_sq_norms(b)
-            return out
-        out = A.new_empty(B)
-        for start, g in self._materialised_chunks():
-            out[start:start + g.shape[0]] = g.square().sum(dim=(1, 2, 3))
-        if bias:
-            b = self.position_sums.reshape(B, -1)
-            out += row_sq_norms(b)
+        else:
+            out = A.new_empty(B)
+            for start, g in self._materialised_chunks():
+                out[start:start + g.shape[0]] = row_sq_norms(g.reshape(g.shape[0], -1))
+        if bias:  # + |sum_t d_t|^2 (on the ghost route formed while D is in cache; weighted_sums reuses them)
+            out += row_sq_norms(self.position_sums.reshape(B, -1))
         return out
 
     def dots(self, R: Tensor, Rb: Tensor | None = None) -> Tensor:
