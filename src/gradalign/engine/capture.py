@@ -349,7 +349,7 @@ class PerSampleGradients:
         names = {id(p): n for n, p in unseen_named.items()}
         for p, g in zip(unseen, grads[start:]):
             if g is not None:  # the loss depends on p, yet no use of it was seen: no host read needed
-                owners = [f"{h.path or '<model>'} ({type(h.module).__name__})" for h in self._hooked.values()
+                owners = [h.where for h in self._hooked.values()
                           if names[id(p)] in h.param_names.values()]
                 raise UnsupportedModuleError(unseen_use(names[id(p)], owners, any_call=bool(edges)))
         return sums

@@ -138,10 +138,10 @@ def take_census(losses: Tensor, hooked: dict, params: dict[str, nn.Parameter], c
     consumers = _consumers([losses.grad_fn], set(names), hooked, params)
     claimed: dict[int, set] = {}
     owners: dict[int, list[str]] = {}  # the modules with a recorded call that serve each parameter
-    for path, h in hooked.items():
+    for h in hooked.values():
         own = {id(p) for local, full in h.param_names.items() if (p := params.get(full)) is not None}
         for key in own if h.calls else ():
-            owners.setdefault(key, []).append(f"{path or '<model>'} ({type(h.module).__name__})")
+            owners.setdefault(key, []).append(h.where)
         for call in h.calls:
             for key, nodes in _claimed(call, own).items():
                 claimed.setdefault(key, set()).update(nodes)
