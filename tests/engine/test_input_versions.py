@@ -1,10 +1,13 @@
 """Statistics read after the caller changed a layer input in place (engine/guards/inputs.py): the
-model's own inputs are kept as copies, so a refilled input buffer changes nothing (it changed
-the norms by 45% and grad_sq_sum by 300%); any other kept input changed in place is refused."""
+model's own inputs are copied once the backward is done, so a refilled input buffer changes
+nothing (it changed the norms by 45% and grad_sq_sum by 300%); with release=True, which reads
+every statistic inside the backward, no copy is made; any input changed in place before the
+backward, and any other kept input changed after it, is refused."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradalign as ga
 from tests.support.compare import close
@@ -82,3 +85,43 @@ def test_a_kept_input_changed_in_place_before_the_backward_is_refused():
     with pytest.raises(ga.GradAlignError, match=r"an input of l1 was modified in place between its forward and this "
                                                 r"backward .*out-of-place"):
         ga.PerSampleGradients(model).backward(ce(model(x), y))
+
+
+class Clones(TorchDispatchMode):
+    """Counts the aten.clone calls of the operations run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("release, copies", [(False, 1), (True, 0)])
+def test_the_model_input_is_copied_only_where_the_statistics_outlive_the_backward(release, copies):
+    model, buffer, y = mlp(), torch.randn(6, 8), torch.randint(0, 3, (6,))
+    engine, seen = ga.PerSampleGradients(model), {}
+
+    def weights(stats):
+        seen["norms"] = stats.norms
+        return torch.ones(6)
+    ref = ga.reference_statistics(model, buffer.clone(), y, ce)
+    with Clones() as clones:
+        stats = engine.backward(ce(model(buffer), y), weights=weights, release=release)
+    assert clones.count == copies
+    buffer.copy_(torch.randn(6, 8))                                 # the next batch, after the backward
+    close(seen["norms"], ref["norms"])
+    close(stats.norms, ref["norms"])
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_a_model_input_refilled_before_the_backward_is_refused(release):
+    """Never a statistic of the refilled values: autograd refuses first (a layer whose per-sample gradients
+    read its input saves it for its weight gradient), else the engine's version check would."""
+    model, buffer, y = mlp(), torch.randn(6, 8), torch.randint(0, 3, (6,))
+    losses = ce(model(buffer), y)
+    buffer.copy_(torch.randn(6, 8))                                 # refilled too early
+    with pytest.raises((ga.GradAlignError, RuntimeError), match=r"modified (by an inplace operation|in place)"):
+        ga.PerSampleGradients(model).backward(losses, release=release)

@@ -175,7 +175,7 @@ class PerSampleGradients:
             self._hooked, params, B, losses.device, cosines="cosines" in getattr(weights, "needs", ()),
             paused=self._recorder.paused, batch_first=self._recorder.batch_first, second=write_grad)
         try:  # an empty batch (Poisson sampling) has no sample, so no per-sample gradient
-            per_sample, sums, scale, rtol, inputs = (self._rules(losses, weights, params, low) if B
+            per_sample, sums, scale, rtol, inputs = (self._rules(losses, weights, params, low, release) if B
                                                      else ({}, {}, None, 0.0, None))
         finally:
             self._routes = self._recorder.routes()
@@ -206,9 +206,10 @@ class PerSampleGradients:
         return stats
 
     def _rules(self, losses: Tensor, weights: Weights, params: dict[str, nn.Parameter],
-               low: InBackward | None) -> tuple:
+               low: InBackward | None, release: bool) -> tuple:
         """(per-sample gradients, autograd's S where wanted, the loss scale, verify's tolerance, the layer
-        inputs the representations read: engine/guards/inputs.py); with `low`, none (reduced in the backward)."""
+        inputs the representations read: engine/guards/inputs.py); with `low`, none (reduced in the backward).
+        Without `release` the representations outlive the backward, so they read copies of the model's inputs."""
         calls = [c for h in self._hooked.values() for c in h.calls]
         roots = {c.root for c in calls if c.root is not None}
         if roots and losses.shape[0] not in roots:  # before the backward, whose checks would blame a module
@@ -233,7 +234,7 @@ class PerSampleGradients:
                 scale = rescale(calls, sums)
             InputVersions.check_calls(calls, "between its forward and this backward")
             with phase(self.trace, RULES):
-                per_sample = self._per_sample_grads(losses.shape[0], params)
+                per_sample = self._per_sample_grads(losses.shape[0], params, own_inputs=not release)
         return per_sample, sums, scale, rtol, InputVersions.of_calls(calls)
 
     def _check_backward(self, losses: Tensor, write_grad: bool, release: bool, memory: str) -> None:
@@ -354,12 +355,12 @@ class PerSampleGradients:
                 raise UnsupportedModuleError(unseen_use(names[id(p)], owners, any_call=bool(edges)))
         return sums
 
-    def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
+    def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter], own_inputs: bool) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
         with self._recorder.paused():  # a rule may run the module again (torch.func fallback, attention)
             for h in self._hooked.values():
                 with self._values_for(h):
-                    self._finish_calls(h, B, params, out)
+                    self._finish_calls(h, B, params, out, own_inputs)
         return out
 
     def _values_for(self, h):
@@ -368,14 +369,18 @@ class PerSampleGradients:
             return contextlib.nullcontext()
         return self._sharding.gathered(h.param_names.values())
 
-    def _finish_calls(self, h, B: int, params: dict[str, nn.Parameter], out: dict[str, PerSampleGrad]) -> None:
-        """The per-sample gradients of every call of one hooked module, added to `out`."""
+    def _finish_calls(self, h, B: int, params: dict[str, nn.Parameter], out: dict[str, PerSampleGrad],
+                      own_inputs: bool) -> None:
+        """The per-sample gradients of every call of one hooked module, added to `out` (from copies of
+        the model's inputs where `own_inputs`: engine/guards/inputs.py)."""
         for call in h.calls:
             if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
                 call.inputs = []
                 continue
             if call.batch != B:
                 raise ValueError(batch_mismatch(call, B, self._recorder.batch_first))
+            if own_inputs and call.own_inputs:
+                call.own_inputs()
             finished = call.finish(call.grads)
             if call.inputs:  # (engine/guards/inputs.py)
                 call.inputs = read_lazily(call.inputs, finished.values())

@@ -7,8 +7,11 @@ statistics read afterwards, silently. The usual pinned-buffer loader does exactl
 refills the batch tensor while the statistics of the previous batch may still be read. So:
 
 - a layer input that IS one of the model's own inputs (a tensor passed to the model's forward,
-  which the caller holds and may refill) is kept as a copy (`keep`): one copy of the batch per
-  step, usually for the first layer only, and the statistics never depend on the caller's tensor;
+  which the caller holds and may refill) is borrowed at the forward (`keep`: its version is
+  checked at the backward) and copied after the backward only where the representations outlive
+  it (`Call.own_inputs`; not with release=True, which reads every statistic inside the backward):
+  at most one copy of the batch per step, usually for the first layer only, and the statistics
+  never depend on the caller's tensor once the backward has returned;
 - every other kept input is checked by its version counter, which torch bumps at every in-place
   change through any view of its storage (`InputVersions`): at the backward and whenever a
   statistic reads the representations, a changed one raises GradAlignError naming the layer,
@@ -28,20 +31,24 @@ from gradalign.engine.representations import (
 from gradalign.errors import GradAlignError
 
 
-def keep(args: tuple, model_inputs: tuple[int, ...]) -> tuple[tuple, list[tuple[Tensor, int]]]:
-    """(the call's arguments with every tensor detached, copied where it shares memory with one of
-    the model's inputs (their data_ptr); [(kept tensor, its version)] of those not copied)."""
-    kept, versioned = [], []
-    for a in args:
+def keep(args: tuple, model_inputs: tuple[int, ...]) -> tuple[tuple, list[tuple[Tensor, int]], tuple[int, ...]]:
+    """(the call's arguments with every tensor detached, [(kept tensor, its version)] of them all, the
+    positions of those sharing memory with one of the model's inputs (their data_ptr): `own` copies
+    them once the backward is done, where the statistics outlive it)."""
+    kept, versioned, borrowed = [], [], []
+    for i, a in enumerate(args):
         if isinstance(a, Tensor):
-            d = a.detach()
-            if model_inputs and d.data_ptr() in model_inputs:
-                d = d.clone()
-            else:
-                versioned.append((d, d._version))
-            a = d
+            a = a.detach()
+            versioned.append((a, a._version))
+            if model_inputs and a.data_ptr() in model_inputs:
+                borrowed.append(i)
         kept.append(a)
-    return tuple(kept), versioned
+    return tuple(kept), versioned, tuple(borrowed)
+
+
+def own(captured: tuple, borrowed: tuple[int, ...]) -> tuple:
+    """`captured` with a copy of each borrowed tensor (`keep`), so that the caller may refill its own."""
+    return tuple(a.clone() if i in borrowed else a for i, a in enumerate(captured))
 
 
 def versions(tensors) -> list[tuple[Tensor, int]]:

@@ -41,6 +41,7 @@ class Call:
     batch_dim: int = 0         # where this call's input had the batch
     single_output: bool = False  # a rule's one output, its batch on batch_dim too (the separability check)
     inputs: list = field(default_factory=list)  # (tensor, version) of what finish reads (engine/guards/inputs.py)
+    own_inputs: Callable[[], None] | None = None  # copies the model's inputs finish would read (guards/inputs.py)
     stops: tuple = ()          # the grad_fn of its inputs: where its own part of the graph ends (guards/census.py)
     starts: tuple | None = None  # the nodes its own part starts from (None: its edges')
     claims: tuple = ()         # a watch's aliases of its parameters (engine/guards/census.py)

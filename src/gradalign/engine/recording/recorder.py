@@ -19,7 +19,7 @@ from torch.autograd.graph import GradientEdge
 from torch.utils._pytree import tree_leaves
 
 from gradalign.engine.guards.census import output_edges
-from gradalign.engine.guards.inputs import keep, versions
+from gradalign.engine.guards.inputs import keep, own, versions
 from gradalign.engine.recording.calls import Call, Hooked, nodes
 from gradalign.engine.recording.hooks import eager, edge, first_tensor, in_backward, inside_torch_func
 from gradalign.engine.rules import RuleRegistry
@@ -292,8 +292,9 @@ class Recorder:
                 raise UnsupportedModuleError(f"{hooked.where}: {check}")
         batch_dim = self._batch_dim(path, module, first_argument(args, kwargs))
         refuse_watched_input(args, hooked.where)
-        if captured is None:  # default: the positional inputs (copies of the model's own), batch first
-            captured, kept = keep(args, self._root_inputs[-1] if self._root_inputs else ())
+        borrowed = ()
+        if captured is None:  # default: the positional inputs (the model's own borrowed), batch first
+            captured, kept, borrowed = keep(args, self._root_inputs[-1] if self._root_inputs else ())
             if batch_dim and captured and isinstance(captured[0], Tensor):
                 captured = (captured[0].movedim(batch_dim, 0), *captured[1:])
         first = captured[0] if captured else None
@@ -311,12 +312,17 @@ class Recorder:
         if rule.inner and rule.output and (inner := rule.inner(module, captured, outputs)):
             starts, edges = tuple(e.node for e in edges), edges + inner  # (the census: the call's part starts at its outputs)
 
+        held = [captured]  # (own_inputs replaces the borrowed ones with copies before finish reads them)
+
         def finish(grads: list) -> dict:
             if rule.output:  # every declared output's gradient, in the module's own layout, then the inner edges'
                 by_output = dict(zip(live, grads))
-                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs))
+                return rule.compute(module, held[0], tuple(by_output.get(i) for i in range(n_outputs))
                                     + tuple(grads[len(live):]))
-            return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
+            return rule.compute(module, held[0], grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
+
+        def own_inputs() -> None:
+            held[0] = own(held[0], borrowed)
 
         if hooked.derived:  # a weight computed from other parameters (recording/parametrized.py): no S asked
             finish = derived_finish(finish, module, hooked.derived, used_tensors(module, hooked.derived, hooked.latest))
@@ -325,6 +331,7 @@ class Recorder:
         self._append(hooked, Call(path, batch, edges, finish, own_cosines=own_cosines, full=full,
                                   route="fallback" if rule.watch else "rule", batch_dim=batch_dim,
                                   single_output=rule.output is None and not rule.capture, inputs=kept,
+                                  own_inputs=own_inputs if borrowed else None,
                                   watched=bool(hooked.derived), starts=starts,
                                   stops=nodes(tree_leaves((args, kwargs)) if kwargs or rule.capture else args)))
 
