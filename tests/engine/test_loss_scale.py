@@ -8,11 +8,13 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradalign as ga
 from tests.support.engine_models import ARCHITECTURES
 from gradalign.engine import scale as scale_module
 from gradalign.engine.reference import statistics_of
+from gradalign.engine.representations.dense import row_sq_norms
 from tests.support.layer_models import LAYER_ARCHITECTURES
 
 ALL = {**ARCHITECTURES, **LAYER_ARCHITECTURES}
@@ -123,18 +125,54 @@ def test_every_output_gradient_zero_is_left_unscaled():
     assert all((g == 0).all() for g in grads.values())
 
 
-def test_the_norm_check_says_safe_only_where_the_exact_extremes_do():
-    """engine/scale.py's CPU fast path (one norm per gradient) may leave a decision to the exact
-    min/max pass, but never calls safe what the min/max exponent puts outside 2^-32 .. 2^32."""
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_the_norm_check_says_safe_only_where_the_exact_extremes_do(by_rows):
+    """engine/scale.py's CPU fast path (one norm per gradient, or per row of a (B, n) one) may leave a
+    decision to the exact min/max pass, but never calls safe what the min/max exponent puts outside
+    2^-32 .. 2^32; the row norms it keeps are row_sq_norms' own."""
     torch.manual_seed(0)
     verdicts = {}
     for k in range(-80, 81, 2):
-        grads = [torch.randn(16, 33) * 2.0 ** k, torch.zeros(5), torch.randn(3, 7) * 2.0 ** (k // 2)]
+        grads = [torch.randn(16, 33) * 2.0 ** k, torch.zeros(5), torch.randn(3, 7, 2) * 2.0 ** (k // 2)]
         exponent = max(int(torch.frexp(g.abs().amax())[1]) for g in grads if g.any())
-        verdicts[k] = scale_module.clearly_safe(grads)
+        rows = {} if by_rows else None
+        verdicts[k] = scale_module.clearly_safe(grads, rows)
         if verdicts[k]:
             assert -scale_module.SAFE_EXPONENT <= exponent <= scale_module.SAFE_EXPONENT, k
+        if by_rows:
+            assert list(rows) == [id(grads[0])] and rows[id(grads[0])][0] is grads[0]
+            assert torch.equal(rows[id(grads[0])][1], row_sq_norms(grads[0]))
     assert all(verdicts[k] for k in range(-20, 21, 2))  # the common case takes the fast path
     assert not any(verdicts[k] for k in (-80, -70, 70, 80))
     assert not scale_module.clearly_safe([torch.zeros(4)])
     assert not scale_module.clearly_safe([torch.tensor([1.0, float("nan")])])
+
+
+class NormReads(TorchDispatchMode):
+    """Counts the tensors that norm operators read (a vector norm one, a foreach norm each of its list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.linalg_vector_norm.default:
+            self.count += 1
+        elif func is torch.ops.aten._foreach_norm.Scalar:
+            self.count += len(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_norms_take_the_output_gradients_row_norms_from_the_loss_scale_check():
+    """A one-position layer's output gradient d is read once by a norm, for the check and its |d_i|^2 both:
+    a norm read of each layer's input and of each output gradient, L layers, 2L reads (3L before)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    engine = ga.PerSampleGradients(model)
+    losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    with NormReads() as reads:
+        stats = engine.backward(losses, weights=lambda s: (1.0 / s.norms).clamp(max=1.0), release=True)
+    assert reads.count == 2 * 2
+    ref = ga.reference_statistics(model, x, y, lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none"))
+    torch.testing.assert_close(stats.norms, ref["norms"])

@@ -18,13 +18,13 @@ from torch import Tensor, nn
 from gradalign.engine.distributed import WeakGroup, refuse_late_sharding, resolve_group, sharding_of
 from gradalign.engine.gradient_stats import GradientStats
 from gradalign.engine.guards.census import refuse_reentrant_checkpoint, refuse_unfrozen, take_census_when_due
-from gradalign.engine.guards.inputs import InputVersions, read_lazily
+from gradalign.engine.guards.inputs import InputVersions, read_lazily, settle_inputs
 from gradalign.engine.rules.layout import batch_mismatch, root_mismatch
 from gradalign.engine.phases import BACKWARD, LOSS_SCALE, RULES, WEIGHTS, WRITE, Trace, phase
 from gradalign.engine.representations import PerSampleGrad, combine, full_precision
 from gradalign.engine.recording import Recorder, Call
 from gradalign.engine.rules import RuleRegistry, default_registry
-from gradalign.engine.scale import rescale
+from gradalign.engine.scale import rescale, reuse_row_sq_norms
 from gradalign.engine.low_memory import InBackward, check_memory
 from gradalign.engine.weights import resolve_weights
 from gradalign.engine.sharded_stats import ShardedGradientStats
@@ -153,17 +153,15 @@ class PerSampleGradients:
                 GASW(gamma); it sees the statistics of this batch before p.grad is written.
             write_grad: False leaves p.grad alone (statistics only, e.g. for GAGA, whose
                 accumulated mean is written with `set_grad`).
-            release: True writes p.grad one layer at a time, the last first, freeing each
-                layer's per-sample factors (its inputs and output gradients) once its part is
-                written, so the step's extra memory peaks as a plain backward's does. The
-                statistics read before (by the `weights` callable) stay readable; any other
-                raises GradAlignError.
-            memory: "default", or "low": each layer's output gradient is reduced to per-sample norms
-                (and the cosines, for a weighting whose `needs` names "cosines", e.g. GASW) inside the
-                backward and freed, and p.grad comes from a second backward of sum_i w_i l_i through
-                the retained graph (engine/low_memory/): extra memory near a plain step's, time
-                about a backward more. The result then holds only those (ReducedStats); GAGA's
-                sums and a process group need the default.
+            release: True writes p.grad one layer at a time, the last first, freeing each layer's per-sample
+                factors (its inputs and output gradients) once its part is written, so the step's extra memory
+                peaks as a plain backward's does. The statistics read before (by the `weights` callable) stay
+                readable; any other raises GradAlignError. No copy of the model's inputs is made (guards/inputs.py).
+            memory: "default", or "low": each layer's output gradient is reduced to per-sample norms (and the
+                cosines, for a weighting whose `needs` names "cosines", e.g. GASW) inside the backward and freed,
+                and p.grad comes from a second backward of sum_i w_i l_i through the retained graph
+                (engine/low_memory/): extra memory near a plain step's, time about a backward more. The result
+                then holds only those (ReducedStats); GAGA's sums and a process group need the default.
 
         Returns:
             GradientStats of the unweighted per-sample gradients, with `.weights` set.
@@ -231,10 +229,11 @@ class PerSampleGradients:
                 return {}, {}, None, 0.0, None
             rtol = verify_rtol([g for c in calls for g in (c.grads or ())])
             with phase(self.trace, LOSS_SCALE):
-                scale = rescale(calls, sums)
-            InputVersions.check_calls(calls, "between its forward and this backward")
+                scale = rescale(calls, sums, rows=(rows := {}))  # (squared row norms the norms reuse)
+            settle_inputs(calls, copies=not release)
             with phase(self.trace, RULES):
-                per_sample = self._per_sample_grads(losses.shape[0], params, own_inputs=not release)
+                per_sample = self._per_sample_grads(losses.shape[0], params)
+                reuse_row_sq_norms(per_sample.values(), rows)
         return per_sample, sums, scale, rtol, InputVersions.of_calls(calls)
 
     def _check_backward(self, losses: Tensor, write_grad: bool, release: bool, memory: str) -> None:
@@ -276,7 +275,7 @@ class PerSampleGradients:
         if "cosines" not in getattr(weights, "needs", ()) or self._sharding is not None:
             return []  # (sharded: S is formed a unit at a time, never the whole model's at once)
         uses: dict[str, list[tuple[str, Call]]] = {}  # name -> (local name, call) for every use
-        blocked = set()
+        blocked = set()  # (those with a watched use)
         for h in self._hooked.values():
             for local, n in h.param_names.items():
                 if h.rule.watch:
@@ -355,12 +354,12 @@ class PerSampleGradients:
                 raise UnsupportedModuleError(unseen_use(names[id(p)], owners, any_call=bool(edges)))
         return sums
 
-    def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter], own_inputs: bool) -> dict[str, PerSampleGrad]:
+    def _per_sample_grads(self, B: int, params: dict[str, nn.Parameter]) -> dict[str, PerSampleGrad]:
         out: dict[str, PerSampleGrad] = {}
         with self._recorder.paused():  # a rule may run the module again (torch.func fallback, attention)
             for h in self._hooked.values():
                 with self._values_for(h):
-                    self._finish_calls(h, B, params, out, own_inputs)
+                    self._finish_calls(h, B, params, out)
         return out
 
     def _values_for(self, h):
@@ -369,18 +368,14 @@ class PerSampleGradients:
             return contextlib.nullcontext()
         return self._sharding.gathered(h.param_names.values())
 
-    def _finish_calls(self, h, B: int, params: dict[str, nn.Parameter], out: dict[str, PerSampleGrad],
-                      own_inputs: bool) -> None:
-        """The per-sample gradients of every call of one hooked module, added to `out` (from copies of
-        the model's inputs where `own_inputs`: engine/guards/inputs.py)."""
+    def _finish_calls(self, h, B: int, params: dict[str, nn.Parameter], out: dict[str, PerSampleGrad]) -> None:
+        """The per-sample gradients of every call of one hooked module, added to `out`."""
         for call in h.calls:
             if call.grads is None or all(g is None for g in call.grads):  # no part in the losses
                 call.inputs = []
                 continue
             if call.batch != B:
                 raise ValueError(batch_mismatch(call, B, self._recorder.batch_first))
-            if own_inputs and call.own_inputs:
-                call.own_inputs()
             finished = call.finish(call.grads)
             if call.inputs:  # (engine/guards/inputs.py)
                 call.inputs = read_lazily(call.inputs, finished.values())

@@ -13,6 +13,9 @@ import math
 import torch
 from torch import Tensor
 
+from gradalign.engine.representations import Factored, FactoredBias
+from gradalign.engine.representations.dense import row_sq_norms
+
 # Output gradients whose largest magnitude lies in [2^-SAFE, 2^SAFE] are left as they are on the CPU
 # (their squares, summed over up to 2^40 numbers, stay far inside float32's range).
 SAFE_EXPONENT = 32
@@ -21,22 +24,38 @@ SAFE_EXPONENT = 32
 _NO_EXPONENT = -1000
 
 
-def clearly_safe(grads: list[Tensor]) -> bool:
+def clearly_safe(grads: list[Tensor], rows: dict[int, tuple[Tensor, Tensor]] | None = None) -> bool:
     """Whether the gradients' largest magnitude is surely within 2^-SAFE .. 2^SAFE, from one norm per
     gradient (a vectorised sum of squares, about 2.5x cheaper than aminmax on the CPU): every
     |x| <= |g| and some |x| >= |g| / sqrt(numel), with a factor 4 kept for the norms' rounding.
     False where it cannot tell (squares out of float32's range: inf, or tiny and flushed); the exact
-    min/max pass then decides, so the result never differs from it."""
-    norms = torch.stack(torch._foreach_norm(grads, 2)).float()
-    roots = torch.tensor([math.sqrt(max(g.numel(), 1)) for g in grads])
+    min/max pass then decides, so the result never differs from it.
+
+    With `rows`, a float32 (B, n) gradient (a one-position layer's) is read row by row instead: its
+    (B,) squared row norms, `row_sq_norms` as the norms form them, go into `rows` by id with it, for the
+    norms to reuse (`Factored.reuse_row_sq_norms`) rather than read the gradient again."""
+    by_rows = [g for g in grads if g.dim() == 2 and g.dtype == torch.float32] if rows is not None else []
+    others = [g for g in grads if not (g.dim() == 2 and g.dtype == torch.float32)] if by_rows else grads
+    squares = []
+    for g in by_rows:
+        rows[id(g)] = (g, row_sq_norms(g))
+        squares.append(rows[id(g)][1].sum())
+    norms = [torch.stack(squares).sqrt()] if squares else []
+    if others:
+        norms.append(torch.stack(torch._foreach_norm(others, 2)).float())
+    norms = norms[0] if len(norms) == 1 else torch.cat(norms)
+    roots = torch.tensor([math.sqrt(max(g.numel(), 1)) for g in (*by_rows, *others)])
     largest, typical = torch.stack([norms.amax(), (norms / roots).amax()]).tolist()  # one host read
     return math.isfinite(largest) and largest <= 2.0 ** (SAFE_EXPONENT - 2) and typical >= 2.0 ** (2 - SAFE_EXPONENT)
 
 
-def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True) -> Tensor | None:
+def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True,
+            rows: dict[int, tuple[Tensor, Tensor]] | None = None) -> Tensor | None:
     """Divide the output gradients of one backward (each call's `.grads` list; replaced where a
     gradient is divided out of place) by one power of two near their largest magnitude, and return
     it (a 0-d float32 tensor, on their device; no host read). `sums`: autograd's S, never divided.
+    `rows` (a dict) receives {id: (gradient, its squared row norms)} from the CPU check (`clearly_safe`)
+    where that settles the backward (nothing is divided, so they are the norms' own).
 
     Cost on the CPU: one norm pass, which settles most backwards (`clearly_safe`); else, and on an
     accelerator, one min/max pass over the gradients, and one multiply pass where the scaling is needed
@@ -50,8 +69,11 @@ def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True) -> T
     grads = [g for c in calls for g in (c.grads or ()) if g is not None]
     if not grads or any(g.dtype not in (torch.float32, torch.bfloat16) for g in grads):
         return None
-    if grads[0].device.type == "cpu" and clearly_safe(grads):
-        return None
+    if grads[0].device.type == "cpu":
+        if clearly_safe(grads, rows):
+            return None
+        if rows:
+            rows.clear()
     # |x| = mantissa * 2^exponent, mantissa in [0.5, 1): the largest exponent of every gradient's
     # min and max gives a scale above the largest |x|. frexp gives exponent 0 for 0, which would
     # win over the negative exponents of tiny gradients (losses x1e-30 with one all-zero output
@@ -82,3 +104,12 @@ def rescale(calls: list, sums: dict[str, Tensor], *, in_place: bool = True) -> T
             if c.grads:
                 c.grads = [None if g is None else scaled.get(id(g), g) for g in c.grads]
     return scale
+
+
+def reuse_row_sq_norms(representations, rows: dict[int, tuple[Tensor, Tensor]]) -> None:
+    """Hand the squared row norms `rescale` formed (`rows`) to each Factored map among `representations`
+    (also through a bias's) whose output gradients they are (`Factored.reuse_row_sq_norms`)."""
+    for rep in representations if rows else ():
+        rep = rep.of if isinstance(rep, FactoredBias) else rep
+        if isinstance(rep, Factored):
+            rep.reuse_row_sq_norms(rows)

@@ -109,6 +109,15 @@ class InputVersions:
                     raise changed(call.path or "<model>", t, v, after)
 
 
+def settle_inputs(calls: list, copies: bool) -> None:
+    """At the backward: refuse any kept input changed in place since its forward; then, with `copies`
+    (the representations outlive the backward), each call's borrowed model inputs become copies."""
+    InputVersions.check_calls(calls, "between its forward and this backward")
+    for call in calls if copies else ():
+        if call.own_inputs and call.grads:
+            call.own_inputs()
+
+
 def changed(where: str, t: Tensor, v: int, after: str) -> GradAlignError:
     return GradAlignError(
         f"an input of {where} was modified in place {after} (its version went from {v} to {t._version}): its "

@@ -93,6 +93,18 @@ class Factored:
         return None
 
     @cached_property
+    def d_sq_norms(self) -> Tensor:
+        """(B,) |d_i|^2 of a one-position map (G = T = 1), unless taken from the loss scale's check."""
+        return row_sq_norms(self._flat[1])
+
+    def reuse_row_sq_norms(self, known: dict[int, tuple[Tensor, Tensor]]) -> None:
+        """Take d_sq_norms from `known` ({id: (tensor, its squared row norms)}, engine/scale.py's
+        check, which formed them as d_sq_norms would) where d is one of those tensors."""
+        flat = self._flat
+        if flat is not None and (seen := known.get(id(flat[1]))) is not None and seen[0] is flat[1]:
+            self.__dict__["d_sq_norms"] = seen[1]
+
+    @cached_property
     def position_sums(self) -> Tensor:
         """(B, G, n_out) sum_t D[i, g, t]: the per-sample gradients of a bias on this map, formed
         once (the norms' ghost route forms them while D is in cache; p.grad's bias reuses them)."""
@@ -202,8 +214,7 @@ class Factored:
             return self.gram.diagonal()
         flat = self._flat
         if flat is not None:  # |d a^T|^2 = |a|^2 |d|^2; with the bias (|a|^2 + 1) |d|^2
-            a, d = flat
-            aa, dd = row_sq_norms(a), row_sq_norms(d)
+            aa, dd = row_sq_norms(flat[0]), self.d_sq_norms
             return torch.addcmul(dd, aa, dd) if bias else aa * dd
         B = self._B
         if A.shape[2] == 1:
@@ -380,3 +391,4 @@ class FactoredBias(FromSum):
 
 
 PerSampleGrad = Factored | FactoredBias | IndexedRows | Dense | RowBlocks
+
