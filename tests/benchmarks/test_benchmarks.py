@@ -10,7 +10,7 @@ from torch import nn
 
 import gradalign as ga
 from benchmarks import clip_check, clip_methods, compare, profile_engine, timing
-from benchmarks.models import batch, build_model, per_sample_losses
+from benchmarks.models import LinearViT, batch, build_model, per_sample_losses
 from gradalign.engine.phases import PHASES
 
 OPACUS = pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="opacus is not installed")
@@ -208,3 +208,29 @@ def test_floor_norm_kernels_compute_the_engines_norms():
     assert floor.norm_macs(rep) == 7 * (6 + 2)  # one position: |a|^2 |d|^2
     wide = Factored(torch.randn(2, 1, 10, 3), torch.randn(2, 1, 10, 4), torch.Size((4, 3)))
     assert floor.norm_macs(wide) == 2 * min(10 * 10 * 7, 10 * 3 * 4)  # the formed route is cheaper here
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)),
+                                  lambda: LinearViT(dim=8, depth=1, heads=2)])
+def test_minimal_clip_is_the_clipped_mean_gradient(make):
+    """benchmarks/minimal_clip.py's hand-written step (the floor it stands for must be a correct step):
+    p.grad = (1/B) sum_i min(1, C/|g_i|) g_i of materialised per-sample gradients, in float64."""
+    from benchmarks.minimal_clip import MinimalClip
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(5, 6, dtype=torch.float64) if isinstance(model, nn.Sequential) else torch.randn(5, 3, 16, 16,
+                                                                                                   dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    loss = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+    norms = ga.reference_statistics(model, x, y, loss)["norms"]
+    clip = float(norms.median())
+    ref = ga.reference_statistics(model, x, y, loss, weights=(clip / norms).clamp(max=1.0))["weighted_grad"]
+    MinimalClip(model, clip).step(x, y, loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-10, atol=1e-12)
+
+
+def test_minimal_clip_refuses_what_it_does_not_serve():
+    from benchmarks.minimal_clip import MinimalClip
+    with pytest.raises(ValueError, match=r"nn.Linear and nn.LayerNorm only, not 0 \(Conv1d\)"):
+        MinimalClip(nn.Sequential(nn.Conv1d(2, 2, 3)))
