@@ -210,27 +210,34 @@ def test_floor_norm_kernels_compute_the_engines_norms():
     assert floor.norm_macs(wide) == 2 * min(10 * 10 * 7, 10 * 3 * 4)  # the formed route is cheaper here
 
 
+@pytest.mark.parametrize("weighting", ["clip", "gasw"])
 @pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)),
+                                  lambda: nn.Sequential(nn.Linear(6, 2), nn.Tanh(), nn.Linear(2, 3)),
                                   lambda: LinearViT(dim=8, depth=1, heads=2)])
-def test_minimal_clip_is_the_clipped_mean_gradient(make):
-    """benchmarks/minimal_clip.py's hand-written step (the floor it stands for must be a correct step):
-    p.grad = (1/B) sum_i min(1, C/|g_i|) g_i of materialised per-sample gradients, in float64."""
-    from benchmarks.minimal_clip import MinimalClip
+def test_the_minimal_steps_write_the_weighted_mean_gradient(make, weighting):
+    """benchmarks/minimal.py's hand-written steps (the floors they stand for must be correct steps): p.grad =
+    (1/B) sum_i w_i g_i, clipping or GASW(2) weights, of materialised per-sample gradients in float64; the
+    middle model takes GASW's S route on its layers (no Gram matrix), the first the Gram route."""
+    from benchmarks.minimal import MinimalStep
     torch.manual_seed(0)
     model = make().double()
-    x = torch.randn(5, 6, dtype=torch.float64) if isinstance(model, nn.Sequential) else torch.randn(5, 3, 16, 16,
-                                                                                                   dtype=torch.float64)
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64) if isinstance(model, LinearViT) else torch.randn(5, 6).double()
     y = torch.randint(0, 3, (5,))
     loss = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
-    norms = ga.reference_statistics(model, x, y, loss)["norms"]
-    clip = float(norms.median())
-    ref = ga.reference_statistics(model, x, y, loss, weights=(clip / norms).clamp(max=1.0))["weighted_grad"]
-    MinimalClip(model, clip).step(x, y, loss)
+    stats = ga.reference_statistics(model, x, y, loss)
+    clip = float(stats["norms"].median())
+    if weighting == "clip":
+        w = (clip / stats["norms"]).clamp(max=1.0)
+    else:
+        raw = stats["cosines"].clamp(min=0) ** 2
+        w = raw * 5 / raw.sum()
+    ref = ga.reference_statistics(model, x, y, loss, weights=w)["weighted_grad"]
+    MinimalStep(model, weighting, clip=clip).step(x, y, loss)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[name], rtol=1e-10, atol=1e-12)
 
 
-def test_minimal_clip_refuses_what_it_does_not_serve():
-    from benchmarks.minimal_clip import MinimalClip
+def test_the_minimal_step_refuses_what_it_does_not_serve():
+    from benchmarks.minimal import MinimalStep
     with pytest.raises(ValueError, match=r"nn.Linear and nn.LayerNorm only, not 0 \(Conv1d\)"):
-        MinimalClip(nn.Sequential(nn.Conv1d(2, 2, 3)))
+        MinimalStep(nn.Sequential(nn.Conv1d(2, 2, 3)))
