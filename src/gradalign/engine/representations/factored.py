@@ -21,11 +21,6 @@ from gradalign.engine.representations.routes import cosine_route, ghost_is_cheap
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _ordered(X: Tensor, order: str) -> Tensor:
-    """X (B, 1, T, n) as (B, T, n) for order "bt", (T, B, n) for "tb" (views)."""
-    return X[:, 0] if order == "bt" else X[:, 0].transpose(0, 1)
-
-
 def _one(t: Tensor) -> Tensor:
     """A 0-d 1 of t's dtype and device: the bias's column of ones, added where a product is formed."""
     return torch.ones((), dtype=t.dtype, device=t.device)
@@ -66,14 +61,18 @@ class Factored:
     @classmethod
     def rows(cls, a: Tensor, d: Tensor, shape: torch.Size) -> "Factored":
         """From a (B, ..., n_in) and d (B, ..., n_out), positions in the middle dims (nn.Linear);
-        (B, n_in), (B, n_out) stay 2-D views with no copies or extra operator calls."""
+        (B, n_in), (B, n_out) stay 2-D views, (B, T, n) 3-D ones, with no copies or extra operator calls."""
         B = a.shape[0]
-        if a.dim() != 2:
-            return cls(a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1]), shape)
+        if a.dim() != 2 and a.dim() != 3:
+            a, d = a.reshape(B, -1, a.shape[-1]), d.reshape(B, -1, d.shape[-1])
         a, d = upcast(a), upcast(d)
         if a.dtype != d.dtype:
             dtype = torch.promote_types(a.dtype, d.dtype)
             a, d = a.to(dtype), d.to(dtype)
+        if a.dim() == 3:  # (B, T, n): kept as they are for the one-group routes (`_tokens`)
+            out = cls(a.unsqueeze(1), d.unsqueeze(1), shape)
+            out.__dict__["_tokens"] = (a, d)
+            return out
         out = cls(a.view(B, 1, 1, a.shape[1]), d.view(B, 1, 1, d.shape[1]), shape)
         out.__dict__["_flat"] = (a, d)
         return out
@@ -84,6 +83,11 @@ class Factored:
     @property
     def _B(self) -> int:
         return self.A.shape[0]
+
+    @cached_property
+    def _tokens(self) -> tuple[Tensor, Tensor]:
+        """(A, D) of one group (G = 1) as (B, T, n_in), (B, T, n_out) views."""
+        return self.A[:, 0], self.D[:, 0]
 
     @cached_property
     def _flat(self) -> tuple[Tensor, Tensor] | None:
@@ -99,8 +103,8 @@ class Factored:
 
     def reuse_row_sq_norms(self, known: dict[int, tuple[Tensor, Tensor]]) -> None:
         """Take d_sq_norms from `known` ({id: (tensor, its squared row norms)}, engine/scale.py's
-        check, which formed them as d_sq_norms would) where d is one of those tensors."""
-        flat = self._flat
+        check, which formed them as d_sq_norms would) where d is one of those tensors (2-D maps: `rows`)."""
+        flat = self.__dict__.get("_flat")
         if flat is not None and (seen := known.get(id(flat[1]))) is not None and seen[0] is flat[1]:
             self.__dict__["d_sq_norms"] = seen[1]
 
@@ -222,7 +226,7 @@ class Factored:
             return ((aa + 1 if bias else aa) * row_sq_norms(D)).sum(dim=(1, 2))
         if self.ghost_is_cheaper():  # <A A^T, D D^T> per sample and group
             if A.shape[1] == 1:  # one group: (B, T, T) products of (B, T, n) views, fewer operator calls
-                a, d = A[:, 0], D[:, 0]
+                a, d = self._tokens
                 AA, DD = torch.bmm(a, a.transpose(1, 2)), torch.bmm(d, d.transpose(1, 2))
             else:
                 AA, DD = A @ A.transpose(-1, -2), D @ D.transpose(-1, -2)  # (B, G, T, T)
@@ -300,17 +304,19 @@ class Factored:
         B, _, T, n_in = self.A.shape
         n_out = self.D.shape[3]
         scale_a = n_in < n_out
-        kept, scaled = (self.D, self.A) if scale_a else (self.A, self.D)
-        order = "tb" if not kept.is_contiguous() and _ordered(kept, "tb").is_contiguous() else "bt"
-        rows = _ordered(kept, order).reshape(B * T, kept.shape[3])  # (a view where the layout allows)
+        a, d = self._tokens  # (B, T, n) views
+        kept, scaled = (d, a) if scale_a else (a, d)
+        tb = not kept.is_contiguous() and kept.transpose(0, 1).is_contiguous()  # stored in (T, B) order
+        if tb:
+            kept, scaled = kept.transpose(0, 1), scaled.transpose(0, 1)
+        rows = kept.reshape(B * T, kept.shape[2])  # (a view where the layout allows)
         if w is None:
-            other = _ordered(scaled, order).reshape(B * T, scaled.shape[3])
+            other = scaled.reshape(B * T, scaled.shape[2])
         else:
             w = w.to(scaled.dtype) if w.dtype != scaled.dtype else w
-            src = _ordered(scaled, order)
-            other = torch.empty(src.shape, dtype=scaled.dtype, device=scaled.device)
-            torch.mul(src, w.view(-1, 1, 1) if order == "bt" else w.view(1, -1, 1), out=other)
-            other = other.view(B * T, scaled.shape[3])
+            other = torch.empty(scaled.shape, dtype=scaled.dtype, device=scaled.device)
+            torch.mul(scaled, w.view((1, -1, 1) if tb else (-1, 1, 1)), out=other)
+            other = other.view(B * T, scaled.shape[2])
         d, a = (rows, other) if scale_a else (other, rows)
         bias_sum = None
         if bias:
