@@ -15,13 +15,16 @@ exact one-backward method must:
     that is cheaper than S (one position), else sum_t d_it^T S a_it;
   - the weights: clip w_i = min(1, C / |g_i|); GASW w_i = B c_i / sum_j c_j, c_i = max(0, cos(g_i, S))^gamma;
   - p.grad = (1/B) sum_i w_i g_i, the weights scaling the output gradients.
-No loss-scale check (squares may overflow where the engine's would not), no copy of the inputs,
-no fallback for degenerate weights, no check of any kind.
+No loss-scale check unless asked (`check_scale=True`: the engine's CPU check, one norm per output
+gradient, which refuses a backward it cannot settle where the engine would rescale; without it
+squares may overflow where the engine's would not), no copy of the inputs, no fallback for
+degenerate weights, no other check.
 
 Columns (medians of `--rounds` interleaved rounds, one thread), per weighting (clip, gasw):
   plain ms          a plain forward + backward of the mean loss
-  engine, minimal   the engine's step (benchmarks.engine's "clip" / "gasw", release=True) and
-                    MinimalStep's, as multiples of the plain step
+  engine, by hand   the engine's step (benchmarks.engine's "clip" / "gasw", release=True) and
+                    MinimalStep's, as multiples of the plain step; "+ check": MinimalStep with
+                    check_scale=True (the loss-scale check that exactness at any loss scale needs)
   faults            minor page faults per step (plain / engine / minimal): memory the C allocator
                     handed back to the system and the step touched again (docs/speed.md#cpu-allocator)
 Run it again under MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=1000000000 to see
@@ -40,6 +43,7 @@ from benchmarks.engine import make_variants
 from benchmarks.floor import GOALS
 from benchmarks.models import BATCHES, batch, build_model, per_sample_losses
 from benchmarks.timing import time_variants
+from gradalign.engine.scale import clearly_safe
 
 SERVED = (nn.Linear, nn.LayerNorm)
 GASW_GOALS = {"vit_linear": 1.80, "wide_mlp": 1.30}  # issue 26's
@@ -49,7 +53,8 @@ class MinimalStep:
     """p.grad = (1/B) sum_i w_i g_i with clipping or GASW weights, for a model of nn.Linear and
     nn.LayerNorm modules (see the module's docstring)."""
 
-    def __init__(self, model: nn.Module, weighting: str = "clip", *, clip: float = 1.0, gamma: float = 2.0):
+    def __init__(self, model: nn.Module, weighting: str = "clip", *, clip: float = 1.0, gamma: float = 2.0,
+                 check_scale: bool = False):
         if weighting not in ("clip", "gasw"):
             raise ValueError(f"weighting must be 'clip' or 'gasw', got {weighting!r}")
         for name, module in model.named_modules():
@@ -62,6 +67,7 @@ class MinimalStep:
             if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
                 raise ValueError(f"MinimalStep serves a LayerNorm over the last dim only, not {name}")
         self.model, self.weighting, self.clip, self.gamma, self.calls = model, weighting, clip, gamma, []
+        self.check_scale = check_scale
         for module in model.modules():
             if isinstance(module, SERVED):
                 module.register_forward_hook(lambda m, args, out: self.calls.append((m, args[0], out)))
@@ -79,6 +85,8 @@ class MinimalStep:
         sums = [p for m in by_sum for p in (m.weight, m.bias)]
         grads = torch.autograd.grad(losses.sum(), [out for _, _, out in self.calls] + sums)
         S = dict(zip(by_sum, zip(grads[len(self.calls)::2], grads[len(self.calls) + 1::2])))
+        if self.check_scale and not clearly_safe(list(grads[:len(self.calls)])):
+            raise ValueError("these losses need the loss scale, which MinimalStep does not apply")
         with torch.no_grad():
             parts = [self._per_sample(m, a, d, B) for (m, a, _), d in zip(self.calls, grads)]
             sq_norms = torch.stack([p[0] for p in parts]).sum(0)
@@ -157,18 +165,19 @@ def faults_per_step(step, steps: int = 20) -> float:
 
 
 def measure(kind: str, B: int, rounds: int) -> dict:
-    """{"plain": ms; "clip", "gasw", "minimal clip", "minimal gasw": multiples of plain;
-    "faults": (plain, clip, minimal clip) per step}."""
+    """{"plain": ms; "clip", "gasw", "by hand clip", "by hand gasw" (and "... + check"): multiples of
+    plain; "faults": (plain, clip, by hand clip) per step}."""
     steps = make_variants(kind, B, torch.device("cpu"), names=["plain", "clip", "gasw"])
     steps = {name: steps[name] for name in ("plain", "clip", "gasw")}
     for weighting in ("clip", "gasw"):
-        torch.manual_seed(0)  # make_variants's model and batch, drawn again
-        model = build_model(kind)
-        x, y = batch(kind, B)
-        minimal = MinimalStep(model, weighting)
-        steps[f"minimal {weighting}"] = (lambda m=minimal, x=x, y=y:
-                                         m.step(x, y, lambda out, t: per_sample_losses(kind, out, t)))
-    faults = tuple(faults_per_step(steps[name]) for name in ("plain", "clip", "minimal clip"))
+        for check in (False, True):
+            torch.manual_seed(0)  # make_variants's model and batch, drawn again
+            model = build_model(kind)
+            x, y = batch(kind, B)
+            minimal = MinimalStep(model, weighting, check_scale=check)
+            steps[f"by hand {weighting}{' + check' if check else ''}"] = (
+                lambda m=minimal, x=x, y=y: m.step(x, y, lambda out, t: per_sample_losses(kind, out, t)))
+    faults = tuple(faults_per_step(steps[name]) for name in ("plain", "clip", "by hand clip"))
     times = time_variants(steps, rounds=rounds)
     plain = times.pop("plain")
     return {"plain": plain * 1e3, **{name: t / plain for name, t in times.items()}, "faults": faults}
@@ -183,15 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds\n")
-    print("| model | B | plain ms | clip: engine | clip: minimal | GASW: engine | GASW: minimal | "
-          "faults per step (plain / engine / minimal clip) | goals (clip, GASW) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | B | plain ms | clip: engine | by hand | by hand + check | GASW: engine | by hand | by hand + check "
+          "| faults per step (plain / engine / by hand clip) | goals (clip, GASW) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     goal = lambda table, kind: f"{table[kind]:.2f}x" if kind in table else "-"  # noqa: E731
     for kind in args.models:
         for B in args.batches or BATCHES[kind][:1]:
             r = measure(kind, B, args.rounds)
-            print(f"| {kind} | {B} | {r['plain']:.2f} | {r['clip']:.2f}x | {r['minimal clip']:.2f}x | "
-                  f"{r['gasw']:.2f}x | {r['minimal gasw']:.2f}x | {' / '.join(f'{f:.0f}' for f in r['faults'])} | "
+            ratios = " | ".join(f"{r[name]:.2f}x" for name in ("clip", "by hand clip", "by hand clip + check", "gasw",
+                                                               "by hand gasw", "by hand gasw + check"))
+            print(f"| {kind} | {B} | {r['plain']:.2f} | {ratios} | {' / '.join(f'{f:.0f}' for f in r['faults'])} | "
                   f"{goal(GOALS, kind)}, {goal(GASW_GOALS, kind)} |")
 
 

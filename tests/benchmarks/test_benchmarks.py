@@ -232,12 +232,16 @@ def test_the_minimal_steps_write_the_weighted_mean_gradient(make, weighting):
         raw = stats["cosines"].clamp(min=0) ** 2
         w = raw * 5 / raw.sum()
     ref = ga.reference_statistics(model, x, y, loss, weights=w)["weighted_grad"]
-    MinimalStep(model, weighting, clip=clip).step(x, y, loss)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[name], rtol=1e-10, atol=1e-12)
+    for check_scale in (False, True):
+        MinimalStep(model, weighting, clip=clip, check_scale=check_scale).step(x, y, loss)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref[name], rtol=1e-10, atol=1e-12)
 
 
 def test_the_minimal_step_refuses_what_it_does_not_serve():
     from benchmarks.minimal import MinimalStep
+    model, x, y = nn.Sequential(nn.Linear(6, 3)), torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="need the loss scale"):     # squares out of float32's range
+        MinimalStep(model, check_scale=True).step(x, y, lambda out, t: 1e30 * out.logsumexp(1))
     with pytest.raises(ValueError, match=r"nn.Linear and nn.LayerNorm only, not 0 \(Conv1d\)"):
         MinimalStep(nn.Sequential(nn.Conv1d(2, 2, 3)))
