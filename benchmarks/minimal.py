@@ -28,12 +28,21 @@ Columns (medians of `--rounds` interleaved rounds, one thread), per weighting (c
   faults            minor page faults per step (plain / engine / minimal): memory the C allocator
                     handed back to the system and the step touched again (docs/speed.md#cpu-allocator)
 Run it again under MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=1000000000 to see
-the steps without those faults.
+the steps without those faults. Steps that share one process share its C heap, so each variant's
+page faults depend on the others'; `--processes K` times each variant alone in a fresh process
+instead (K rounds, one process per variant in turn, `--steps` steps each after 10 of warm-up):
+
+    python -m benchmarks.minimal --models wide_mlp vit_linear --processes 5
 """
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -164,23 +173,54 @@ def faults_per_step(step, steps: int = 20) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / steps
 
 
+VARIANTS = ("plain", "clip", "gasw", "by hand clip", "by hand clip + check", "by hand gasw", "by hand gasw + check")
+
+
+def build_step(kind: str, B: int, name: str):
+    """The step of variant `name` (VARIANTS) on its own copy of the benchmark model and batch."""
+    if name in ("plain", "clip", "gasw"):
+        return make_variants(kind, B, torch.device("cpu"), names=[name])[name]
+    torch.manual_seed(0)  # make_variants's model and batch, drawn again
+    model = build_model(kind)
+    x, y = batch(kind, B)
+    minimal = MinimalStep(model, "gasw" if "gasw" in name else "clip", check_scale=name.endswith("+ check"))
+    return lambda: minimal.step(x, y, lambda out, t: per_sample_losses(kind, out, t))
+
+
 def measure(kind: str, B: int, rounds: int) -> dict:
-    """{"plain": ms; "clip", "gasw", "by hand clip", "by hand gasw" (and "... + check"): multiples of
-    plain; "faults": (plain, clip, by hand clip) per step}."""
-    steps = make_variants(kind, B, torch.device("cpu"), names=["plain", "clip", "gasw"])
-    steps = {name: steps[name] for name in ("plain", "clip", "gasw")}
-    for weighting in ("clip", "gasw"):
-        for check in (False, True):
-            torch.manual_seed(0)  # make_variants's model and batch, drawn again
-            model = build_model(kind)
-            x, y = batch(kind, B)
-            minimal = MinimalStep(model, weighting, check_scale=check)
-            steps[f"by hand {weighting}{' + check' if check else ''}"] = (
-                lambda m=minimal, x=x, y=y: m.step(x, y, lambda out, t: per_sample_losses(kind, out, t)))
+    """{"plain": ms; every other variant: a multiple of plain; "faults": (plain, clip, by hand clip) per
+    step}, all variants interleaved in this process."""
+    steps = {name: build_step(kind, B, name) for name in VARIANTS}
     faults = tuple(faults_per_step(steps[name]) for name in ("plain", "clip", "by hand clip"))
     times = time_variants(steps, rounds=rounds)
     plain = times.pop("plain")
     return {"plain": plain * 1e3, **{name: t / plain for name, t in times.items()}, "faults": faults}
+
+
+def one_process(kind: str, B: int, name: str, steps: int) -> float:
+    """Median seconds of `steps` steps of one variant, the only one in this process (after 10 of warm-up)."""
+    step = build_step(kind, B, name)
+    for _ in range(10):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_apart(kind: str, B: int, processes: int, steps: int) -> dict:
+    """As `measure`, each variant alone in a fresh process, `processes` rounds of one process per variant
+    taking turns; the median over rounds of each process's median (no faults counted)."""
+    seconds = {name: [] for name in VARIANTS}
+    for _ in range(processes):
+        for name in VARIANTS:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.minimal", "--one", kind, str(B), name, str(steps)],
+                                 cwd=Path(__file__).parents[1], capture_output=True, text=True, check=True)
+            seconds[name].append(float(out.stdout.strip().splitlines()[-1]))
+    plain = statistics.median(seconds.pop("plain"))
+    return {"plain": plain * 1e3, **{n: statistics.median(t) / plain for n, t in seconds.items()}, "faults": None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,20 +229,31 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["wide_mlp", "vit_linear", "mlp"])
     parser.add_argument("--batches", type=int, nargs="+", help="default: each model's benchmark batch")
     parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="time each variant alone in its own process, this many rounds (0: all in this one)")
+    parser.add_argument("--steps", type=int, default=150, help="--processes: steps timed per process")
+    parser.add_argument("--one", nargs=4, metavar=("MODEL", "B", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, {args.rounds} rounds\n")
+    if args.one:
+        kind, B, name, steps = args.one
+        print(one_process(kind, int(B), name, int(steps)))
+        return
+    where = (f"each variant alone in a fresh process, {args.processes} rounds of {args.steps} steps"
+             if args.processes else f"{args.rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, 1 thread, {where}\n")
     print("| model | B | plain ms | clip: engine | by hand | by hand + check | GASW: engine | by hand | by hand + check "
           "| faults per step (plain / engine / by hand clip) | goals (clip, GASW) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     goal = lambda table, kind: f"{table[kind]:.2f}x" if kind in table else "-"  # noqa: E731
     for kind in args.models:
         for B in args.batches or BATCHES[kind][:1]:
-            r = measure(kind, B, args.rounds)
+            r = (measure_apart(kind, B, args.processes, args.steps) if args.processes
+                 else measure(kind, B, args.rounds))
             ratios = " | ".join(f"{r[name]:.2f}x" for name in ("clip", "by hand clip", "by hand clip + check", "gasw",
                                                                "by hand gasw", "by hand gasw + check"))
-            print(f"| {kind} | {B} | {r['plain']:.2f} | {ratios} | {' / '.join(f'{f:.0f}' for f in r['faults'])} | "
-                  f"{goal(GOALS, kind)}, {goal(GASW_GOALS, kind)} |")
+            faults = " / ".join(f"{f:.0f}" for f in r["faults"]) if r["faults"] else "-"
+            print(f"| {kind} | {B} | {r['plain']:.2f} | {ratios} | {faults} | {goal(GOALS, kind)}, {goal(GASW_GOALS, kind)} |")
 
 
 if __name__ == "__main__":

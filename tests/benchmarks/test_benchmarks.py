@@ -245,3 +245,11 @@ def test_the_minimal_step_refuses_what_it_does_not_serve():
         MinimalStep(model, check_scale=True).step(x, y, lambda out, t: 1e30 * out.logsumexp(1))
     with pytest.raises(ValueError, match=r"nn.Linear and nn.LayerNorm only, not 0 \(Conv1d\)"):
         MinimalStep(nn.Sequential(nn.Conv1d(2, 2, 3)))
+
+
+def test_the_minimal_benchmark_times_one_variant_alone(capsys):
+    """`benchmarks.minimal --processes` runs each variant in its own process through `--one`."""
+    from benchmarks import minimal
+    minimal.main(["--one", "mlp", "4", "by hand gasw + check", "2"])
+    assert float(capsys.readouterr().out.strip()) > 0
+    assert set(minimal.VARIANTS) >= {"plain", "clip", "gasw", "by hand clip + check"}
