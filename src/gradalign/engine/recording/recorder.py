@@ -193,10 +193,13 @@ class Recorder:
     def _batch_dim(self, path: str, module: nn.Module, x) -> int:
         """The batch dim of a call whose first input is x, within the enclosing layout (engine/rules/layout.py)."""
         B = self._root_batch[-1] if self._root_batch else None
+        declared = self._layout[-1] if self._layout else self._base
+        if declared == 0 and not (isinstance(x, Tensor) and x.dim() > 1 and x.shape[0] == x.shape[1]):
+            return 0  # batch first, and no T == B to note: call_batch_dim's answer, without its calls
         features = feature_dims(self.hooked[path].rule.features, module)
         if self.batch_first is None and not self._layout and ambiguous(x, B, features):
             self.ambiguous[path] = tuple(x.shape)
-        return call_batch_dim(x, self._layout[-1] if self._layout else self._base, B, features)
+        return call_batch_dim(x, declared, B, features)
 
     def _layout_hint(self) -> str:
         """Where the model's layout is undeclared: how to declare it, for the messages of refusals."""
