@@ -397,4 +397,3 @@ class FactoredBias(FromSum):
 
 
 PerSampleGrad = Factored | FactoredBias | IndexedRows | Dense | RowBlocks
-
