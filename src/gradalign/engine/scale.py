@@ -34,13 +34,14 @@ def clearly_safe(grads: list[Tensor], rows: dict[int, tuple[Tensor, Tensor]] | N
     With `rows`, a float32 (B, n) gradient (a one-position layer's) is read row by row instead: its
     (B,) squared row norms, `row_sq_norms` as the norms form them, go into `rows` by id with it, for the
     norms to reuse (`Factored.reuse_row_sq_norms`) rather than read the gradient again."""
-    by_rows = [g for g in grads if g.dim() == 2 and g.dtype == torch.float32] if rows is not None else []
-    others = [g for g in grads if not (g.dim() == 2 and g.dtype == torch.float32)] if by_rows else grads
+    by_rows, others = [], []
+    for g in grads:
+        (by_rows if rows is not None and g.dim() == 2 and g.dtype == torch.float32 else others).append(g)
     norms = []  # one host read per kind: free on the CPU, and fewer operator calls than reducing there
     if by_rows:
-        for g in by_rows:
-            rows[id(g)] = (g, row_sq_norms(g))
-        sums = torch.stack([rows[id(g)][1].sum() for g in by_rows]).tolist()
+        squares = [row_sq_norms(g) for g in by_rows]
+        rows.update((id(g), (g, s)) for g, s in zip(by_rows, squares))
+        sums = torch.stack([s.sum() for s in squares]).tolist()
         norms += [math.sqrt(v) if v >= 0 else v for v in sums]  # (nan stays nan)
     if others:
         norms += torch.stack(torch._foreach_norm(others, 2)).float().tolist()

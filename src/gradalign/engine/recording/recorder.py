@@ -192,10 +192,10 @@ class Recorder:
 
     def _batch_dim(self, path: str, module: nn.Module, x) -> int:
         """The batch dim of a call whose first input is x, within the enclosing layout (engine/rules/layout.py)."""
-        B = self._root_batch[-1] if self._root_batch else None
         declared = self._layout[-1] if self._layout else self._base
         if declared == 0 and not (isinstance(x, Tensor) and x.dim() > 1 and x.shape[0] == x.shape[1]):
             return 0  # batch first, and no T == B to note: call_batch_dim's answer, without its calls
+        B = self._root_batch[-1] if self._root_batch else None
         features = feature_dims(self.hooked[path].rule.features, module)
         if self.batch_first is None and not self._layout and ambiguous(x, B, features):
             self.ambiguous[path] = tuple(x.shape)
@@ -315,17 +315,16 @@ class Recorder:
         if rule.inner and rule.output and (inner := rule.inner(module, captured, outputs)):
             starts, edges = tuple(e.node for e in edges), edges + inner  # (the census: the call's part starts at its outputs)
 
-        held = [captured]  # (own_inputs replaces the borrowed ones with copies before finish reads them)
-
-        def finish(grads: list) -> dict:
+        def finish(grads: list) -> dict:  # (reads `captured` when called: own_inputs may have copied it)
             if rule.output:  # every declared output's gradient, in the module's own layout, then the inner edges'
                 by_output = dict(zip(live, grads))
-                return rule.compute(module, held[0], tuple(by_output.get(i) for i in range(n_outputs))
+                return rule.compute(module, captured, tuple(by_output.get(i) for i in range(n_outputs))
                                     + tuple(grads[len(live):]))
-            return rule.compute(module, held[0], grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
+            return rule.compute(module, captured, grads[0].movedim(batch_dim, 0) if batch_dim else grads[0])
 
         def own_inputs() -> None:
-            held[0] = own(held[0], borrowed)
+            nonlocal captured
+            captured = own(captured, borrowed)
 
         if hooked.derived:  # a weight computed from other parameters (recording/parametrized.py): no S asked
             finish = derived_finish(finish, module, hooked.derived, used_tensors(module, hooked.derived, hooked.latest))
