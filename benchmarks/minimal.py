@@ -52,6 +52,8 @@ from benchmarks.engine import make_variants
 from benchmarks.floor import GOALS
 from benchmarks.models import BATCHES, batch, build_model, per_sample_losses
 from benchmarks.timing import time_variants
+from gradalign.engine.representations import cosine_route
+from gradalign.engine.representations.dense import row_sq_norms
 from gradalign.engine.scale import clearly_safe
 
 SERVED = (nn.Linear, nn.LayerNorm)
@@ -114,7 +116,7 @@ class MinimalStep:
     def _gram_cheaper(module: nn.Module, a: Tensor, B: int) -> bool:
         """One position, and the (B, B) Gram products cheaper than forming S and d S a^T."""
         n_in, n_out = module.in_features, module.out_features
-        return a.numel() == B * n_in and B * (n_in + n_out) < 2 * n_in * n_out
+        return a.numel() == B * n_in and cosine_route(B, 1, 1, n_in, n_out, have_sum=False) == "gram"
 
     @staticmethod
     def _per_sample(module: nn.Module, a: Tensor, d: Tensor, B: int) -> tuple:
@@ -123,17 +125,16 @@ class MinimalStep:
             xhat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
             gw = (d * xhat).reshape(B, -1, d.shape[-1]).sum(1)
             gb = d.reshape(B, -1, d.shape[-1]).sum(1)
-            sq = torch.linalg.vector_norm(gw, dim=1).square_() + torch.linalg.vector_norm(gb, dim=1).square_()
+            sq = row_sq_norms(gw) + row_sq_norms(gb)
             return sq, gw, gb, None
         a, d = a.reshape(B, -1, a.shape[-1]), d.reshape(B, -1, d.shape[-1])
         if a.shape[1] == 1:  # one position: (|a_i|^2 + 1) |d_i|^2
             a, d = a[:, 0], d[:, 0]
-            aa = torch.linalg.vector_norm(a, dim=1).square_()
-            dd = torch.linalg.vector_norm(d, dim=1).square_()
+            aa, dd = row_sq_norms(a), row_sq_norms(d)
             return torch.addcmul(dd, aa, dd), a, d, None
         sums = d.sum(1)  # the bias's per-sample gradients, (B, n_out)
         sq = torch.linalg.vecdot(torch.bmm(a, a.mT).view(B, -1), torch.bmm(d, d.mT).view(B, -1))
-        return sq.add_(torch.linalg.vector_norm(sums, dim=1).square_()), a, d, sums
+        return sq.add_(row_sq_norms(sums)), a, d, sums
 
     @staticmethod
     def _dots(module: nn.Module, part: tuple, S: tuple | None) -> tuple[Tensor, Tensor]:
