@@ -37,37 +37,24 @@ these shapes. The clip ratio minus "floor, kernels" is what the engine spends be
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import gradalign as ga
 from benchmarks.engine import make_variants
 from benchmarks.models import BATCHES, MODELS, batch, build_model, per_sample_losses
-from benchmarks.timing import time_variants
+from benchmarks.timing import median_seconds, time_variants
 from gradalign.engine.representations import Factored
 
 GOALS = {"transformer": 1.15, "gpt2_d256": 1.10, "vit_linear": 1.30, "wide_mlp": 1.10}  # issue 26's clip goals
 _EVICT: list[torch.Tensor] = []  # 64 MiB, made on first use: more than this machine's per-core caches
 
 
-def _median_seconds(fn, repeats: int, setup=None) -> float:
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def peak_macs_per_second(repeats: int = 11) -> float:
     """This machine's rate on a large float32 product (warm), multiply-adds per second: the best of
     five medians (a busy machine only ever makes it look slower, which would lower the floor)."""
     a, b = torch.randn(2048, 1024), torch.randn(1024, 1024)
-    return 2048 * 1024 * 1024 / min(_median_seconds(lambda: a @ b, repeats) for _ in range(5))
+    return 2048 * 1024 * 1024 / min(median_seconds(lambda: a @ b, repeats) for _ in range(5))
 
 
 def linear_maps(kind: str, B: int) -> list[Factored]:
@@ -121,16 +108,16 @@ def layer_costs(reps: list[Factored], repeats: int) -> dict[str, float]:
     w = torch.rand(B)
     out = dict.fromkeys(("best", "engine", "reread", "weighted"), 0.0)
     for rep in reps:
-        engine = _median_seconds(rep.sq_norms, repeats)
+        engine = median_seconds(rep.sq_norms, repeats)
         out["engine"] += engine
-        out["best"] += min([engine] + [_median_seconds(f, repeats) for f in norm_kernels(rep).values()])
+        out["best"] += min([engine] + [median_seconds(f, repeats) for f in norm_kernels(rep).values()])
         d = rep.D.reshape(-1, rep.D.shape[3]).contiguous()
         a = rep.A.reshape(-1, rep.A.shape[3]).contiguous()
-        warm = _median_seconds(lambda: d.T.mm(a), repeats)
-        out["reread"] += _median_seconds(lambda: d.T.mm(a), repeats, setup=_evict) - warm
+        warm = median_seconds(lambda: d.T.mm(a), repeats)
+        out["reread"] += median_seconds(lambda: d.T.mm(a), repeats, setup=_evict) - warm
         if rep.A.shape[2] > 1:
             rep.position_sums  # noqa: B018 - formed by the engine's norms (their ghost route) before p.grad
-        out["weighted"] += _median_seconds(lambda: rep.weighted_sums(w, bias=True), repeats, setup=_evict) - warm
+        out["weighted"] += median_seconds(lambda: rep.weighted_sums(w, bias=True), repeats, setup=_evict) - warm
     return out
 
 
@@ -166,8 +153,8 @@ def norm_layer_cost(kind: str, B: int, repeats: int) -> float:
         def recomputed():
             xhat = torch.nn.functional.layer_norm(xs, shape, ones, zeros, eps=module.eps)
             return torch.linalg.vecdot(ds, xhat, dim=1), ds.sum(1)
-        total += min(_median_seconds(lambda: layer_norm_rule(module, (inputs,), d), repeats),
-                     _median_seconds(recomputed, repeats))
+        total += min(median_seconds(lambda: layer_norm_rule(module, (inputs,), d), repeats),
+                     median_seconds(recomputed, repeats))
     return total
 
 

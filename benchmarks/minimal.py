@@ -41,7 +41,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,7 +50,7 @@ from torch import Tensor, nn
 from benchmarks.engine import make_variants
 from benchmarks.floor import GOALS
 from benchmarks.models import BATCHES, batch, build_model, per_sample_losses
-from benchmarks.timing import time_variants
+from benchmarks.timing import median_seconds, time_variants
 from gradalign.engine.representations import cosine_route
 from gradalign.engine.representations.dense import row_sq_norms
 from gradalign.engine.scale import clearly_safe
@@ -203,12 +202,7 @@ def one_process(kind: str, B: int, name: str, steps: int) -> float:
     step = build_step(kind, B, name)
     for _ in range(10):
         step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(step, steps)
 
 
 def measure_apart(kind: str, B: int, processes: int, steps: int) -> dict:

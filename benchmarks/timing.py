@@ -21,6 +21,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def median_seconds(fn: Callable[[], object], repeats: int, setup: Callable[[], None] | None = None) -> float:
+    """Median seconds of `repeats` calls of fn, each after `setup` (untimed) where given."""
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_variants(variants: dict[str, Callable[[], None]], *, rounds: int, warmup: int = 3,
                   min_seconds: float = 0.02) -> dict[str, float]:
     """Median seconds per call of each variant, timed interleaved in random order per round.
