@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradalign as ga
 from tests.support.compare import close
+from tests.support.dispatch import Counts
 
 
 def ce(out, y):
@@ -87,18 +87,6 @@ def test_a_kept_input_changed_in_place_before_the_backward_is_refused():
         ga.PerSampleGradients(model).backward(ce(model(x), y))
 
 
-class Clones(TorchDispatchMode):
-    """Counts the aten.clone calls of the operations run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten.clone.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("release, copies", [(False, 1), (True, 0)])
 def test_the_model_input_is_copied_only_where_the_statistics_outlive_the_backward(release, copies):
     model, buffer, y = mlp(), torch.randn(6, 8), torch.randint(0, 3, (6,))
@@ -108,7 +96,7 @@ def test_the_model_input_is_copied_only_where_the_statistics_outlive_the_backwar
         seen["norms"] = stats.norms
         return torch.ones(6)
     ref = ga.reference_statistics(model, buffer.clone(), y, ce)
-    with Clones() as clones:
+    with Counts(lambda func, args: func is torch.ops.aten.clone.default) as clones:
         stats = engine.backward(ce(model(buffer), y), weights=weights, release=release)
     assert clones.count == copies
     buffer.copy_(torch.randn(6, 8))                                 # the next batch, after the backward

@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradalign as ga
+from tests.support.dispatch import Counts
 from tests.support.engine_models import ARCHITECTURES
 from gradalign.engine import scale as scale_module
 from gradalign.engine.reference import statistics_of
@@ -148,19 +148,11 @@ def test_the_norm_check_says_safe_only_where_the_exact_extremes_do(by_rows):
     assert not scale_module.clearly_safe([torch.tensor([1.0, float("nan")])])
 
 
-class NormReads(TorchDispatchMode):
-    """Counts the tensors that norm operators read (a vector norm one, a foreach norm each of its list)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.linalg_vector_norm.default:
-            self.count += 1
-        elif func is torch.ops.aten._foreach_norm.Scalar:
-            self.count += len(args[0])
-        return func(*args, **(kwargs or {}))
+def norm_reads(func, args) -> int:
+    """The tensors a norm operator reads: a vector norm one, a foreach norm each of its list."""
+    if func is torch.ops.aten.linalg_vector_norm.default:
+        return 1
+    return len(args[0]) if func is torch.ops.aten._foreach_norm.Scalar else 0
 
 
 def test_the_norms_take_the_output_gradients_row_norms_from_the_loss_scale_check():
@@ -171,7 +163,7 @@ def test_the_norms_take_the_output_gradients_row_norms_from_the_loss_scale_check
     x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
     engine = ga.PerSampleGradients(model)
     losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-    with NormReads() as reads:
+    with Counts(norm_reads) as reads:
         stats = engine.backward(losses, weights=lambda s: (1.0 / s.norms).clamp(max=1.0), release=True)
     assert reads.count == 2 * 2
     ref = ga.reference_statistics(model, x, y, lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none"))
